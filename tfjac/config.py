@@ -1,0 +1,167 @@
+"""Frozen run configuration and its checks.
+
+`run.py` is the only module that reads flags; it builds a `Config` and everything else takes
+plain values from it. `validate` runs before any data is read or any model is built, and
+raises `ConfigError` naming the flag and what would be valid.
+"""
+import dataclasses
+import os
+from typing import Optional, Tuple
+
+from tfjac.errors import ConfigError
+
+MODES = ("teacher", "distill")
+STRATEGIES = ("auto", "default", "mirrored")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "step")
+AUGMENTATIONS = ("crop", "flip")
+BN_POLICIES = ("batch_stats", "inference")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  dataset: str = "digits"
+  data_dir: Optional[str] = None
+  samples_per_class: int = 0  # 0: every training example
+  validation_fraction: float = 0.1
+  augment: Tuple[str, ...] = ()
+  crop_padding: int = 0  # 0: image size // 8
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  epochs: int = 30
+  batch_size: int = 32
+  steps_per_epoch: int = 0  # 0: one pass over the training set
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  lr_schedule: str = "cosine"
+  lr_decay_epochs: Tuple[int, ...] = ()
+  lr_decay_factor: float = 0.2
+  early_stopping_patience: int = 0  # 0: off; the best validation epoch is kept either way
+  jit_compile: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class HintConfig:
+  hints: Tuple[str, ...] = ("act", "jac", "ce")
+  weights: Tuple[Tuple[str, float], ...] = (("ce", 1.0), ("act", 1.0), ("kd", 1.0), ("jac", 1.0))
+  kd_temperature: float = 4.0
+  jac_target: str = "label"
+  jac_normalize: bool = True
+  jac_bn_policy: str = "batch_stats"
+
+  def weight(self, hint):
+    return dict(self.weights)[hint]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  name: str = "vgg4"
+  width: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  mode: str = "distill"
+  workdir: str = "runs/default"
+  strategy: str = "auto"
+  teacher_path: Optional[str] = None
+  data: DataConfig = DataConfig()
+  student: ModelConfig = ModelConfig()
+  teacher: ModelConfig = ModelConfig(name="vgg9")
+  train: TrainConfig = TrainConfig()
+  teacher_train: TrainConfig = TrainConfig()
+  hints: HintConfig = HintConfig()
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+
+def _positive(flag, value, allow_zero=False):
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(flag, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _choice(flag, value, valid):
+  if value not in valid:
+    raise ConfigError(flag, f"unknown value {value!r}; valid: {', '.join(sorted(valid))}")
+
+
+def _validate_train(prefix, train: TrainConfig):
+  _positive(f"{prefix}epochs", train.epochs)
+  _positive("batch_size", train.batch_size)
+  _positive("steps_per_epoch", train.steps_per_epoch, allow_zero=True)
+  _choice("optimizer", train.optimizer, OPTIMIZERS)
+  _positive(f"{prefix}learning_rate", train.learning_rate)
+  _positive("momentum", train.momentum, allow_zero=True)
+  _positive("weight_decay", train.weight_decay, allow_zero=True)
+  _choice("lr_schedule", train.lr_schedule, LR_SCHEDULES)
+  if train.lr_schedule == "step":
+    if not train.lr_decay_epochs:
+      raise ConfigError("lr_decay_epochs", "--lr_schedule=step needs at least one epoch")
+    if any(e <= 0 for e in train.lr_decay_epochs) or list(train.lr_decay_epochs) != sorted(
+        train.lr_decay_epochs):
+      raise ConfigError("lr_decay_epochs",
+                        f"must be increasing positive epochs, got {list(train.lr_decay_epochs)}")
+  _positive("lr_decay_factor", train.lr_decay_factor)
+  _positive("early_stopping_patience", train.early_stopping_patience, allow_zero=True)
+
+
+def validate(config: Config):
+  """Checks everything that can be checked without data; raises ConfigError."""
+  # Imported here so that this module stays importable without TensorFlow.
+  from tfjac import data, hints, models  # pylint: disable=g-import-not-at-top
+
+  _choice("mode", config.mode, MODES)
+  _choice("strategy", config.strategy, STRATEGIES)
+  data.check_dataset_name(config.data.dataset)
+  _positive("samples_per_class", config.data.samples_per_class, allow_zero=True)
+  if not 0.0 < config.data.validation_fraction < 1.0:
+    raise ConfigError("validation_fraction",
+                      f"must be in (0, 1), got {config.data.validation_fraction}")
+  for a in config.data.augment:
+    _choice("augment", a, AUGMENTATIONS)
+  _positive("crop_padding", config.data.crop_padding, allow_zero=True)
+  for flag, m in (("model", config.student), ("teacher_model", config.teacher)):
+    _choice(flag, m.name, models.MODELS)
+  _positive("width", config.student.width)
+  _positive("teacher_width", config.teacher.width)
+  _validate_train("", config.train)
+  _validate_train("teacher_", config.teacher_train)
+
+  h = config.hints
+  if not h.hints:
+    raise ConfigError("hints", f"needs at least one hint; valid: {', '.join(hints.HINTS)}")
+  for name in h.hints:
+    _choice("hints", name, hints.HINTS)
+  if len(set(h.hints)) != len(h.hints):
+    raise ConfigError("hints", f"lists a hint twice: {','.join(h.hints)}")
+  for name, w in h.weights:
+    _positive(f"{name}_weight", w)
+  _positive("kd_temperature", h.kd_temperature)
+  _choice("jac_target", h.jac_target, hints.JACOBIAN_TARGETS)
+  _choice("jac_bn_policy", h.jac_bn_policy, BN_POLICIES)
+  if config.mode == "teacher" and h.hints != ("ce",):
+    raise ConfigError("hints", "--mode=teacher trains on labels alone: use --hints=ce")
+  if config.mode == "teacher" and config.teacher_path:
+    raise ConfigError("teacher", "--mode=teacher trains a teacher; it takes no --teacher")
+
+  if config.teacher_path is not None and not os.path.exists(config.teacher_path):
+    raise ConfigError("teacher", f"{config.teacher_path!r} does not exist; give a .keras file "
+                      "or a SavedModel directory written by --mode=teacher")
+  _check_writable(config.workdir)
+
+
+def _check_writable(workdir):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".tfjac_write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError("workdir", f"run directory {workdir!r} cannot be written: {e}") from e

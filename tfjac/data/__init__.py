@@ -1,0 +1,130 @@
+"""Data for a run: train / validation / test splits, N samples per class, tf.data pipelines.
+
+Validation is carved from the training split (stratified, seeded), so model selection never
+looks at the test split. The N-per-class subset is drawn from what remains, by a seeded
+per-class permutation: the same seed gives the same images whatever the hints, and the
+10-per-class subset of a seed is contained in its 50-per-class subset.
+"""
+import dataclasses
+from typing import Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from tfjac.config import DataConfig
+from tfjac.data.sources import (SOURCES, TFDS_PREFIX, ArraySplit, SourceData,  # noqa: F401
+                                check_dataset_name, load_source)
+from tfjac.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  image_shape: Tuple[int, int, int]
+  num_classes: int
+  mean: Tuple[float, ...]  # per channel, of the training split, in [0, 1] units
+  std: Tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  info: DatasetInfo
+  train: ArraySplit  # all training examples outside validation
+  validation: ArraySplit
+  test: ArraySplit
+
+  def sampled_train(self, samples_per_class: int, seed: int) -> ArraySplit:
+    if samples_per_class == 0:
+      return self.train
+    return self.train.take(sample_per_class(self.train.labels, samples_per_class, seed,
+                                            self.info.num_classes))
+
+
+def _class_permutations(labels, num_classes, seed):
+  rng = np.random.default_rng(seed)
+  return [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
+
+
+def sample_per_class(labels, n, seed, num_classes):
+  """Indices of n examples of each class: the first n of a seeded per-class permutation."""
+  perms = _class_permutations(labels, num_classes, seed)
+  counts = [len(p) for p in perms]
+  if min(counts) < n:
+    short = [c for c in range(num_classes) if counts[c] < n]
+    raise ConfigError(
+        "samples_per_class",
+        f"{n} is more than the training split holds for class(es) {short[:10]} "
+        f"(smallest class: {min(counts)} examples after the validation split; largest: "
+        f"{max(counts)}). Use --samples_per_class <= {min(counts)}, or 0 for all.")
+  return np.sort(np.concatenate([p[:n] for p in perms]))
+
+
+def split_validation(labels, fraction, seed, num_classes):
+  """(train_indices, validation_indices), stratified: a fraction of each class, at least one."""
+  val = []
+  for perm in _class_permutations(labels, num_classes, seed + 7919):  # not the sampler's stream
+    if len(perm) >= 2:
+      val.append(perm[:max(1, int(round(fraction * len(perm))))])
+  val = np.sort(np.concatenate(val)) if val else np.zeros([0], np.int64)
+  train = np.setdiff1d(np.arange(len(labels)), val)
+  return train, val
+
+
+def _check_labels(split, num_classes, where):
+  if len(split) == 0:
+    raise DataError(f"the {where} split of the dataset is empty")
+  lo, hi = int(split.labels.min()), int(split.labels.max())
+  if lo < 0 or hi >= num_classes:
+    raise DataError(f"{where} labels must be in [0, {num_classes}), found {lo}..{hi}")
+  missing = sorted(set(range(num_classes)) - set(np.unique(split.labels).tolist()))
+  if where == "train" and missing:
+    raise DataError(f"the training split has no example of class(es) {missing[:10]}")
+
+
+def prepare(config: DataConfig) -> Splits:
+  source: SourceData = load_source(config.dataset, config.data_dir)
+  _check_labels(source.train, source.num_classes, "train")
+  _check_labels(source.test, source.num_classes, "test")
+  train_idx, val_idx = split_validation(source.train.labels, config.validation_fraction,
+                                        config.seed, source.num_classes)
+  train = source.train.take(train_idx)
+  axes = (0, 1, 2)
+  info = DatasetInfo(
+      name=source.name,
+      image_shape=source.image_shape,
+      num_classes=source.num_classes,
+      mean=tuple(float(v) for v in train.images.mean(axis=axes)),
+      std=tuple(float(v) for v in np.maximum(train.images.std(axis=axes), 1e-3)))
+  splits = Splits(info, train, source.train.take(val_idx), source.test)
+  if config.samples_per_class:
+    splits.sampled_train(config.samples_per_class, config.seed)  # fail now, not after the teacher
+  return splits
+
+
+def _augment_fn(augment, padding, image_shape):
+  h, w, c = image_shape
+  pad = padding or max(1, h // 8)
+
+  def fn(image, label):
+    if "crop" in augment:
+      padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+      image = tf.image.random_crop(padded, [h, w, c])
+    if "flip" in augment:
+      image = tf.image.random_flip_left_right(image)
+    return image, label
+
+  return fn
+
+
+def pipeline(split: ArraySplit, batch_size: int, *, training: bool, seed: int = 0,
+             augment=(), crop_padding: int = 0, repeat: bool = False) -> tf.data.Dataset:
+  """Batches of (float32 images in [0, 1], int32 labels), batched at the *global* batch size."""
+  ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+  if training:
+    ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    if augment:
+      ds = ds.map(_augment_fn(tuple(augment), crop_padding, split.images.shape[1:]),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+  if repeat:
+    ds = ds.repeat()
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,78 @@
+"""Every command-line flag of tfjac.run. Imported by run.py only (never __main__ itself, so that
+`python -m tfjac.run` and `import tfjac.run` cannot define a flag twice). Defaults are chosen for
+the embedded digits dataset; flagfiles under flags/ set the paper's experiments."""
+from absl import flags
+
+from tfjac import config, hints, models
+
+# What to run.
+flags.DEFINE_enum("mode", "distill", config.MODES,
+                  "teacher: train and export a teacher. distill: teacher -> student with --hints.")
+flags.DEFINE_string("workdir", "runs/default",
+                    "Run directory: flags.cfg, results.json, tensorboard/, checkpoints/, teacher/ "
+                    "and student/ (SavedModel + .keras). A teacher found here is reused.")
+flags.DEFINE_enum("strategy", "auto", config.STRATEGIES,
+                  "tf.distribute strategy. auto: MirroredStrategy when several GPUs are "
+                  "visible, else the default (one device) strategy.")
+
+# Data.
+flags.DEFINE_string("dataset", "digits",
+                    "digits (embedded, 8x8 UCI handwritten digits, no network), cifar10, "
+                    "cifar100, or tfds:NAME for a tensorflow-datasets image dataset.")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir holding prepared data "
+                    "(see tools/prepare_data.py). Nothing is downloaded during a run.")
+flags.DEFINE_integer("samples_per_class", 0,
+                     "Student training examples per class (seeded subset); 0: all of them.")
+flags.DEFINE_float("validation_fraction", 0.1, "Fraction of each class of the training split "
+                   "held out for model selection (the test split is never used for it).")
+flags.DEFINE_list("augment", [], "Training augmentations: crop (reflect-pad and random crop), "
+                  "flip (random horizontal flip). Empty: none.")
+flags.DEFINE_integer("crop_padding", 0, "Padding for --augment=crop; 0: image size // 8.")
+flags.DEFINE_integer("seed", 0, "Seed of the validation split, the N-per-class subset, weight "
+                     "initialisation and shuffling. Same seed: same images for every hint set.")
+
+# Networks.
+flags.DEFINE_enum("model", "vgg4", list(models.MODELS), "Student architecture.")
+flags.DEFINE_float("width", 1.0, "Student channel-width multiplier.")
+flags.DEFINE_enum("teacher_model", "vgg9", list(models.MODELS),
+                  "Teacher architecture when the teacher is trained here.")
+flags.DEFINE_float("teacher_width", 1.0, "Teacher channel-width multiplier.")
+flags.DEFINE_string("teacher", None, "Pre-trained teacher: a .keras file, a SavedModel directory, "
+                    "or a directory written by --mode=teacher. Default: the teacher in "
+                    "--workdir, trained there first if absent.")
+
+# Hints.
+flags.DEFINE_list("hints", ["act", "jac", "ce"], "Loss terms of the student, summed with their "
+                  "weights: " + "; ".join(f"{k}: {h.help}" for k, h in hints.HINTS.items()) +
+                  ". The poster's rows: ce | act,ce | act,jac,ce | act | act,jac.")
+for _name in hints.HINTS:
+  flags.DEFINE_float(f"{_name}_weight", 1.0, f"Weight of the '{_name}' hint.")
+flags.DEFINE_float("kd_temperature", 4.0, "Softmax temperature of the 'kd' hint.")
+flags.DEFINE_enum("jac_target", "label", list(hints.JACOBIAN_TARGETS),
+                  "Which output's input-gradient is matched: label (ground-truth class), "
+                  "teacher_top1 (teacher's predicted class), random (a random class per example).")
+flags.DEFINE_boolean("jac_normalize", True, "L2-normalise each example's Jacobians before "
+                     "matching (the paper's loss); --nojac_normalize matches them raw.")
+flags.DEFINE_enum("jac_bn_policy", "batch_stats", config.BN_POLICIES,
+                  "BatchNorm in the student's Jacobian pass during training. batch_stats: one "
+                  "pass, batch statistics held constant for the input gradient. inference: a "
+                  "second pass with moving statistics. Both give per-example Jacobians.")
+
+# Optimisation.
+flags.DEFINE_integer("epochs", 60, "Student epochs.")
+flags.DEFINE_integer("teacher_epochs", 30, "Teacher epochs (when trained here).")
+flags.DEFINE_integer("batch_size", 32, "Global batch size (split over replicas).")
+flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (the data repeats); 0: one pass.")
+flags.DEFINE_enum("optimizer", "adam", config.OPTIMIZERS, "Optimizer.")
+flags.DEFINE_float("learning_rate", 1e-3, "Student peak learning rate.")
+flags.DEFINE_float("teacher_learning_rate", 1e-3, "Teacher peak learning rate.")
+flags.DEFINE_float("momentum", 0.9, "SGD (Nesterov) momentum.")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay of the optimizer.")
+flags.DEFINE_enum("lr_schedule", "cosine", config.LR_SCHEDULES, "Learning-rate schedule.")
+flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which --lr_schedule=step multiplies the "
+                  "learning rate by --lr_decay_factor.")
+flags.DEFINE_float("lr_decay_factor", 0.2, "Factor of --lr_schedule=step.")
+flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs without a "
+                     "better validation accuracy; 0: off. The best epoch is kept either way.")
+flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step (measured slower on "
+                     "CPU for double backprop; see tools/benchmark.py).")

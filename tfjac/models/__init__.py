@@ -1,0 +1,30 @@
+"""Model builders by name. Every model is a Functional keras.Model that takes float32 images in
+[0, 1] (input named 'image'), standardises them with the training split's per-channel mean and
+std inside the model, and returns logits (layer 'logits'). Input Jacobians are therefore taken
+with respect to [0, 1] pixels, and the exported model needs no outside preprocessing."""
+import functools
+from typing import Callable, Dict, Sequence
+
+import keras
+import numpy as np
+
+from tfjac.models.layers import JacobianSafeBatchNorm, holding_batch_statistics  # noqa: F401
+from tfjac.models.resnet import build_resnet
+from tfjac.models.vgg import LAYOUTS, build_vgg
+
+MODELS: Dict[str, Callable] = {
+    **{name: functools.partial(build_vgg, layout) for name, layout in LAYOUTS.items()},
+    **{f"resnet{d}": functools.partial(build_resnet, d) for d in (20, 32, 56)},
+}
+
+
+def build(name: str, input_shape: Sequence[int], num_classes: int, *, mean, std, width=1.0,
+          model_name=None) -> keras.Model:
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+  inputs = keras.Input(shape=tuple(input_shape), name="image")
+  x = keras.layers.Normalization(mean=np.asarray(mean, np.float32),
+                                 variance=np.square(np.asarray(std, np.float32)),
+                                 name="standardize")(inputs)
+  logits = MODELS[name](x, num_classes, width=width)
+  return keras.Model(inputs, logits, name=model_name or name)

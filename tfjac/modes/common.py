@@ -1,0 +1,112 @@
+"""Pieces the mode recipes share: strategy, building and training one network, teachers."""
+import os
+from typing import Optional
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tfjac import export, models
+from tfjac.config import Config, ModelConfig, TrainConfig
+from tfjac.data import Splits
+from tfjac.errors import ConfigError
+from tfjac.hints import HintParams
+from tfjac.training import loop
+from tfjac.training.distiller import Distiller
+
+TEACHER_DIR = "teacher"
+STUDENT_DIR = "student"
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+  if name == "default":
+    return tf.distribute.get_strategy()
+  gpus = tf.config.list_logical_devices("GPU")
+  if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+    return tf.distribute.MirroredStrategy()
+  return tf.distribute.get_strategy()
+
+
+def build_network(model_cfg: ModelConfig, splits: Splits, name: str):
+  info = splits.info
+  return models.build(model_cfg.name, info.image_shape, info.num_classes, mean=info.mean,
+                      std=info.std, width=model_cfg.width, model_name=name)
+
+
+def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, role: str):
+  return {"role": role, "model": model_cfg.name, "width": model_cfg.width,
+          "dataset": splits.info.name, "image_shape": list(splits.info.image_shape),
+          "num_classes": splits.info.num_classes, "seed": config.data.seed}
+
+
+def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: keras.Model,
+                       teacher: Optional[keras.Model], train_split, train_cfg: TrainConfig,
+                       hints, role: str):
+  """Fits `network` (in a Distiller with `hints`), returns (fit result, test metrics)."""
+  with strategy.scope():
+    distiller = Distiller(
+        network, teacher, hints=hints,
+        params=HintParams(kd_temperature=config.hints.kd_temperature,
+                          jac_normalize=config.hints.jac_normalize),
+        jac_target=config.hints.jac_target, bn_policy=config.hints.jac_bn_policy,
+        num_classes=splits.info.num_classes, seed=config.data.seed)
+  workdir = config.workdir
+  result = loop.fit(
+      distiller, train_split, splits.validation, train_cfg, seed=config.data.seed,
+      augment=config.data.augment, crop_padding=config.data.crop_padding,
+      log_dir=os.path.join(workdir, "tensorboard", role),
+      checkpoint_dir=os.path.join(workdir, "checkpoints", role),
+      extra_callbacks=[loop.EpochLogger(role, train_cfg.epochs)])
+  test = loop.evaluate(distiller, splits.test, train_cfg.batch_size)
+  return result, test
+
+
+def fit_summary(result: loop.FitResult, test):
+  final = {k: v[-1] for k, v in result.history.items()}
+  return {"test": test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+          "best_val_accuracy": result.best_val_accuracy, "final_epoch_metrics": final,
+          "train_seconds": round(result.seconds, 2), "steps_per_epoch": result.steps_per_epoch}
+
+
+def train_teacher(config: Config, splits: Splits, strategy):
+  """Trains the teacher on the whole training split with CE and exports it; returns
+  (teacher model, teacher results dict)."""
+  with strategy.scope():
+    teacher = build_network(config.teacher, splits, "teacher")
+  logging.info("training teacher %s on %d images", config.teacher.name, len(splits.train))
+  result, test = train_and_evaluate(config, splits, strategy, network=teacher, teacher=None,
+                                    train_split=splits.train, train_cfg=config.teacher_train,
+                                    hints=(("ce", config.hints.weight("ce")),), role="teacher")
+  directory = os.path.join(config.workdir, TEACHER_DIR)
+  path = export.export_model(teacher, directory, splits.test.images[:8],
+                             metadata=network_metadata(config, config.teacher, splits, "teacher"))
+  summary = fit_summary(result, test)
+  summary.update(source="trained", path=directory, saved_model=path,
+                 model=config.teacher.name, test_accuracy=test["accuracy"])
+  return teacher, summary
+
+
+def obtain_teacher(config: Config, splits: Splits, strategy):
+  """--teacher if given; else the teacher already in the run directory; else train one."""
+  info = splits.info
+  path = config.teacher_path
+  source = "given"
+  if path is None:
+    existing = os.path.join(config.workdir, TEACHER_DIR)
+    meta_path = os.path.join(existing, "model.json")
+    if not os.path.exists(os.path.join(existing, export.KERAS_FILE)):
+      return train_teacher(config, splits, strategy)
+    import json  # pylint: disable=g-import-not-at-top
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta.get("dataset") != info.name or meta.get("num_classes") != info.num_classes:
+      raise ConfigError("workdir", f"{existing} holds a teacher for dataset "
+                        f"{meta.get('dataset')!r}, not {info.name!r}; use another --workdir or "
+                        "pass --teacher")
+    path, source = existing, "reused"
+    logging.info("reusing the teacher in %s", existing)
+  with strategy.scope():
+    teacher = export.load_teacher(path, info.image_shape, info.num_classes)
+  test = loop.evaluate(Distiller(teacher, None), splits.test, config.train.batch_size)
+  return teacher, {"source": source, "path": path, "test": test,
+                   "test_accuracy": test["accuracy"]}

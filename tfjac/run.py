@@ -1,0 +1,147 @@
+"""Command line of tfjac: `python -m tfjac.run --mode=distill --samples_per_class=10`.
+
+The only module that reads flags: it builds a frozen Config, checks it before any work,
+writes the resolved flags to <workdir>/flags.cfg, runs the mode, writes results.json and
+prints a summary.
+"""
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from tfjac import config as config_lib  # noqa: E402
+from tfjac import flagdefs  # noqa: E402,F401  (defines the flags)
+from tfjac.errors import ConfigError, TfjacError  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def _int_list(flag, values):
+  try:
+    return tuple(int(v) for v in values)
+  except ValueError as e:
+    raise ConfigError(flag, f"expects integers, got {values}") from e
+
+
+def config_from_flags(f=FLAGS) -> config_lib.Config:
+  hints = tuple(f.hints)
+  if f.mode == "teacher" and not f["hints"].present:
+    hints = ("ce",)
+  train_common = dict(batch_size=f.batch_size, steps_per_epoch=f.steps_per_epoch,
+                      optimizer=f.optimizer, momentum=f.momentum, weight_decay=f.weight_decay,
+                      lr_schedule=f.lr_schedule,
+                      lr_decay_epochs=_int_list("lr_decay_epochs", f.lr_decay_epochs),
+                      lr_decay_factor=f.lr_decay_factor,
+                      early_stopping_patience=f.early_stopping_patience,
+                      jit_compile=f.jit_compile)
+  from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.Config(
+      mode=f.mode, workdir=f.workdir, strategy=f.strategy, teacher_path=f.teacher,
+      data=config_lib.DataConfig(
+          dataset=f.dataset, data_dir=f.data_dir, samples_per_class=f.samples_per_class,
+          validation_fraction=f.validation_fraction, augment=tuple(f.augment),
+          crop_padding=f.crop_padding, seed=f.seed),
+      student=config_lib.ModelConfig(name=f.model, width=f.width),
+      teacher=config_lib.ModelConfig(name=f.teacher_model, width=f.teacher_width),
+      train=config_lib.TrainConfig(epochs=f.epochs, learning_rate=f.learning_rate,
+                                   **train_common),
+      teacher_train=config_lib.TrainConfig(epochs=f.teacher_epochs,
+                                           learning_rate=f.teacher_learning_rate,
+                                           **train_common),
+      hints=config_lib.HintConfig(
+          hints=hints,
+          weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS),
+          kd_temperature=f.kd_temperature, jac_target=f.jac_target,
+          jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy))
+
+
+def resolved_flagfile(f=FLAGS) -> str:
+  """Every tfjac flag with its value: `--flagfile=<workdir>/flags.cfg` reruns the run."""
+  lines = ["# Resolved flags of this run; rerun with: python -m tfjac.run "
+           "--flagfile=THIS_FILE"]
+  for flag in sorted(f.get_key_flags_for_module(flagdefs), key=lambda fl: fl.name):
+    if flag.value is None:
+      continue
+    lines.append(flag.serialize())
+  return "\n".join(lines) + "\n"
+
+
+MODES = {"teacher": "tfjac.modes.teacher", "distill": "tfjac.modes.distill"}
+
+
+def run(config: config_lib.Config, flagfile_text: str = ""):
+  """Runs one configured job; returns the results dict (also written to results.json)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  import keras  # pylint: disable=g-import-not-at-top
+
+  from tfjac import data, export  # pylint: disable=g-import-not-at-top
+  from tfjac.modes import common  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+  config_lib.validate(config)
+  if flagfile_text:
+    export.atomic_write_text(os.path.join(config.workdir, "flags.cfg"), flagfile_text)
+  keras.utils.set_random_seed(config.data.seed)
+  splits = data.prepare(config.data)
+  strategy = common.make_strategy(config.strategy)
+  mode = importlib.import_module(MODES[config.mode])
+  results = mode.run(config, splits, strategy)
+  results.update(
+      mode=config.mode, config=config.to_dict(),
+      dataset={"name": splits.info.name, "image_shape": list(splits.info.image_shape),
+               "num_classes": splits.info.num_classes, "train": len(splits.train),
+               "validation": len(splits.validation), "test": len(splits.test)},
+      replicas=strategy.num_replicas_in_sync, total_seconds=round(time.time() - start, 2),
+      workdir=os.path.abspath(config.workdir))
+  export.atomic_write_json(os.path.join(config.workdir, "results.json"), results)
+  return results
+
+
+def _pct(v):
+  return f"{100 * v:.2f}%"
+
+
+def summary(results) -> str:
+  c = results["config"]
+  wd = results["workdir"]
+  lines = [f"tfjac {results['mode']} on {results['dataset']['name']} "
+           f"({results['replicas']} replica(s))"]
+  t = results.get("teacher")
+  if t:
+    how = {"trained": f"trained here in {t.get('train_seconds', 0):.0f} s",
+           "reused": "reused from the run directory", "given": "from --teacher"}[t["source"]]
+    lines.append(f"  teacher: test accuracy {_pct(t['test_accuracy'])} ({how}; {t['path']})")
+  s = results.get("student")
+  if s:
+    lines.append(f"  student {s['model']} ({','.join(c['hints']['hints'])}; "
+                 f"{s['train_examples']} training images): test accuracy "
+                 f"{_pct(s['test_accuracy'])} (best validation epoch {s['best_epoch']}/"
+                 f"{s['epochs_run']})")
+    lines.append(f"  student SavedModel: {s['saved_model']}")
+  lines.append(f"  time: {results['total_seconds']:.1f} s")
+  lines.append(f"  outputs: {wd}/results.json, {wd}/flags.cfg; "
+               f"tensorboard --logdir {wd}/tensorboard")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.INFO)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.get_logger().setLevel("ERROR")  # SavedModel writing is chatty at INFO
+  try:
+    config = config_from_flags()
+    results = run(config, resolved_flagfile())
+  except TfjacError as e:
+    print(f"tfjac: error: {e}", file=sys.stderr)
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
+  print(summary(results))
+
+
+if __name__ == "__main__":
+  app.run(main)
