@@ -19,12 +19,14 @@ MODELS: Dict[str, Callable] = {
 
 
 def build(name: str, input_shape: Sequence[int], num_classes: int, *, mean, std, width=1.0,
-          model_name=None) -> keras.Model:
+          sync_bn=False, model_name=None) -> keras.Model:
+  """sync_bn: BatchNorm statistics over the global batch (use under several replicas: the
+  replicas then train the same function and keep identical moving statistics)."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
   inputs = keras.Input(shape=tuple(input_shape), name="image")
   x = keras.layers.Normalization(mean=np.asarray(mean, np.float32),
                                  variance=np.square(np.asarray(std, np.float32)),
                                  name="standardize")(inputs)
-  logits = MODELS[name](x, num_classes, width=width)
+  logits = MODELS[name](x, num_classes, width=width, sync_bn=sync_bn)
   return keras.Model(inputs, logits, name=model_name or name)

@@ -17,7 +17,7 @@ LAYOUTS = {
 
 
 def build_vgg(layout: Sequence[Union[int, str]], inputs, num_classes, *, width=1.0,
-              bn_momentum=0.9, name="vgg"):
+              bn_momentum=0.9, sync_bn=False, name="vgg"):
   x = inputs
   size = min(int(inputs.shape[1]), int(inputs.shape[2]))
   block, conv = 1, 1
@@ -31,7 +31,7 @@ def build_vgg(layout: Sequence[Union[int, str]], inputs, num_classes, *, width=1
     filters = max(1, int(round(item * width)))
     x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
                             name=f"block{block}_conv{conv}")(x)
-    x = JacobianSafeBatchNorm(momentum=bn_momentum, name=f"block{block}_bn{conv}")(x)
+    x = JacobianSafeBatchNorm(momentum=bn_momentum, synchronized=sync_bn, name=f"block{block}_bn{conv}")(x)
     x = keras.layers.ReLU(name=f"block{block}_relu{conv}")(x)
     conv += 1
   x = keras.layers.GlobalAveragePooling2D(name="global_pool")(x)

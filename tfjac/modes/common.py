@@ -27,10 +27,11 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
   return tf.distribute.get_strategy()
 
 
-def build_network(model_cfg: ModelConfig, splits: Splits, name: str):
+def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy):
   info = splits.info
   return models.build(model_cfg.name, info.image_shape, info.num_classes, mean=info.mean,
-                      std=info.std, width=model_cfg.width, model_name=name)
+                      std=info.std, width=model_cfg.width, model_name=name,
+                      sync_bn=strategy.num_replicas_in_sync > 1)
 
 
 def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, role: str):
@@ -72,7 +73,7 @@ def train_teacher(config: Config, splits: Splits, strategy):
   """Trains the teacher on the whole training split with CE and exports it; returns
   (teacher model, teacher results dict)."""
   with strategy.scope():
-    teacher = build_network(config.teacher, splits, "teacher")
+    teacher = build_network(config.teacher, splits, "teacher", strategy)
   logging.info("training teacher %s on %d images", config.teacher.name, len(splits.train))
   result, test = train_and_evaluate(config, splits, strategy, network=teacher, teacher=None,
                                     train_split=splits.train, train_cfg=config.teacher_train,

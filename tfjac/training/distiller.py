@@ -101,10 +101,13 @@ class Distiller(keras.Model):
           logits = self.student(x, training=True)
         selected = tf.reduce_sum(jacobians.select(logits, target))
       return logits, jacobians.flatten(inner.gradient(selected, x))
-    logits = self.student(x, training=True) if training else None
+    # The inference pass comes first: after the training pass, the moving statistics would
+    # already hold this batch's moments, and each Jacobian would depend on the whole batch.
     jacobian, inference_logits = jacobians.selected_output_jacobian(
         self.student, x, target, training=False)
-    return (logits if training else inference_logits), jacobian
+    if not training:
+      return inference_logits, jacobian
+    return self.student(x, training=True), jacobian
 
   def per_example_terms(self, x, labels, *, training, step) -> Tuple[Dict[str, tf.Tensor], ...]:
     """{hint: [batch] loss}, the weighted per-example total, the student logits, Jacobians."""

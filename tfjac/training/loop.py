@@ -71,7 +71,8 @@ class NonFiniteGuard(keras.callbacks.Callback):
     self._epoch = epoch
 
   def on_train_batch_end(self, batch, logs=None):
-    for name, value in (logs or {}).items():
+    # Hint terms before the total, so that the message names the term that broke.
+    for name, value in sorted((logs or {}).items(), key=lambda kv: kv[0] == "loss"):
       v = float(value)
       if not math.isfinite(v):
         raise NonFiniteLossError(name, getattr(self, "_epoch", 0), batch, v)
