@@ -75,9 +75,10 @@ def export_model(model: keras.Model, directory: str, sample_images: np.ndarray,
 class _SavedModelTeacher(keras.layers.Layer):
   """A SavedModel's serving function as a (frozen) Keras layer, differentiable w.r.t. input."""
 
-  def __init__(self, path, fn, **kwargs):
+  def __init__(self, path, loaded, fn, **kwargs):
     super().__init__(trainable=False, **kwargs)
     self._path = path
+    self._loaded = loaded  # owns the variables that `fn` reads: keep it alive
     self._fn = fn
 
   def call(self, x):
@@ -105,7 +106,7 @@ def load_teacher(path: str, image_shape, num_classes) -> keras.Model:
         raise ConfigError("teacher", f"SavedModel {path!r} has no 'serve' function nor "
                           "'serving_default' signature to call")
       inputs = keras.Input(shape=tuple(image_shape), name="image")
-      model = keras.Model(inputs, _SavedModelTeacher(path, fn, name="saved_model")(inputs),
+      model = keras.Model(inputs, _SavedModelTeacher(path, loaded, fn, name="saved_model")(inputs),
                           name="teacher")
     else:
       raise ConfigError("teacher", f"{path!r} is neither a .keras file nor a SavedModel "

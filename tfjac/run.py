@@ -143,5 +143,10 @@ def main(argv):
   print(summary(results))
 
 
-if __name__ == "__main__":
+def entry_point():
+  """The `tfjac` console script (same as python -m tfjac.run)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  entry_point()

@@ -78,20 +78,29 @@ def load_tfds(name: str, data_dir: Optional[str] = None) -> SourceData:
     raise ConfigError("dataset", f"tensorflow-datasets has no dataset {name!r}: {e}") from e
   try:
     splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, download=False,
-                       as_supervised=True, batch_size=-1)
+                       as_supervised=True, shuffle_files=False)
   except (AssertionError, FileNotFoundError) as e:
     raise DataError(_tfds_hint(name, data_dir)) from e
   except Exception as e:
     if type(e).__name__ in ("DatasetNotFoundError", "NotFoundError"):
       raise DataError(_tfds_hint(name, data_dir)) from e
     raise
-  (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
+  (train_x, train_y), (test_x, test_y) = (_as_arrays(tfds, ds) for ds in splits)
   num_classes = builder.info.features["label"].num_classes
   return SourceData(
       name=name,
       num_classes=int(num_classes),
       train=ArraySplit(_to_float(train_x), train_y.astype(np.int32)),
       test=ArraySplit(_to_float(test_x), test_y.astype(np.int32)))
+
+
+def _as_arrays(tfds, ds):
+  # Batched iteration rather than batch_size=-1, which needs a known cardinality.
+  xs, ys = [], []
+  for x, y in tfds.as_numpy(ds.batch(4096)):
+    xs.append(x)
+    ys.append(y)
+  return np.concatenate(xs), np.concatenate(ys)
 
 
 SOURCES: Dict[str, Callable[[Optional[str]], SourceData]] = {

@@ -108,6 +108,7 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     logging.info("reusing the teacher in %s", existing)
   with strategy.scope():
     teacher = export.load_teacher(path, info.image_shape, info.num_classes)
-  test = loop.evaluate(Distiller(teacher, None), splits.test, config.train.batch_size)
+    evaluator = Distiller(teacher, None)
+  test = loop.evaluate(evaluator, splits.test, config.train.batch_size)
   return teacher, {"source": source, "path": path, "test": test,
                    "test_accuracy": test["accuracy"]}

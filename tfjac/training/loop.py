@@ -121,6 +121,8 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
 
 def evaluate(distiller, split, batch_size) -> Dict[str, float]:
   ds = data_lib.pipeline(split, batch_size, training=False)
+  if not distiller.compiled:  # e.g. a loaded teacher that is only evaluated
+    distiller.compile(jit_compile=False)
   return {k: float(np.asarray(v)) for k, v in
           distiller.evaluate(ds, verbose=0, return_dict=True).items()}
 

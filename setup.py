@@ -1,0 +1,15 @@
+"""tfjac: knowledge transfer with Jacobian matching, in TensorFlow / Keras 3."""
+import setuptools
+
+setuptools.setup(
+    name="tfjac",
+    version="0.1.0",
+    description="Knowledge transfer with Jacobian matching (Srinivas & Fleuret, ICML 2018)",
+    packages=setuptools.find_packages(include=["tfjac", "tfjac.*"]),
+    package_data={"tfjac": ["data/embedded/*.npz", "data/embedded/*.md"]},
+    python_requires=">=3.10",
+    # TensorFlow itself comes from requirements.txt: tensorflow-cpu or tensorflow[and-cuda].
+    install_requires=["keras>=3.12,<4", "tensorflow-datasets>=4.9.10", "tensorboard>=2.20",
+                      "absl-py>=2.1", "numpy>=1.26"],
+    entry_points={"console_scripts": ["tfjac=tfjac.run:entry_point"]},
+)

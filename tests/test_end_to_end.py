@@ -1,0 +1,125 @@
+"""The main job on the embedded dataset, from the command line, and what it leaves behind."""
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from tensorboard.backend.event_processing import event_accumulator
+
+from tfjac import data, export, models, run
+from tfjac.config import DataConfig, TrainConfig
+from tfjac.errors import NonFiniteLossError
+from tfjac.training import loop
+from tfjac.training.distiller import Distiller
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--samples_per_class=5", "--epochs=3", "--teacher_epochs=2", "--width=0.25",
+        "--teacher_width=0.25", "--batch_size=64"]
+
+
+def _cli(*argv):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run([sys.executable, "-m", "tfjac.run", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  result = _cli("--mode=distill", f"--workdir={workdir}", *TINY)
+  return workdir, result.stdout
+
+
+def _scalars(directory):
+  acc = event_accumulator.EventAccumulator(directory,
+                                           size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  return {tag: [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+          for tag in acc.Tags()["tensors"]}
+
+
+def test_summary_and_results(run_dir):
+  workdir, stdout = run_dir
+  assert "teacher: test accuracy" in stdout and "student vgg4 (act,jac,ce; 50 training" in stdout
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["teacher"]["source"] == "trained"
+  for role in ("teacher", "student"):
+    assert 0.0 <= results[role]["test_accuracy"] <= 1.0
+  final = results["student"]["final_epoch_metrics"]
+  for key in ("loss", "ce_loss", "act_loss", "jac_loss", "val_accuracy", "val_jac_loss"):
+    assert np.isfinite(final[key]), key
+  assert results["config"]["hints"]["hints"] == ["act", "jac", "ce"]
+  assert results["total_seconds"] > 0 and results["student"]["train_seconds"] > 0
+
+
+def test_tensorboard_has_every_term(run_dir):
+  workdir, _ = run_dir
+  train = _scalars(os.path.join(workdir, "tensorboard", "student", "train"))
+  for tag in ("epoch_loss", "epoch_ce_loss", "epoch_act_loss", "epoch_jac_loss",
+              "epoch_accuracy", "epoch_teacher_jac_norm", "epoch_student_jac_norm"):
+    assert len(train.get(tag, [])) == 3, (tag, sorted(train))
+  validation = _scalars(os.path.join(workdir, "tensorboard", "student", "validation"))
+  for tag in ("epoch_accuracy", "epoch_jac_loss", "epoch_loss"):
+    assert len(validation.get(tag, [])) == 3, (tag, sorted(validation))
+
+
+def test_saved_model_serves_the_student_alone(run_dir):
+  workdir, _ = run_dir
+  splits = data.prepare(DataConfig())
+  x = splits.test.images[:32]
+  student = keras.saving.load_model(os.path.join(workdir, "student", export.KERAS_FILE))
+  served = tf.saved_model.load(os.path.join(workdir, "student", export.SAVED_MODEL))
+  np.testing.assert_allclose(served.serve(tf.constant(x)).numpy(),
+                             student(x, training=False).numpy(), atol=1e-5)
+  sig = served.signatures["serving_default"]
+  assert list(sig(image=tf.constant(x)).values())[0].shape == (32, 10)
+  saved = tf.train.list_variables(os.path.join(workdir, "student", "saved_model", "variables",
+                                               "variables"))
+  n_saved = sum(int(np.prod(shape)) for name, shape in saved if "OPTIMIZER" not in name
+                and name.startswith("variables/"))
+  assert n_saved == sum(int(np.prod(w.shape)) for w in student.weights)
+
+
+def test_rerun_from_flagfile_reuses_the_teacher(run_dir):
+  workdir, _ = run_dir
+  flagfile = os.path.join(workdir, "flags.cfg")
+  flags.FLAGS(["tfjac", f"--flagfile={flagfile}"])
+  try:
+    config = run.config_from_flags()
+  finally:
+    flags.FLAGS.unparse_flags()
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.loads(json.dumps(config.to_dict())) == json.load(f)["config"]
+  _cli(f"--flagfile={flagfile}", "--hints=ce", "--epochs=1")
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["teacher"]["source"] == "reused"
+  assert results["config"]["hints"]["hints"] == ["ce"]
+
+
+def test_nan_in_a_term_stops_naming_it_and_keeps_the_checkpoint(tmp_path, digits_splits):
+  info = digits_splits.info
+  build = lambda: models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std,  # noqa: E731
+                               width=0.25)
+  student, teacher = build(), build()
+  small = digits_splits.sampled_train(3, 0)
+  kwargs = dict(seed=0, log_dir=str(tmp_path / "tb"), checkpoint_dir=str(tmp_path / "ck"))
+  loop.fit(Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)]), small,
+           digits_splits.validation, TrainConfig(epochs=1), **kwargs)
+  good = student.get_weights()
+  teacher.get_layer("logits").kernel.assign(np.full(teacher.get_layer("logits").kernel.shape,
+                                                    np.nan, np.float32))
+  with pytest.raises(NonFiniteLossError, match="'act_loss' became nan at epoch 1, step 1"):
+    loop.fit(Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)]), small,
+             digits_splits.validation, TrainConfig(epochs=2), **kwargs)
+  student.load_weights(str(tmp_path / "ck" / "last.weights.h5"))
+  for a, b in zip(student.get_weights(), good):
+    np.testing.assert_array_equal(a, b)
