@@ -44,6 +44,10 @@ FLAGS = flags.FLAGS
 MARKER = "BENCHMARK_RESULT "
 
 
+def _uses_jacobians(hints):  # jac, jac_ce, jacnorm, at_jac: the BatchNorm policy matters
+  return any("jac" in h for h in hints.split(","))
+
+
 def _proc_status_kib(field):
   with open("/proc/self/status") as f:
     for line in f:
@@ -124,7 +128,7 @@ def configurations():
   for jit in dict.fromkeys(jits):
     for hints in hint_sets:
       # The policy only changes the step when the student's Jacobian is taken.
-      policies = FLAGS.jac_bn_policy if "jac" in hints.split(",") else FLAGS.jac_bn_policy[:1]
+      policies = FLAGS.jac_bn_policy if _uses_jacobians(hints) else FLAGS.jac_bn_policy[:1]
       for policy in policies:
         yield dict(common, hints=hints, bn_policy=policy, jit_compile=jit)
 
@@ -135,7 +139,8 @@ def run_in_subprocess(cfg):
   lines = [l for l in proc.stdout.splitlines() if l.startswith(MARKER)]
   if proc.returncode or not lines:
     sys.stderr.write(proc.stderr[-4000:])
-    raise RuntimeError(f"configuration {cfg} failed (exit code {proc.returncode})")
+    sys.exit(f"benchmark: configuration {cfg} failed (exit code {proc.returncode}); its "
+             "stderr is above")
   return json.loads(lines[-1][len(MARKER):])
 
 
@@ -148,7 +153,7 @@ def table(results):
     ce = next((c for c in results if c["hints"] == "ce" and c["jit_compile"] == r["jit_compile"]),
               None)
     ratio = f"{r['ms_per_step'] / ce['ms_per_step']:.2f}" if ce else "n/a"
-    policy = r["bn_policy"] if "jac" in r["hints"].split(",") else "-"
+    policy = r["bn_policy"] if _uses_jacobians(r["hints"]) else "-"
     cells = [r["hints"], policy, str(r["jit_compile"]).lower(), f"{r['ms_per_step']:.1f}",
              f"{r['images_per_s']:.0f}", ratio, f"{r['peak_rss_mib']:.0f}",
              f"{r['step_peak_mib']:.0f}"] + ([f"{r.get('gpu_peak_mib', 0):.0f}"] if gpu else [])
