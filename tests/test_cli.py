@@ -33,7 +33,7 @@ def _config_error(*argv):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--hints=act,jacobian"], "--hints: unknown value 'jacobian'; valid: act, ce, jac, kd"),
+    (["--hints=act,jacobian"], "--hints: unknown value 'jacobian'; valid: act, ce, jac, jac_ce, jacnorm, kd, noise, noisy_ce"),
     (["--hints=ce,ce"], "--hints: lists a hint twice"),
     (["--dataset=mnist"], "--dataset: unknown dataset 'mnist'"),
     (["--epochs=0"], "--epochs: must be > 0"),
@@ -47,6 +47,15 @@ def _config_error(*argv):
     (["--lr_schedule=step"], "--lr_decay_epochs: --lr_schedule=step needs"),
     (["--samples_per_class=500"], "smallest class: 110 examples"),
     (["--teacher=/no/such/teacher.keras"], "--teacher: '/no/such/teacher.keras' does not exist"),
+    (["--hints=noise,ce", "--noise_sigma=0"], "--noise_sigma: must be > 0 for the hint(s) noise"),
+    (["--mode=regularize", "--noise_sigma=-1"], "--noise_sigma: must be > 0 for the hint(s) "
+     "jacnorm"),
+    (["--hints=jac_ce", "--jac_target=projection"], "--jac_target: 'projection' is not a class"),
+    (["--jac_target=top_k", "--jac_top_k=11"], "--jac_top_k: 11 is more than the dataset's 10"),
+    (["--mode=regularize", "--hints=act,ce"], "--hints: --mode=regularize has no teacher, but "
+     "['act'] need one; valid: ce, jacnorm, noisy_ce"),
+    (["--noise_samples=0", "--hints=noise"], "--noise_samples: must be > 0"),
+    (["--robustness_sigmas=0.1,-2"], "--robustness_sigmas: must be > 0"),
 ])
 def test_bad_flags(tmp_path, argv, expected):
   message = _config_error(f"--workdir={tmp_path}", *argv)
@@ -101,7 +110,7 @@ def _cli(*argv, cwd=REPO):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--mode=finetune"], "flag --mode=finetune: value should be one of <teacher|distill>"),
+    (["--mode=finetune"], "flag --mode=finetune: value should be one of <teacher|distill|regularize>"),
     (["--flagfile=flags/no_such_experiment.cfg"], "no_such_experiment.cfg"),
     (["--hints=act,jacobian"], "tfjac: error: --hints: unknown value 'jacobian'"),
     (["--dataset=cifar100", "--data_dir=/nonexistent"],

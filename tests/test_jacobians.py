@@ -31,7 +31,7 @@ def _full_jacobian(model, x, target, hold):
         logits = model(x, training=True)
     else:
       logits = model(x, training=True)
-    selected = jacobians.select(logits, target)
+    selected = tf.gather(logits, target, axis=1, batch_dims=1)
   return tf.reshape(tape.jacobian(selected, x), [B, B, -1]).numpy()
 
 
@@ -49,16 +49,16 @@ def test_batch_stats_policy_gives_per_example_jacobians(digits_splits):
   full = _full_jacobian(student, x, y, hold=True)
   np.testing.assert_allclose(full[~np.eye(B, dtype=bool)], 0.0, atol=1e-7)
   d = Distiller(student, _net(digits_splits), hints=[("jac", 1.0)], bn_policy="batch_stats")
-  _, jac = d.student_pass(x, y, training=True)
-  np.testing.assert_allclose(jac.numpy(), full[np.arange(B), np.arange(B)], rtol=1e-4,
-                             atol=1e-6)
+  _, _, jacs = d.student_pass(x, y, None, 0, training=True)
+  np.testing.assert_allclose(jacs["logits"][:, 0].numpy(), full[np.arange(B), np.arange(B)],
+                             rtol=1e-4, atol=1e-6)
 
 
 def test_inference_policy_jacobian_does_not_depend_on_the_rest_of_the_batch(digits_splits):
   student = _net(digits_splits)
   d = Distiller(student, _net(digits_splits), hints=[("jac", 1.0)], bn_policy="inference")
   for _ in range(3):  # move the BatchNorm statistics away from their initial values
-    d.student_pass(_batch(digits_splits, 50)[0], _batch(digits_splits, 50)[1], training=True)
+    d.student_pass(*_batch(digits_splits, 50), None, 0, training=True)
   x, y = _batch(digits_splits)
   x_other = tf.concat([x[:1], _batch(digits_splits, 100)[0][1:]], axis=0)
   y_other = tf.concat([y[:1], _batch(digits_splits, 100)[1][1:]], axis=0)
@@ -66,7 +66,7 @@ def test_inference_policy_jacobian_does_not_depend_on_the_rest_of_the_batch(digi
 
   def jac(x, y):
     student.set_weights(state)
-    return d.student_pass(x, y, training=True)[1].numpy()
+    return d.student_pass(x, y, None, 0, training=True)[2]["logits"][:, 0].numpy()
 
   jac_a = jac(x, y)
   np.testing.assert_allclose(jac_a[0], jac(x_other, y_other)[0], rtol=1e-5, atol=1e-7)
@@ -94,30 +94,77 @@ def test_batch_stats_policy_keeps_the_full_batchnorm_gradient_for_weights(digits
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_targets():
+def _select(name, labels, reference, seed=(0, 7), **options):
+  opts = jacobians.TargetOptions(num_classes=reference.shape[-1], **options)
+  return jacobians.TARGETS[name].select(labels=labels, reference_logits=reference,
+                                        seed=tf.constant(seed, tf.int64), options=opts).numpy()
+
+
+def test_class_targets():
   labels = tf.constant([3, 1, 4, 1])
-  t_logits = tf.constant(np.eye(5, dtype=np.float32)[[0, 2, 2, 4]])
-  kw = dict(labels=labels, teacher_logits=t_logits, num_classes=5)
-  seed = tf.constant([0, 7], tf.int64)
-  np.testing.assert_array_equal(jacobians.JACOBIAN_TARGETS["label"](seed=seed, **kw), labels)
-  np.testing.assert_array_equal(jacobians.JACOBIAN_TARGETS["teacher_top1"](seed=seed, **kw),
+  reference = tf.constant(np.eye(5, dtype=np.float32)[[0, 2, 2, 4]] +
+                          0.5 * np.eye(5, dtype=np.float32)[[1, 1, 3, 0]])
+  index = lambda sel: np.argmax(sel, -1)  # noqa: E731
+  np.testing.assert_array_equal(index(_select("label", labels, reference))[:, 0], [3, 1, 4, 1])
+  np.testing.assert_array_equal(index(_select("teacher_top1", labels, reference))[:, 0],
                                 [0, 2, 2, 4])
-  r1 = jacobians.JACOBIAN_TARGETS["random"](seed=seed, **kw).numpy()
-  r2 = jacobians.JACOBIAN_TARGETS["random"](seed=seed, **kw).numpy()
+  np.testing.assert_array_equal(index(_select("top_k", labels, reference, top_k=2)),
+                                [[0, 1], [2, 1], [2, 3], [4, 0]])
+  np.testing.assert_array_equal(_select("all", labels, reference),
+                                np.tile(np.eye(5)[None], [4, 1, 1]))
+  r1, r2 = _select("random", labels, reference), _select("random", labels, reference)
   np.testing.assert_array_equal(r1, r2)
-  assert r1.min() >= 0 and r1.max() < 5
-  many = jacobians.JACOBIAN_TARGETS["random"](
-      labels=tf.zeros([2000], tf.int32), teacher_logits=None, num_classes=5, seed=seed).numpy()
-  assert set(np.unique(many)) == set(range(5))
+  many = _select("random", tf.zeros([2000], tf.int32), tf.zeros([2000, 5]))
+  assert set(np.unique(index(many))) == set(range(5))
 
 
-@pytest.mark.parametrize("target", ["teacher_top1", "random"])
+@pytest.mark.parametrize("target", ["teacher_top1", "random", "top_k", "all"])
 def test_student_and_teacher_use_the_same_target(digits_splits, target):
   x, y = _batch(digits_splits)
   teacher = _net(digits_splits)
-  d = Distiller(_net(digits_splits), teacher, hints=[("jac", 1.0)], jac_target=target)
-  t_logits, t_jac, chosen = d.teacher_pass(x, y, step=3)
-  expected, _ = jacobians.selected_output_jacobian(teacher, x, chosen)
-  np.testing.assert_allclose(t_jac, expected, rtol=1e-5, atol=1e-7)
+  d = Distiller(_net(digits_splits), teacher, hints=[("jac", 1.0)], jac_target=target,
+                jac_top_k=3)
+  t_logits, selection, t_jacs = d.teacher_pass(x, y, step=3)
+  expected, _ = jacobians.selected_jacobians(teacher, x, selection)
+  np.testing.assert_allclose(t_jacs["logits"], expected["logits"], rtol=1e-5, atol=1e-7)
   if target == "teacher_top1":
-    np.testing.assert_array_equal(chosen, np.argmax(t_logits, -1))
+    np.testing.assert_array_equal(np.argmax(selection[:, 0], -1), np.argmax(t_logits, -1))
+
+
+@pytest.mark.parametrize("target, k", [("top_k", 3), ("all", 10)])
+def test_multi_target_jacobians_equal_stacked_single_target_jacobians(digits_splits, target, k):
+  x, y = _batch(digits_splits)
+  teacher, student = _net(digits_splits), _net(digits_splits)
+  d = Distiller(student, teacher, hints=[("jac", 1.0)], jac_target=target, jac_top_k=k)
+  _, selection, t_jacs = d.teacher_pass(x, y, step=0)
+  _, _, s_jacs = d.student_pass(x, y, selection, 0, training=False)
+  assert t_jacs["logits"].shape == (B, k, 64)
+  classes = np.argmax(selection.numpy(), -1)  # [B, k]
+  for i in range(k):
+    single = Distiller(student, teacher, hints=[("jac", 1.0)], jac_target="label")
+    _, sel_i, t_i = single.teacher_pass(x, tf.constant(classes[:, i]), step=0)
+    _, _, s_i = single.student_pass(x, tf.constant(classes[:, i]), sel_i, 0, training=False)
+    np.testing.assert_allclose(t_jacs["logits"][:, i], t_i["logits"][:, 0], rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(s_jacs["logits"][:, i], s_i["logits"][:, 0], rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_projection_estimates_the_squared_frobenius_norm():
+  from tests.helpers import linear_model  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(4, 6)).astype(np.float32)  # D = 4 inputs, C = 6 outputs
+  model = linear_model(w)
+  x = tf.constant(rng.random((1, 2, 2, 1), np.float32))
+  opts = jacobians.TargetOptions(num_classes=6, projections=2)
+  estimates = []
+  for draw in range(3000):
+    sel = jacobians.TARGETS["projection"].select(
+        labels=tf.zeros([1], tf.int32), reference_logits=None,
+        seed=tf.constant([draw, 1], tf.int64), options=opts)
+    jac, _ = jacobians.selected_jacobians(model, x, sel)
+    estimates.append(float(tf.reduce_sum(tf.square(jac["logits"]))))
+  exact = float((w ** 2).sum())
+  mean, err = np.mean(estimates), np.std(estimates) / np.sqrt(len(estimates))
+  assert abs(mean - exact) < 4 * err, (mean, exact, err)
+  assert np.std(estimates) > 0.1 * exact  # it is an estimate, not the exact value

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 from tfjac.errors import ConfigError
 
-MODES = ("teacher", "distill")
+MODES = ("teacher", "distill", "regularize")
 STRATEGIES = ("auto", "default", "mirrored")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -48,14 +48,18 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class HintConfig:
   hints: Tuple[str, ...] = ("act", "jac", "ce")
-  weights: Tuple[Tuple[str, float], ...] = (("ce", 1.0), ("act", 1.0), ("kd", 1.0), ("jac", 1.0))
+  weights: Tuple[Tuple[str, float], ...] = ()  # (hint, weight) pairs; a hint not listed: 1
   kd_temperature: float = 4.0
   jac_target: str = "label"
   jac_normalize: bool = True
   jac_bn_policy: str = "batch_stats"
+  jac_top_k: int = 5
+  jac_projections: int = 1
+  noise_sigma: float = 0.1
+  noise_samples: int = 4
 
   def weight(self, hint):
-    return dict(self.weights)[hint]
+    return dict(self.weights).get(hint, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +80,7 @@ class Config:
   train: TrainConfig = TrainConfig()
   teacher_train: TrainConfig = TrainConfig()
   hints: HintConfig = HintConfig()
+  robustness_sigmas: Tuple[float, ...] = ()
 
   def to_dict(self):
     return dataclasses.asdict(self)
@@ -145,8 +150,31 @@ def validate(config: Config):
   _positive("kd_temperature", h.kd_temperature)
   _choice("jac_target", h.jac_target, hints.JACOBIAN_TARGETS)
   _choice("jac_bn_policy", h.jac_bn_policy, BN_POLICIES)
+  _positive("jac_top_k", h.jac_top_k)
+  _positive("jac_projections", h.jac_projections)
+  _positive("noise_samples", h.noise_samples)
+  chosen = {name: hints.HINTS[name] for name in h.hints}
+  noisy = [name for name, hint in chosen.items() if hint.uses_noise]
+  if noisy and not h.noise_sigma > 0:
+    raise ConfigError("noise_sigma", f"must be > 0 for the hint(s) {','.join(noisy)}, got "
+                      f"{h.noise_sigma}")
+  if any(hint.needs_class_targets for hint in chosen.values()) and not hints.JACOBIAN_TARGETS[
+      h.jac_target].one_hot:
+    raise ConfigError("jac_target", f"{h.jac_target!r} is not a class; jac_ce needs class "
+                      "targets: " + ", ".join(n for n, t in hints.JACOBIAN_TARGETS.items()
+                                              if t.one_hot))
+  for sigma in config.robustness_sigmas:
+    _positive("robustness_sigmas", sigma)
   if config.mode == "teacher" and h.hints != ("ce",):
     raise ConfigError("hints", "--mode=teacher trains on labels alone: use --hints=ce")
+  if config.mode == "regularize":
+    with_teacher = [name for name, hint in chosen.items() if hint.needs_teacher]
+    if with_teacher:
+      raise ConfigError("hints", f"--mode=regularize has no teacher, but {with_teacher} need "
+                        "one; valid: " + ", ".join(n for n, hint in hints.HINTS.items()
+                                                    if not hint.needs_teacher))
+    if config.teacher_path:
+      raise ConfigError("teacher", "--mode=regularize trains without a teacher")
   if config.mode == "teacher" and config.teacher_path:
     raise ConfigError("teacher", "--mode=teacher trains a teacher; it takes no --teacher")
 
@@ -154,6 +182,15 @@ def validate(config: Config):
     raise ConfigError("teacher", f"{config.teacher_path!r} does not exist; give a .keras file "
                       "or a SavedModel directory written by --mode=teacher")
   _check_writable(config.workdir)
+
+
+def validate_against_data(config: Config, num_classes: int):
+  """The checks that need the dataset: run once it is loaded, before any training."""
+  h = config.hints
+  uses_jacobians = any(n in ("jac", "jac_ce", "jacnorm") for n in h.hints)
+  if uses_jacobians and h.jac_target == "top_k" and h.jac_top_k > num_classes:
+    raise ConfigError("jac_top_k", f"{h.jac_top_k} is more than the dataset's {num_classes} "
+                      f"classes; use 1..{num_classes}")
 
 
 def _check_writable(workdir):

@@ -7,7 +7,9 @@ from tfjac import config, hints, models
 
 # What to run.
 flags.DEFINE_enum("mode", "distill", config.MODES,
-                  "teacher: train and export a teacher. distill: teacher -> student with --hints.")
+                  "teacher: train and export a teacher. distill: teacher -> student with --hints. "
+                  "regularize: a student without teacher, with --hints among ce, jacnorm, "
+                  "noisy_ce (default ce,jacnorm).")
 flags.DEFINE_string("workdir", "runs/default",
                     "Run directory: flags.cfg, results.json, tensorboard/, checkpoints/, teacher/ "
                     "and student/ (SavedModel + .keras). A teacher found here is reused.")
@@ -49,8 +51,16 @@ for _name in hints.HINTS:
   flags.DEFINE_float(f"{_name}_weight", 1.0, f"Weight of the '{_name}' hint.")
 flags.DEFINE_float("kd_temperature", 4.0, "Softmax temperature of the 'kd' hint.")
 flags.DEFINE_enum("jac_target", "label", list(hints.JACOBIAN_TARGETS),
-                  "Which output's input-gradient is matched: label (ground-truth class), "
-                  "teacher_top1 (teacher's predicted class), random (a random class per example).")
+                  "Which outputs' input-gradients are used: " + "; ".join(
+                      f"{k}: {t.help}" for k, t in hints.JACOBIAN_TARGETS.items()) + ".")
+flags.DEFINE_integer("jac_top_k", 5, "k of --jac_target=top_k.")
+flags.DEFINE_integer("jac_projections", 1, "Number of random projections of "
+                     "--jac_target=projection.")
+flags.DEFINE_float("noise_sigma", 0.1, "Std of the Gaussian input noise (in [0, 1] pixel units) "
+                   "of the hints noise, noisy_ce, and the sigma of jac_ce and jacnorm.")
+flags.DEFINE_integer("noise_samples", 4, "Noisy copies per example for noise and noisy_ce.")
+flags.DEFINE_list("robustness_sigmas", [], "After training, test accuracy of teacher and student "
+                  "under Gaussian input noise of each of these std (results.json); empty: none.")
 flags.DEFINE_boolean("jac_normalize", True, "L2-normalise each example's Jacobians before "
                      "matching (the paper's loss); --nojac_normalize matches them raw.")
 flags.DEFINE_enum("jac_bn_policy", "batch_stats", config.BN_POLICIES,

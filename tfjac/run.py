@@ -26,10 +26,17 @@ def _int_list(flag, values):
     raise ConfigError(flag, f"expects integers, got {values}") from e
 
 
+def _float_list(flag, values):
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError as e:
+    raise ConfigError(flag, f"expects numbers, got {values}") from e
+
+
 def config_from_flags(f=FLAGS) -> config_lib.Config:
   hints = tuple(f.hints)
-  if f.mode == "teacher" and not f["hints"].present:
-    hints = ("ce",)
+  if not f["hints"].present:
+    hints = {"teacher": ("ce",), "regularize": ("ce", "jacnorm")}.get(f.mode, hints)
   train_common = dict(batch_size=f.batch_size, steps_per_epoch=f.steps_per_epoch,
                       optimizer=f.optimizer, momentum=f.momentum, weight_decay=f.weight_decay,
                       lr_schedule=f.lr_schedule,
@@ -40,6 +47,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
   from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
   return config_lib.Config(
       mode=f.mode, workdir=f.workdir, strategy=f.strategy, teacher_path=f.teacher,
+      robustness_sigmas=_float_list("robustness_sigmas", f.robustness_sigmas),
       data=config_lib.DataConfig(
           dataset=f.dataset, data_dir=f.data_dir, samples_per_class=f.samples_per_class,
           validation_fraction=f.validation_fraction, augment=tuple(f.augment),
@@ -55,21 +63,26 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           hints=hints,
           weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS),
           kd_temperature=f.kd_temperature, jac_target=f.jac_target,
-          jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy))
+          jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy,
+          jac_top_k=f.jac_top_k, jac_projections=f.jac_projections,
+          noise_sigma=f.noise_sigma, noise_samples=f.noise_samples))
 
 
-def resolved_flagfile(f=FLAGS) -> str:
-  """Every tfjac flag with its value: `--flagfile=<workdir>/flags.cfg` reruns the run."""
+def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:
+  """Every tfjac flag with its value: `--flagfile=<workdir>/flags.cfg` reruns the run.
+  Values resolved from the mode (the default hints) are written as resolved."""
+  resolved = {"hints": "--hints=" + ",".join(config.hints.hints)}
   lines = ["# Resolved flags of this run; rerun with: python -m tfjac.run "
            "--flagfile=THIS_FILE"]
   for flag in sorted(f.get_key_flags_for_module(flagdefs), key=lambda fl: fl.name):
     if flag.value is None:
       continue
-    lines.append(flag.serialize())
+    lines.append(resolved.get(flag.name) or flag.serialize())
   return "\n".join(lines) + "\n"
 
 
-MODES = {"teacher": "tfjac.modes.teacher", "distill": "tfjac.modes.distill"}
+MODES = {"teacher": "tfjac.modes.teacher", "distill": "tfjac.modes.distill",
+         "regularize": "tfjac.modes.regularize"}
 
 
 def run(config: config_lib.Config, flagfile_text: str = ""):
@@ -87,6 +100,7 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
     export.atomic_write_text(os.path.join(config.workdir, "flags.cfg"), flagfile_text)
   keras.utils.set_random_seed(config.data.seed)
   splits = data.prepare(config.data)
+  config_lib.validate_against_data(config, splits.info.num_classes)
   strategy = common.make_strategy(config.strategy)
   mode = importlib.import_module(MODES[config.mode])
   results = mode.run(config, splits, strategy)
@@ -122,6 +136,11 @@ def summary(results) -> str:
                  f"{_pct(s['test_accuracy'])} (best validation epoch {s['best_epoch']}/"
                  f"{s['epochs_run']})")
     lines.append(f"  student SavedModel: {s['saved_model']}")
+  for role in ("teacher", "student"):
+    noisy = (results.get(role) or {}).get("test", {}).get("accuracy_under_noise")
+    if noisy:
+      lines.append(f"  {role} accuracy under input noise: " +
+                   ", ".join(f"sigma {k}: {_pct(v)}" for k, v in noisy.items()))
   lines.append(f"  time: {results['total_seconds']:.1f} s")
   lines.append(f"  outputs: {wd}/results.json, {wd}/flags.cfg; "
                f"tensorboard --logdir {wd}/tensorboard")
@@ -136,7 +155,7 @@ def main(argv):
   tf.get_logger().setLevel("ERROR")  # SavedModel writing is chatty at INFO
   try:
     config = config_from_flags()
-    results = run(config, resolved_flagfile())
+    results = run(config, resolved_flagfile(config))
   except TfjacError as e:
     print(f"tfjac: error: {e}", file=sys.stderr)
     sys.exit(2 if isinstance(e, ConfigError) else 1)

@@ -1,59 +1,99 @@
 """The hint registry: name -> per-example loss on a HintInputs, plus what the hint needs.
 
-A new hint is one function and one entry here; the training step reads `needs_teacher` and
-`needs_jacobians` to decide which passes to run and otherwise only calls `loss`.
+A new hint is one function in losses.py and one entry here; the training step reads the
+declared needs (teacher, Jacobians of which outputs, class targets) to decide which passes to
+run, and otherwise only calls `loss`.
 """
 import dataclasses
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import tensorflow as tf
 
-from tfjac.hints import losses
-from tfjac.hints.jacobians import (JACOBIAN_TARGETS, TARGETS_NEEDING_TEACHER,  # noqa: F401
-                                   select, selected_output_jacobian)
+from tfjac.hints import jacobians, losses
+from tfjac.hints.jacobians import JACOBIAN_TARGETS, TargetOptions  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
 class HintParams:
   kd_temperature: float = 4.0
   jac_normalize: bool = True
+  noise_sigma: float = 0.1
+  noise_samples: int = 4
 
 
 @dataclasses.dataclass
 class HintInputs:
+  """What a hint may read. Jacobians are {output kind: [batch, K, D]} for the K selected
+  outputs; `student_fn`/`teacher_fn` run the networks (student in the step's mode)."""
+  x: tf.Tensor
   labels: tf.Tensor
   student_logits: tf.Tensor
+  student_fn: Callable
+  seed: tf.Tensor
   teacher_logits: Optional[tf.Tensor] = None
-  student_jacobian: Optional[tf.Tensor] = None
-  teacher_jacobian: Optional[tf.Tensor] = None
+  teacher_fn: Optional[Callable] = None
+  selection: Optional[tf.Tensor] = None  # [batch, K, C]
+  student_jacobians: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
+  teacher_jacobians: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class Hint:
   loss: Callable[[HintInputs, HintParams], tf.Tensor]
-  needs_teacher: bool
-  needs_jacobians: bool
   help: str
+  needs_teacher: bool = False
+  student_jacobians: Tuple[str, ...] = ()  # output kinds, see jacobians.OUTPUTS
+  teacher_jacobians: Tuple[str, ...] = ()
+  uses_noise: bool = False  # needs --noise_sigma > 0
+  needs_class_targets: bool = False  # selections must be one-hot classes
+
+
+def _jac_ce(i: HintInputs, p: HintParams):
+  t_prob = jacobians.select(tf.nn.softmax(i.teacher_logits), i.selection)
+  s_logp = jacobians.select(tf.nn.log_softmax(i.student_logits), i.selection)
+  return losses.jacobian_cross_entropy(
+      teacher_probabilities=t_prob, student_log_probabilities=s_logp,
+      teacher_probability_jacobian=i.teacher_jacobians["probabilities"],
+      student_log_probability_jacobian=i.student_jacobians["log_probabilities"],
+      sigma=p.noise_sigma)
 
 
 HINTS: Dict[str, Hint] = {
     "ce": Hint(lambda i, p: losses.cross_entropy(labels=i.labels,
                                                  student_logits=i.student_logits),
-               needs_teacher=False, needs_jacobians=False,
                help="softmax cross-entropy on the labels"),
     "act": Hint(lambda i, p: losses.activation_matching(teacher_logits=i.teacher_logits,
                                                         student_logits=i.student_logits),
-                needs_teacher=True, needs_jacobians=False,
-                help="squared error between teacher and student logits"),
+                help="squared error between teacher and student logits", needs_teacher=True),
     "kd": Hint(lambda i, p: losses.soft_target_distillation(
         teacher_logits=i.teacher_logits, student_logits=i.student_logits,
         temperature=p.kd_temperature),
-               needs_teacher=True, needs_jacobians=False,
-               help="Hinton soft targets: KL at temperature --kd_temperature, times tau^2"),
+               help="Hinton soft targets: KL at temperature --kd_temperature, times tau^2",
+               needs_teacher=True),
     "jac": Hint(lambda i, p: losses.jacobian_matching(
-        teacher_jacobian=i.teacher_jacobian, student_jacobian=i.student_jacobian,
-        normalize=p.jac_normalize),
-                needs_teacher=True, needs_jacobians=True,
-                help="Jacobian matching of the --jac_target output, L2-normalised per example "
-                "unless --nojac_normalize"),
+        teacher_jacobian=i.teacher_jacobians["logits"],
+        student_jacobian=i.student_jacobians["logits"], normalize=p.jac_normalize),
+                help="Jacobian matching of the --jac_target outputs, L2-normalised per example "
+                "unless --nojac_normalize", needs_teacher=True,
+                student_jacobians=("logits",), teacher_jacobians=("logits",)),
+    "jac_ce": Hint(_jac_ce, help="the poster's CE form: -T_s log S_s - sigma^2 grad T_s . grad "
+                   "S_s / S_s over the --jac_target classes (--jac_target=all: every class)",
+                   needs_teacher=True, student_jacobians=("log_probabilities",),
+                   teacher_jacobians=("probabilities",), uses_noise=True,
+                   needs_class_targets=True),
+    "noise": Hint(lambda i, p: losses.noise_matching(
+        teacher_fn=i.teacher_fn, student_fn=i.student_fn, x=i.x, sigma=p.noise_sigma,
+        samples=p.noise_samples, seed=i.seed),
+                  help="logit matching on --noise_samples Gaussian-noised copies of each input "
+                  "(std --noise_sigma): the equivalent of act + sigma^2 raw jac over all classes",
+                  needs_teacher=True, uses_noise=True),
+    "jacnorm": Hint(lambda i, p: losses.jacobian_norm(
+        student_jacobian=i.student_jacobians["logits"], sigma=p.noise_sigma),
+                    help="sigma^2 ||dS/dx||^2 of the --jac_target outputs (no teacher)",
+                    student_jacobians=("logits",), uses_noise=True),
+    "noisy_ce": Hint(lambda i, p: losses.noisy_cross_entropy(
+        student_fn=i.student_fn, x=i.x, labels=i.labels, sigma=p.noise_sigma,
+        samples=p.noise_samples, seed=i.seed),
+                     help="cross-entropy on Gaussian-noised inputs: the twin of ce + jacnorm",
+                     uses_noise=True),
 }

@@ -1,5 +1,10 @@
 """Per-example loss terms of knowledge transfer (method.md). Each returns a [batch] vector;
-one place (the training step) reduces them over the global batch."""
+one place (the training step) reduces them over the global batch.
+
+Jacobians are [batch, K, D]: K selected outputs per example (see jacobians.py), each flattened
+over the D input dimensions. Sums run over K and D (a per-pixel mean would silently divide a
+hint's weight by D, 3072 on CIFAR).
+"""
 import tensorflow as tf
 
 JACOBIAN_EPS = 1e-12
@@ -29,12 +34,64 @@ def _unit(jacobian):
   return jacobian / norm
 
 
-def jacobian_matching(*, teacher_jacobian, student_jacobian, normalize=True):
-  """|| J_T/||J_T|| - J_S/||J_S|| ||^2 (or ||J_T - J_S||^2), summed over the D input dims.
+def _rows(jacobian):
+  jacobian = tf.convert_to_tensor(jacobian)
+  return jacobian[:, None, :] if jacobian.shape.rank == 2 else jacobian
 
-  Jacobians are [batch, D] (flattened per example). The sum, not a mean, over D: a per-pixel
-  mean would silently divide the hint's weight by D (3072 on CIFAR).
+
+def jacobian_matching(*, teacher_jacobian, student_jacobian, normalize=True):
+  """sum_k || J_T,k/||J_T,k|| - J_S,k/||J_S,k|| ||^2, or sum_k ||J_T,k - J_S,k||^2 raw.
+
+  Takes [batch, K, D] (or [batch, D] for one output). With every class selected, the raw form
+  is ||J_T - J_S||_F^2, the term of the noise expansion.
   """
+  teacher_jacobian, student_jacobian = _rows(teacher_jacobian), _rows(student_jacobian)
   if normalize:
     teacher_jacobian, student_jacobian = _unit(teacher_jacobian), _unit(student_jacobian)
-  return tf.reduce_sum(tf.square(teacher_jacobian - student_jacobian), axis=-1)
+  return tf.reduce_sum(tf.square(teacher_jacobian - student_jacobian), axis=[1, 2])
+
+
+def jacobian_cross_entropy(*, teacher_probabilities, student_log_probabilities,
+                           teacher_probability_jacobian, student_log_probability_jacobian,
+                           sigma):
+  """The poster's CE form, summed over the selected classes s:
+  -T_s log S_s - sigma^2 (grad T_s . grad S_s) / S_s, with grad S_s / S_s = grad log S_s.
+
+  Probabilities are [batch, K] (the selected classes), Jacobians [batch, K, D]. With every class
+  selected this is the soft-target cross-entropy on noisy inputs to second order.
+  """
+  first = -tf.reduce_sum(teacher_probabilities * student_log_probabilities, axis=-1)
+  second = tf.reduce_sum(teacher_probability_jacobian * student_log_probability_jacobian,
+                         axis=[1, 2])
+  return first - sigma ** 2 * second
+
+
+def jacobian_norm(*, student_jacobian, sigma):
+  """sigma^2 * sum_k ||dS_k/dx||^2: Jacobian-norm regularisation (no teacher)."""
+  return sigma ** 2 * tf.reduce_sum(tf.square(_rows(student_jacobian)), axis=[1, 2])
+
+
+def _noisy_copies(x, sigma, samples, seed):
+  """[samples * batch, ...]: `samples` Gaussian-noised copies of x (sample-major)."""
+  tiled = tf.tile(x, tf.concat([[samples], tf.ones([tf.rank(x) - 1], tf.int32)], axis=0))
+  return tiled + sigma * tf.random.stateless_normal(tf.shape(tiled), seed=seed, dtype=x.dtype)
+
+
+def _mean_over_samples(per_copy, samples):
+  return tf.reduce_mean(tf.reshape(per_copy, [samples, -1]), axis=0)
+
+
+def noise_matching(*, teacher_fn, student_fn, x, sigma, samples, seed):
+  """Monte-Carlo E_xi[sum_i (T_i(x+xi) - S_i(x+xi))^2], xi ~ N(0, sigma^2 I), `samples` draws."""
+  noisy = _noisy_copies(x, sigma, samples, seed)
+  t = tf.stop_gradient(teacher_fn(noisy))
+  return _mean_over_samples(activation_matching(teacher_logits=t,
+                                                student_logits=student_fn(noisy)), samples)
+
+
+def noisy_cross_entropy(*, student_fn, x, labels, sigma, samples, seed):
+  """Monte-Carlo E_xi[CE(y, S(x+xi))]: the twin of Jacobian-norm regularisation."""
+  noisy = _noisy_copies(x, sigma, samples, seed)
+  tiled_labels = tf.tile(tf.cast(labels, tf.int32), [samples])
+  return _mean_over_samples(cross_entropy(labels=tiled_labels, student_logits=student_fn(noisy)),
+                            samples)

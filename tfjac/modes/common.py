@@ -45,12 +45,13 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
                        hints, role: str):
   """Fits `network` (in a Distiller with `hints`), returns (fit result, test metrics)."""
   with strategy.scope():
+    h = config.hints
     distiller = Distiller(
         network, teacher, hints=hints,
-        params=HintParams(kd_temperature=config.hints.kd_temperature,
-                          jac_normalize=config.hints.jac_normalize),
-        jac_target=config.hints.jac_target, bn_policy=config.hints.jac_bn_policy,
-        num_classes=splits.info.num_classes, seed=config.data.seed)
+        params=HintParams(kd_temperature=h.kd_temperature, jac_normalize=h.jac_normalize,
+                          noise_sigma=h.noise_sigma, noise_samples=h.noise_samples),
+        jac_target=h.jac_target, jac_top_k=h.jac_top_k, jac_projections=h.jac_projections,
+        bn_policy=h.jac_bn_policy, num_classes=splits.info.num_classes, seed=config.data.seed)
   workdir = config.workdir
   result = loop.fit(
       distiller, train_split, splits.validation, train_cfg, seed=config.data.seed,
@@ -59,7 +60,15 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
       checkpoint_dir=os.path.join(workdir, "checkpoints", role),
       extra_callbacks=[loop.EpochLogger(role, train_cfg.epochs)])
   test = loop.evaluate(distiller, splits.test, train_cfg.batch_size)
+  if config.robustness_sigmas:
+    test["accuracy_under_noise"] = robustness(config, splits, network, train_cfg.batch_size)
   return result, test
+
+
+def robustness(config: Config, splits: Splits, network, batch_size):
+  """{sigma: test accuracy on Gaussian-noised test images}, seeded by --seed."""
+  return loop.accuracy_under_noise(network, splits.test, config.robustness_sigmas, batch_size,
+                                   seed=config.data.seed)
 
 
 def fit_summary(result: loop.FitResult, test):
@@ -67,6 +76,27 @@ def fit_summary(result: loop.FitResult, test):
   return {"test": test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
           "best_val_accuracy": result.best_val_accuracy, "final_epoch_metrics": final,
           "train_seconds": round(result.seconds, 2), "steps_per_epoch": result.steps_per_epoch}
+
+
+def train_student(config: Config, splits: Splits, strategy, teacher: Optional[keras.Model]):
+  """The student on --samples_per_class examples per class with --hints, exported alone."""
+  train_split = splits.sampled_train(config.data.samples_per_class, config.data.seed)
+  with strategy.scope():
+    student = build_network(config.student, splits, "student", strategy)
+  logging.info("training student %s on %d images with hints %s", config.student.name,
+               len(train_split), ",".join(config.hints.hints))
+  hints = tuple((h, config.hints.weight(h)) for h in config.hints.hints)
+  result, test = train_and_evaluate(config, splits, strategy, network=student, teacher=teacher,
+                                    train_split=train_split, train_cfg=config.train,
+                                    hints=hints, role="student")
+  directory = os.path.join(config.workdir, STUDENT_DIR)
+  saved_model = export.export_model(
+      student, directory, splits.test.images[:8],
+      metadata=network_metadata(config, config.student, splits, "student"))
+  summary = fit_summary(result, test)
+  summary.update(model=config.student.name, train_examples=len(train_split), path=directory,
+                 saved_model=saved_model, test_accuracy=test["accuracy"])
+  return summary
 
 
 def train_teacher(config: Config, splits: Splits, strategy):
@@ -110,5 +140,7 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     teacher = export.load_teacher(path, info.image_shape, info.num_classes)
     evaluator = Distiller(teacher, None)
   test = loop.evaluate(evaluator, splits.test, config.train.batch_size)
+  if config.robustness_sigmas:
+    test["accuracy_under_noise"] = robustness(config, splits, teacher, config.train.batch_size)
   return teacher, {"source": source, "path": path, "test": test,
                    "test_accuracy": test["accuracy"]}

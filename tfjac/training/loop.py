@@ -127,6 +127,21 @@ def evaluate(distiller, split, batch_size) -> Dict[str, float]:
           distiller.evaluate(ds, verbose=0, return_dict=True).items()}
 
 
+def accuracy_under_noise(model, split, sigmas, batch_size, seed=0) -> Dict[str, float]:
+  """Test accuracy of `model` (inference mode) on x + N(0, sigma^2 I), for each sigma."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  result = {}
+  for j, sigma in enumerate(sigmas):
+    correct = 0
+    for i, (x, y) in enumerate(data_lib.pipeline(split, batch_size, training=False)):
+      noise = tf.random.stateless_normal(tf.shape(x), seed=[seed, 1000 * j + i])
+      logits = model(x + sigma * noise, training=False)
+      correct += int(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
+                                                     tf.cast(y, tf.int32)), tf.int32)))
+    result[f"{sigma:g}"] = correct / len(split)
+  return result
+
+
 class EpochLogger(keras.callbacks.Callback):
   """One absl log line per epoch, so a long run shows progress without Keras' progress bar."""
 

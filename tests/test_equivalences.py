@@ -1,0 +1,114 @@
+"""The poster's equivalences: noise matching vs act + sigma^2 jac, the CE form, regularisation."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.helpers import linear_model
+from tfjac.hints import HintParams, losses
+from tfjac.training.distiller import Distiller
+
+RNG = np.random.default_rng(0)
+W_T = RNG.normal(size=(4, 3)).astype(np.float32)
+W_S = RNG.normal(size=(4, 3)).astype(np.float32)
+X = RNG.random((5, 2, 2, 1)).astype(np.float32)
+Y = np.array([0, 1, 2, 0, 1], np.int32)
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5])
+def test_noise_matching_equals_act_plus_sigma2_jac_on_linear_models(sigma):
+  t, s = linear_model(W_T, bias=[0.5, 0, -1]), linear_model(W_S)
+  samples = 40000
+  noisy = Distiller(s, t, hints=[("noise", 1.0)],
+                    params=HintParams(noise_sigma=sigma, noise_samples=samples))
+  expanded = Distiller(s, t, hints=[("act", 1.0), ("jac", sigma ** 2)], jac_target="all",
+                       params=HintParams(jac_normalize=False))
+  lhs = noisy.per_example_terms(tf.constant(X), Y, training=True, step=0)[0]["noise"].numpy()
+  _, rhs, _, _ = expanded.per_example_terms(tf.constant(X), Y, training=True, step=0)
+  # By hand: the Jacobian of a linear model is its weight matrix.
+  d = (X.reshape(5, -1) @ (W_T - W_S) + [0.5, 0, -1])
+  by_hand = (d ** 2).sum(1) + sigma ** 2 * ((W_T - W_S) ** 2).sum()
+  np.testing.assert_allclose(rhs, by_hand, rtol=1e-5)
+  # Monte-Carlo error of a mean of 40000 draws: well under 2% here.
+  np.testing.assert_allclose(lhs, by_hand, rtol=0.02)
+
+
+def _float64_net(seed):
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((2, 2, 1), dtype="float64")
+  h = keras.layers.Dense(5, activation="tanh", dtype="float64")(keras.layers.Flatten(
+      dtype="float64")(inputs))
+  return keras.Model(inputs, keras.layers.Dense(3, dtype="float64", name="logits")(h))
+
+
+def test_jac_ce_gradient_matches_finite_differences():
+  keras.backend.set_floatx("float64")
+  try:
+    teacher, student = _float64_net(1), _float64_net(2)
+    d = Distiller(student, teacher, hints=[("jac_ce", 1.0)], jac_target="all",
+                  params=HintParams(noise_sigma=0.7))
+    x = tf.constant(X.astype(np.float64))
+
+    def loss():
+      return d.compute_total_loss(x, Y, training=True, step=0)[0]
+
+    kernel = student.get_layer("logits").kernel
+    with tf.GradientTape() as tape:
+      value = loss()
+    grad = tape.gradient(value, kernel).numpy()
+    assert np.abs(grad).max() > 1e-3
+    base, eps = kernel.numpy(), 1e-6
+    numeric = np.zeros_like(base)
+    for idx in np.ndindex(*base.shape):
+      for sign in (1, -1):
+        bumped = base.copy()
+        bumped[idx] += sign * eps
+        kernel.assign(bumped)
+        numeric[idx] += sign * float(loss()) / (2 * eps)
+    kernel.assign(base)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
+  finally:
+    keras.backend.set_floatx("float32")
+
+
+def test_jac_ce_by_hand_on_one_example():
+  # T_s = 0.5, log S_s = log 0.25, grad T_s = [1, 2], grad log S_s = [3, -1], sigma = 2:
+  # -0.5 * log 0.25 - 4 * (3 - 2) = 0.6931... - 4.
+  a = lambda v: np.array(v, np.float32)  # noqa: E731
+  value = losses.jacobian_cross_entropy(
+      teacher_probabilities=a([[0.5]]), student_log_probabilities=a([[np.log(0.25)]]),
+      teacher_probability_jacobian=a([[[1.0, 2.0]]]),
+      student_log_probability_jacobian=a([[[3.0, -1.0]]]), sigma=2.0)
+  np.testing.assert_allclose(value, [-0.5 * np.log(0.25) - 4.0], rtol=1e-6)
+
+
+def test_jacnorm_on_a_linear_model_is_sigma2_times_squared_weights():
+  s = linear_model(W_S)
+  d = Distiller(s, None, hints=[("jacnorm", 1.0)], jac_target="all",
+                params=HintParams(noise_sigma=0.3))
+  terms = d.per_example_terms(tf.constant(X), Y, training=True, step=0)[0]
+  np.testing.assert_allclose(terms["jacnorm"], [0.09 * (W_S ** 2).sum()] * 5, rtol=1e-5)
+
+
+def test_regularize_lowers_the_jacobian_norm(digits_splits):
+  from tfjac import models  # pylint: disable=g-import-not-at-top
+  from tfjac.config import TrainConfig  # pylint: disable=g-import-not-at-top
+  from tfjac.training import loop  # pylint: disable=g-import-not-at-top
+  info = digits_splits.info
+  train = digits_splits.sampled_train(20, 0)
+  x = tf.constant(digits_splits.test.images[:200])
+  y = tf.constant(digits_splits.test.labels[:200])
+  norms = {}
+  for hints in ((("ce", 1.0),), (("ce", 1.0), ("jacnorm", 1.0))):
+    keras.utils.set_random_seed(0)
+    student = models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std,
+                           width=0.25)
+    d = Distiller(student, None, hints=hints, params=HintParams(noise_sigma=0.5))
+    loop.fit(d, train, digits_splits.validation, TrainConfig(epochs=15), seed=0,
+             log_dir="/tmp/tfjac-test-tb", checkpoint_dir=f"/tmp/tfjac-test-ck{len(hints)}")
+    probe = Distiller(student, None, hints=[("jacnorm", 1.0)],
+                      params=HintParams(noise_sigma=1.0))
+    _, _, _, inputs = probe.per_example_terms(x, y, training=False, step=0)
+    norms[len(hints)] = float(tf.reduce_mean(tf.norm(inputs.student_jacobians["logits"],
+                                                     axis=[1, 2])))
+  assert norms[2] < 0.7 * norms[1], norms
