@@ -112,3 +112,25 @@ def test_regularize_lowers_the_jacobian_norm(digits_splits):
     norms[len(hints)] = float(tf.reduce_mean(tf.norm(inputs.student_jacobians["logits"],
                                                      axis=[1, 2])))
   assert norms[2] < 0.7 * norms[1], norms
+
+
+def test_noise_equivalence_tool(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  tool = os.path.join(repo, "tools", "noise_equivalence.py")
+  bad = subprocess.run([sys.executable, tool, f"--run_dir={tmp_path}"], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "--run_dir:" in bad.stderr and "no results.json" in bad.stderr
+  ok = subprocess.run([sys.executable, tool, "--sigmas=0.1,0.5", "--samples=2000",
+                       f"--out={tmp_path}"], env=env, capture_output=True, text=True,
+                      timeout=300)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  import json  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / "equivalence.json") as f:
+    rows = json.load(f)["results"]["linear models"]
+  for row in rows:  # linear models: equal up to Monte-Carlo error
+    assert abs(row["noisy_matching"] - row["act_plus_sigma2_jac"]) < 4 * row["noisy_matching_se"]
+  assert (tmp_path / "equivalence.png").stat().st_size > 10000
