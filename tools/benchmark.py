@@ -36,6 +36,10 @@ flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one traces the graph).")
 flags.DEFINE_list("jac_bn_policy", ["batch_stats"], "BatchNorm policies of the student's "
                   "Jacobian (batch_stats, inference); only hint sets with 'jac' use it.")
+flags.DEFINE_list("jac_targets", ["label"], "Jacobian targets to measure (label, teacher_top1, "
+                  "random, top_k, all, projection); only hint sets with Jacobians use them.")
+flags.DEFINE_integer("jac_top_k", 5, "k of the top_k target.")
+flags.DEFINE_integer("jac_projections", 1, "Projections of the projection target.")
 flags.DEFINE_list("jit_compile", ["false"], "XLA settings to measure: false, true or both.")
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 flags.DEFINE_string("single", None, "Internal: run one configuration (JSON) and print it.")
@@ -89,7 +93,8 @@ def run_single(cfg):
   hints = [(h, 1.0) for h in cfg["hints"].split(",")]
   # The teacher is passed for every hint set, as --mode=distill does.
   distiller = Distiller(student, teacher, hints=hints, bn_policy=cfg["bn_policy"],
-                        num_classes=cfg["num_classes"])
+                        num_classes=cfg["num_classes"], jac_target=cfg["jac_target"],
+                        jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"])
   distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                     jit_compile=cfg["jit_compile"])
   rng = np.random.default_rng(0)
@@ -124,13 +129,15 @@ def configurations():
   common = dict(teacher_model=FLAGS.teacher_model, model=FLAGS.model, width=FLAGS.width,
                 image_size=FLAGS.image_size, channels=FLAGS.channels,
                 num_classes=FLAGS.num_classes, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
-                warmup=FLAGS.warmup)
+                warmup=FLAGS.warmup, jac_top_k=FLAGS.jac_top_k,
+                jac_projections=FLAGS.jac_projections)
   for jit in dict.fromkeys(jits):
     for hints in hint_sets:
       # The policy only changes the step when the student's Jacobian is taken.
-      policies = FLAGS.jac_bn_policy if _uses_jacobians(hints) else FLAGS.jac_bn_policy[:1]
-      for policy in policies:
-        yield dict(common, hints=hints, bn_policy=policy, jit_compile=jit)
+      jac = _uses_jacobians(hints)
+      for target in (FLAGS.jac_targets if jac else FLAGS.jac_targets[:1]):
+        for policy in (FLAGS.jac_bn_policy if jac else FLAGS.jac_bn_policy[:1]):
+          yield dict(common, hints=hints, bn_policy=policy, jit_compile=jit, jac_target=target)
 
 
 def run_in_subprocess(cfg):
@@ -146,15 +153,18 @@ def run_in_subprocess(cfg):
 
 def table(results):
   gpu = any("gpu_peak_mib" in r for r in results)
-  head = ["hints", "bn_policy", "jit", "ms/step", "images/s", "ratio to ce", "peak RSS MiB",
+  head = ["hints", "jac_target", "bn_policy", "jit", "ms/step", "images/s", "ratio to ce", "peak RSS MiB",
           "step peak MiB"] + (["GPU peak MiB"] if gpu else [])
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results:
     ce = next((c for c in results if c["hints"] == "ce" and c["jit_compile"] == r["jit_compile"]),
               None)
     ratio = f"{r['ms_per_step'] / ce['ms_per_step']:.2f}" if ce else "n/a"
-    policy = r["bn_policy"] if _uses_jacobians(r["hints"]) else "-"
-    cells = [r["hints"], policy, str(r["jit_compile"]).lower(), f"{r['ms_per_step']:.1f}",
+    jac = _uses_jacobians(r["hints"])
+    target = {"top_k": f"top_{r['jac_top_k']}",
+              "projection": f"projection x{r['jac_projections']}"}.get(r["jac_target"],
+                                                                      r["jac_target"])
+    cells = [r["hints"], target if jac else "-", r["bn_policy"] if jac else "-", str(r["jit_compile"]).lower(), f"{r['ms_per_step']:.1f}",
              f"{r['images_per_s']:.0f}", ratio, f"{r['peak_rss_mib']:.0f}",
              f"{r['step_peak_mib']:.0f}"] + ([f"{r.get('gpu_peak_mib', 0):.0f}"] if gpu else [])
     rows.append("| " + " | ".join(cells) + " |")
@@ -169,7 +179,7 @@ def main(argv):
     return
   results = []
   for cfg in configurations():
-    print(f"measuring hints={cfg['hints']} bn_policy={cfg['bn_policy']} "
+    print(f"measuring hints={cfg['hints']} jac_target={cfg['jac_target']} bn_policy={cfg['bn_policy']} "
           f"jit_compile={cfg['jit_compile']} ...", file=sys.stderr, flush=True)
     results.append(run_in_subprocess(cfg))
   first = results[0]
