@@ -33,7 +33,7 @@ def _config_error(*argv):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--hints=act,jacobian"], "--hints: unknown value 'jacobian'; valid: act, ce, jac, jac_ce, jacnorm, kd, noise, noisy_ce"),
+    (["--hints=act,jacobian"], "--hints: unknown value 'jacobian'; valid: act, at, at_jac, ce, jac, jac_ce, jacnorm, kd, lwf, noise, noisy_ce"),
     (["--hints=ce,ce"], "--hints: lists a hint twice"),
     (["--dataset=mnist"], "--dataset: unknown dataset 'mnist'"),
     (["--epochs=0"], "--epochs: must be > 0"),
@@ -82,7 +82,7 @@ def _tiny_model(input_shape, classes):
 
 @pytest.mark.parametrize("shape, classes, expected", [
     ((8, 8, 1), 3, "gives outputs of shape (3,) but the dataset has 10 classes"),
-    ((32, 32, 3), 10, "cannot take the dataset's images of shape (8, 8, 1)"),
+    ((32, 32, 3), 10, "--teacher_resize: the teacher takes 32x32 images and the dataset has 8x8"),
 ])
 def test_teacher_that_does_not_fit_the_dataset(tmp_path, shape, classes, expected):
   path = str(tmp_path / "t.keras")
@@ -110,7 +110,8 @@ def _cli(*argv, cwd=REPO):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--mode=finetune"], "flag --mode=finetune: value should be one of <teacher|distill|regularize>"),
+    (["--mode=finetun"], "flag --mode=finetun: value should be one of <teacher|distill|"
+     "regularize|transfer|finetune|conditions>"),
     (["--flagfile=flags/no_such_experiment.cfg"], "no_such_experiment.cfg"),
     (["--hints=act,jacobian"], "tfjac: error: --hints: unknown value 'jacobian'"),
     (["--dataset=cifar100", "--data_dir=/nonexistent"],

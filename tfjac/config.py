@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 from tfjac.errors import ConfigError
 
-MODES = ("teacher", "distill", "regularize")
+MODES = ("teacher", "distill", "regularize", "transfer", "finetune", "conditions")
 STRATEGIES = ("auto", "default", "mirrored")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -27,6 +27,7 @@ class DataConfig:
   augment: Tuple[str, ...] = ()
   crop_padding: int = 0  # 0: image size // 8
   seed: int = 0
+  classes: Tuple[int, ...] = ()  # a subset of the classes, relabelled 0..n-1 in this order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,9 @@ class HintConfig:
   jac_projections: int = 1
   noise_sigma: float = 0.1
   noise_samples: int = 4
+  lwf_match: str = "act"
+  teacher_layers: Tuple[str, ...] = ()  # attention transfer; empty: the defaults
+  student_layers: Tuple[str, ...] = ()
 
   def weight(self, hint):
     return dict(self.weights).get(hint, 1.0)
@@ -66,6 +70,18 @@ class HintConfig:
 class ModelConfig:
   name: str = "vgg4"
   width: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherInput:
+  """How target images are fed to a teacher trained on other data: x * scale + offset, then
+  resized to the teacher's input size when `resize`."""
+  resize: bool = False
+  scale: float = 1.0
+  offset: float = 0.0
+
+
+TEACHER_MODES = ("transfer", "finetune", "conditions")  # need --teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +97,9 @@ class Config:
   teacher_train: TrainConfig = TrainConfig()
   hints: HintConfig = HintConfig()
   robustness_sigmas: Tuple[float, ...] = ()
+  teacher_input: TeacherInput = TeacherInput()
+  source: Optional[DataConfig] = None  # --mode=conditions: the teacher's own (source) data
+  conditions_examples: int = 500
 
   def to_dict(self):
     return dataclasses.asdict(self)
@@ -167,6 +186,30 @@ def validate(config: Config):
     _positive("robustness_sigmas", sigma)
   if config.mode == "teacher" and h.hints != ("ce",):
     raise ConfigError("hints", "--mode=teacher trains on labels alone: use --hints=ce")
+  if len(set(config.data.classes)) != len(config.data.classes) or any(
+      c < 0 for c in config.data.classes):
+    raise ConfigError("classes", f"must be distinct class indices >= 0, got "
+                      f"{list(config.data.classes)}")
+  from tfjac.hints import LWF_MATCHES  # pylint: disable=g-import-not-at-top
+  _choice("lwf_match", h.lwf_match, LWF_MATCHES)
+  _positive("teacher_input_scale", config.teacher_input.scale)
+  _positive("conditions_examples", config.conditions_examples)
+  if config.mode in TEACHER_MODES and not config.teacher_path:
+    raise ConfigError("teacher", f"--mode={config.mode} needs --teacher (a .keras file or a "
+                      "SavedModel trained on the source data)")
+  if config.mode == "transfer":
+    uses_jac = [n for n in h.hints if chosen[n].student_jacobians and n != "at_jac"]
+    if uses_jac and h.jac_target == "label":
+      raise ConfigError("jac_target", "target labels are not in the teacher's label space: "
+                        "use teacher_top1 (the default in --mode=transfer), top_k, all, random "
+                        "or projection")
+    bad = [n for n in h.hints if n in ("noisy_ce", "jacnorm", "regularize")]
+    if bad:
+      raise ConfigError("hints", f"{bad} are not transfer hints; valid: ce, lwf, act, kd, jac, "
+                        "jac_ce, noise, at, at_jac")
+  if config.mode == "finetune" and h.hints != ("ce",):
+    raise ConfigError("hints", "--mode=finetune (the fine-tuning oracle) trains with CE alone: "
+                      "use --hints=ce")
   if config.mode == "regularize":
     with_teacher = [name for name, hint in chosen.items() if hint.needs_teacher]
     if with_teacher:

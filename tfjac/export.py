@@ -88,10 +88,10 @@ class _SavedModelTeacher(keras.layers.Layer):
     return out
 
 
-def load_teacher(path: str, image_shape, num_classes) -> keras.Model:
-  """A teacher from a .keras file (safe mode: no Lambda code) or a SavedModel directory (or a
-  directory written by --mode=teacher); checks that it takes `image_shape` and gives
-  `num_classes` outputs."""
+def load_network(path: str, image_shape) -> keras.Model:
+  """A network from a .keras file (safe mode: no Lambda code), a SavedModel directory, or a
+  directory written by tfjac (holding model.keras). A SavedModel becomes a Keras model around
+  its serving function, on its own input signature if it has one, else on `image_shape`."""
   if os.path.isdir(path) and os.path.exists(os.path.join(path, KERAS_FILE)):
     path = os.path.join(path, KERAS_FILE)
   if os.path.isdir(path) and os.path.exists(os.path.join(path, SAVED_MODEL)):
@@ -105,7 +105,12 @@ def load_teacher(path: str, image_shape, num_classes) -> keras.Model:
       if fn is None:
         raise ConfigError("teacher", f"SavedModel {path!r} has no 'serve' function nor "
                           "'serving_default' signature to call")
-      inputs = keras.Input(shape=tuple(image_shape), name="image")
+      shape = tuple(image_shape)
+      signature = getattr(fn, "input_signature", None)
+      if signature and len(signature[0].shape) == 4:
+        shape = tuple(d if d is not None else s for d, s in
+                      zip(signature[0].shape[1:], image_shape))
+      inputs = keras.Input(shape=shape, name="image")
       model = keras.Model(inputs, _SavedModelTeacher(path, loaded, fn, name="saved_model")(inputs),
                           name="teacher")
     else:
@@ -116,12 +121,31 @@ def load_teacher(path: str, image_shape, num_classes) -> keras.Model:
   except Exception as e:  # unreadable, corrupt, unsafe: say which file and why
     raise ConfigError("teacher", f"cannot load a model from {path!r}: {e}") from e
   model.trainable = False
+  return model
+
+
+def check_outputs(model: keras.Model, image_shape, num_classes=None, path="--teacher"):
+  """Calls `model` on one zero image of `image_shape`; returns its number of outputs."""
   try:
     out = model(np.zeros((1, *image_shape), np.float32), training=False)
   except Exception as e:
     raise ConfigError("teacher", f"teacher {path!r} cannot take the dataset's images of shape "
                       f"{tuple(image_shape)}: {e}") from e
-  if tuple(out.shape) != (1, num_classes):
+  if isinstance(out, dict):
+    out = out["logits"]
+  if num_classes is not None and tuple(out.shape) != (1, num_classes):
     raise ConfigError("teacher", f"teacher {path!r} gives outputs of shape {tuple(out.shape[1:])}"
                       f" but the dataset has {num_classes} classes")
+  return int(out.shape[-1])
+
+
+def load_teacher(path: str, image_shape, num_classes=None, teacher_input=None) -> keras.Model:
+  """load_network, fed from the dataset's images as `teacher_input` (config.TeacherInput)
+  says, and checked to give `num_classes` outputs (any number when None)."""
+  from tfjac.models import views  # pylint: disable=g-import-not-at-top
+  model = load_network(path, image_shape)
+  if teacher_input is not None:
+    model = views.adapt_input(model, image_shape, resize=teacher_input.resize,
+                              scale=teacher_input.scale, offset=teacher_input.offset)
+  check_outputs(model, image_shape, num_classes, path)
   return model

@@ -9,7 +9,11 @@ from tfjac import config, hints, models
 flags.DEFINE_enum("mode", "distill", config.MODES,
                   "teacher: train and export a teacher. distill: teacher -> student with --hints. "
                   "regularize: a student without teacher, with --hints among ce, jacnorm, "
-                  "noisy_ce (default ce,jacnorm).")
+                  "noisy_ce (default ce,jacnorm). transfer: Learning without Forgetting from a "
+                  "--teacher trained on other data (CE on the labels always on; default hints "
+                  "ce,lwf; --hints=ce is the no-transfer baseline). finetune: the fine-tuning "
+                  "oracle (the teacher's network with a new head). conditions: the poster's "
+                  "three conditions for transfer to help, measured (no training).")
 flags.DEFINE_string("workdir", "runs/default",
                     "Run directory: flags.cfg, results.json, tensorboard/, checkpoints/, teacher/ "
                     "and student/ (SavedModel + .keras). A teacher found here is reused.")
@@ -30,6 +34,8 @@ flags.DEFINE_float("validation_fraction", 0.1, "Fraction of each class of the tr
 flags.DEFINE_list("augment", [], "Training augmentations: crop (reflect-pad and random crop), "
                   "flip (random horizontal flip). Empty: none.")
 flags.DEFINE_integer("crop_padding", 0, "Padding for --augment=crop; 0: image size // 8.")
+flags.DEFINE_list("classes", [], "Use only these classes of --dataset, relabelled 0..n-1 in "
+                  "this order (e.g. a teacher on digits 0-4, a transfer target on 5-9).")
 flags.DEFINE_integer("seed", 0, "Seed of the validation split, the N-per-class subset, weight "
                      "initialisation and shuffling. Same seed: same images for every hint set.")
 
@@ -47,8 +53,10 @@ flags.DEFINE_string("teacher", None, "Pre-trained teacher: a .keras file, a Save
 flags.DEFINE_list("hints", ["act", "jac", "ce"], "Loss terms of the student, summed with their "
                   "weights: " + "; ".join(f"{k}: {h.help}" for k, h in hints.HINTS.items()) +
                   ". The poster's rows: ce | act,ce | act,jac,ce | act | act,jac.")
+_DEFAULT_WEIGHTS = {"at": 1000.0}  # attention transfer's reference weight (its authors')
 for _name in hints.HINTS:
-  flags.DEFINE_float(f"{_name}_weight", 1.0, f"Weight of the '{_name}' hint.")
+  flags.DEFINE_float(f"{_name}_weight", _DEFAULT_WEIGHTS.get(_name, 1.0),
+                     f"Weight of the '{_name}' hint.")
 flags.DEFINE_float("kd_temperature", 4.0, "Softmax temperature of the 'kd' hint.")
 flags.DEFINE_enum("jac_target", "label", list(hints.JACOBIAN_TARGETS),
                   "Which outputs' input-gradients are used: " + "; ".join(
@@ -59,6 +67,23 @@ flags.DEFINE_integer("jac_projections", 1, "Number of random projections of "
 flags.DEFINE_float("noise_sigma", 0.1, "Std of the Gaussian input noise (in [0, 1] pixel units) "
                    "of the hints noise, noisy_ce, and the sigma of jac_ce and jacnorm.")
 flags.DEFINE_integer("noise_samples", 4, "Noisy copies per example for noise and noisy_ce.")
+flags.DEFINE_enum("lwf_match", "act", list(hints.LWF_MATCHES), "How the lwf hint matches the "
+                  "student's teacher-shaped head to the teacher: act (squared error of logits) "
+                  "or kd (soft targets at --kd_temperature).")
+flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
+                  "name; default: the last layer of each block/stage (deepest ones paired).")
+flags.DEFINE_list("student_layers", [], "Student layers paired one to one with "
+                  "--teacher_layers; default: the last layer of each block.")
+flags.DEFINE_boolean("teacher_resize", False, "Resize target images to the teacher's input "
+                     "size (bilinear, differentiable) when they differ.")
+flags.DEFINE_float("teacher_input_scale", 1.0, "The teacher sees x * scale + offset (x in "
+                   "[0, 1]): e.g. 255 for a teacher trained on [0, 255] pixels.")
+flags.DEFINE_float("teacher_input_offset", 0.0, "See --teacher_input_scale.")
+flags.DEFINE_string("source_dataset", None, "--mode=conditions: the teacher's own training "
+                    "data (same names as --dataset), for its loss and the source/target distance.")
+flags.DEFINE_list("source_classes", [], "--mode=conditions: class subset of --source_dataset.")
+flags.DEFINE_integer("conditions_examples", 500, "--mode=conditions: target (and source) test "
+                     "images used for the estimates.")
 flags.DEFINE_list("robustness_sigmas", [], "After training, test accuracy of teacher and student "
                   "under Gaussian input noise of each of these std (results.json); empty: none.")
 flags.DEFINE_boolean("jac_normalize", True, "L2-normalise each example's Jacobians before "

@@ -36,7 +36,13 @@ def _float_list(flag, values):
 def config_from_flags(f=FLAGS) -> config_lib.Config:
   hints = tuple(f.hints)
   if not f["hints"].present:
-    hints = {"teacher": ("ce",), "regularize": ("ce", "jacnorm")}.get(f.mode, hints)
+    hints = {"teacher": ("ce",), "regularize": ("ce", "jacnorm"), "transfer": ("ce", "lwf"),
+             "finetune": ("ce",), "conditions": ("ce",)}.get(f.mode, hints)
+  if f.mode == "transfer" and "ce" not in hints:
+    hints = ("ce",) + hints  # LwF: CE on the target labels is always part of the loss
+  jac_target = f.jac_target
+  if f.mode == "transfer" and not f["jac_target"].present:
+    jac_target = "teacher_top1"  # target labels are not in the teacher's label space
   train_common = dict(batch_size=f.batch_size, steps_per_epoch=f.steps_per_epoch,
                       optimizer=f.optimizer, momentum=f.momentum, weight_decay=f.weight_decay,
                       lr_schedule=f.lr_schedule,
@@ -51,7 +57,8 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
       data=config_lib.DataConfig(
           dataset=f.dataset, data_dir=f.data_dir, samples_per_class=f.samples_per_class,
           validation_fraction=f.validation_fraction, augment=tuple(f.augment),
-          crop_padding=f.crop_padding, seed=f.seed),
+          crop_padding=f.crop_padding, seed=f.seed,
+          classes=_int_list("classes", f.classes)),
       student=config_lib.ModelConfig(name=f.model, width=f.width),
       teacher=config_lib.ModelConfig(name=f.teacher_model, width=f.teacher_width),
       train=config_lib.TrainConfig(epochs=f.epochs, learning_rate=f.learning_rate,
@@ -62,16 +69,25 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
       hints=config_lib.HintConfig(
           hints=hints,
           weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS),
-          kd_temperature=f.kd_temperature, jac_target=f.jac_target,
+          kd_temperature=f.kd_temperature, jac_target=jac_target,
           jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy,
           jac_top_k=f.jac_top_k, jac_projections=f.jac_projections,
-          noise_sigma=f.noise_sigma, noise_samples=f.noise_samples))
+          noise_sigma=f.noise_sigma, noise_samples=f.noise_samples, lwf_match=f.lwf_match,
+          teacher_layers=tuple(f.teacher_layers), student_layers=tuple(f.student_layers)),
+      teacher_input=config_lib.TeacherInput(resize=f.teacher_resize,
+                                            scale=f.teacher_input_scale,
+                                            offset=f.teacher_input_offset),
+      source=None if not f.source_dataset else config_lib.DataConfig(
+          dataset=f.source_dataset, data_dir=f.data_dir,
+          classes=_int_list("source_classes", f.source_classes), seed=f.seed),
+      conditions_examples=f.conditions_examples)
 
 
 def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:
   """Every tfjac flag with its value: `--flagfile=<workdir>/flags.cfg` reruns the run.
   Values resolved from the mode (the default hints) are written as resolved."""
-  resolved = {"hints": "--hints=" + ",".join(config.hints.hints)}
+  resolved = {"hints": "--hints=" + ",".join(config.hints.hints),
+              "jac_target": "--jac_target=" + config.hints.jac_target}
   lines = ["# Resolved flags of this run; rerun with: python -m tfjac.run "
            "--flagfile=THIS_FILE"]
   for flag in sorted(f.get_key_flags_for_module(flagdefs), key=lambda fl: fl.name):
@@ -81,8 +97,7 @@ def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:
   return "\n".join(lines) + "\n"
 
 
-MODES = {"teacher": "tfjac.modes.teacher", "distill": "tfjac.modes.distill",
-         "regularize": "tfjac.modes.regularize"}
+MODES = {name: f"tfjac.modes.{name}" for name in config_lib.MODES}
 
 
 def run(config: config_lib.Config, flagfile_text: str = ""):
@@ -119,16 +134,45 @@ def _pct(v):
   return f"{100 * v:.2f}%"
 
 
+def _conditions_lines(c):
+  lines = [f"  teacher: {c['teacher']['path']} ({c['teacher']['source_classes']} source classes)"]
+  src = c.get("source_loss")
+  if src and "error" not in src:
+    lines.append(f"  1. teacher's loss on its source data ({src['dataset']}): cross-entropy "
+                 f"{src['cross_entropy']:.4g}, accuracy {_pct(src['accuracy'])}")
+  else:
+    lines.append("  1. teacher's source loss: " + (src or {}).get(
+        "error", "not measured (give --source_dataset)"))
+  lip = c["lipschitz"]["jacobian_spectral_norm"]
+  top = c["lipschitz"]["top1_gradient_norm"]
+  lines.append(f"  2. teacher's Lipschitz estimate on {c['target']['examples']} target images: "
+               f"Jacobian spectral norm max {lip['max']:.4g}, p50 {lip['p50']:.4g}, p99 "
+               f"{lip['p99']:.4g}; top-1 gradient norm max {top['max']:.4g}")
+  d = c["distance"]
+  if d.get("source"):
+    lines.append(f"  3. source/target distance ({d['feature_space']} features): Frechet "
+                 f"{d['frechet']:.4g} (source halves: {d['frechet_source_halves']:.4g}), MMD^2 "
+                 f"{d['mmd2']:.4g} (source halves: {d['mmd2_source_halves']:.4g})")
+  else:
+    lines.append("  3. source/target distance: " + d["note"])
+  return lines
+
+
 def summary(results) -> str:
   c = results["config"]
   wd = results["workdir"]
   lines = [f"tfjac {results['mode']} on {results['dataset']['name']} "
            f"({results['replicas']} replica(s))"]
+  if "conditions" in results:
+    lines.extend(_conditions_lines(results["conditions"]))
   t = results.get("teacher")
-  if t:
+  if t and "test_accuracy" in t:
     how = {"trained": f"trained here in {t.get('train_seconds', 0):.0f} s",
            "reused": "reused from the run directory", "given": "from --teacher"}[t["source"]]
     lines.append(f"  teacher: test accuracy {_pct(t['test_accuracy'])} ({how}; {t['path']})")
+  elif t:
+    lines.append(f"  teacher: {t['path']} (another label space: "
+                 f"{t.get('source_classes', '?')} classes)")
   s = results.get("student")
   if s:
     lines.append(f"  student {s['model']} ({','.join(c['hints']['hints'])}; "

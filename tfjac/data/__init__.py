@@ -81,8 +81,27 @@ def _check_labels(split, num_classes, where):
     raise DataError(f"the training split has no example of class(es) {missing[:10]}")
 
 
+def select_classes(source: SourceData, classes) -> SourceData:
+  """Keeps `classes` (indices of the source) and relabels them 0..n-1 in the order given."""
+  bad = [c for c in classes if c >= source.num_classes]
+  if bad:
+    raise ConfigError("classes", f"class(es) {bad} do not exist: {source.name} has classes "
+                      f"0..{source.num_classes - 1}")
+  lookup = np.full(source.num_classes, -1, np.int64)
+  lookup[list(classes)] = np.arange(len(classes))
+
+  def keep(split):
+    mask = lookup[split.labels] >= 0
+    return ArraySplit(split.images[mask], lookup[split.labels[mask]].astype(np.int32))
+
+  name = f"{source.name}[{','.join(str(c) for c in classes)}]"
+  return SourceData(name, len(classes), keep(source.train), keep(source.test))
+
+
 def prepare(config: DataConfig) -> Splits:
   source: SourceData = load_source(config.dataset, config.data_dir)
+  if config.classes:
+    source = select_classes(source, config.classes)
   _check_labels(source.train, source.num_classes, "train")
   _check_labels(source.test, source.num_classes, "test")
   train_idx, val_idx = split_validation(source.train.labels, config.validation_fraction,

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import tensorflow as tf
 
-from tfjac.hints import jacobians, losses
+from tfjac.hints import attention, jacobians, losses
 from tfjac.hints.jacobians import JACOBIAN_TARGETS, TargetOptions  # noqa: F401
 
 
@@ -17,24 +17,32 @@ from tfjac.hints.jacobians import JACOBIAN_TARGETS, TargetOptions  # noqa: F401
 class HintParams:
   kd_temperature: float = 4.0
   jac_normalize: bool = True
+  lwf_match: str = "act"  # act (squared error) or kd (soft targets)
   noise_sigma: float = 0.1
   noise_samples: int = 4
 
 
 @dataclasses.dataclass
 class HintInputs:
-  """What a hint may read. Jacobians are {output kind: [batch, K, D]} for the K selected
-  outputs; `student_fn`/`teacher_fn` run the networks (student in the step's mode)."""
+  """What a hint may read. `student_logits` is the student's own (target) head, used with the
+  labels; `student_matching_logits` is what is matched to the teacher (LwF's teacher-shaped
+  head in transfer, else the same logits). Jacobians are {kind: [batch, K, D]}: 'logits' etc.
+  for the K selected outputs, 'attention' for the L attention pairs. `student_fn` /
+  `teacher_fn` run the networks to matching logits (student in the step's mode)."""
   x: tf.Tensor
   labels: tf.Tensor
   student_logits: tf.Tensor
+  student_matching_logits: tf.Tensor
   student_fn: Callable
+  student_target_fn: Callable
   seed: tf.Tensor
   teacher_logits: Optional[tf.Tensor] = None
   teacher_fn: Optional[Callable] = None
   selection: Optional[tf.Tensor] = None  # [batch, K, C]
   student_jacobians: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
   teacher_jacobians: Dict[str, tf.Tensor] = dataclasses.field(default_factory=dict)
+  student_features: Tuple[tf.Tensor, ...] = ()
+  teacher_features: Tuple[tf.Tensor, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +54,12 @@ class Hint:
   teacher_jacobians: Tuple[str, ...] = ()
   uses_noise: bool = False  # needs --noise_sigma > 0
   needs_class_targets: bool = False  # selections must be one-hot classes
+  needs_features: bool = False  # paired feature maps (attention transfer)
 
 
 def _jac_ce(i: HintInputs, p: HintParams):
   t_prob = jacobians.select(tf.nn.softmax(i.teacher_logits), i.selection)
-  s_logp = jacobians.select(tf.nn.log_softmax(i.student_logits), i.selection)
+  s_logp = jacobians.select(tf.nn.log_softmax(i.student_matching_logits), i.selection)
   return losses.jacobian_cross_entropy(
       teacher_probabilities=t_prob, student_log_probabilities=s_logp,
       teacher_probability_jacobian=i.teacher_jacobians["probabilities"],
@@ -62,11 +71,11 @@ HINTS: Dict[str, Hint] = {
     "ce": Hint(lambda i, p: losses.cross_entropy(labels=i.labels,
                                                  student_logits=i.student_logits),
                help="softmax cross-entropy on the labels"),
-    "act": Hint(lambda i, p: losses.activation_matching(teacher_logits=i.teacher_logits,
-                                                        student_logits=i.student_logits),
+    "act": Hint(lambda i, p: losses.activation_matching(
+        teacher_logits=i.teacher_logits, student_logits=i.student_matching_logits),
                 help="squared error between teacher and student logits", needs_teacher=True),
     "kd": Hint(lambda i, p: losses.soft_target_distillation(
-        teacher_logits=i.teacher_logits, student_logits=i.student_logits,
+        teacher_logits=i.teacher_logits, student_logits=i.student_matching_logits,
         temperature=p.kd_temperature),
                help="Hinton soft targets: KL at temperature --kd_temperature, times tau^2",
                needs_teacher=True),
@@ -92,8 +101,28 @@ HINTS: Dict[str, Hint] = {
                     help="sigma^2 ||dS/dx||^2 of the --jac_target outputs (no teacher)",
                     student_jacobians=("logits",), uses_noise=True),
     "noisy_ce": Hint(lambda i, p: losses.noisy_cross_entropy(
-        student_fn=i.student_fn, x=i.x, labels=i.labels, sigma=p.noise_sigma,
+        student_fn=i.student_target_fn, x=i.x, labels=i.labels, sigma=p.noise_sigma,
         samples=p.noise_samples, seed=i.seed),
                      help="cross-entropy on Gaussian-noised inputs: the twin of ce + jacnorm",
                      uses_noise=True),
+    "lwf": Hint(lambda i, p: _LWF_MATCH[p.lwf_match](i, p),
+                help="Learning without Forgetting: the student's teacher-shaped head matched "
+                "to the teacher on the target images (--lwf_match: act = squared error, kd = "
+                "soft targets); with CE on the labels, always on in --mode=transfer",
+                needs_teacher=True),
+    "at": Hint(lambda i, p: attention.attention_transfer(
+        teacher_features=i.teacher_features, student_features=i.student_features),
+               help="attention transfer: normalised channel-mean squared activations of "
+               "paired layers (--teacher_layers/--student_layers), squared difference averaged "
+               "over pixels, summed over pairs (reference weight 1e3)",
+               needs_teacher=True, needs_features=True),
+    "at_jac": Hint(lambda i, p: losses.jacobian_matching(
+        teacher_jacobian=i.teacher_jacobians["attention"],
+        student_jacobian=i.student_jacobians["attention"], normalize=p.jac_normalize),
+                   help="Jacobian of each attention map at the teacher's largest pixel, matched "
+                   "like jac", needs_teacher=True, needs_features=True,
+                   student_jacobians=("attention",), teacher_jacobians=("attention",)),
 }
+
+_LWF_MATCH = {"act": HINTS["act"].loss, "kd": HINTS["kd"].loss}
+LWF_MATCHES = tuple(_LWF_MATCH)

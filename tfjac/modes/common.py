@@ -42,8 +42,9 @@ def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, rol
 
 def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: keras.Model,
                        teacher: Optional[keras.Model], train_split, train_cfg: TrainConfig,
-                       hints, role: str):
-  """Fits `network` (in a Distiller with `hints`), returns (fit result, test metrics)."""
+                       hints, role: str, student_view=None, teacher_view=None):
+  """Fits `network` (in a Distiller with `hints`), returns (fit result, test metrics).
+  The views (models/views.py) add a second head / feature maps where hints need them."""
   with strategy.scope():
     h = config.hints
     distiller = Distiller(
@@ -51,7 +52,8 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
         params=HintParams(kd_temperature=h.kd_temperature, jac_normalize=h.jac_normalize,
                           noise_sigma=h.noise_sigma, noise_samples=h.noise_samples),
         jac_target=h.jac_target, jac_top_k=h.jac_top_k, jac_projections=h.jac_projections,
-        bn_policy=h.jac_bn_policy, num_classes=splits.info.num_classes, seed=config.data.seed)
+        bn_policy=h.jac_bn_policy, num_classes=splits.info.num_classes, seed=config.data.seed,
+        student_view=student_view, teacher_view=teacher_view)
   workdir = config.workdir
   result = loop.fit(
       distiller, train_split, splits.validation, train_cfg, seed=config.data.seed,
@@ -78,23 +80,31 @@ def fit_summary(result: loop.FitResult, test):
           "train_seconds": round(result.seconds, 2), "steps_per_epoch": result.steps_per_epoch}
 
 
-def train_student(config: Config, splits: Splits, strategy, teacher: Optional[keras.Model]):
-  """The student on --samples_per_class examples per class with --hints, exported alone."""
+def train_student(config: Config, splits: Splits, strategy, teacher: Optional[keras.Model],
+                  make_views=None, student=None, architecture=None):
+  """The student on --samples_per_class examples per class with --hints, exported alone.
+  `make_views(student) -> (student_view, teacher_view)`, called in the strategy scope, adds
+  what transfer hints need; `student` replaces the --model network (the oracle)."""
   train_split = splits.sampled_train(config.data.samples_per_class, config.data.seed)
+  student_view = teacher_view = None
   with strategy.scope():
-    student = build_network(config.student, splits, "student", strategy)
+    if student is None:
+      student = build_network(config.student, splits, "student", strategy)
+    if make_views is not None:
+      student_view, teacher_view = make_views(student)
   logging.info("training student %s on %d images with hints %s", config.student.name,
                len(train_split), ",".join(config.hints.hints))
   hints = tuple((h, config.hints.weight(h)) for h in config.hints.hints)
   result, test = train_and_evaluate(config, splits, strategy, network=student, teacher=teacher,
                                     train_split=train_split, train_cfg=config.train,
-                                    hints=hints, role="student")
+                                    hints=hints, role="student", student_view=student_view,
+                                    teacher_view=teacher_view)
   directory = os.path.join(config.workdir, STUDENT_DIR)
   saved_model = export.export_model(
       student, directory, splits.test.images[:8],
       metadata=network_metadata(config, config.student, splits, "student"))
   summary = fit_summary(result, test)
-  summary.update(model=config.student.name, train_examples=len(train_split), path=directory,
+  summary.update(model=architecture or config.student.name, train_examples=len(train_split), path=directory,
                  saved_model=saved_model, test_accuracy=test["accuracy"])
   return summary
 
@@ -137,7 +147,8 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     path, source = existing, "reused"
     logging.info("reusing the teacher in %s", existing)
   with strategy.scope():
-    teacher = export.load_teacher(path, info.image_shape, info.num_classes)
+    teacher = export.load_teacher(path, info.image_shape, info.num_classes,
+                                  config.teacher_input)
     evaluator = Distiller(teacher, None)
   test = loop.evaluate(evaluator, splits.test, config.train.batch_size)
   if config.robustness_sigmas:

@@ -16,57 +16,90 @@ Every term is a per-example vector, reduced once, over the *global* batch: each 
 its sum by the global number of examples, and the optimizer sums gradients over replicas, so 1
 and N replicas give the same loss and gradients (tests/test_distribute.py).
 """
-from typing import Dict, Optional, Sequence, Tuple
+import collections
+from typing import Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
 
 from tfjac import hints as hints_lib
-from tfjac.hints import jacobians
+from tfjac.hints import attention, jacobians
+from tfjac.models import views
 from tfjac.models.layers import holding_batch_statistics
+
+TeacherOutputs = collections.namedtuple(
+    "TeacherOutputs", "logits selection jacobians features pixels")
+NO_TEACHER = TeacherOutputs(None, None, {}, (), None)
+ATTENTION = "attention"
 
 
 class Distiller(keras.Model):
   """Trains `student` on the weighted sum of the named hints; `teacher` may be None when no
-  hint needs one ('ce', 'jacnorm', 'noisy_ce')."""
+  hint needs one ('ce', 'jacnorm', 'noisy_ce').
+
+  `student_view` / `teacher_view` (models/views.py) add what some hints read: a teacher-shaped
+  second head (LwF) and feature maps (attention transfer). They share the networks' layers;
+  the view's trainable variables are trained, and `student` alone is what gets exported.
+  """
 
   def __init__(self, student: keras.Model, teacher: Optional[keras.Model] = None, *,
                hints: Sequence[Tuple[str, float]] = (("ce", 1.0),),
                params: hints_lib.HintParams = hints_lib.HintParams(),
                jac_target: str = "label", jac_top_k: int = 5, jac_projections: int = 1,
                bn_policy: str = "batch_stats", num_classes: Optional[int] = None, seed: int = 0,
-               **kwargs):
+               student_view: Optional[keras.Model] = None,
+               teacher_view: Optional[keras.Model] = None, **kwargs):
     super().__init__(**kwargs)
     self.student = student
     self.teacher = teacher
     if teacher is not None:
       teacher.trainable = False
+    self.student_view = student_view or views.make_view(student)
+    self.teacher_view = None
+    if teacher is not None:
+      self.teacher_view = teacher_view or views.make_view(teacher)
+      self.teacher_view.trainable = False
     self.hint_weights = tuple((name, float(w)) for name, w in hints)
     self._hints = {name: hints_lib.HINTS[name] for name, _ in self.hint_weights}
     self.params = params
     needing_teacher = [n for n, h in self._hints.items() if h.needs_teacher]
     if needing_teacher and teacher is None:
       raise ValueError(f"hints {needing_teacher} need a teacher")
-    self.student_outputs = tuple(sorted({o for h in self._hints.values()
-                                         for o in h.student_jacobians}))
-    self.teacher_outputs = tuple(sorted({o for h in self._hints.values()
-                                         for o in h.teacher_jacobians}))
-    self.needs_jacobians = bool(self.student_outputs or self.teacher_outputs)
+    kinds = lambda attr: tuple(sorted({o for h in self._hints.values()  # noqa: E731
+                                       for o in getattr(h, attr)}))
+    self.student_outputs = tuple(k for k in kinds("student_jacobians") if k != ATTENTION)
+    self.teacher_outputs = tuple(k for k in kinds("teacher_jacobians") if k != ATTENTION)
+    self.attention_jacobians = ATTENTION in kinds("student_jacobians")
+    self.needs_features = any(h.needs_features for h in self._hints.values())
+    self._pair_sizes = []
+    if self.needs_features:
+      t_shapes = self._feature_shapes(self.teacher_view)
+      s_shapes = self._feature_shapes(self.student_view)
+      if not t_shapes or len(t_shapes) != len(s_shapes):
+        raise ValueError(f"attention hints need paired feature maps: the teacher view has "
+                         f"{len(t_shapes)}, the student view {len(s_shapes)}")
+      self._pair_sizes = attention.pair_sizes(t_shapes, s_shapes)
     self.num_classes = num_classes or int(student.output_shape[-1])
+    matching_classes = int(self.student_view.output["matching_logits"].shape[-1])
     self.jac_target = jac_target
     self._target = jacobians.TARGETS[jac_target]
-    self._target_options = jacobians.TargetOptions(self.num_classes, jac_top_k, jac_projections)
-    if self.needs_jacobians and jac_top_k > self.num_classes and jac_target == "top_k":
-      raise ValueError(f"jac_top_k={jac_top_k} is more than the {self.num_classes} classes")
+    self._target_options = jacobians.TargetOptions(matching_classes, jac_top_k, jac_projections)
+    if self.student_outputs and jac_target == "top_k" and jac_top_k > matching_classes:
+      raise ValueError(f"jac_top_k={jac_top_k} is more than the {matching_classes} classes")
     self.bn_policy = bn_policy
     self.seed = seed
     self._trackers = {"loss": keras.metrics.Mean(name="loss")}
     for name, _ in self.hint_weights:
       self._trackers[name] = keras.metrics.Mean(name=f"{name}_loss")
     self._trackers["accuracy"] = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    for who, outputs in (("teacher", self.teacher_outputs), ("student", self.student_outputs)):
-      if outputs:
+    for who, attr in (("teacher", "teacher_jacobians"), ("student", "student_jacobians")):
+      if kinds(attr):
         self._trackers[f"{who}_jac_norm"] = keras.metrics.Mean(name=f"{who}_jac_norm")
+
+  @staticmethod
+  def _feature_shapes(view):
+    return [tuple(view.output[k].shape) for k in sorted(
+        (k for k in view.output if k.startswith("feature_")), key=lambda k: int(k[8:]))]
 
   def call(self, x, training=False):
     return self.student(x, training=training)
@@ -74,6 +107,11 @@ class Distiller(keras.Model):
   @property
   def metrics(self):
     return list(self._trackers.values())
+
+  @property
+  def trained_variables(self):
+    """The student's variables and those of its second head, if any."""
+    return self.student_view.trainable_variables
 
   # --- the passes -------------------------------------------------------------------------
 
@@ -85,75 +123,92 @@ class Distiller(keras.Model):
     return self._target.select(labels=labels, reference_logits=reference_logits,
                                seed=self._seed(step, 0), options=self._target_options)
 
-  def teacher_pass(self, x, labels, step):
-    """Teacher logits, the target selection [B, K, C] and {output: Jacobian} (constants)."""
+  def _attention_maps(self, features):
+    return [attention.flat_map(f, size) for f, size in zip(features, self._pair_sizes)]
+
+  def teacher_pass(self, x, labels, step) -> TeacherOutputs:
+    """Teacher matching logits, the target selection [B, K, C], {kind: Jacobian}, features and
+    the attention peak pixels, all constants."""
     if self.teacher is None:
-      return None, None, {}
-    if not self.teacher_outputs:
-      logits = tf.stop_gradient(self.teacher(x, training=False))
+      return NO_TEACHER
+    if not (self.teacher_outputs or self.attention_jacobians):
+      out = self.teacher_view(x, training=False)
+      logits = tf.stop_gradient(out["matching_logits"])
       selection = self._selection(labels, logits, step) if self.student_outputs else None
-      return logits, selection, {}
+      return TeacherOutputs(logits, selection, {}, tuple(
+          tf.stop_gradient(f) for f in views.features_of(out)), None)
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(x)
-      logits = self.teacher(x, training=False)
+      out = self.teacher_view(x, training=False)
+      logits = out["matching_logits"]
       selection = self._selection(labels, logits, step)
-      selected = jacobians.selections(self.teacher_outputs, logits, selection)
-    jacs = jacobians.jacobians_of(tape, selected, x)
+      rows = jacobians.selections(self.teacher_outputs, logits, selection)
+      pixels = None
+      if self.attention_jacobians:
+        maps = self._attention_maps(views.features_of(out))
+        pixels = attention.peak_pixels(maps)
+        rows[ATTENTION] = attention.values_at(maps, pixels)
+    jacs = {k: tf.stop_gradient(v) for k, v in jacobians.jacobians_of(tape, rows, x).items()}
     del tape
-    return (tf.stop_gradient(logits), selection,
-            {k: tf.stop_gradient(v) for k, v in jacs.items()})
+    return TeacherOutputs(tf.stop_gradient(logits), selection, jacs,
+                          tuple(tf.stop_gradient(f) for f in views.features_of(out)), pixels)
 
-  def student_pass(self, x, labels, selection, step, *, training):
-    """Student logits (in `training` mode), the selection, and {output: Jacobian} taken so
-    that the Jacobian terms reach the weights. Without a teacher the selection is made from
-    the student's own (constant) logits."""
-    if not self.student_outputs:
-      return self.student(x, training=training), selection, {}
+  def _student_rows(self, out, labels, selection, pixels, step):
+    if selection is None and self.student_outputs:  # no teacher: the student's own outputs
+      selection = self._selection(labels, tf.stop_gradient(out["matching_logits"]), step)
+    rows = jacobians.selections(self.student_outputs, out["matching_logits"], selection)
+    if self.attention_jacobians:
+      rows[ATTENTION] = attention.values_at(
+          self._attention_maps(views.features_of(out)), pixels)
+    return rows, selection
 
-    def select_for(logits):
-      if selection is not None:
-        return selection
-      return self._selection(labels, tf.stop_gradient(logits), step)
-
+  def student_pass(self, x, labels, selection, step, *, training, pixels=None):
+    """The student view's outputs (in `training` mode), the selection, and {kind: Jacobian}
+    taken so that the Jacobian terms reach the weights. Without a teacher the selection is
+    made from the student's own (constant) outputs."""
+    if not (self.student_outputs or self.attention_jacobians):
+      return self.student_view(x, training=training), selection, {}
     if training and self.bn_policy == "batch_stats":
       with tf.GradientTape(persistent=True) as inner:
         inner.watch(x)
         with holding_batch_statistics(inner):
-          logits = self.student(x, training=True)
-        chosen = select_for(logits)
-        selected = jacobians.selections(self.student_outputs, logits, chosen)
-      jacs = jacobians.jacobians_of(inner, selected, x)
+          out = self.student_view(x, training=True)
+        rows, selection = self._student_rows(out, labels, selection, pixels, step)
+      jacs = jacobians.jacobians_of(inner, rows, x)
       del inner
-      return logits, chosen, jacs
+      return out, selection, jacs
     # Inference pass first: after the training pass the moving statistics would already hold
     # this batch's moments, and each example's Jacobian would depend on the whole batch.
     with tf.GradientTape(persistent=True) as inner:
       inner.watch(x)
-      inference_logits = self.student(x, training=False)
-      chosen = select_for(inference_logits)
-      selected = jacobians.selections(self.student_outputs, inference_logits, chosen)
-    jacs = jacobians.jacobians_of(inner, selected, x)
+      out = self.student_view(x, training=False)
+      rows, selection = self._student_rows(out, labels, selection, pixels, step)
+    jacs = jacobians.jacobians_of(inner, rows, x)
     del inner
     if not training:
-      return inference_logits, chosen, jacs
-    return self.student(x, training=True), chosen, jacs
+      return out, selection, jacs
+    return self.student_view(x, training=True), selection, jacs
 
   def per_example_terms(self, x, labels, *, training, step, teacher_outputs=None):
     """({hint: [batch] loss}, weighted per-example total, student logits, HintInputs).
     `teacher_outputs`: teacher_pass's result when the caller ran it already."""
-    t_logits, selection, t_jacs = teacher_outputs or self.teacher_pass(x, labels, step)
-    s_logits, selection, s_jacs = self.student_pass(x, labels, selection, step,
-                                                    training=training)
-    teacher = self.teacher
+    t = teacher_outputs or self.teacher_pass(x, labels, step)
+    out, selection, s_jacs = self.student_pass(x, labels, t.selection, step, training=training,
+                                               pixels=t.pixels)
+    teacher_view, student_view = self.teacher_view, self.student_view
     inputs = hints_lib.HintInputs(
-        x=x, labels=labels, student_logits=s_logits, seed=self._seed(step, 1),
-        student_fn=lambda z: self.student(z, training=training),
-        teacher_logits=t_logits,
-        teacher_fn=None if teacher is None else (lambda z: teacher(z, training=False)),
-        selection=selection, student_jacobians=s_jacs, teacher_jacobians=t_jacs)
+        x=x, labels=labels, student_logits=out["logits"],
+        student_matching_logits=out["matching_logits"], seed=self._seed(step, 1),
+        student_fn=lambda z: student_view(z, training=training)["matching_logits"],
+        student_target_fn=lambda z: student_view(z, training=training)["logits"],
+        teacher_logits=t.logits,
+        teacher_fn=None if teacher_view is None else (
+            lambda z: teacher_view(z, training=False)["matching_logits"]),
+        selection=selection, student_jacobians=s_jacs, teacher_jacobians=t.jacobians,
+        student_features=tuple(views.features_of(out)), teacher_features=t.features)
     terms = {name: self._hints[name].loss(inputs, self.params) for name, _ in self.hint_weights}
     total = tf.add_n([w * terms[name] for name, w in self.hint_weights])
-    return terms, total, s_logits, inputs
+    return terms, total, out["logits"], inputs
 
   @staticmethod
   def global_mean(per_example):
@@ -195,7 +250,7 @@ class Distiller(keras.Model):
     x, labels = data[0], data[1]
     x = tf.cast(x, tf.float32)
     step = self.optimizer.iterations
-    variables = self.student.trainable_variables
+    variables = self.trained_variables
     # The teacher runs before the weight tape opens: it records nothing there.
     teacher_outputs = self.teacher_pass(x, labels, step)
     with tf.GradientTape() as tape:

@@ -1,0 +1,201 @@
+"""Transfer learning: attention maps, at_jac, LwF heads, the oracle, the conditions, the demo."""
+import dataclasses
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.helpers import linear_model
+from tfjac import export, models, run
+from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherInput,
+                          TrainConfig)
+from tfjac.errors import ConfigError
+from tfjac.hints import attention
+from tfjac.models import views
+from tfjac.modes import conditions, finetune
+from tfjac.training.distiller import Distiller
+
+
+def test_attention_map_by_hand():
+  f = np.zeros((1, 2, 2, 2), np.float32)
+  f[0, 0, 0] = [1.0, 3.0]  # mean of squares: 5
+  f[0, 1, 1] = [2.0, 0.0]  # 2
+  np.testing.assert_allclose(attention.attention_map(f)[0], [[5.0, 0.0], [0.0, 2.0]])
+  t = np.zeros((1, 2, 2, 1), np.float32)
+  t[0, 0, 1] = 1.0
+  # Q_S = [5, 0, 0, 2] / sqrt(29), Q_T = [0, 1, 0, 0]: mean over 4 pixels of the squares.
+  q_s = np.array([5, 0, 0, 2]) / np.sqrt(29)
+  expected = ((q_s - [0, 1, 0, 0]) ** 2).mean()
+  np.testing.assert_allclose(
+      attention.attention_transfer(teacher_features=[t], student_features=[f]), [expected],
+      rtol=1e-5)
+
+
+def test_attention_maps_of_different_sizes_are_resized():
+  t = tf.ones([2, 4, 4, 3])
+  s = tf.ones([2, 2, 2, 5])
+  (mt, ms), = attention.resized_maps([t], [s])
+  assert mt.shape == (2, 4) and ms.shape == (2, 4)
+  np.testing.assert_allclose(attention.attention_transfer(teacher_features=[t],
+                                                          student_features=[s]), [0, 0],
+                             atol=1e-6)
+
+
+def _net(name, classes, width=0.25, shape=(8, 8, 1)):
+  return models.build(name, shape, classes, mean=[0.3], std=[0.4], width=width, model_name=name)
+
+
+def _views(teacher, student, source_classes):
+  t_layers, s_layers = views.attention_pairs(teacher, student)
+  head = keras.layers.Dense(source_classes, name="teacher_head")
+  return (views.make_view(student, feature_layers=s_layers, second_head=head),
+          views.make_view(teacher, feature_layers=t_layers))
+
+
+def test_at_jac_matches_finite_differences():
+  keras.utils.set_random_seed(3)
+  teacher, student = _net("vgg4", 5), _net("vgg4", 3)
+  s_view, t_view = _views(teacher, student, 5)
+  d = Distiller(student, teacher, hints=[("at_jac", 1.0)], student_view=s_view,
+                teacher_view=t_view, jac_target="teacher_top1")
+  x = tf.constant(np.random.default_rng(0).random((2, 8, 8, 1), np.float32))
+  t = d.teacher_pass(x, tf.zeros([2], tf.int32), step=0)
+  _, _, s_jacs = d.student_pass(x, None, t.selection, 0, training=False, pixels=t.pixels)
+  jac = s_jacs["attention"].numpy()  # [B, L, D]
+  assert jac.shape == (2, len(t.features), 64)
+  # Finite differences of the student's attention map value at the teacher's peak pixel.
+  def value(xx, layer):
+    out = s_view(xx, training=False)
+    maps = d._attention_maps(views.features_of(out))  # pylint: disable=protected-access
+    return attention.values_at(maps, t.pixels)[layer].numpy()
+  eps = 1e-2
+  for layer in range(jac.shape[1]):
+    for pixel in (9, 27, 36):
+      bump = np.zeros((2, 64), np.float32)
+      bump[:, pixel] = eps
+      bump = bump.reshape(2, 8, 8, 1)
+      numeric = (value(x + bump, layer) - value(x - bump, layer)) / (2 * eps)
+      np.testing.assert_allclose(jac[:, layer, pixel], numeric, rtol=0.05, atol=1e-3)
+
+
+def test_lwf_second_head_has_the_teachers_shape_and_learns_from_it():
+  keras.utils.set_random_seed(1)
+  teacher, student = _net("vgg4", 7), _net("vgg4", 3)
+  s_view, t_view = _views(teacher, student, 7)
+  assert s_view.output["logits"].shape[-1] == 3
+  assert s_view.output["matching_logits"].shape[-1] == 7
+  d = Distiller(student, teacher, hints=[("ce", 1.0), ("lwf", 1.0)], student_view=s_view,
+                teacher_view=t_view, jac_target="teacher_top1")
+  head = s_view.get_layer("teacher_head")
+  x = tf.constant(np.random.default_rng(0).random((8, 8, 8, 1), np.float32))
+  y = tf.constant(np.arange(8) % 3)
+  with tf.GradientTape() as tape:
+    _, terms, *_ = d.compute_total_loss(x, y, training=True, step=0)
+    lwf = tf.reduce_mean(terms["lwf"])
+  assert np.abs(tape.gradient(lwf, head.kernel).numpy()).max() > 0
+  assert any(v is head.kernel for v in d.trained_variables)
+  t_logits = teacher(x, training=False)
+  s_second = s_view(x, training=True)["matching_logits"]
+  np.testing.assert_allclose(terms["lwf"], np.sum((t_logits - s_second) ** 2, -1), rtol=1e-4)
+
+
+def test_unknown_attention_layers_list_the_valid_ones():
+  teacher, student = _net("vgg4", 5), _net("vgg4", 3)
+  with pytest.raises(ConfigError, match=r"--teacher_layers: no feature layer\(s\) \['nope'\] .*"
+                     r"valid: .*block1_conv1"):
+    views.attention_pairs(teacher, student, teacher_layers=["nope"])
+
+
+def test_teacher_of_another_input_size_needs_the_resize_flag():
+  teacher = _net("vgg4", 5, shape=(16, 16, 3))
+  with pytest.raises(ConfigError, match="--teacher_resize: the teacher takes 16x16 images"):
+    views.adapt_input(teacher, (8, 8, 1))
+  adapted = views.adapt_input(teacher, (8, 8, 1), resize=True, scale=2.0)
+  assert adapted(np.zeros((2, 8, 8, 1), np.float32)).shape == (2, 5)
+
+
+def test_oracle_starts_from_the_teachers_weights(tmp_path):
+  teacher = _net("vgg4", 5)
+  rng = np.random.default_rng(0)
+  teacher.set_weights([rng.normal(size=w.shape).astype(np.float32) ** 2
+                       for w in teacher.get_weights()])  # distinct from any initialiser
+  teacher.save(tmp_path / "t.keras")
+  loaded = export.load_network(str(tmp_path / "t.keras"), (8, 8, 1))
+  oracle = finetune.oracle_network(loaded, (8, 8, 1), 3, TeacherInput(), "t")
+  assert oracle.output_shape == (None, 3)
+  body = {w.path: w.numpy() for w in teacher.weights if not w.path.startswith("logits")}
+  got = {w.path: w.numpy() for w in oracle.weights}
+  assert len(body) == len(teacher.weights) - 2 and "oracle_logits/kernel" in got
+  for name, value in body.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+  assert len(oracle.trainable_weights) == len(teacher.trainable_weights)
+
+
+def test_oracle_refuses_a_savedmodel_teacher(tmp_path):
+  export.export_model(_net("vgg4", 5), str(tmp_path / "t"), np.zeros((2, 8, 8, 1), np.float32))
+  loaded = export.load_network(str(tmp_path / "t" / "saved_model"), (8, 8, 1))
+  with pytest.raises(ConfigError, match="needs its layers: .* is a SavedModel"):
+    finetune.oracle_network(loaded, (8, 8, 1), 3, TeacherInput(), str(tmp_path / "t"))
+
+
+def test_lipschitz_of_a_linear_teacher_is_the_spectral_norm_of_its_weights():
+  w = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+  x = np.random.default_rng(1).random((5, 2, 2, 1)).astype(np.float32)
+  sigma = conditions.spectral_norms(linear_model(w), x)
+  np.testing.assert_allclose(sigma, np.linalg.norm(w, 2), rtol=1e-4)
+  top = conditions.top1_gradient_norms(linear_model(w), x)
+  logits = x.reshape(5, -1) @ w
+  np.testing.assert_allclose(top, np.linalg.norm(w[:, logits.argmax(1)], axis=0), rtol=1e-5)
+
+
+def test_feature_distances():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(300, 3)), rng.normal(size=(300, 3))
+  far = rng.normal(size=(300, 3)) + [3.0, 0, 0]
+  assert abs(conditions.frechet_distance(a, b)) < 0.2
+  np.testing.assert_allclose(conditions.frechet_distance(a, far), 9.0, rtol=0.1)
+  assert conditions.mmd2(a, far)[0] > 20 * abs(conditions.mmd2(a, b)[0])
+
+
+def _demo_config(workdir, mode, **kw):
+  base = Config(mode=mode, workdir=str(workdir), data=DataConfig(classes=(5, 6, 7, 8, 9),
+                                                                   samples_per_class=5),
+                student=ModelConfig("vgg4", 0.25), train=TrainConfig(epochs=2, batch_size=32),
+                hints=HintConfig(hints=("ce", "lwf"), jac_target="teacher_top1"))
+  return dataclasses.replace(base, **kw)
+
+
+def test_transfer_demo_end_to_end(tmp_path):
+  teacher_cfg = Config(mode="teacher", workdir=str(tmp_path / "teacher"),
+                       data=DataConfig(classes=(0, 1, 2, 3, 4)),
+                       teacher=ModelConfig("resnet20", 0.5),
+                       teacher_train=TrainConfig(epochs=2), hints=HintConfig(hints=("ce",)))
+  run.run(teacher_cfg)
+  teacher = str(tmp_path / "teacher" / "teacher")
+  rows = {"none": ("ce",), "lwf": ("ce", "lwf"), "lwf_jac": ("ce", "lwf", "jac"),
+          "lwf_at": ("ce", "lwf", "at"), "lwf_at_jac": ("ce", "lwf", "at", "jac", "at_jac")}
+  for name, hints in rows.items():
+    cfg = _demo_config(tmp_path / name, "transfer", teacher_path=teacher,
+                       hints=HintConfig(hints=hints, jac_target="teacher_top1",
+                                        weights=(("at", 1000.0),)))
+    results = run.run(cfg)
+    assert 0 <= results["student"]["test_accuracy"] <= 1
+    assert results["dataset"]["num_classes"] == 5
+    served = tf.saved_model.load(os.path.join(tmp_path, name, "student", "saved_model"))
+    assert served.serve(tf.zeros([2, 8, 8, 1])).shape == (2, 5)
+  with open(tmp_path / "lwf_at_jac" / "results.json") as f:
+    final = json.load(f)["student"]["final_epoch_metrics"]
+  for key in ("ce_loss", "lwf_loss", "at_loss", "jac_loss", "at_jac_loss"):
+    assert np.isfinite(final[key]), key
+  oracle = run.run(_demo_config(tmp_path / "oracle", "finetune", teacher_path=teacher,
+                                hints=HintConfig(hints=("ce",))))
+  assert oracle["student"]["model"].startswith("oracle")
+  cond = run.run(_demo_config(tmp_path / "cond", "conditions", teacher_path=teacher,
+                              source=DataConfig(classes=(0, 1, 2, 3, 4)),
+                              conditions_examples=64))["conditions"]
+  assert cond["source_loss"]["accuracy"] > 0.5
+  assert cond["distance"]["frechet"] > cond["distance"]["frechet_source_halves"]
+  assert cond["lipschitz"]["jacobian_spectral_norm"]["max"] > 0

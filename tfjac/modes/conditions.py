@@ -1,0 +1,145 @@
+"""--mode=conditions: the poster's three conditions for Learning without Forgetting to help,
+measured before any training:
+
+1. the teacher's loss on its source data (cross-entropy and accuracy on the source test split,
+   when --source_dataset is given);
+2. the teacher's Lipschitz constant on the target data, estimated by per-example input-gradient
+   norms: the spectral norm of the whole logit Jacobian (power iteration; a lower bound of the
+   local Lipschitz constant in L2) and the gradient norm of the top-1 logit, max and
+   percentiles;
+3. a distance between source and target data in the teacher's feature space (the input of its
+   last Dense layer, or its logits for a SavedModel): Frechet distance between Gaussian fits and
+   the RBF-kernel MMD^2 (median bandwidth), with the same numbers for two halves of the source
+   as a reference scale.
+"""
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tfjac import data, export
+from tfjac.models import views
+from tfjac.training import loop
+from tfjac.training.distiller import Distiller
+
+POWER_ITERATIONS = 30
+PERCENTILES = (50, 90, 99)
+
+
+def spectral_norms(model, x, iterations=POWER_ITERATIONS, seed=0):
+  """Per-example largest singular value of d model(x)/dx ([C, D]), by power iteration with one
+  forward-mode (J v) and one reverse-mode (J^T u) product per step."""
+  x = tf.convert_to_tensor(x, tf.float32)
+  v = tf.random.stateless_normal(tf.shape(x), seed=[seed, 0])
+  sigma = None
+  for _ in range(iterations):
+    v = v / tf.norm(tf.reshape(v, [tf.shape(v)[0], -1]), axis=1)[:, None, None, None]
+    with tf.autodiff.ForwardAccumulator(x, v) as acc:
+      out = model(x, training=False)
+    jv = acc.jvp(out)  # [B, C]
+    sigma = tf.norm(jv, axis=1)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      out = model(x, training=False)
+      projected = tf.reduce_sum(tf.stop_gradient(jv) * out)
+    v = tape.gradient(projected, x)  # J^T J v
+  return sigma.numpy()
+
+
+def top1_gradient_norms(model, x):
+  x = tf.convert_to_tensor(x, tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    out = model(x, training=False)
+    top = tf.reduce_sum(tf.reduce_max(out, axis=-1))
+  g = tape.gradient(top, x)
+  return tf.norm(tf.reshape(g, [tf.shape(g)[0], -1]), axis=1).numpy()
+
+
+def _summary(values):
+  return {"max": float(np.max(values)), "mean": float(np.mean(values)),
+          **{f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}}
+
+
+def feature_model(network: keras.Model, adapted: keras.Model, image_shape, adapt):
+  """Images -> the teacher's penultimate features (its logits when it has no layers)."""
+  try:
+    body = keras.Model(network.inputs[0], views.penultimate(network))
+  except ValueError:
+    return adapted, "logits"
+  return views.adapt_input(body, image_shape, resize=adapt.resize, scale=adapt.scale,
+                           offset=adapt.offset), "penultimate"
+
+
+def _batched(fn, x, batch=256):
+  return np.concatenate([np.asarray(fn(x[i:i + batch])) for i in range(0, len(x), batch)])
+
+
+def frechet_distance(a, b):
+  """||mu_a - mu_b||^2 + tr(Ca + Cb - 2 (Ca Cb)^1/2) between Gaussian fits of the rows."""
+  mu = a.mean(0) - b.mean(0)
+  ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  ca, cb = np.atleast_2d(ca), np.atleast_2d(cb)
+  eig = np.linalg.eigvals(ca @ cb)  # of a product of PSD matrices: real and >= 0
+  root_trace = np.sqrt(np.clip(eig.real, 0, None)).sum()
+  return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2 * root_trace)
+
+
+def mmd2(a, b, bandwidth=None):
+  """Unbiased RBF-kernel MMD^2; bandwidth: the median pairwise distance of the pooled rows."""
+  pooled = np.concatenate([a, b])
+  d2 = lambda p, q: np.maximum(  # noqa: E731
+      (p ** 2).sum(1)[:, None] + (q ** 2).sum(1)[None] - 2 * p @ q.T, 0)
+  if bandwidth is None:
+    bandwidth = float(np.sqrt(np.median(d2(pooled, pooled)[np.triu_indices(len(pooled), 1)])))
+  k = lambda p, q: np.exp(-d2(p, q) / (2 * bandwidth ** 2 + 1e-12))  # noqa: E731
+  kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+  n, m = len(a), len(b)
+  return float((kaa.sum() - np.trace(kaa)) / (n * (n - 1)) +
+               (kbb.sum() - np.trace(kbb)) / (m * (m - 1)) - 2 * kab.mean()), bandwidth
+
+
+def run(config, splits, strategy):
+  del strategy  # measurements only
+  info, n = splits.info, config.conditions_examples
+  adapt = config.teacher_input
+  network = export.load_network(config.teacher_path, info.image_shape)
+  teacher = views.adapt_input(network, info.image_shape, resize=adapt.resize,
+                              scale=adapt.scale, offset=adapt.offset)
+  source_classes = export.check_outputs(teacher, info.image_shape, path=config.teacher_path)
+  target_x = splits.test.images[:n]
+  result = {"teacher": {"path": config.teacher_path, "source_classes": source_classes},
+            "target": {"dataset": info.name, "examples": len(target_x)}}
+
+  logging.info("estimating the teacher's Lipschitz constant on %d target images", len(target_x))
+  spectral = _batched(lambda b: spectral_norms(teacher, b, seed=config.data.seed), target_x)
+  top1 = _batched(lambda b: top1_gradient_norms(teacher, b), target_x)
+  result["lipschitz"] = {"jacobian_spectral_norm": _summary(spectral),
+                         "top1_gradient_norm": _summary(top1)}
+
+  features, kind = feature_model(network, teacher, info.image_shape, adapt)
+  target_f = _batched(lambda b: features(b, training=False), target_x)
+  result["distance"] = {"feature_space": kind, "source": None,
+                        "note": "give --source_dataset (the teacher's own data) to measure the "
+                                "teacher's source loss and the source/target distance"}
+  if config.source is not None:
+    source = data.prepare(config.source)
+    if source.info.num_classes != source_classes:
+      result["source_loss"] = {"error": f"{source.info.name} has {source.info.num_classes} "
+                                        f"classes, the teacher {source_classes}"}
+    else:
+      metrics = loop.evaluate(Distiller(teacher, None), source.test.take(np.arange(
+          min(len(source.test), 4 * n))), config.train.batch_size)
+      result["source_loss"] = {"dataset": source.info.name,
+                               "cross_entropy": metrics["ce_loss"],
+                               "accuracy": metrics["accuracy"]}
+    source_f = _batched(lambda b: features(b, training=False), source.test.images[:n])
+    half = len(source_f) // 2
+    m, bw = mmd2(source_f, target_f)
+    m_ref, _ = mmd2(source_f[:half], source_f[half:], bandwidth=bw)
+    result["distance"] = {
+        "feature_space": kind, "source": source.info.name,
+        "frechet": frechet_distance(source_f, target_f),
+        "frechet_source_halves": frechet_distance(source_f[:half], source_f[half:]),
+        "mmd2": m, "mmd2_source_halves": m_ref, "mmd_bandwidth": bw}
+  return {"conditions": result}
