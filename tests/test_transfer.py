@@ -13,7 +13,7 @@ from tfjac import export, models, run
 from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherInput,
                           TrainConfig)
 from tfjac.errors import ConfigError
-from tfjac.hints import attention
+from tfjac.hints import HintParams, attention
 from tfjac.models import views
 from tfjac.modes import conditions, finetune
 from tfjac.training.distiller import Distiller
@@ -88,7 +88,8 @@ def test_lwf_second_head_has_the_teachers_shape_and_learns_from_it():
   assert s_view.output["logits"].shape[-1] == 3
   assert s_view.output["matching_logits"].shape[-1] == 7
   d = Distiller(student, teacher, hints=[("ce", 1.0), ("lwf", 1.0)], student_view=s_view,
-                teacher_view=t_view, jac_target="teacher_top1")
+                teacher_view=t_view, jac_target="teacher_top1",
+                params=HintParams(lwf_match="act"))
   head = s_view.get_layer("teacher_head")
   x = tf.constant(np.random.default_rng(0).random((8, 8, 8, 1), np.float32))
   y = tf.constant(np.arange(8) % 3)
@@ -199,3 +200,12 @@ def test_transfer_demo_end_to_end(tmp_path):
   assert cond["source_loss"]["accuracy"] > 0.5
   assert cond["distance"]["frechet"] > cond["distance"]["frechet_source_halves"]
   assert cond["lipschitz"]["jacobian_spectral_norm"]["max"] > 0
+
+
+def test_every_hint_parameter_comes_from_the_config():
+  from tfjac.hints import HintParams  # pylint: disable=g-import-not-at-top
+  from tfjac.modes import common  # pylint: disable=g-import-not-at-top
+  h = HintConfig(kd_temperature=7.0, jac_normalize=False, noise_sigma=0.3, noise_samples=9,
+                 lwf_match="act")
+  assert common.hint_params(h) == HintParams(kd_temperature=7.0, jac_normalize=False,
+                                             noise_sigma=0.3, noise_samples=9, lwf_match="act")

@@ -58,7 +58,7 @@ class HintConfig:
   jac_projections: int = 1
   noise_sigma: float = 0.1
   noise_samples: int = 4
-  lwf_match: str = "act"
+  lwf_match: str = "kd"
   teacher_layers: Tuple[str, ...] = ()  # attention transfer; empty: the defaults
   student_layers: Tuple[str, ...] = ()
 

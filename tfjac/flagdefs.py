@@ -67,9 +67,9 @@ flags.DEFINE_integer("jac_projections", 1, "Number of random projections of "
 flags.DEFINE_float("noise_sigma", 0.1, "Std of the Gaussian input noise (in [0, 1] pixel units) "
                    "of the hints noise, noisy_ce, and the sigma of jac_ce and jacnorm.")
 flags.DEFINE_integer("noise_samples", 4, "Noisy copies per example for noise and noisy_ce.")
-flags.DEFINE_enum("lwf_match", "act", list(hints.LWF_MATCHES), "How the lwf hint matches the "
-                  "student's teacher-shaped head to the teacher: act (squared error of logits) "
-                  "or kd (soft targets at --kd_temperature).")
+flags.DEFINE_enum("lwf_match", "kd", list(hints.LWF_MATCHES), "How the lwf hint matches the "
+                  "student's teacher-shaped head to the teacher: kd (soft targets at "
+                  "--kd_temperature, Li & Hoiem's LwF) or act (squared error of logits).")
 flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
                   "name; default: the last layer of each block/stage (deepest ones paired).")
 flags.DEFINE_list("student_layers", [], "Student layers paired one to one with "

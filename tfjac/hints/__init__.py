@@ -17,7 +17,7 @@ from tfjac.hints.jacobians import JACOBIAN_TARGETS, TargetOptions  # noqa: F401
 class HintParams:
   kd_temperature: float = 4.0
   jac_normalize: bool = True
-  lwf_match: str = "act"  # act (squared error) or kd (soft targets)
+  lwf_match: str = "kd"  # kd (soft targets, LwF's own) or act (squared error)
   noise_sigma: float = 0.1
   noise_samples: int = 4
 

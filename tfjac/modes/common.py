@@ -1,4 +1,5 @@
 """Pieces the mode recipes share: strategy, building and training one network, teachers."""
+import dataclasses
 import os
 from typing import Optional
 
@@ -40,6 +41,11 @@ def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, rol
           "num_classes": splits.info.num_classes, "seed": config.data.seed}
 
 
+def hint_params(h) -> HintParams:
+  """HintParams from the config, field by field (a parameter cannot be silently dropped)."""
+  return HintParams(**{f.name: getattr(h, f.name) for f in dataclasses.fields(HintParams)})
+
+
 def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: keras.Model,
                        teacher: Optional[keras.Model], train_split, train_cfg: TrainConfig,
                        hints, role: str, student_view=None, teacher_view=None):
@@ -49,8 +55,7 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
     h = config.hints
     distiller = Distiller(
         network, teacher, hints=hints,
-        params=HintParams(kd_temperature=h.kd_temperature, jac_normalize=h.jac_normalize,
-                          noise_sigma=h.noise_sigma, noise_samples=h.noise_samples),
+        params=hint_params(h),
         jac_target=h.jac_target, jac_top_k=h.jac_top_k, jac_projections=h.jac_projections,
         bn_policy=h.jac_bn_policy, num_classes=splits.info.num_classes, seed=config.data.seed,
         student_view=student_view, teacher_view=teacher_view)
@@ -87,6 +92,9 @@ def train_student(config: Config, splits: Splits, strategy, teacher: Optional[ke
   what transfer hints need; `student` replaces the --model network (the oracle)."""
   train_split = splits.sampled_train(config.data.samples_per_class, config.data.seed)
   student_view = teacher_view = None
+  # Reseed: loading or training a teacher consumes random state, and every row of a table
+  # must start from the same student weights for the same --seed.
+  keras.utils.set_random_seed(config.data.seed)
   with strategy.scope():
     if student is None:
       student = build_network(config.student, splits, "student", strategy)
