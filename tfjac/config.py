@@ -27,6 +27,8 @@ class DataConfig:
   augment: Tuple[str, ...] = ()
   crop_padding: int = 0  # 0: image size // 8
   seed: int = 0
+  image_size: int = 0  # folder datasets: resize to this square size; 0: all images one size
+  skip_bad_images: bool = False  # folder datasets: skip and count unreadable image files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,14 @@ def validate(config: Config):
   for a in config.data.augment:
     _choice("augment", a, AUGMENTATIONS)
   _positive("crop_padding", config.data.crop_padding, allow_zero=True)
+  _positive("image_size", config.data.image_size, allow_zero=True)
+  if not data.is_folder_dataset(config.data.dataset):
+    if config.data.image_size:
+      raise ConfigError("image_size", f"applies to --dataset={data.FOLDER_PREFIX}PATH only; "
+                        f"{config.data.dataset!r} has images of one size")
+    if config.data.skip_bad_images:
+      raise ConfigError("skip_bad_images", f"applies to --dataset={data.FOLDER_PREFIX}PATH "
+                        f"only; {config.data.dataset!r} is not read from image files")
   for flag, m in (("model", config.student), ("teacher_model", config.teacher)):
     _choice(flag, m.name, models.MODELS)
   _positive("width", config.student.width)

@@ -18,7 +18,9 @@ flags.DEFINE_enum("strategy", "auto", config.STRATEGIES,
 # Data.
 flags.DEFINE_string("dataset", "digits",
                     "digits (embedded, 8x8 UCI handwritten digits, no network), cifar10, "
-                    "cifar100, or tfds:NAME for a tensorflow-datasets image dataset.")
+                    "cifar100, tfds:NAME for a tensorflow-datasets image dataset, or "
+                    "folder:PATH for image files in PATH/train/<class>/*.jpg|jpeg|png and "
+                    "PATH/test/<class>/... (classes sorted by folder name).")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir holding prepared data "
                     "(see tools/prepare_data.py). Nothing is downloaded during a run.")
 flags.DEFINE_integer("samples_per_class", 0,
@@ -28,6 +30,12 @@ flags.DEFINE_float("validation_fraction", 0.1, "Fraction of each class of the tr
 flags.DEFINE_list("augment", [], "Training augmentations: crop (reflect-pad and random crop), "
                   "flip (random horizontal flip). Empty: none.")
 flags.DEFINE_integer("crop_padding", 0, "Padding for --augment=crop; 0: image size // 8.")
+flags.DEFINE_integer("image_size", 0, "folder:PATH datasets: resize every image to "
+                     "image_size x image_size (aspect ratio not kept); 0: every image must "
+                     "have the same size.")
+flags.DEFINE_boolean("skip_bad_images", False, "folder:PATH datasets: skip unreadable or "
+                     "truncated image files (logged, counted in results.json) instead of "
+                     "stopping with an error that names the file.")
 flags.DEFINE_integer("seed", 0, "Seed of the validation split, the N-per-class subset, weight "
                      "initialisation and shuffling. Same seed: same images for every hint set.")
 

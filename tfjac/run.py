@@ -43,7 +43,8 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
       data=config_lib.DataConfig(
           dataset=f.dataset, data_dir=f.data_dir, samples_per_class=f.samples_per_class,
           validation_fraction=f.validation_fraction, augment=tuple(f.augment),
-          crop_padding=f.crop_padding, seed=f.seed),
+          crop_padding=f.crop_padding, seed=f.seed, image_size=f.image_size,
+          skip_bad_images=f.skip_bad_images),
       student=config_lib.ModelConfig(name=f.model, width=f.width),
       teacher=config_lib.ModelConfig(name=f.teacher_model, width=f.teacher_width),
       train=config_lib.TrainConfig(epochs=f.epochs, learning_rate=f.learning_rate,
@@ -94,7 +95,9 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
       mode=config.mode, config=config.to_dict(),
       dataset={"name": splits.info.name, "image_shape": list(splits.info.image_shape),
                "num_classes": splits.info.num_classes, "train": len(splits.train),
-               "validation": len(splits.validation), "test": len(splits.test)},
+               "validation": len(splits.validation), "test": len(splits.test),
+               "skipped_images": len(splits.info.skipped_files),
+               "skipped_files": list(splits.info.skipped_files[:100])},
       replicas=strategy.num_replicas_in_sync, total_seconds=round(time.time() - start, 2),
       workdir=os.path.abspath(config.workdir))
   export.atomic_write_json(os.path.join(config.workdir, "results.json"), results)
@@ -122,6 +125,10 @@ def summary(results) -> str:
                  f"{_pct(s['test_accuracy'])} (best validation epoch {s['best_epoch']}/"
                  f"{s['epochs_run']})")
     lines.append(f"  student SavedModel: {s['saved_model']}")
+  skipped = results["dataset"].get("skipped_images")
+  if skipped:
+    lines.append(f"  skipped {skipped} unreadable image(s) (--skip_bad_images; listed in "
+                 "results.json)")
   lines.append(f"  time: {results['total_seconds']:.1f} s")
   lines.append(f"  outputs: {wd}/results.json, {wd}/flags.cfg; "
                f"tensorboard --logdir {wd}/tensorboard")

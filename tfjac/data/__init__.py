@@ -6,14 +6,15 @@ per-class permutation: the same seed gives the same images whatever the hints, a
 10-per-class subset of a seed is contained in its 50-per-class subset.
 """
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from tfjac.config import DataConfig
-from tfjac.data.sources import (SOURCES, TFDS_PREFIX, ArraySplit, SourceData,  # noqa: F401
-                                check_dataset_name, load_source)
+from tfjac.data.sources import (FOLDER_PREFIX, SOURCES, TFDS_PREFIX, ArraySplit,  # noqa: F401
+                                SourceData, SourceOptions, check_dataset_name,
+                                is_folder_dataset, load_source)
 from tfjac.errors import ConfigError, DataError
 
 
@@ -24,6 +25,8 @@ class DatasetInfo:
   num_classes: int
   mean: Tuple[float, ...]  # per channel, of the training split, in [0, 1] units
   std: Tuple[float, ...]
+  class_names: Optional[Tuple[str, ...]] = None
+  skipped_files: Tuple[str, ...] = ()  # "path: why", left out under --skip_bad_images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,21 +73,34 @@ def split_validation(labels, fraction, seed, num_classes):
   return train, val
 
 
-def _check_labels(split, num_classes, where):
+def _check_labels(source: SourceData, split: ArraySplit, where: str):
+  """Labels within the classes, and every class present in the training split."""
+  num_classes = source.num_classes
   if len(split) == 0:
-    raise DataError(f"the {where} split of the dataset is empty")
-  lo, hi = int(split.labels.min()), int(split.labels.max())
-  if lo < 0 or hi >= num_classes:
-    raise DataError(f"{where} labels must be in [0, {num_classes}), found {lo}..{hi}")
-  missing = sorted(set(range(num_classes)) - set(np.unique(split.labels).tolist()))
+    raise DataError(f"the {where} split of dataset {source.name!r} is empty")
+  values, counts = np.unique(split.labels, return_counts=True)
+  bad = [(int(v), int(n)) for v, n in zip(values, counts) if v < 0 or v >= num_classes]
+  if bad:
+    shown = ", ".join(f"label {v} ({n} example{'s' * (n > 1)})" for v, n in bad[:10])
+    raise DataError(f"the {where} split of dataset {source.name!r} has labels outside the "
+                    f"{num_classes} classes [0, {num_classes}): {shown}")
+  missing = sorted(set(range(num_classes)) - set(values.tolist()))
   if where == "train" and missing:
-    raise DataError(f"the training split has no example of class(es) {missing[:10]}")
+    shown = ", ".join(source.class_name(c) for c in missing[:10])
+    raise DataError(f"the training split of dataset {source.name!r} has no example of "
+                    f"class(es) {shown}{' ...' if len(missing) > 10 else ''}; every class "
+                    "needs training examples")
+
+
+def source_options(config: DataConfig) -> SourceOptions:
+  return SourceOptions(data_dir=config.data_dir, image_size=config.image_size,
+                       skip_bad_images=config.skip_bad_images)
 
 
 def prepare(config: DataConfig) -> Splits:
-  source: SourceData = load_source(config.dataset, config.data_dir)
-  _check_labels(source.train, source.num_classes, "train")
-  _check_labels(source.test, source.num_classes, "test")
+  source: SourceData = load_source(config.dataset, source_options(config))
+  _check_labels(source, source.train, "train")
+  _check_labels(source, source.test, "test")
   train_idx, val_idx = split_validation(source.train.labels, config.validation_fraction,
                                         config.seed, source.num_classes)
   train = source.train.take(train_idx)
@@ -94,7 +110,8 @@ def prepare(config: DataConfig) -> Splits:
       image_shape=source.image_shape,
       num_classes=source.num_classes,
       mean=tuple(float(v) for v in train.images.mean(axis=axes)),
-      std=tuple(float(v) for v in np.maximum(train.images.std(axis=axes), 1e-3)))
+      std=tuple(float(v) for v in np.maximum(train.images.std(axis=axes), 1e-3)),
+      class_names=source.class_names, skipped_files=source.skipped_files)
   splits = Splits(info, train, source.train.take(val_idx), source.test)
   if config.samples_per_class:
     splits.sampled_train(config.samples_per_class, config.seed)  # fail now, not after the teacher
@@ -102,6 +119,7 @@ def prepare(config: DataConfig) -> Splits:
 
 
 def _augment_fn(augment, padding, image_shape):
+  """Augmentation of one example, stateless: the same (image, seed) gives the same result."""
   h, w, c = image_shape
   pad = padding or max(1, h // 8)
 
