@@ -94,6 +94,7 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
   source = "given"
   if path is None:
     existing = os.path.join(config.workdir, TEACHER_DIR)
+    export.recover_export(existing)
     meta_path = os.path.join(existing, "model.json")
     if not os.path.exists(os.path.join(existing, export.KERAS_FILE)):
       return train_teacher(config, splits, strategy)
