@@ -78,6 +78,7 @@ class Config:
   train: TrainConfig = TrainConfig()
   teacher_train: TrainConfig = TrainConfig()
   hints: HintConfig = HintConfig()
+  unsafe_teacher_loading: bool = False  # let a .keras teacher run its Lambda code
 
   def to_dict(self):
     return dataclasses.asdict(self)

@@ -21,6 +21,7 @@ from tfjac.errors import ConfigError
 
 SAVED_MODEL = "saved_model"
 KERAS_FILE = "model.keras"
+UNSAFE_FLAG = "unsafe_teacher_loading"
 
 # Kept under these names for the callers that write run outputs (run.py).
 atomic_write_text = atomic.write_text
@@ -126,10 +127,16 @@ class _SavedModelTeacher(keras.layers.Layer):
     return out
 
 
-def load_teacher(path: str, image_shape, num_classes) -> keras.Model:
-  """A teacher from a .keras file (safe mode: no Lambda code) or a SavedModel directory (or a
-  directory written by --mode=teacher); checks that it takes `image_shape` and gives
-  `num_classes` outputs."""
+def _refused_by_safe_mode(e) -> bool:
+  return "safe_mode" in str(e) or "unsafe_deserialization" in str(e)
+
+
+def load_teacher(path: str, image_shape, num_classes, *, safe_mode=True) -> keras.Model:
+  """A teacher from a .keras file or a SavedModel directory (or a directory written by
+  --mode=teacher); checks that it takes `image_shape` and gives `num_classes` outputs.
+
+  safe_mode: Keras safe mode, which refuses to deserialise Python code (Lambda layers); a
+  refused file is a ConfigError that names the file and --unsafe_teacher_loading."""
   if not os.path.exists(path):
     recover_export(path, remove_stale=False)  # an export cut mid-swap: put the previous back
   if os.path.isdir(path) and os.path.exists(os.path.join(path, KERAS_FILE)):
@@ -138,7 +145,7 @@ def load_teacher(path: str, image_shape, num_classes) -> keras.Model:
     path = os.path.join(path, SAVED_MODEL)
   try:
     if path.endswith(".keras") or path.endswith(".h5"):
-      model = keras.saving.load_model(path, compile=False, safe_mode=True)
+      model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     elif os.path.exists(os.path.join(path, "saved_model.pb")):
       loaded = tf.saved_model.load(path)
       fn = getattr(loaded, "serve", None) or loaded.signatures.get("serving_default")
@@ -154,6 +161,10 @@ def load_teacher(path: str, image_shape, num_classes) -> keras.Model:
   except ConfigError:
     raise
   except Exception as e:  # unreadable, corrupt, unsafe: say which file and why
+    if safe_mode and _refused_by_safe_mode(e):
+      raise ConfigError("teacher", f"{path!r} contains Python code (e.g. a Lambda layer) that "
+                        "Keras safe mode will not run: loading it could execute anything. If "
+                        f"you trust whoever wrote the file, pass --{UNSAFE_FLAG}") from e
     raise ConfigError("teacher", f"cannot load a model from {path!r}: {e}") from e
   model.trainable = False
   try:

@@ -48,6 +48,10 @@ flags.DEFINE_float("teacher_width", 1.0, "Teacher channel-width multiplier.")
 flags.DEFINE_string("teacher", None, "Pre-trained teacher: a .keras file, a SavedModel directory, "
                     "or a directory written by --mode=teacher. Default: the teacher in "
                     "--workdir, trained there first if absent.")
+flags.DEFINE_boolean("unsafe_teacher_loading", False, "Let a .keras teacher run the Python "
+                     "code it carries (Lambda layers). Keras safe mode refuses such files by "
+                     "default: that code can do anything your account can. Only for files "
+                     "from people you trust.")
 
 # Hints.
 flags.DEFINE_list("hints", ["act", "jac", "ce"], "Loss terms of the student, summed with their "

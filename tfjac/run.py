@@ -56,7 +56,8 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           hints=hints,
           weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS),
           kd_temperature=f.kd_temperature, jac_target=f.jac_target,
-          jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy))
+          jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy),
+      unsafe_teacher_loading=f.unsafe_teacher_loading)
 
 
 def resolved_flagfile(f=FLAGS) -> str:

@@ -108,7 +108,8 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     path, source = existing, "reused"
     logging.info("reusing the teacher in %s", existing)
   with strategy.scope():
-    teacher = export.load_teacher(path, info.image_shape, info.num_classes)
+    teacher = export.load_teacher(path, info.image_shape, info.num_classes,
+                                  safe_mode=not config.unsafe_teacher_loading)
     evaluator = Distiller(teacher, None)
   test = loop.evaluate(evaluator, splits.test, config.train.batch_size)
   return teacher, {"source": source, "path": path, "test": test,
