@@ -59,6 +59,33 @@ def test_pipeline_batches_and_augments(digits_splits):
   assert x.shape == (16, 8, 8, 1) and y.shape == (16,)
 
 
+def _batches(ds, n=None):
+  return [(x.numpy(), y.numpy()) for x, y in (ds.take(n) if n else ds)]
+
+
+@pytest.mark.parametrize("steps_per_epoch", [0, 7])
+def test_training_stream_from_any_epoch_and_step_is_the_tail_of_the_whole(digits_splits,
+                                                                          steps_per_epoch):
+  """What makes resuming exact: the batches from (epoch, step) depend on nothing else."""
+  split = digits_splits.sampled_train(3, 0)  # 30 examples: 4 batches of 8, the last partial
+  steps = steps_per_epoch or 4
+  kwargs = dict(seed=5, epochs=3, steps_per_epoch=steps_per_epoch, augment=("crop", "flip"))
+  whole = _batches(data.training_batches(split, 8, **kwargs), 3 * steps)
+  assert len(whole) == 3 * steps
+  for epoch, step in ((0, 3), (1, 0), (1, 2), (2, 1)):
+    tail = _batches(data.training_batches(split, 8, start_epoch=epoch, start_step=step,
+                                          **kwargs), 3 * steps - epoch * steps - step)
+    for (x, y), (tx, ty) in zip(whole[epoch * steps + step:], tail):
+      np.testing.assert_array_equal(x, tx)
+      np.testing.assert_array_equal(y, ty)
+  if not steps_per_epoch:  # one pass per epoch: every example once, in a new order each epoch
+    labels = [np.concatenate([y for _, y in whole[e * 4:(e + 1) * 4]]) for e in range(3)]
+    assert all(sorted(lab) == sorted(split.labels) for lab in labels)
+    assert not np.array_equal(labels[0], labels[1])
+  other_seed = _batches(data.training_batches(split, 8, **{**kwargs, "seed": 6}), 1)
+  assert not np.array_equal(whole[0][0], other_seed[0][0])
+
+
 # --- bad data: a clear error naming the file or class ----------------------------------------
 
 def _source(train_labels, class_names=("zero", "one", "two")):

@@ -45,6 +45,7 @@ class TrainConfig:
   lr_decay_factor: float = 0.2
   early_stopping_patience: int = 0  # 0: off; the best validation epoch is kept either way
   jit_compile: bool = False
+  backup_every_steps: int = 0  # resume backups within an epoch too; 0: at epoch ends only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,8 @@ class Config:
   train: TrainConfig = TrainConfig()
   teacher_train: TrainConfig = TrainConfig()
   hints: HintConfig = HintConfig()
+  resume: bool = True  # continue an interrupted fit from its backup (same settings only)
+  deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
   unsafe_teacher_loading: bool = False  # let a .keras teacher run its Lambda code
 
   def to_dict(self):
@@ -112,6 +115,7 @@ def _validate_train(prefix, train: TrainConfig):
                         f"must be increasing positive epochs, got {list(train.lr_decay_epochs)}")
   _positive("lr_decay_factor", train.lr_decay_factor)
   _positive("early_stopping_patience", train.early_stopping_patience, allow_zero=True)
+  _positive("backup_every_steps", train.backup_every_steps, allow_zero=True)
 
 
 def validate(config: Config):

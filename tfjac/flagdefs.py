@@ -86,5 +86,15 @@ flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which --lr_schedule=step mul
 flags.DEFINE_float("lr_decay_factor", 0.2, "Factor of --lr_schedule=step.")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs without a "
                      "better validation accuracy; 0: off. The best epoch is kept either way.")
+flags.DEFINE_boolean("resume", True, "Continue an interrupted run: each fit backs up its full "
+                     "state to <workdir>/checkpoints/<role>/backup at every epoch end (and every "
+                     "--backup_every_steps steps); rerunning the same command continues from "
+                     "there and ends with the same weights. A backup of other settings is an "
+                     "error; --noresume discards it and starts over.")
+flags.DEFINE_integer("backup_every_steps", 0, "Also back up within an epoch, every this many "
+                     "steps; 0: at epoch ends only.")
+flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_determinism(): "
+                     "deterministic kernels (slower; needed on GPUs for bit-identical reruns; "
+                     "CPU runs are bit-identical without it, see docs/RELIABILITY.md).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step (measured slower on "
                      "CPU for double backprop; see tools/benchmark.py).")

@@ -36,7 +36,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                       lr_decay_epochs=_int_list("lr_decay_epochs", f.lr_decay_epochs),
                       lr_decay_factor=f.lr_decay_factor,
                       early_stopping_patience=f.early_stopping_patience,
-                      jit_compile=f.jit_compile)
+                      jit_compile=f.jit_compile, backup_every_steps=f.backup_every_steps)
   from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
   return config_lib.Config(
       mode=f.mode, workdir=f.workdir, strategy=f.strategy, teacher_path=f.teacher,
@@ -57,6 +57,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS),
           kd_temperature=f.kd_temperature, jac_target=f.jac_target,
           jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy),
+      resume=f.resume, deterministic=f.deterministic,
       unsafe_teacher_loading=f.unsafe_teacher_loading)
 
 
@@ -87,6 +88,9 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
   config_lib.validate(config)
   if flagfile_text:
     export.atomic_write_text(os.path.join(config.workdir, "flags.cfg"), flagfile_text)
+  if config.deterministic:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.data.seed)
   splits = data.prepare(config.data)
   strategy = common.make_strategy(config.strategy)
@@ -102,6 +106,7 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
       replicas=strategy.num_replicas_in_sync, total_seconds=round(time.time() - start, 2),
       workdir=os.path.abspath(config.workdir))
   export.atomic_write_json(os.path.join(config.workdir, "results.json"), results)
+  common.discard_backups(config.workdir)  # the run is complete: a rerun starts afresh
   return results
 
 
@@ -126,6 +131,11 @@ def summary(results) -> str:
                  f"{_pct(s['test_accuracy'])} (best validation epoch {s['best_epoch']}/"
                  f"{s['epochs_run']})")
     lines.append(f"  student SavedModel: {s['saved_model']}")
+  for role in ("teacher", "student"):
+    r = (results.get(role) or {}).get("resumed_from")
+    if r:
+      lines.append(f"  {role}: resumed after {r['epochs_done']} epoch(s) and "
+                   f"{r['steps_done']} step(s) of an interrupted run")
   skipped = results["dataset"].get("skipped_images")
   if skipped:
     lines.append(f"  skipped {skipped} unreadable image(s) (--skip_bad_images; listed in "

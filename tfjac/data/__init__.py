@@ -4,6 +4,11 @@ Validation is carved from the training split (stratified, seeded), so model sele
 looks at the test split. The N-per-class subset is drawn from what remains, by a seeded
 per-class permutation: the same seed gives the same images whatever the hints, and the
 10-per-class subset of a seed is contained in its 50-per-class subset.
+
+The training stream is a pure function of (seed, epoch, step): the order of pass p is a
+stateless shuffle seeded by (seed, p), and an example's augmentation is seeded by (seed, p,
+index). A run resumed at epoch e, step s (training/resume.py) therefore sees exactly the
+batches that the uninterrupted run saw from that point.
 """
 import dataclasses
 from typing import Optional, Tuple
@@ -123,26 +128,78 @@ def _augment_fn(augment, padding, image_shape):
   h, w, c = image_shape
   pad = padding or max(1, h // 8)
 
-  def fn(image, label):
+  def fn(image, example_seed):
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
     if "crop" in augment:
       padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-      image = tf.image.random_crop(padded, [h, w, c])
+      image = tf.image.stateless_random_crop(padded, [h, w, c], seed=crop_seed)
     if "flip" in augment:
-      image = tf.image.random_flip_left_right(image)
-    return image, label
+      image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return image
 
   return fn
 
 
-def pipeline(split: ArraySplit, batch_size: int, *, training: bool, seed: int = 0,
-             augment=(), crop_padding: int = 0, repeat: bool = False) -> tf.data.Dataset:
-  """Batches of (float32 images in [0, 1], int32 labels), batched at the *global* batch size."""
-  ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-  if training:
-    ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+# Distinct streams for the order and the augmentation, derived from the run's seed.
+_ORDER_STREAM, _AUGMENT_STREAM = 1, 2
+
+
+def _pass_order(seed, n):
+  """A function pass -> dataset of (pass, index), the pass's order a stateless shuffle."""
+  base = tf.constant([seed, _ORDER_STREAM], tf.int64)
+
+  def order(p):
+    indices = tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), seed=tf.random.experimental.stateless_fold_in(base, p))
+    return tf.data.Dataset.from_tensor_slices(indices).map(lambda i: (p, i))
+
+  return order
+
+
+def training_batches(split: ArraySplit, batch_size: int, *, seed: int, epochs: int,
+                     steps_per_epoch: int = 0, start_epoch: int = 0, start_step: int = 0,
+                     augment=(), crop_padding: int = 0) -> tf.data.Dataset:
+  """The training batches from (start_epoch, start_step) on: a pure function of the seed.
+
+  steps_per_epoch == 0: epoch e is one pass over `split` (pass e), its last batch partial;
+  the stream ends after epoch `epochs` - 1. steps_per_epoch > 0: the passes follow each other
+  without a break and epoch e is batches [e * steps, (e + 1) * steps) of that endless stream.
+  """
+  n = len(split)
+  images = tf.constant(split.images)
+  labels = tf.constant(split.labels)
+  order = _pass_order(seed, n)
+  augment_base = tf.constant([seed, _AUGMENT_STREAM], tf.int64)
+  augment_fn = _augment_fn(tuple(augment), crop_padding, split.images.shape[1:])
+
+  def load(p, i):
+    image = tf.gather(images, i)
     if augment:
-      ds = ds.map(_augment_fn(tuple(augment), crop_padding, split.images.shape[1:]),
-                  num_parallel_calls=tf.data.AUTOTUNE)
-  if repeat:
-    ds = ds.repeat()
+      fold = tf.random.experimental.stateless_fold_in
+      image = augment_fn(image, fold(fold(augment_base, p), i))
+    return image, tf.gather(labels, i)
+
+  def batched(examples):
+    return examples.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+
+  if steps_per_epoch:
+    position = (start_epoch * steps_per_epoch + start_step) * batch_size
+    examples = tf.data.Dataset.range(position // n, 2**62).flat_map(order)
+    ds = batched(examples.skip(position % n))
+  else:
+    first = batched(order(tf.constant(start_epoch, tf.int64)).skip(start_step * batch_size))
+    rest = tf.data.Dataset.range(start_epoch + 1, max(epochs, start_epoch + 1)).flat_map(
+        lambda p: batched(order(p)))
+    ds = first.concatenate(rest)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def pipeline(split: ArraySplit, batch_size: int, *, training: bool = False, seed: int = 0,
+             augment=(), crop_padding: int = 0) -> tf.data.Dataset:
+  """Batches of (float32 images in [0, 1], int32 labels), batched at the *global* batch size.
+  training: one shuffled (and augmented) pass, the first epoch of `training_batches`."""
+  if training:
+    return training_batches(split, batch_size, seed=seed, epochs=1, augment=augment,
+                            crop_padding=crop_padding)
+  ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

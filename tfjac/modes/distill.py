@@ -12,7 +12,8 @@ def run(config, splits, strategy):
   teacher, teacher_summary = common.obtain_teacher(config, splits, strategy)
   train_split = splits.sampled_train(config.data.samples_per_class, config.data.seed)
   with strategy.scope():
-    student = common.build_network(config.student, splits, "student", strategy)
+    student = common.build_network(config.student, splits, "student", strategy,
+                                   config.data.seed)
   logging.info("training student %s on %d images with hints %s", config.student.name,
                len(train_split), ",".join(config.hints.hints))
   hints = tuple((h, config.hints.weight(h)) for h in config.hints.hints)
