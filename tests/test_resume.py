@@ -10,7 +10,7 @@ import pytest
 
 from tfjac import models
 from tfjac.config import TrainConfig
-from tfjac.errors import ConfigError
+from tfjac.errors import ConfigError, NonFiniteWeightsError
 from tfjac.training import loop
 from tfjac.training import resume as resume_lib
 from tfjac.training.distiller import Distiller
@@ -100,3 +100,23 @@ def test_an_unreadable_backup_says_how_to_start_over(tmp_path):
   resume_lib.discard(str(directory))
   assert not os.path.exists(directory)
   assert resume_lib.read(str(directory), {}) is None
+
+
+class _Overflow(keras.callbacks.Callback):
+  """NaN into a student kernel after a step whose losses were finite: a gradient overflow."""
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    if (self._epoch, batch) == (1, 0):
+      kernel = self.model.student.get_layer("logits").kernel
+      kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+
+def test_non_finite_weights_are_never_backed_up(fit, tmp_path):
+  with pytest.raises(NonFiniteWeightsError, match=r"student variable .*logits/kernel.* became "
+                     r"NaN or Inf by epoch 2, step 1 although every loss term was finite"):
+    fit("run", extra=[_Overflow()])
+  state = json.loads((tmp_path / "run" / "backup" / "state.json").read_text())
+  assert (state["epoch"], state["step"]) == (1, 0)  # the backup before the overflow

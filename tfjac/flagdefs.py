@@ -94,7 +94,9 @@ flags.DEFINE_boolean("resume", True, "Continue an interrupted run: each fit back
 flags.DEFINE_integer("backup_every_steps", 0, "Also back up within an epoch, every this many "
                      "steps; 0: at epoch ends only.")
 flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_determinism(): "
-                     "deterministic kernels (slower; needed on GPUs for bit-identical reruns; "
-                     "CPU runs are bit-identical without it, see docs/RELIABILITY.md).")
+                     "deterministic kernels, for bit-identical reruns and resumes on GPUs. Not "
+                     "needed on CPU, where runs with the same thread count are bit-identical "
+                     "already; there it changes the numbers and was ~2x slower (see "
+                     "docs/RELIABILITY.md).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step (measured slower on "
                      "CPU for double backprop; see tools/benchmark.py).")

@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from tfjac import atomic
-from tfjac.errors import ConfigError
+from tfjac.errors import ConfigError, NonFiniteWeightsError
 
 BACKUP_DIR = "backup"
 STATE_FILE = "state.json"
@@ -199,11 +199,16 @@ class TrainingBackup(keras.callbacks.Callback):
   def save(self, epoch, step, *, done):
     os.makedirs(self.directory, exist_ok=True)
     tag = f"{epoch:05d}-{step:06d}"
-    arrays = {}
+    arrays, broken = {}, []
     for group, variables in _variable_groups(self.model).items():
       arrays[f"{group}.count"] = np.asarray(len(variables))
       for i, v in enumerate(variables):
         arrays[f"{group}.{i}"] = np.asarray(keras.ops.convert_to_numpy(v))
+        if group != "metrics" and not np.isfinite(arrays[f"{group}.{i}"]).all():
+          broken.append(f"{group} variable {v.path}")
+    if broken:  # never replace a good backup with a poisoned one
+      raise NonFiniteWeightsError(broken, self._epoch if step else epoch - 1,
+                                  step or self.steps_per_epoch)
     arrays_name = f"arrays-{tag}.npz"
     atomic.write_with(os.path.join(self.directory, arrays_name),
                       lambda f: np.savez(f, **arrays), mode="wb")
