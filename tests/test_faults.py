@@ -240,9 +240,9 @@ def test_nan_in_one_term_names_it_keeps_the_last_good_state_and_resumes(tmp_path
 
   def distiller():
     keras.utils.set_random_seed(3)
-    build = lambda: models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std,  # noqa: E731
-                                 width=0.25)
-    return Distiller(build(), build(), hints=[("act", 1.0), ("ce", 1.0)])
+    student, teacher = (models.build("vgg4", info.image_shape, 10, mean=info.mean,
+                                     std=info.std, width=0.25) for _ in range(2))
+    return Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)])
 
   small = digits_splits.sampled_train(5, 0)  # 50 images: 4 steps of 16
   cfg = TrainConfig(epochs=3, batch_size=16, backup_every_steps=1)
@@ -323,7 +323,8 @@ def test_keras_teacher_with_lambda_code_is_refused_unless_allowed(tmp_path):
   path = str(tmp_path / "teacher.keras")
   # The Lambda's code creates a file: the evidence that loading ran it. (Built from source so
   # that the path is a constant of its code, not a closure Keras would have to serialise.)
-  code = eval(f"lambda t: t + 0.0 * len(open({str(marker)!r}, 'a').name)")  # pylint: disable=eval-used
+  source = f"lambda t: t + 0.0 * len(open({str(marker)!r}, 'a').name)"
+  code = eval(source)  # pylint: disable=eval-used
   inputs = keras.Input((8, 8, 1), name="image")
   x = keras.layers.Lambda(code)(inputs)
   keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(x))).save(path)

@@ -37,9 +37,11 @@ class NonFiniteWeightsError(TfjacError):
   """Weights or optimizer state became NaN or Inf while every logged loss was finite (an
   overflowing gradient); found when a backup was about to be written."""
 
-  def __init__(self, variables, epoch, step):
+  def __init__(self, variables, epoch, step=None):
     self.variables, self.epoch, self.step = variables, epoch, step
+    when = (f"the end of epoch {epoch + 1}" if step is None
+            else f"epoch {epoch + 1}, step {step}")
     super().__init__(
         f"{', '.join(variables[:3])}{' ...' if len(variables) > 3 else ''} became NaN or Inf "
-        f"by epoch {epoch + 1}, step {step} although every loss term was finite (a gradient "
-        f"overflowed); training stopped without backing this up. {_AFTER_NON_FINITE}")
+        f"by {when} although every loss term was finite (a gradient overflowed); training "
+        f"stopped without saving them. {_AFTER_NON_FINITE}")

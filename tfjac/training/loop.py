@@ -60,10 +60,10 @@ class StudentCheckpoint(keras.callbacks.Callback):
     return os.path.join(self.directory, "best.weights.h5")
 
   def on_epoch_end(self, epoch, logs=None):
-    broken = [w.path for w in self.student.weights
+    broken = [f"student variable {w.path}" for w in self.student.weights
               if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
     if broken:  # finite losses, overflowed gradient: keep the last good files
-      raise NonFiniteWeightsError(broken, epoch, self.params.get("steps") or 0)
+      raise NonFiniteWeightsError(broken, epoch)
     _atomic_save_weights(self.student, os.path.join(self.directory, "last.weights.h5"))
     value = float((logs or {}).get(self.monitor, -math.inf))
     if value > self.best:

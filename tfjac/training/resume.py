@@ -207,8 +207,7 @@ class TrainingBackup(keras.callbacks.Callback):
         if group != "metrics" and not np.isfinite(arrays[f"{group}.{i}"]).all():
           broken.append(f"{group} variable {v.path}")
     if broken:  # never replace a good backup with a poisoned one
-      raise NonFiniteWeightsError(broken, self._epoch if step else epoch - 1,
-                                  step or self.steps_per_epoch)
+      raise NonFiniteWeightsError(broken, self._epoch if step else epoch - 1, step or None)
     arrays_name = f"arrays-{tag}.npz"
     atomic.write_with(os.path.join(self.directory, arrays_name),
                       lambda f: np.savez(f, **arrays), mode="wb")
