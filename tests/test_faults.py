@@ -29,10 +29,10 @@ pytestmark = pytest.mark.faults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
-# A run whose two fits (teacher: 2 x 71 steps, student: 3 x 13 steps) last a few seconds each,
+# A run whose two fits (teacher: 2 x 36 steps, student: 3 x 7 steps) last a few seconds each,
 # with backups every 2 steps, augmentation on, so that order and augmentation are both tested.
-RUN = ["--samples_per_class=20", "--epochs=3", "--teacher_epochs=2", "--width=0.25",
-       "--teacher_width=0.25", "--batch_size=16", "--backup_every_steps=2",
+RUN = ["--samples_per_class=20", "--epochs=3", "--teacher_epochs=2", "--teacher_model=vgg4",
+       "--width=0.25", "--teacher_width=0.25", "--batch_size=32", "--backup_every_steps=2",
        "--augment=crop,flip"]
 
 
