@@ -89,8 +89,9 @@ flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs 
 flags.DEFINE_boolean("resume", True, "Continue an interrupted run: each fit backs up its full "
                      "state to <workdir>/checkpoints/<role>/backup at every epoch end (and every "
                      "--backup_every_steps steps); rerunning the same command continues from "
-                     "there and ends with the same weights. A backup of other settings is an "
-                     "error; --noresume discards it and starts over.")
+                     "there and ends with the same weights (bit-identical on CPU with the same "
+                     "thread count). A backup of other settings is an error; --noresume "
+                     "discards it and starts over.")
 flags.DEFINE_integer("backup_every_steps", 0, "Also back up within an epoch, every this many "
                      "steps; 0: at epoch ends only.")
 flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_determinism(): "
