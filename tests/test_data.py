@@ -1,10 +1,16 @@
-"""Splits, the seeded N-per-class sampler, and the tensorflow-datasets path (mocked, offline)."""
+"""Splits, the seeded N-per-class sampler, the training stream, the tensorflow-datasets path
+(mocked, offline), image folders and what bad data gives."""
+import os
+
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfjac import config as config_lib
 from tfjac import data
 from tfjac.config import DataConfig
+from tfjac.data import sources
 from tfjac.errors import ConfigError, DataError
 
 
@@ -53,6 +59,112 @@ def test_pipeline_batches_and_augments(digits_splits):
   assert x.shape == (16, 8, 8, 1) and y.shape == (16,)
 
 
+def _batches(ds, n=None):
+  return [(x.numpy(), y.numpy()) for x, y in (ds.take(n) if n else ds)]
+
+
+@pytest.mark.parametrize("steps_per_epoch", [0, 7])
+def test_training_stream_from_any_epoch_and_step_is_the_tail_of_the_whole(digits_splits,
+                                                                          steps_per_epoch):
+  """What makes resuming exact: the batches from (epoch, step) depend on nothing else."""
+  split = digits_splits.sampled_train(3, 0)  # 30 examples: 4 batches of 8, the last partial
+  steps = steps_per_epoch or 4
+  kwargs = dict(seed=5, epochs=3, steps_per_epoch=steps_per_epoch, augment=("crop", "flip"))
+  whole = _batches(data.training_batches(split, 8, **kwargs), 3 * steps)
+  assert len(whole) == 3 * steps
+  for epoch, step in ((0, 3), (1, 0), (1, 2), (2, 1)):
+    tail = _batches(data.training_batches(split, 8, start_epoch=epoch, start_step=step,
+                                          **kwargs), 3 * steps - epoch * steps - step)
+    for (x, y), (tx, ty) in zip(whole[epoch * steps + step:], tail):
+      np.testing.assert_array_equal(x, tx)
+      np.testing.assert_array_equal(y, ty)
+  if not steps_per_epoch:  # one pass per epoch: every example once, in a new order each epoch
+    labels = [np.concatenate([y for _, y in whole[e * 4:(e + 1) * 4]]) for e in range(3)]
+    assert all(sorted(lab) == sorted(split.labels) for lab in labels)
+    assert not np.array_equal(labels[0], labels[1])
+  other_seed = _batches(data.training_batches(split, 8, **{**kwargs, "seed": 6}), 1)
+  assert not np.array_equal(whole[0][0], other_seed[0][0])
+
+
+# --- bad data: a clear error naming the file or class ----------------------------------------
+
+def _source(train_labels, class_names=("zero", "one", "two")):
+  images = np.zeros((len(train_labels), 4, 4, 1), np.float32)
+  return sources.SourceData(name="fake", num_classes=3,
+                            train=sources.ArraySplit(images, np.asarray(train_labels, np.int32)),
+                            test=sources.ArraySplit(images[:1], np.zeros([1], np.int32)),
+                            class_names=class_names)
+
+
+def test_labels_out_of_range_are_named(monkeypatch):
+  monkeypatch.setitem(sources.SOURCES, "fake", lambda options: _source([0, 1, 2, 7, 7, -1]))
+  with pytest.raises(DataError, match=r"train split of dataset 'fake' has labels outside the 3 "
+                     r"classes \[0, 3\): label -1 \(1 example\), label 7 \(2 examples\)"):
+    data.prepare(DataConfig(dataset="fake"))
+
+
+def test_a_class_without_training_examples_is_named(monkeypatch):
+  monkeypatch.setitem(sources.SOURCES, "fake", lambda options: _source([0, 0, 2, 2]))
+  with pytest.raises(DataError, match=r"no example of class\(es\) 1 \('one'\)"):
+    data.prepare(DataConfig(dataset="fake"))
+
+
+def _write_png(path, size=(8, 8), channels=3, seed=0):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image = np.random.default_rng(seed).integers(0, 256, (*size, channels), dtype=np.uint8)
+  tf.io.write_file(path, tf.io.encode_png(image))
+
+
+def _folder(root, classes=("ant", "bee", "cat"), per_class=3):
+  for split, n in (("train", per_class), ("test", 1)):
+    for c in classes:
+      for i in range(n):
+        _write_png(os.path.join(root, split, c, f"{i}.png"), seed=i)
+  return str(root)
+
+
+def test_image_folder_is_read_with_sorted_class_names(tmp_path):
+  root = _folder(tmp_path)
+  _write_png(os.path.join(root, "train", "ant", "grey.png"), channels=1)  # made colour
+  (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image: ignored")
+  source = sources.load_folder(root)
+  assert source.class_names == ("ant", "bee", "cat") and source.num_classes == 3
+  assert source.train.images.shape == (10, 8, 8, 3) and source.train.images.dtype == np.float32
+  assert 0.0 <= source.train.images.min() and source.train.images.max() <= 1.0
+  np.testing.assert_array_equal(np.bincount(source.train.labels), [4, 3, 3])
+  assert source.name == f"folder:{os.path.basename(root)}"
+
+
+def test_image_folder_faults_name_the_class_or_file(tmp_path):
+  root = _folder(tmp_path / "a")
+  os.makedirs(os.path.join(root, "train", "dog"))
+  with pytest.raises(DataError, match=r"class 'dog' has no images in .*train/dog"):
+    sources.load_folder(root)
+
+  root = _folder(tmp_path / "b")
+  big = os.path.join(root, "train", "bee", "big.png")
+  _write_png(big, size=(12, 10))
+  with pytest.raises(ConfigError, match=rf"--image_size: images differ in size: {big} is 10x12"):
+    sources.load_folder(root)
+  resized = sources.load_folder(root, sources.SourceOptions(image_size=6))
+  assert resized.train.images.shape == (10, 6, 6, 3)
+
+  root = _folder(tmp_path / "c")
+  _write_png(os.path.join(root, "test", "eel", "0.png"))
+  with pytest.raises(DataError, match=r"class folder\(s\) \['eel'\] that .*train lacks"):
+    sources.load_folder(root)
+
+  with pytest.raises(DataError, match=r"is not a directory"):
+    data.prepare(DataConfig(dataset=f"folder:{tmp_path / 'nowhere'}"))
+
+
+def test_image_size_and_skip_bad_images_need_a_folder_dataset():
+  with pytest.raises(ConfigError, match="--image_size: applies to --dataset=folder:PATH only"):
+    config_lib.validate(config_lib.Config(data=DataConfig(image_size=32)))
+  with pytest.raises(ConfigError, match="--skip_bad_images: applies to --dataset=folder:PATH"):
+    config_lib.validate(config_lib.Config(data=DataConfig(skip_bad_images=True)))
+
+
 def _mock_labels_dataset(self, *args, **kwargs):
   """Mocked cifar100 with every class present (mock_data's random labels may miss some)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -74,4 +186,13 @@ def test_cifar100_through_tfds_mock():
 
 def test_missing_tfds_data_says_how_to_provide_it(tmp_path):
   with pytest.raises(DataError, match="prepare_data.py.*--data_dir"):
+    data.prepare(DataConfig(dataset="cifar100", data_dir=str(tmp_path)))
+
+
+def test_tfds_data_of_another_version_lists_the_versions_found(tmp_path):
+  for version in ("2.0.0", "3.0.0", "not_a_version"):
+    os.makedirs(tmp_path / "cifar100" / version)
+  expected = tfds.builder("cifar100", data_dir=str(tmp_path)).version
+  with pytest.raises(DataError, match=rf"cifar100 has version\(s\) 3.0.0, 2.0.0, but the "
+                     rf"installed tensorflow-datasets .* reads version {expected}"):
     data.prepare(DataConfig(dataset="cifar100", data_dir=str(tmp_path)))

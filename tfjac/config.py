@@ -28,6 +28,8 @@ class DataConfig:
   crop_padding: int = 0  # 0: image size // 8
   seed: int = 0
   classes: Tuple[int, ...] = ()  # a subset of the classes, relabelled 0..n-1 in this order
+  image_size: int = 0  # folder datasets: resize to this square size; 0: all images one size
+  skip_bad_images: bool = False  # folder datasets: skip and count unreadable image files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class TrainConfig:
   lr_decay_factor: float = 0.2
   early_stopping_patience: int = 0  # 0: off; the best validation epoch is kept either way
   jit_compile: bool = False
+  backup_every_steps: int = 0  # resume backups within an epoch too; 0: at epoch ends only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +103,9 @@ class Config:
   teacher_input: TeacherInput = TeacherInput()
   source: Optional[DataConfig] = None  # --mode=conditions: the teacher's own (source) data
   conditions_examples: int = 500
+  resume: bool = True  # continue an interrupted fit from its backup (same settings only)
+  deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
+  unsafe_teacher_loading: bool = False  # let a .keras teacher run its Lambda code
 
   def to_dict(self):
     return dataclasses.asdict(self)
@@ -133,6 +139,7 @@ def _validate_train(prefix, train: TrainConfig):
                         f"must be increasing positive epochs, got {list(train.lr_decay_epochs)}")
   _positive("lr_decay_factor", train.lr_decay_factor)
   _positive("early_stopping_patience", train.early_stopping_patience, allow_zero=True)
+  _positive("backup_every_steps", train.backup_every_steps, allow_zero=True)
 
 
 def validate(config: Config):
@@ -150,6 +157,14 @@ def validate(config: Config):
   for a in config.data.augment:
     _choice("augment", a, AUGMENTATIONS)
   _positive("crop_padding", config.data.crop_padding, allow_zero=True)
+  _positive("image_size", config.data.image_size, allow_zero=True)
+  if not data.is_folder_dataset(config.data.dataset):
+    if config.data.image_size:
+      raise ConfigError("image_size", f"applies to --dataset={data.FOLDER_PREFIX}PATH only; "
+                        f"{config.data.dataset!r} has images of one size")
+    if config.data.skip_bad_images:
+      raise ConfigError("skip_bad_images", f"applies to --dataset={data.FOLDER_PREFIX}PATH "
+                        f"only; {config.data.dataset!r} is not read from image files")
   for flag, m in (("model", config.student), ("teacher_model", config.teacher)):
     _choice(flag, m.name, models.MODELS)
   _positive("width", config.student.width)

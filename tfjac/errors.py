@@ -17,6 +17,12 @@ class DataError(TfjacError):
   """The data asked for is missing or unusable; the message says how to provide it."""
 
 
+_AFTER_NON_FINITE = (
+    "The checkpoints and the resume backup written before this step are intact. Lower the "
+    "learning rate or this term's weight (then pass --noresume: the backup is of the old "
+    "settings), or check the input data.")
+
+
 class NonFiniteLossError(TfjacError):
   """A loss term became NaN or Inf during training."""
 
@@ -24,5 +30,18 @@ class NonFiniteLossError(TfjacError):
     self.term, self.epoch, self.step, self.value = term, epoch, step, value
     super().__init__(
         f"loss term '{term}' became {value} at epoch {epoch + 1}, step {step + 1}; training "
-        "stopped. The checkpoints written before this step are intact. Lower the learning rate "
-        "or this term's weight, or check the input data.")
+        f"stopped. {_AFTER_NON_FINITE}")
+
+
+class NonFiniteWeightsError(TfjacError):
+  """Weights or optimizer state became NaN or Inf while every logged loss was finite (an
+  overflowing gradient); found when a backup was about to be written."""
+
+  def __init__(self, variables, epoch, step=None):
+    self.variables, self.epoch, self.step = variables, epoch, step
+    when = (f"the end of epoch {epoch + 1}" if step is None
+            else f"epoch {epoch + 1}, step {step}")
+    super().__init__(
+        f"{', '.join(variables[:3])}{' ...' if len(variables) > 3 else ''} became NaN or Inf "
+        f"by {when} although every loss term was finite (a gradient overflowed); training "
+        f"stopped without saving them. {_AFTER_NON_FINITE}")

@@ -6,7 +6,8 @@ into a temporary sibling directory, checks that the reloaded SavedModel gives th
 logits, and only then swaps it into place: a kill during export leaves the previous export whole.
 Only the network passed in is written: exporting a student never includes the teacher.
 """
-import json
+import ctypes
+import glob
 import os
 import shutil
 import tempfile
@@ -15,30 +16,73 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfjac import atomic
 from tfjac.errors import ConfigError
 
 SAVED_MODEL = "saved_model"
 KERAS_FILE = "model.keras"
+UNSAFE_FLAG = "unsafe_teacher_loading"
+
+# Kept under these names for the callers that write run outputs (run.py).
+atomic_write_text = atomic.write_text
+atomic_write_json = atomic.write_json
 
 
-def atomic_write_text(path, text):
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+def _renameat2_exchange():
+  """Linux renameat2(RENAME_EXCHANGE): swaps two paths in one atomic step; None elsewhere."""
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+    fn = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return None
+  at_fdcwd, rename_exchange = -100, 2
+
+  def exchange(a, b):
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+      err = ctypes.get_errno()
+      raise OSError(err, os.strerror(err), a)
+
+  return exchange
 
 
-def atomic_write_json(path, obj):
-  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+_EXCHANGE = _renameat2_exchange()
+
+
+def _staging_pattern(directory, kind):
+  parent, name = os.path.split(os.path.abspath(directory))
+  return os.path.join(parent, f".{name}.{kind}-")
+
+
+def recover_export(directory, remove_stale=True):
+  """Repairs what a kill during `export_model` can leave: if the swap was cut between its two
+  renames (filesystems without an atomic exchange), the previous export is moved back into
+  place; with remove_stale, leftover staging directories are deleted (only when no other
+  process is exporting to `directory`)."""
+  olds = sorted(glob.glob(_staging_pattern(directory, "old") + "*"), key=os.path.getmtime)
+  if not os.path.exists(directory) and olds:
+    os.replace(olds.pop(), directory)
+  if remove_stale:
+    for stale in olds + glob.glob(_staging_pattern(directory, "tmp") + "*"):
+      shutil.rmtree(stale, ignore_errors=True)
+
+
+def _swap_into_place(staging, directory):
+  """Makes `staging` the new `directory`; the previous one (if any) is deleted afterwards."""
+  if not os.path.exists(directory):
+    os.replace(staging, directory)
+    return
+  if _EXCHANGE is not None:
+    try:
+      _EXCHANGE(staging, directory)  # one step: `directory` is always a whole export
+      shutil.rmtree(staging, ignore_errors=True)
+      return
+    except OSError:
+      pass  # e.g. a filesystem without RENAME_EXCHANGE: two renames, repaired by recover_export
+  old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(directory)),
+                         prefix=os.path.basename(_staging_pattern(directory, "old")))
+  os.rmdir(old)
+  os.replace(directory, old)
+  os.replace(staging, directory)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def export_model(model: keras.Model, directory: str, sample_images: np.ndarray,
@@ -46,7 +90,9 @@ def export_model(model: keras.Model, directory: str, sample_images: np.ndarray,
   """Writes model to `directory` atomically; returns the SavedModel path."""
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
+  recover_export(directory)
+  staging = tempfile.mkdtemp(dir=parent,
+                             prefix=os.path.basename(_staging_pattern(directory, "tmp")))
   try:
     model.export(os.path.join(staging, SAVED_MODEL), verbose=False)
     model.save(os.path.join(staging, KERAS_FILE))
@@ -58,14 +104,7 @@ def export_model(model: keras.Model, directory: str, sample_images: np.ndarray,
     if not np.allclose(expected, got, atol=atol):
       raise RuntimeError(f"exported SavedModel differs from the Keras model by "
                          f"{np.abs(expected - got).max():.3g}; export aborted")
-    old = None
-    if os.path.exists(directory):
-      old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.old-")
-      os.rmdir(old)
-      os.replace(directory, old)
-    os.replace(staging, directory)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
+    _swap_into_place(staging, directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
@@ -88,17 +127,26 @@ class _SavedModelTeacher(keras.layers.Layer):
     return out
 
 
-def load_network(path: str, image_shape) -> keras.Model:
+def _refused_by_safe_mode(e) -> bool:
+  return "safe_mode" in str(e) or "unsafe_deserialization" in str(e)
+
+
+def load_network(path: str, image_shape, *, safe_mode=True) -> keras.Model:
   """A network from a .keras file (safe mode: no Lambda code), a SavedModel directory, or a
   directory written by tfjac (holding model.keras). A SavedModel becomes a Keras model around
-  its serving function, on its own input signature if it has one, else on `image_shape`."""
+  its serving function, on its own input signature if it has one, else on `image_shape`.
+
+  safe_mode: Keras safe mode, which refuses to deserialise Python code (Lambda layers); a
+  refused file is a ConfigError that names the file and --unsafe_teacher_loading."""
+  if not os.path.exists(path):
+    recover_export(path, remove_stale=False)  # an export cut mid-swap: put the previous back
   if os.path.isdir(path) and os.path.exists(os.path.join(path, KERAS_FILE)):
     path = os.path.join(path, KERAS_FILE)
   if os.path.isdir(path) and os.path.exists(os.path.join(path, SAVED_MODEL)):
     path = os.path.join(path, SAVED_MODEL)
   try:
     if path.endswith(".keras") or path.endswith(".h5"):
-      model = keras.saving.load_model(path, compile=False, safe_mode=True)
+      model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     elif os.path.exists(os.path.join(path, "saved_model.pb")):
       loaded = tf.saved_model.load(path)
       fn = getattr(loaded, "serve", None) or loaded.signatures.get("serving_default")
@@ -119,6 +167,10 @@ def load_network(path: str, image_shape) -> keras.Model:
   except ConfigError:
     raise
   except Exception as e:  # unreadable, corrupt, unsafe: say which file and why
+    if safe_mode and _refused_by_safe_mode(e):
+      raise ConfigError("teacher", f"{path!r} contains Python code (e.g. a Lambda layer) that "
+                        "Keras safe mode will not run: loading it could execute anything. If "
+                        f"you trust whoever wrote the file, pass --{UNSAFE_FLAG}") from e
     raise ConfigError("teacher", f"cannot load a model from {path!r}: {e}") from e
   model.trainable = False
   return model
@@ -139,11 +191,12 @@ def check_outputs(model: keras.Model, image_shape, num_classes=None, path="--tea
   return int(out.shape[-1])
 
 
-def load_teacher(path: str, image_shape, num_classes=None, teacher_input=None) -> keras.Model:
+def load_teacher(path: str, image_shape, num_classes=None, teacher_input=None, *,
+                 safe_mode=True) -> keras.Model:
   """load_network, fed from the dataset's images as `teacher_input` (config.TeacherInput)
   says, and checked to give `num_classes` outputs (any number when None)."""
   from tfjac.models import views  # pylint: disable=g-import-not-at-top
-  model = load_network(path, image_shape)
+  model = load_network(path, image_shape, safe_mode=safe_mode)
   if teacher_input is not None:
     model = views.adapt_input(model, image_shape, resize=teacher_input.resize,
                               scale=teacher_input.scale, offset=teacher_input.offset)

@@ -24,7 +24,9 @@ flags.DEFINE_enum("strategy", "auto", config.STRATEGIES,
 # Data.
 flags.DEFINE_string("dataset", "digits",
                     "digits (embedded, 8x8 UCI handwritten digits, no network), cifar10, "
-                    "cifar100, or tfds:NAME for a tensorflow-datasets image dataset.")
+                    "cifar100, tfds:NAME for a tensorflow-datasets image dataset, or "
+                    "folder:PATH for image files in PATH/train/<class>/*.jpg|jpeg|png and "
+                    "PATH/test/<class>/... (classes sorted by folder name).")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir holding prepared data "
                     "(see tools/prepare_data.py). Nothing is downloaded during a run.")
 flags.DEFINE_integer("samples_per_class", 0,
@@ -36,6 +38,12 @@ flags.DEFINE_list("augment", [], "Training augmentations: crop (reflect-pad and 
 flags.DEFINE_integer("crop_padding", 0, "Padding for --augment=crop; 0: image size // 8.")
 flags.DEFINE_list("classes", [], "Use only these classes of --dataset, relabelled 0..n-1 in "
                   "this order (e.g. a teacher on digits 0-4, a transfer target on 5-9).")
+flags.DEFINE_integer("image_size", 0, "folder:PATH datasets: resize every image to "
+                     "image_size x image_size (aspect ratio not kept); 0: every image must "
+                     "have the same size.")
+flags.DEFINE_boolean("skip_bad_images", False, "folder:PATH datasets: skip unreadable or "
+                     "truncated image files (logged, counted in results.json) instead of "
+                     "stopping with an error that names the file.")
 flags.DEFINE_integer("seed", 0, "Seed of the validation split, the N-per-class subset, weight "
                      "initialisation and shuffling. Same seed: same images for every hint set.")
 
@@ -48,6 +56,10 @@ flags.DEFINE_float("teacher_width", 1.0, "Teacher channel-width multiplier.")
 flags.DEFINE_string("teacher", None, "Pre-trained teacher: a .keras file, a SavedModel directory, "
                     "or a directory written by --mode=teacher. Default: the teacher in "
                     "--workdir, trained there first if absent.")
+flags.DEFINE_boolean("unsafe_teacher_loading", False, "Let a .keras teacher run the Python "
+                     "code it carries (Lambda layers). Keras safe mode refuses such files by "
+                     "default: that code can do anything your account can. Only for files "
+                     "from people you trust.")
 
 # Hints.
 flags.DEFINE_list("hints", ["act", "jac", "ce"], "Loss terms of the student, summed with their "
@@ -109,5 +121,18 @@ flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which --lr_schedule=step mul
 flags.DEFINE_float("lr_decay_factor", 0.2, "Factor of --lr_schedule=step.")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs without a "
                      "better validation accuracy; 0: off. The best epoch is kept either way.")
+flags.DEFINE_boolean("resume", True, "Continue an interrupted run: each fit backs up its full "
+                     "state to <workdir>/checkpoints/<role>/backup at every epoch end (and every "
+                     "--backup_every_steps steps); rerunning the same command continues from "
+                     "there and ends with the same weights (bit-identical on CPU with the same "
+                     "thread count). A backup of other settings is an error; --noresume "
+                     "discards it and starts over.")
+flags.DEFINE_integer("backup_every_steps", 0, "Also back up within an epoch, every this many "
+                     "steps; 0: at epoch ends only.")
+flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_determinism(): "
+                     "deterministic kernels, for bit-identical reruns and resumes on GPUs. Not "
+                     "needed on CPU, where runs with the same thread count are bit-identical "
+                     "already; there it changes the numbers and was ~2x slower (see "
+                     "docs/RELIABILITY.md).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step (measured slower on "
                      "CPU for double backprop; see tools/benchmark.py).")

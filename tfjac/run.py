@@ -49,7 +49,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                       lr_decay_epochs=_int_list("lr_decay_epochs", f.lr_decay_epochs),
                       lr_decay_factor=f.lr_decay_factor,
                       early_stopping_patience=f.early_stopping_patience,
-                      jit_compile=f.jit_compile)
+                      jit_compile=f.jit_compile, backup_every_steps=f.backup_every_steps)
   from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
   return config_lib.Config(
       mode=f.mode, workdir=f.workdir, strategy=f.strategy, teacher_path=f.teacher,
@@ -57,8 +57,8 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
       data=config_lib.DataConfig(
           dataset=f.dataset, data_dir=f.data_dir, samples_per_class=f.samples_per_class,
           validation_fraction=f.validation_fraction, augment=tuple(f.augment),
-          crop_padding=f.crop_padding, seed=f.seed,
-          classes=_int_list("classes", f.classes)),
+          crop_padding=f.crop_padding, seed=f.seed, image_size=f.image_size,
+          skip_bad_images=f.skip_bad_images, classes=_int_list("classes", f.classes)),
       student=config_lib.ModelConfig(name=f.model, width=f.width),
       teacher=config_lib.ModelConfig(name=f.teacher_model, width=f.teacher_width),
       train=config_lib.TrainConfig(epochs=f.epochs, learning_rate=f.learning_rate,
@@ -78,9 +78,11 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                                             scale=f.teacher_input_scale,
                                             offset=f.teacher_input_offset),
       source=None if not f.source_dataset else config_lib.DataConfig(
-          dataset=f.source_dataset, data_dir=f.data_dir,
+          dataset=f.source_dataset, data_dir=f.data_dir, image_size=f.image_size,
           classes=_int_list("source_classes", f.source_classes), seed=f.seed),
-      conditions_examples=f.conditions_examples)
+      conditions_examples=f.conditions_examples,
+      resume=f.resume, deterministic=f.deterministic,
+      unsafe_teacher_loading=f.unsafe_teacher_loading)
 
 
 def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:
@@ -113,6 +115,9 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
   config_lib.validate(config)
   if flagfile_text:
     export.atomic_write_text(os.path.join(config.workdir, "flags.cfg"), flagfile_text)
+  if config.deterministic:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.data.seed)
   splits = data.prepare(config.data)
   config_lib.validate_against_data(config, splits.info.num_classes)
@@ -123,10 +128,13 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
       mode=config.mode, config=config.to_dict(),
       dataset={"name": splits.info.name, "image_shape": list(splits.info.image_shape),
                "num_classes": splits.info.num_classes, "train": len(splits.train),
-               "validation": len(splits.validation), "test": len(splits.test)},
+               "validation": len(splits.validation), "test": len(splits.test),
+               "skipped_images": len(splits.info.skipped_files),
+               "skipped_files": list(splits.info.skipped_files[:100])},
       replicas=strategy.num_replicas_in_sync, total_seconds=round(time.time() - start, 2),
       workdir=os.path.abspath(config.workdir))
   export.atomic_write_json(os.path.join(config.workdir, "results.json"), results)
+  common.discard_backups(config.workdir)  # the run is complete: a rerun starts afresh
   return results
 
 
@@ -185,6 +193,14 @@ def summary(results) -> str:
     if noisy:
       lines.append(f"  {role} accuracy under input noise: " +
                    ", ".join(f"sigma {k}: {_pct(v)}" for k, v in noisy.items()))
+    r = (results.get(role) or {}).get("resumed_from")
+    if r:
+      lines.append(f"  {role}: resumed after {r['epochs_done']} epoch(s) and "
+                   f"{r['steps_done']} step(s) of an interrupted run")
+  skipped = results["dataset"].get("skipped_images")
+  if skipped:
+    lines.append(f"  skipped {skipped} unreadable image(s) (--skip_bad_images; listed in "
+                 "results.json)")
   lines.append(f"  time: {results['total_seconds']:.1f} s")
   lines.append(f"  outputs: {wd}/results.json, {wd}/flags.cfg; "
                f"tensorboard --logdir {wd}/tensorboard")

@@ -1,15 +1,18 @@
 """Dataset sources: each returns the whole train and test splits as numpy arrays.
 
-A source never downloads: the embedded dataset ships in the package, and tensorflow-datasets
-sources read a prepared `data_dir` (see tools/prepare_data.py). Arrays rather than streams keep
-per-class sampling and the validation split exact and reproducible; the datasets here fit in
-memory (CIFAR-100: 180 MB as uint8).
+A source never downloads: the embedded dataset ships in the package, tensorflow-datasets
+sources read a prepared `data_dir` (see tools/prepare_data.py), and `folder:PATH` reads image
+files laid out one sub-folder per class. Arrays rather than streams keep per-class sampling and
+the validation split exact and reproducible; the datasets here fit in memory (CIFAR-100: 180 MB
+as uint8, 720 MB as float32).
 """
 import dataclasses
 import os
+import re
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
+from absl import logging
 
 from tfjac.errors import ConfigError, DataError
 
@@ -29,11 +32,26 @@ class ArraySplit:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceOptions:
+  """What a source may need besides its name; each source uses the fields that apply to it."""
+  data_dir: Optional[str] = None  # tensorflow-datasets data_dir
+  image_size: int = 0  # folder: resize every image to this square size; 0: all the same size
+  skip_bad_images: bool = False  # folder: skip (and count) unreadable files instead of failing
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceData:
   name: str
   num_classes: int
   train: ArraySplit
   test: ArraySplit
+  class_names: Optional[Tuple[str, ...]] = None  # index -> name, where the source knows them
+  skipped_files: Tuple[str, ...] = ()  # "path: why", files left out under skip_bad_images
+
+  def class_name(self, index) -> str:
+    if self.class_names and 0 <= index < len(self.class_names):
+      return f"{index} ({self.class_names[index]!r})"
+    return str(index)
 
   @property
   def image_shape(self) -> Tuple[int, int, int]:
@@ -47,9 +65,9 @@ def _to_float(images, max_value=255.0):
   return images.astype(np.float32) / np.float32(max_value)
 
 
-def load_digits(data_dir: Optional[str] = None) -> SourceData:
+def load_digits(options: SourceOptions = SourceOptions()) -> SourceData:
   """The embedded 8x8 UCI handwritten digits (CC BY 4.0); see data/embedded/README.md."""
-  del data_dir  # embedded: nothing to point at
+  del options  # embedded: nothing to point at
   with np.load(os.path.join(EMBEDDED_DIR, "digits.npz")) as f:
     images = _to_float(f["images"], float(f["max_value"]))
     labels = f["labels"].astype(np.int32)
@@ -58,7 +76,8 @@ def load_digits(data_dir: Optional[str] = None) -> SourceData:
       name="digits",
       num_classes=10,
       train=ArraySplit(images[split == 0], labels[split == 0]),
-      test=ArraySplit(images[split == 1], labels[split == 1]))
+      test=ArraySplit(images[split == 1], labels[split == 1]),
+      class_names=tuple(str(d) for d in range(10)))
 
 
 def _tfds_hint(name, data_dir):
@@ -69,9 +88,29 @@ def _tfds_hint(name, data_dir):
           f"machine and pass --data_dir=DIR.")
 
 
-def load_tfds(name: str, data_dir: Optional[str] = None) -> SourceData:
+_VERSION_DIR = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+def _tfds_missing(tfds, builder, name, data_dir) -> DataError:
+  """The data is not there: say which versions are there instead, if any, else how to prepare."""
+  dataset_dir = os.path.dirname(builder.data_dir)  # <data_dir>/<name>[/<config>]
+  found = sorted((d for d in (os.listdir(dataset_dir) if os.path.isdir(dataset_dir) else ())
+                  if _VERSION_DIR.match(d) and d != str(builder.version)),
+                 key=lambda v: tuple(int(p) for p in v.split(".")), reverse=True)
+  if not found:
+    return DataError(_tfds_hint(name, data_dir))
+  return DataError(
+      f"Dataset {name!r} in {dataset_dir} has version(s) {', '.join(found)}, but the installed "
+      f"tensorflow-datasets {tfds.__version__} reads version {builder.version}. Prepare it "
+      f"with this tensorflow-datasets (python tools/prepare_data.py --dataset={name} "
+      f"--data_dir=DIR), or install the tensorflow-datasets release that wrote version "
+      f"{found[0]}.")
+
+
+def load_tfds(name: str, options: SourceOptions = SourceOptions()) -> SourceData:
   """A tensorflow-datasets image classification dataset with 'train' and 'test' splits."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = options.data_dir
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises several types for unknown names
@@ -80,18 +119,19 @@ def load_tfds(name: str, data_dir: Optional[str] = None) -> SourceData:
     splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, download=False,
                        as_supervised=True, shuffle_files=False)
   except (AssertionError, FileNotFoundError) as e:
-    raise DataError(_tfds_hint(name, data_dir)) from e
+    raise _tfds_missing(tfds, builder, name, data_dir) from e
   except Exception as e:
     if type(e).__name__ in ("DatasetNotFoundError", "NotFoundError"):
-      raise DataError(_tfds_hint(name, data_dir)) from e
+      raise _tfds_missing(tfds, builder, name, data_dir) from e
     raise
   (train_x, train_y), (test_x, test_y) = (_as_arrays(tfds, ds) for ds in splits)
-  num_classes = builder.info.features["label"].num_classes
+  label = builder.info.features["label"]
   return SourceData(
       name=name,
-      num_classes=int(num_classes),
+      num_classes=int(label.num_classes),
       train=ArraySplit(_to_float(train_x), train_y.astype(np.int32)),
-      test=ArraySplit(_to_float(test_x), test_y.astype(np.int32)))
+      test=ArraySplit(_to_float(test_x), test_y.astype(np.int32)),
+      class_names=tuple(label.names) if getattr(label, "names", None) else None)
 
 
 def _as_arrays(tfds, ds):
@@ -103,23 +143,175 @@ def _as_arrays(tfds, ds):
   return np.concatenate(xs), np.concatenate(ys)
 
 
-SOURCES: Dict[str, Callable[[Optional[str]], SourceData]] = {
+# --- folder:PATH --------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+FOLDER_LAYOUT = ("PATH/train/<class>/*.jpg|jpeg|png and PATH/test/<class>/..., one sub-folder "
+                 "per class, the same class names in both")
+
+
+def _class_dirs(split_dir):
+  if not os.path.isdir(split_dir):
+    raise DataError(f"{split_dir} is not a directory; a folder dataset is laid out as "
+                    f"{FOLDER_LAYOUT}")
+  return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+
+
+def _image_files(class_dir):
+  return sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+                and os.path.isfile(os.path.join(class_dir, f)))
+
+
+def _decode_error(e) -> str:
+  message = getattr(e, "message", None) or str(e)
+  message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)  # TF's "{{function_node ...}}" prefix
+  return re.sub(r"\s*\[Op:\w+\]", "", message).strip()
+
+
+def _decode(path):
+  """uint8 HxWxC array of an image file; raises DataError naming the file."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    raw = tf.io.read_file(path)
+    return tf.io.decode_image(raw, expand_animations=False).numpy()
+  except (tf.errors.OpError, OSError) as e:
+    raise DataError(f"cannot read image {path}: {_decode_error(e)}") from e
+
+
+def _resized(image, size):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = tf.image.resize(image.astype(np.float32) / 255.0, [size, size], antialias=True)
+  return np.clip(image.numpy(), 0.0, 1.0)
+
+
+def _to_channels(image, channels):
+  if image.shape[-1] == channels:
+    return image
+  if channels == 3:  # grey (+alpha) -> RGB; RGBA -> RGB
+    return np.repeat(image[..., :1], 3, axis=-1) if image.shape[-1] < 3 else image[..., :3]
+  return image[..., :1]
+
+
+def _read_split(split_dir, classes, options: SourceOptions, skipped):
+  """Decoded images and labels of one split; `skipped` collects "path: why" under skip."""
+  images, labels, first = [], [], None
+  for label, name in enumerate(classes):
+    class_dir = os.path.join(split_dir, name)
+    files = _image_files(class_dir) if os.path.isdir(class_dir) else []
+    if not files:
+      raise DataError(f"class {name!r} has no images in {class_dir} (looked for "
+                      f"{', '.join(IMAGE_EXTENSIONS)} files); remove the folder or add images")
+    kept = 0
+    for path in files:
+      try:
+        image = _decode(path)
+      except DataError as e:
+        if not options.skip_bad_images:
+          raise DataError(f"{e}. Fix or remove the file, or pass --skip_bad_images to skip "
+                          "unreadable files and count them") from e.__cause__
+        logging.warning("skipping unreadable image %s", path)
+        skipped.append(f"{path}: {_decode_error(e.__cause__)}")
+        continue
+      if options.image_size:
+        image_f = _resized(image, options.image_size)
+      else:
+        if first is None:
+          first = (path, image.shape[:2])
+        elif image.shape[:2] != first[1]:
+          raise ConfigError(
+              "image_size", f"images differ in size: {path} is {image.shape[1]}x"
+              f"{image.shape[0]} but {first[0]} is {first[1][1]}x{first[1][0]} (width x "
+              "height); pass --image_size=N to resize every image to NxN")
+        image_f = image.astype(np.float32) / np.float32(255.0)
+      images.append(image_f)
+      labels.append(label)
+      kept += 1
+    if not kept:
+      raise DataError(f"class {name!r}: none of the {len(files)} images in {class_dir} can be "
+                      "read")
+  if not images:
+    raise DataError(f"{split_dir} has no class sub-folders with images; expected "
+                    f"{FOLDER_LAYOUT}")
+  channels = 3 if any(im.shape[-1] >= 3 for im in images) else 1
+  return ArraySplit(np.stack([_to_channels(im, channels) for im in images]),
+                    np.asarray(labels, np.int32))
+
+
+def load_folder(path: str, options: SourceOptions = SourceOptions()) -> SourceData:
+  """Images in PATH/train/<class>/ and PATH/test/<class>/; classes sorted by name."""
+  root = os.path.expanduser(path)
+  if not os.path.isdir(root):
+    raise DataError(f"--dataset={FOLDER_PREFIX}{path}: {root} is not a directory; expected "
+                    f"{FOLDER_LAYOUT}")
+  classes = _class_dirs(os.path.join(root, "train"))
+  if not classes:
+    raise DataError(f"{os.path.join(root, 'train')} has no class sub-folders; expected "
+                    f"{FOLDER_LAYOUT}")
+  extra = sorted(set(_class_dirs(os.path.join(root, "test"))) - set(classes))
+  if extra:
+    raise DataError(f"{os.path.join(root, 'test')} has class folder(s) {extra[:10]} that "
+                    f"{os.path.join(root, 'train')} lacks; the classes must be the same")
+  skipped = []
+  train = _read_split(os.path.join(root, "train"), classes, options, skipped)
+  # A class may be absent from test (not evaluated), but a test folder of it must hold images.
+  test_classes = [c if os.path.isdir(os.path.join(root, "test", c)) else None for c in classes]
+  test = _read_split(os.path.join(root, "test"), [c for c in test_classes if c], options,
+                     skipped)
+  present = [i for i, c in enumerate(test_classes) if c]
+  test = ArraySplit(test.images, np.asarray(present, np.int32)[test.labels])
+  if train.images.shape[-1] != test.images.shape[-1]:  # e.g. grey train, colour test
+    test = ArraySplit(np.stack([_to_channels(im, train.images.shape[-1])
+                                for im in test.images]), test.labels)
+  if train.images.shape[1:3] != test.images.shape[1:3]:
+    raise ConfigError("image_size", f"train images are {train.images.shape[2]}x"
+                      f"{train.images.shape[1]} but test images are {test.images.shape[2]}x"
+                      f"{test.images.shape[1]}; pass --image_size=N to resize all to NxN")
+  if skipped:
+    logging.warning("skipped %d unreadable image(s) under %s", len(skipped), root)
+  return SourceData(name=f"{FOLDER_PREFIX}{os.path.basename(os.path.normpath(root))}",
+                    num_classes=len(classes), train=train, test=test,
+                    class_names=tuple(classes), skipped_files=tuple(skipped))
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+SOURCES: Dict[str, Callable[[SourceOptions], SourceData]] = {
     "digits": load_digits,
-    "cifar10": lambda data_dir: load_tfds("cifar10", data_dir),
-    "cifar100": lambda data_dir: load_tfds("cifar100", data_dir),
+    "cifar10": lambda options: load_tfds("cifar10", options),
+    "cifar100": lambda options: load_tfds("cifar100", options),
 }
 TFDS_PREFIX = "tfds:"
+FOLDER_PREFIX = "folder:"
+# Prefix -> loader(rest of the name, options): `tfds:NAME`, `folder:PATH`.
+PREFIXED_SOURCES: Dict[str, Callable[[str, SourceOptions], SourceData]] = {
+    TFDS_PREFIX: load_tfds,
+    FOLDER_PREFIX: load_folder,
+}
+
+
+def _split_prefix(name: str):
+  for prefix in PREFIXED_SOURCES:
+    if name.startswith(prefix) and len(name) > len(prefix):
+      return prefix, name[len(prefix):]
+  return None, name
 
 
 def check_dataset_name(name: str):
-  if name in SOURCES or (name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX)):
+  if name in SOURCES or _split_prefix(name)[0]:
     return
-  raise ConfigError("dataset", f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}, or "
-                    f"{TFDS_PREFIX}NAME for any tensorflow-datasets image classification dataset")
+  raise ConfigError("dataset", f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}, "
+                    f"{TFDS_PREFIX}NAME for any tensorflow-datasets image classification "
+                    f"dataset, or {FOLDER_PREFIX}PATH for image files in {FOLDER_LAYOUT}")
 
 
-def load_source(name: str, data_dir: Optional[str] = None) -> SourceData:
+def is_folder_dataset(name: str) -> bool:
+  return _split_prefix(name)[0] == FOLDER_PREFIX
+
+
+def load_source(name: str, options: SourceOptions = SourceOptions()) -> SourceData:
   check_dataset_name(name)
-  if name.startswith(TFDS_PREFIX):
-    return load_tfds(name[len(TFDS_PREFIX):], data_dir)
-  return SOURCES[name](data_dir)
+  prefix, rest = _split_prefix(name)
+  if prefix:
+    return PREFIXED_SOURCES[prefix](rest, options)
+  return SOURCES[name](options)

@@ -1,4 +1,5 @@
-"""Pieces the mode recipes share: strategy, building and training one network, teachers."""
+"""Pieces the mode recipes share: strategy, building and training one network, teachers,
+and the resume bookkeeping (which settings a backup must match, discarding backups)."""
 import dataclasses
 import os
 from typing import Optional
@@ -13,10 +14,16 @@ from tfjac.data import Splits
 from tfjac.errors import ConfigError
 from tfjac.hints import HintParams
 from tfjac.training import loop
+from tfjac.training import resume as resume_lib
 from tfjac.training.distiller import Distiller
 
 TEACHER_DIR = "teacher"
 STUDENT_DIR = "student"
+CHECKPOINTS_DIR = "checkpoints"
+# Initialisation seed offset of each role, so that a network's initial weights depend on the
+# seed and its role only, not on what ran before it in the process (a resumed run loads the
+# teacher instead of training it).
+_ROLE_SEED = {"teacher": 1, "student": 2}
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -28,8 +35,9 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
   return tf.distribute.get_strategy()
 
 
-def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy):
+def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, seed=0):
   info = splits.info
+  keras.utils.set_random_seed(seed * 1000 + _ROLE_SEED.get(name, 0))
   return models.build(model_cfg.name, info.image_shape, info.num_classes, mean=info.mean,
                       std=info.std, width=model_cfg.width, model_name=name,
                       sync_bn=strategy.num_replicas_in_sync > 1)
@@ -44,6 +52,26 @@ def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, rol
 def hint_params(h) -> HintParams:
   """HintParams from the config, field by field (a parameter cannot be silently dropped)."""
   return HintParams(**{f.name: getattr(h, f.name) for f in dataclasses.fields(HintParams)})
+
+
+def resume_settings(config: Config, role: str):
+  """What a backup of `role`'s fit must have been made with to be continued: everything that
+  changes the numbers (not the run directory, resume or backup frequency, or trust flags)."""
+  c = config.to_dict()
+  for key in ("workdir", "resume", "unsafe_teacher_loading"):
+    c.pop(key)
+  for train in ("train", "teacher_train"):
+    c[train].pop("backup_every_steps")
+  if role == "teacher":  # the teacher's fit depends on none of the student's settings
+    c = {k: c[k] for k in ("strategy", "data", "teacher", "teacher_train", "deterministic")}
+    c["ce_weight"] = config.hints.weight("ce")
+  return c
+
+
+def discard_backups(workdir):
+  """Called once the run's outputs are written: a rerun then starts afresh."""
+  for role in _ROLE_SEED:
+    resume_lib.discard(os.path.join(workdir, CHECKPOINTS_DIR, role, resume_lib.BACKUP_DIR))
 
 
 def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: keras.Model,
@@ -64,8 +92,9 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
       distiller, train_split, splits.validation, train_cfg, seed=config.data.seed,
       augment=config.data.augment, crop_padding=config.data.crop_padding,
       log_dir=os.path.join(workdir, "tensorboard", role),
-      checkpoint_dir=os.path.join(workdir, "checkpoints", role),
-      extra_callbacks=[loop.EpochLogger(role, train_cfg.epochs)])
+      checkpoint_dir=os.path.join(workdir, CHECKPOINTS_DIR, role),
+      extra_callbacks=[loop.EpochLogger(role, train_cfg.epochs)],
+      resume=config.resume, settings=resume_settings(config, role), keep_backup=True)
   test = loop.evaluate(distiller, splits.test, train_cfg.batch_size)
   if config.robustness_sigmas:
     test["accuracy_under_noise"] = robustness(config, splits, network, train_cfg.batch_size)
@@ -82,7 +111,8 @@ def fit_summary(result: loop.FitResult, test):
   final = {k: v[-1] for k, v in result.history.items()}
   return {"test": test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
           "best_val_accuracy": result.best_val_accuracy, "final_epoch_metrics": final,
-          "train_seconds": round(result.seconds, 2), "steps_per_epoch": result.steps_per_epoch}
+          "train_seconds": round(result.seconds, 2), "steps_per_epoch": result.steps_per_epoch,
+          "resumed_from": result.resumed_from}
 
 
 def train_student(config: Config, splits: Splits, strategy, teacher: Optional[keras.Model],
@@ -92,12 +122,9 @@ def train_student(config: Config, splits: Splits, strategy, teacher: Optional[ke
   what transfer hints need; `student` replaces the --model network (the oracle)."""
   train_split = splits.sampled_train(config.data.samples_per_class, config.data.seed)
   student_view = teacher_view = None
-  # Reseed: loading or training a teacher consumes random state, and every row of a table
-  # must start from the same student weights for the same --seed.
-  keras.utils.set_random_seed(config.data.seed)
   with strategy.scope():
-    if student is None:
-      student = build_network(config.student, splits, "student", strategy)
+    if student is None:  # seeded by (seed, role): every row of a table starts alike
+      student = build_network(config.student, splits, "student", strategy, config.data.seed)
     if make_views is not None:
       student_view, teacher_view = make_views(student)
   logging.info("training student %s on %d images with hints %s", config.student.name,
@@ -112,8 +139,8 @@ def train_student(config: Config, splits: Splits, strategy, teacher: Optional[ke
       student, directory, splits.test.images[:8],
       metadata=network_metadata(config, config.student, splits, "student"))
   summary = fit_summary(result, test)
-  summary.update(model=architecture or config.student.name, train_examples=len(train_split), path=directory,
-                 saved_model=saved_model, test_accuracy=test["accuracy"])
+  summary.update(model=architecture or config.student.name, train_examples=len(train_split),
+                 path=directory, saved_model=saved_model, test_accuracy=test["accuracy"])
   return summary
 
 
@@ -121,7 +148,7 @@ def train_teacher(config: Config, splits: Splits, strategy):
   """Trains the teacher on the whole training split with CE and exports it; returns
   (teacher model, teacher results dict)."""
   with strategy.scope():
-    teacher = build_network(config.teacher, splits, "teacher", strategy)
+    teacher = build_network(config.teacher, splits, "teacher", strategy, config.data.seed)
   logging.info("training teacher %s on %d images", config.teacher.name, len(splits.train))
   result, test = train_and_evaluate(config, splits, strategy, network=teacher, teacher=None,
                                     train_split=splits.train, train_cfg=config.teacher_train,
@@ -142,6 +169,7 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
   source = "given"
   if path is None:
     existing = os.path.join(config.workdir, TEACHER_DIR)
+    export.recover_export(existing)
     meta_path = os.path.join(existing, "model.json")
     if not os.path.exists(os.path.join(existing, export.KERAS_FILE)):
       return train_teacher(config, splits, strategy)
@@ -156,7 +184,8 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     logging.info("reusing the teacher in %s", existing)
   with strategy.scope():
     teacher = export.load_teacher(path, info.image_shape, info.num_classes,
-                                  config.teacher_input)
+                                  config.teacher_input,
+                                  safe_mode=not config.unsafe_teacher_loading)
     evaluator = Distiller(teacher, None)
   test = loop.evaluate(evaluator, splits.test, config.train.batch_size)
   if config.robustness_sigmas:

@@ -103,7 +103,8 @@ def run(config, splits, strategy):
   del strategy  # measurements only
   info, n = splits.info, config.conditions_examples
   adapt = config.teacher_input
-  network = export.load_network(config.teacher_path, info.image_shape)
+  network = export.load_network(config.teacher_path, info.image_shape,
+                                    safe_mode=not config.unsafe_teacher_loading)
   teacher = views.adapt_input(network, info.image_shape, resize=adapt.resize,
                               scale=adapt.scale, offset=adapt.offset)
   source_classes = export.check_outputs(teacher, info.image_shape, path=config.teacher_path)

@@ -35,7 +35,8 @@ def oracle_network(teacher: keras.Model, image_shape, num_classes, teacher_input
 def run(config, splits, strategy):
   info = splits.info
   with strategy.scope():
-    teacher = export.load_network(config.teacher_path, info.image_shape)
+    teacher = export.load_network(config.teacher_path, info.image_shape,
+                                    safe_mode=not config.unsafe_teacher_loading)
     network = oracle_network(teacher, info.image_shape, info.num_classes, config.teacher_input,
                              config.teacher_path)
   initial = [np.array(w) for w in teacher.get_weights()]

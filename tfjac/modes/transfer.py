@@ -23,7 +23,8 @@ def run(config, splits, strategy):
     return {"student": common.train_student(config, splits, strategy, teacher=None)}
   uses_features = any(h in ("at", "at_jac") for h in config.hints.hints)
   with strategy.scope():
-    network = export.load_network(config.teacher_path, info.image_shape)
+    network = export.load_network(config.teacher_path, info.image_shape,
+                                    safe_mode=not config.unsafe_teacher_loading)
     teacher = views.adapt_input(network, info.image_shape, resize=config.teacher_input.resize,
                                 scale=config.teacher_input.scale,
                                 offset=config.teacher_input.offset)

@@ -1,20 +1,22 @@
 """Fit a Distiller with Keras callbacks: TensorBoard, per-epoch student checkpoints (last and
-best on validation accuracy), a NaN/Inf guard that names the term, optional early stopping.
-The student returned carries the weights of its best validation epoch: selection never looks
-at the test split."""
+best on validation accuracy), a NaN/Inf guard that names the term, optional early stopping,
+and a backup from which a killed run resumes (training/resume.py). The student returned
+carries the weights of its best validation epoch: selection never looks at the test split."""
 import dataclasses
 import math
 import os
-import time
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import keras
 import numpy as np
+from absl import logging
 
+from tfjac import atomic
 from tfjac import data as data_lib
 from tfjac.config import TrainConfig
-from tfjac.errors import NonFiniteLossError
+from tfjac.errors import NonFiniteLossError, NonFiniteWeightsError
+from tfjac.training import resume as resume_lib
 
 
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -44,7 +46,8 @@ def _atomic_save_weights(model, path):
 
 class StudentCheckpoint(keras.callbacks.Callback):
   """Saves the student (not the wrapper, not the teacher) after every epoch, atomically, as
-  last.weights.h5, and as best.weights.h5 when `monitor` improves."""
+  last.weights.h5, and as best.weights.h5 (epoch and value in best.json) when `monitor`
+  improves. Its best-so-far survives a restart through the backup (get_state/set_state)."""
 
   def __init__(self, student, directory, monitor="val_accuracy"):
     super().__init__()
@@ -57,15 +60,70 @@ class StudentCheckpoint(keras.callbacks.Callback):
     return os.path.join(self.directory, "best.weights.h5")
 
   def on_epoch_end(self, epoch, logs=None):
+    broken = [f"student variable {w.path}" for w in self.student.weights
+              if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
+    if broken:  # finite losses, overflowed gradient: keep the last good files
+      raise NonFiniteWeightsError(broken, epoch)
     _atomic_save_weights(self.student, os.path.join(self.directory, "last.weights.h5"))
     value = float((logs or {}).get(self.monitor, -math.inf))
     if value > self.best:
       self.best, self.best_epoch = value, epoch
       _atomic_save_weights(self.student, self.best_path)
+      self._write_best_json()
+
+  def _write_best_json(self):
+    atomic.write_json(os.path.join(self.directory, "best.json"),
+                      {"epoch": self.best_epoch + 1, self.monitor: self.best})
+
+  def get_state(self):
+    return {"best": resume_lib.finite_or_none(self.best), "best_epoch": self.best_epoch}
+
+  def set_state(self, state):
+    self.best = -math.inf if state["best"] is None else float(state["best"])
+    self.best_epoch = int(state["best_epoch"])
+
+  def backup_files(self):
+    return {"best": self.best_path}
+
+  def restore_files(self, files):
+    """best.weights.h5 as of the backup: a later epoch may have replaced it before the kill."""
+    if "checkpoint.best" in files:
+      atomic.copy_file(files["checkpoint.best"], self.best_path)
+      self._write_best_json()
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+  """keras EarlyStopping whose counters survive a restart (get_state/set_state) and a second
+  fit() call (Keras resets them in on_train_begin)."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self._carried = None
+
+  def on_train_begin(self, logs=None):
+    carried = self._carried
+    super().on_train_begin(logs)
+    if carried:
+      self.wait, self.best_epoch = int(carried["wait"]), int(carried["best_epoch"])
+      self.best = carried["best"]
+
+  def on_epoch_end(self, epoch, logs=None):
+    super().on_epoch_end(epoch, logs)
+    self._carried = self.get_state()
+
+  def get_state(self):
+    return {"wait": int(self.wait), "best_epoch": int(self.best_epoch),
+            "best": None if self.best is None else float(self.best)}
+
+  def set_state(self, state):
+    self._carried = dict(state)
 
 
 class NonFiniteGuard(keras.callbacks.Callback):
-  """Stops at the first batch where a logged term is NaN or Inf, naming the term."""
+  """Stops at the first batch where a logged term is NaN or Inf, naming the term.
+  `batch_offset`: set by fit() when a fit() call runs only the rest of an epoch."""
+
+  batch_offset = 0
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
@@ -75,7 +133,7 @@ class NonFiniteGuard(keras.callbacks.Callback):
     for name, value in sorted((logs or {}).items(), key=lambda kv: kv[0] == "loss"):
       v = float(value)
       if not math.isfinite(v):
-        raise NonFiniteLossError(name, getattr(self, "_epoch", 0), batch, v)
+        raise NonFiniteLossError(name, getattr(self, "_epoch", 0), self.batch_offset + batch, v)
 
 
 @dataclasses.dataclass
@@ -86,37 +144,80 @@ class FitResult:
   epochs_run: int
   seconds: float
   steps_per_epoch: int
+  resumed_from: Optional[Dict[str, int]] = None  # {"epochs_done", "steps_done"} of the backup
 
 
 def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, augment=(),
-        crop_padding=0, log_dir, checkpoint_dir, extra_callbacks=()) -> FitResult:
-  """Compiles and fits `distiller`, then loads the best-validation student weights into it."""
-  one_pass = max(1, math.ceil(len(train_split) / cfg.batch_size))
-  steps = cfg.steps_per_epoch or one_pass
-  train_ds = data_lib.pipeline(train_split, cfg.batch_size, training=True, seed=seed,
-                               augment=augment, crop_padding=crop_padding,
-                               repeat=bool(cfg.steps_per_epoch))
-  val_ds = data_lib.pipeline(validation_split, cfg.batch_size, training=False)
-  distiller.compile(optimizer=make_optimizer(cfg, steps), jit_compile=cfg.jit_compile)
+        crop_padding=0, log_dir, checkpoint_dir, extra_callbacks=(), resume=False,
+        settings=None, keep_backup=False) -> FitResult:
+  """Compiles and fits `distiller`, then loads the best-validation student weights into it.
+
+  A backup in <checkpoint_dir>/backup (left by a killed fit with the same `settings`) is
+  continued from where it stopped when `resume`, else discarded. keep_backup: leave the
+  finished fit's backup in place, for a caller that still has outputs to write and discards
+  it afterwards (modes/common.py); a kill before then resumes with no epoch left to run.
+  """
+  steps = cfg.steps_per_epoch or max(1, math.ceil(len(train_split) / cfg.batch_size))
+  backup_dir = os.path.join(checkpoint_dir, resume_lib.BACKUP_DIR)
+  restored = None
+  if resume:
+    restored = resume_lib.read(backup_dir, settings)
+  else:
+    resume_lib.discard(backup_dir)
+  with distiller.distribute_strategy.scope():  # the optimizer's variables are per replica
+    distiller.compile(optimizer=make_optimizer(cfg, steps), jit_compile=cfg.jit_compile)
   checkpoint = StudentCheckpoint(distiller.student, checkpoint_dir)
-  callbacks = [NonFiniteGuard(), checkpoint,
-               keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch")]
+  guard = NonFiniteGuard()
+  stateful = {"checkpoint": checkpoint}
+  callbacks = [guard, checkpoint, keras.callbacks.TensorBoard(log_dir=log_dir,
+                                                              update_freq="epoch")]
   if cfg.early_stopping_patience:
-    callbacks.append(keras.callbacks.EarlyStopping(
-        monitor="val_accuracy", mode="max", patience=cfg.early_stopping_patience))
+    stateful["early_stopping"] = ResumableEarlyStopping(
+        monitor="val_accuracy", mode="max", patience=cfg.early_stopping_patience)
+    callbacks.append(stateful["early_stopping"])
   callbacks.extend(extra_callbacks)
-  start = time.time()
+  backup = resume_lib.TrainingBackup(backup_dir, stateful=stateful, epochs=cfg.epochs,
+                                     steps_per_epoch=steps, every_steps=cfg.backup_every_steps,
+                                     settings=settings)
+  callbacks.append(backup)
+  epoch, step, done = 0, 0, False
+  if restored:
+    backup.restore(restored)
+    epoch, step, done = restored.epoch, restored.step, restored.done
+    logging.info("resuming from %s: %d epoch(s) and %d step(s) done%s", backup_dir, epoch,
+                 step, "; the fit had finished" if done else "")
+
   # Keras warns that shuffle=True is ignored for a tf.data input; the pipeline shuffles itself.
   warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
-  history = distiller.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-                          steps_per_epoch=steps if cfg.steps_per_epoch else None,
-                          callbacks=callbacks, verbose=0)
-  seconds = time.time() - start
+  val_ds = data_lib.pipeline(validation_split, cfg.batch_size, training=False)
+
+  def run(first_epoch, first_step, last_epoch):
+    for cb in (guard, backup):
+      cb.batch_offset = first_step
+    batches = data_lib.training_batches(
+        train_split, cfg.batch_size, seed=seed, epochs=cfg.epochs,
+        steps_per_epoch=cfg.steps_per_epoch, start_epoch=first_epoch, start_step=first_step,
+        augment=augment, crop_padding=crop_padding)
+    distiller.fit(batches, validation_data=val_ds, initial_epoch=first_epoch,
+                  epochs=last_epoch, steps_per_epoch=steps - first_step, callbacks=callbacks,
+                  verbose=0)
+    return bool(distiller.stop_training)
+
+  if not done and step:  # Keras runs whole epochs: finish the interrupted one on its own
+    done = run(epoch, step, epoch + 1)
+    epoch, step = epoch + 1, 0
+  if not done and epoch < cfg.epochs:
+    run(epoch, 0, cfg.epochs)
   distiller.student.load_weights(checkpoint.best_path)
-  hist = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+  if not keep_backup:
+    resume_lib.discard(backup_dir)
+  hist = backup.history
   return FitResult(history=hist, best_epoch=checkpoint.best_epoch + 1,
                    best_val_accuracy=float(checkpoint.best),
-                   epochs_run=len(hist.get("loss", [])), seconds=seconds, steps_per_epoch=steps)
+                   epochs_run=len(hist.get("loss", [])), seconds=backup.seconds,
+                   steps_per_epoch=steps,
+                   resumed_from=({"epochs_done": restored.epoch, "steps_done": restored.step}
+                                 if restored else None))
 
 
 def evaluate(distiller, split, batch_size) -> Dict[str, float]:
