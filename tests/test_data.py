@@ -159,7 +159,7 @@ def test_image_folder_faults_name_the_class_or_file(tmp_path):
 
 
 def test_image_size_and_skip_bad_images_need_a_folder_dataset():
-  with pytest.raises(ConfigError, match="--image_size: applies to --dataset=folder:PATH only"):
+  with pytest.raises(ConfigError, match="--image_size: applies to --dataset=folder:PATH and mit_indoor67 only"):
     config_lib.validate(config_lib.Config(data=DataConfig(image_size=32)))
   with pytest.raises(ConfigError, match="--skip_bad_images: applies to --dataset=folder:PATH"):
     config_lib.validate(config_lib.Config(data=DataConfig(skip_bad_images=True)))
@@ -196,3 +196,42 @@ def test_tfds_data_of_another_version_lists_the_versions_found(tmp_path):
   with pytest.raises(DataError, match=rf"cifar100 has version\(s\) 3.0.0, 2.0.0, but the "
                      rf"installed tensorflow-datasets .* reads version {expected}"):
     data.prepare(DataConfig(dataset="cifar100", data_dir=str(tmp_path)))
+
+
+def _indoor_tree(root, n_train=3, n_test=2, sizes=((20, 30), (25, 17))):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  lists = {"TrainImages.txt": [], "TestImages.txt": []}
+  for c, name in enumerate(["bakery", "airport_inside", "kitchen"]):
+    os.makedirs(root / "Images" / name)
+    for i in range(n_train + n_test):
+      h, w = sizes[i % 2]
+      pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+      rel = f"{name}/{name}_{i:04d}.jpg"
+      tf.io.write_file(str(root / "Images" / rel), tf.io.encode_jpeg(pixels))
+      lists["TrainImages.txt" if i < n_train else "TestImages.txt"].append(rel)
+  for f, entries in lists.items():
+    (root / f).write_text("\n".join(entries) + "\n")
+
+
+def test_mit_indoor67_from_its_folder_and_lists(tmp_path):
+  _indoor_tree(tmp_path)
+  src = data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path),
+                                                            image_size=16))
+  assert src.num_classes == 3 and src.class_names == ("airport_inside", "bakery", "kitchen")
+  assert src.train.images.shape == (9, 16, 16, 3) and src.test.images.shape == (6, 16, 16, 3)
+  np.testing.assert_array_equal(np.bincount(src.train.labels), [3, 3, 3])
+
+
+def test_mit_indoor67_says_what_is_missing(tmp_path):
+  _indoor_tree(tmp_path)
+  os.remove(tmp_path / "TestImages.txt")
+  with pytest.raises(DataError, match="lacks TestImages.txt; --dataset=mit_indoor67 expects"):
+    data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path), image_size=16))
+  (tmp_path / "TestImages.txt").write_text("kitchen/gone.jpg\n")
+  with pytest.raises(DataError, match="TestImages.txt lists 1 image.* missing .*gone.jpg"):
+    data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path), image_size=16))
+  with pytest.raises(ConfigError, match="--image_size"):
+    data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path)))
+  with pytest.raises(DataError, match="not a directory"):
+    data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path / "nope")))

@@ -160,11 +160,12 @@ def validate(config: Config):
   _positive("image_size", config.data.image_size, allow_zero=True)
   if not data.is_folder_dataset(config.data.dataset):
     if config.data.image_size:
-      raise ConfigError("image_size", f"applies to --dataset={data.FOLDER_PREFIX}PATH only; "
-                        f"{config.data.dataset!r} has images of one size")
+      raise ConfigError("image_size", f"applies to --dataset={data.FOLDER_PREFIX}PATH and "
+                        f"mit_indoor67 only; {config.data.dataset!r} has images of one size")
     if config.data.skip_bad_images:
       raise ConfigError("skip_bad_images", f"applies to --dataset={data.FOLDER_PREFIX}PATH "
-                        f"only; {config.data.dataset!r} is not read from image files")
+                        f"and mit_indoor67 only; {config.data.dataset!r} is not read from image "
+                        "files")
   for flag, m in (("model", config.student), ("teacher_model", config.teacher)):
     _choice(flag, m.name, models.MODELS)
   _positive("width", config.student.width)

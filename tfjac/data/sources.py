@@ -194,14 +194,26 @@ def _to_channels(image, channels):
 
 
 def _read_split(split_dir, classes, options: SourceOptions, skipped):
-  """Decoded images and labels of one split; `skipped` collects "path: why" under skip."""
-  images, labels, first = [], [], None
-  for label, name in enumerate(classes):
+  """Decoded images and labels of one split of a folder dataset; see _read_files."""
+  by_class = []
+  for name in classes:
     class_dir = os.path.join(split_dir, name)
     files = _image_files(class_dir) if os.path.isdir(class_dir) else []
     if not files:
       raise DataError(f"class {name!r} has no images in {class_dir} (looked for "
                       f"{', '.join(IMAGE_EXTENSIONS)} files); remove the folder or add images")
+    by_class.append((name, class_dir, files))
+  if not by_class:
+    raise DataError(f"{split_dir} has no class sub-folders with images; expected "
+                    f"{FOLDER_LAYOUT}")
+  return _read_files(by_class, options, skipped)
+
+
+def _read_files(by_class, options: SourceOptions, skipped):
+  """[(class name, where, [paths])] -> ArraySplit labelled by position in the list;
+  `skipped` collects "path: why" under skip_bad_images."""
+  images, labels, first = [], [], None
+  for label, (name, where, files) in enumerate(by_class):
     kept = 0
     for path in files:
       try:
@@ -228,11 +240,8 @@ def _read_split(split_dir, classes, options: SourceOptions, skipped):
       labels.append(label)
       kept += 1
     if not kept:
-      raise DataError(f"class {name!r}: none of the {len(files)} images in {class_dir} can be "
+      raise DataError(f"class {name!r}: none of the {len(files)} images in {where} can be "
                       "read")
-  if not images:
-    raise DataError(f"{split_dir} has no class sub-folders with images; expected "
-                    f"{FOLDER_LAYOUT}")
   channels = 3 if any(im.shape[-1] >= 3 for im in images) else 1
   return ArraySplit(np.stack([_to_channels(im, channels) for im in images]),
                     np.asarray(labels, np.int32))
@@ -274,12 +283,71 @@ def load_folder(path: str, options: SourceOptions = SourceOptions()) -> SourceDa
                     class_names=tuple(classes), skipped_files=tuple(skipped))
 
 
+# --- MIT Indoor 67 -------------------------------------------------------------------------
+
+INDOOR_LISTS = ("TrainImages.txt", "TestImages.txt")
+INDOOR_LAYOUT = ("DIR/Images/<category>/<file>.jpg (the 67 category folders of indoorCVPR_09."
+                 "tar) and the official split lists DIR/TrainImages.txt and DIR/TestImages.txt "
+                 "(lines like 'airport_inside/airport_inside_0001.jpg', 80 train and 20 test "
+                 "images per category)")
+
+
+def _read_list(path):
+  with open(path) as f:
+    return [line.strip().replace("\\", "/") for line in f if line.strip()]
+
+
+def load_indoor67(options: SourceOptions = SourceOptions()) -> SourceData:
+  """MIT Indoor Scenes (Quattoni & Torralba 2009) from its image folder and the official
+  train/test image lists; images are resized to --image_size (they come in many sizes)."""
+  root = os.path.expanduser(options.data_dir or "")
+  if not options.data_dir or not os.path.isdir(root):
+    raise DataError(f"--dataset=mit_indoor67 reads --data_dir=DIR, laid out as {INDOOR_LAYOUT}; "
+                    f"{root or 'no --data_dir'} is not a directory. The images and lists come "
+                    "from https://web.mit.edu/torralba/www/indoor.html")
+  images_dir = next((d for d in (os.path.join(root, "Images"),
+                                 os.path.join(root, "indoorCVPR_09", "Images"))
+                     if os.path.isdir(d)), None)
+  missing = [f for f in INDOOR_LISTS if not os.path.isfile(os.path.join(root, f))]
+  if images_dir is None or missing:
+    what = (["Images/"] if images_dir is None else []) + missing
+    raise DataError(f"{root} lacks {', '.join(what)}; --dataset=mit_indoor67 expects "
+                    f"{INDOOR_LAYOUT}")
+  if not options.image_size:
+    raise ConfigError("image_size", "MIT Indoor images come in many sizes: pass "
+                      "--image_size=N (e.g. 64) to resize them to NxN")
+  lists = [_read_list(os.path.join(root, f)) for f in INDOOR_LISTS]
+  classes = sorted({entry.split("/")[0] for entry in lists[0]})
+  skipped, splits = [], []
+  for list_name, entries in zip(INDOOR_LISTS, lists):
+    unknown = sorted({e.split("/")[0] for e in entries} - set(classes))
+    if unknown:
+      raise DataError(f"{list_name} names categories {unknown[:5]} that TrainImages.txt lacks")
+    by_class = []
+    for name in classes:
+      files = [os.path.join(images_dir, e) for e in entries if e.split("/")[0] == name]
+      absent = [p for p in files if not os.path.isfile(p)]
+      if absent and not options.skip_bad_images:
+        raise DataError(f"{list_name} lists {len(absent)} image(s) missing from {images_dir}, "
+                        f"e.g. {absent[0]}; restore them or pass --skip_bad_images")
+      skipped.extend(f"{p}: missing" for p in absent)
+      files = [p for p in files if p not in absent]
+      if files:
+        by_class.append((name, images_dir, files))
+    split = _read_files(by_class, options, skipped)
+    present = np.asarray([classes.index(name) for name, _, _ in by_class], np.int32)
+    splits.append(ArraySplit(split.images, present[split.labels]))
+  return SourceData(name="mit_indoor67", num_classes=len(classes), train=splits[0],
+                    test=splits[1], class_names=tuple(classes), skipped_files=tuple(skipped))
+
+
 # --- the registry ---------------------------------------------------------------------------
 
 SOURCES: Dict[str, Callable[[SourceOptions], SourceData]] = {
     "digits": load_digits,
     "cifar10": lambda options: load_tfds("cifar10", options),
     "cifar100": lambda options: load_tfds("cifar100", options),
+    "mit_indoor67": load_indoor67,
 }
 TFDS_PREFIX = "tfds:"
 FOLDER_PREFIX = "folder:"
@@ -306,7 +374,8 @@ def check_dataset_name(name: str):
 
 
 def is_folder_dataset(name: str) -> bool:
-  return _split_prefix(name)[0] == FOLDER_PREFIX
+  """Sources that decode image files (and so take --image_size and --skip_bad_images)."""
+  return _split_prefix(name)[0] == FOLDER_PREFIX or name == "mit_indoor67"
 
 
 def load_source(name: str, options: SourceOptions = SourceOptions()) -> SourceData:
