@@ -24,10 +24,13 @@ flags.DEFINE_enum("strategy", "auto", config.STRATEGIES,
 # Data.
 flags.DEFINE_string("dataset", "digits",
                     "digits (embedded, 8x8 UCI handwritten digits, no network), cifar10, "
-                    "cifar100, tfds:NAME for a tensorflow-datasets image dataset, or "
-                    "folder:PATH for image files in PATH/train/<class>/*.jpg|jpeg|png and "
-                    "PATH/test/<class>/... (classes sorted by folder name).")
-flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir holding prepared data "
+                    "cifar100, mit_indoor67 (--data_dir=DIR with DIR/Images/ and the official "
+                    "TrainImages.txt / TestImages.txt), tfds:NAME for a tensorflow-datasets "
+                    "image dataset, or folder:PATH for image files in "
+                    "PATH/train/<class>/*.jpg|jpeg|png and PATH/test/<class>/... (classes "
+                    "sorted by folder name).")
+flags.DEFINE_string("data_dir", None, "mit_indoor67: its folder. tfds datasets: the data_dir "
+                    "holding prepared data "
                     "(see tools/prepare_data.py). Nothing is downloaded during a run.")
 flags.DEFINE_integer("samples_per_class", 0,
                      "Student training examples per class (seeded subset); 0: all of them.")
@@ -133,6 +136,6 @@ flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_d
                      "deterministic kernels, for bit-identical reruns and resumes on GPUs. Not "
                      "needed on CPU, where runs with the same thread count are bit-identical "
                      "already; there it changes the numbers and was ~2x slower (see "
-                     "docs/RELIABILITY.md).")
+                     "README, Reliability).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step (measured slower on "
                      "CPU for double backprop; see tools/benchmark.py).")
