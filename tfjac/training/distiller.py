@@ -33,6 +33,28 @@ NO_TEACHER = TeacherOutputs(None, None, {}, (), None)
 ATTENTION = "attention"
 
 
+def pack_teacher_outputs(t: TeacherOutputs):
+  """TeacherOutputs -> a flat {name: per-example tensor}, the form that travels with the data
+  (training/teacher_cache.py); unpack_teacher_outputs inverts it."""
+  packed = {"logits": t.logits}
+  if t.selection is not None:
+    packed["selection"] = t.selection
+  if t.pixels is not None:
+    packed["pixels"] = t.pixels
+  packed.update({f"jacobian.{kind}": j for kind, j in t.jacobians.items()})
+  packed.update({f"feature.{i}": f for i, f in enumerate(t.features)})
+  return packed
+
+
+def unpack_teacher_outputs(packed) -> TeacherOutputs:
+  features = sorted((int(k[len("feature."):]), v) for k, v in packed.items()
+                    if k.startswith("feature."))
+  return TeacherOutputs(
+      packed["logits"], packed.get("selection"),
+      {k[len("jacobian."):]: v for k, v in packed.items() if k.startswith("jacobian.")},
+      tuple(v for _, v in features), packed.get("pixels"))
+
+
 class Distiller(keras.Model):
   """Trains `student` on the weighted sum of the named hints; `teacher` may be None when no
   hint needs one ('ce', 'jacnorm', 'noisy_ce').
@@ -251,12 +273,17 @@ class Distiller(keras.Model):
     x = tf.cast(x, tf.float32)
     step = self.optimizer.iterations
     variables = self.trained_variables
-    # The teacher runs before the weight tape opens: it records nothing there.
-    teacher_outputs = self.teacher_pass(x, labels, step)
+    if len(data) > 2 and isinstance(data[2], dict):  # the teacher cache travels with the data
+      teacher_outputs = unpack_teacher_outputs(data[2])
+    else:  # the teacher runs before the weight tape opens: it records nothing there
+      teacher_outputs = self.teacher_pass(x, labels, step)
     with tf.GradientTape() as tape:
       loss, terms, total, s_logits, inputs = self.compute_total_loss(
           x, labels, training=True, step=step, teacher_outputs=teacher_outputs)
-    grads = tape.gradient(loss, variables)
+      # mixed_float16: compile() wraps the optimizer in a LossScaleOptimizer, whose apply()
+      # divides by the scale; without this the float16 gradients underflow. Identity otherwise.
+      scaled = self.optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled, variables)
     self.optimizer.apply(grads, variables)
     return self._update_metrics(labels, terms, total, s_logits, inputs)
 
