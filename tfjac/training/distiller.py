@@ -251,6 +251,22 @@ class Distiller(keras.Model):
 
   # --- keras hooks ----------------------------------------------------------------------
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Keras 3.15 builds the model under a strategy from one batch that it averages with
+    strategy.reduce(MEAN, axis=None); MultiWorkerMirroredStrategy cannot reduce a PerReplica
+    batch that way (ValueError: Attempt to convert a value (PerReplica...)). The build needs
+    only shapes, so this worker's first local replica's batch serves as well. (Keras resets
+    the iterator after the build, so no training batch is lost.)"""
+    strategy = self._distribute_strategy
+    if iterator is not None and isinstance(strategy,
+                                           tf.distribute.MultiWorkerMirroredStrategy):
+      for _, _, it in iterator:
+        data_batch = tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0], next(it))
+        break
+      iterator = None
+    return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
   @staticmethod
   def _jacobian_norm(jacs):
     """Per-example Frobenius norm over the selected outputs of the first Jacobian kind."""
@@ -266,7 +282,12 @@ class Distiller(keras.Model):
                       ("student", inputs.student_jacobians)):
       if jacs:
         self._trackers[f"{who}_jac_norm"].update_state(self._jacobian_norm(jacs))
-    return {m.name: m.result() for m in self.metrics}
+    results = {m.name: m.result() for m in self.metrics}
+    if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      # Keras 3.15 averages the logs over workers with strategy.reduce(MEAN, v, axis=0),
+      # which fails on a scalar: give each a batch axis of one, reduced away there.
+      results = {k: tf.reshape(v, [1]) for k, v in results.items()}
+    return results
 
   def train_step(self, data):
     x, labels = data[0], data[1]
