@@ -96,7 +96,8 @@ def resume_settings(config: Config, role: str):
   for train in ("train", "teacher_train"):
     c[train].pop("backup_every_steps")
   if role == "teacher":  # the teacher's fit depends on none of the student's settings
-    c = {k: c[k] for k in ("strategy", "data", "teacher", "teacher_train", "deterministic")}
+    c = {k: c[k] for k in ("strategy", "data", "teacher", "teacher_train", "deterministic",
+                           "mixed_precision")}
     c["ce_weight"] = config.hints.weight("ce")
   return c
 
