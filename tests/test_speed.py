@@ -194,3 +194,17 @@ def test_chief_is_the_chief_task_or_worker_zero():
   assert not config_lib.is_chief({"worker": ["a:1", "b:1"]}, "worker", 1)
   assert not config_lib.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0)
   assert config_lib.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0)
+
+
+def test_packed_teacher_outputs_round_trip_with_features_and_pixels():
+  from tfjac.training.distiller import (TeacherOutputs, pack_teacher_outputs,
+                                        unpack_teacher_outputs)
+  t = TeacherOutputs(tf.ones([2, 3]), tf.zeros([2, 1, 3]),
+                     {"logits": tf.ones([2, 1, 4]), "attention": tf.zeros([2, 2, 4])},
+                     tuple(tf.fill([2, 4, 4, c], float(c)) for c in range(1, 12)),
+                     tf.constant([[1, 2], [3, 4]]))
+  back = unpack_teacher_outputs(pack_teacher_outputs(t))
+  assert sorted(back.jacobians) == ["attention", "logits"]
+  assert [int(f.shape[-1]) for f in back.features] == list(range(1, 12))  # order kept past 9
+  np.testing.assert_array_equal(back.pixels, t.pixels)
+  np.testing.assert_array_equal(back.selection, t.selection)
