@@ -208,3 +208,40 @@ def test_packed_teacher_outputs_round_trip_with_features_and_pixels():
   assert [int(f.shape[-1]) for f in back.features] == list(range(1, 12))  # order kept past 9
   np.testing.assert_array_equal(back.pixels, t.pixels)
   np.testing.assert_array_equal(back.selection, t.selection)
+
+
+def _one_fit_step(digits_splits, tmp_path, name, *, jit, strategy=None):
+  info = digits_splits.info
+  strategy = strategy or tf.distribute.get_strategy()
+  with strategy.scope():
+    student, teacher = _networks(info)
+    distiller = Distiller(student, teacher, hints=HINTS)
+  # Plain SGD: Adam's first step is lr * sign(gradient), which turns rounding into +-lr.
+  cfg = dataclasses.replace(CFG, steps_per_epoch=1, jit_compile=jit, lr_schedule="constant",
+                            optimizer="sgd", momentum=0.0, learning_rate=0.1)
+  loop.fit(distiller, digits_splits.sampled_train(2, 0), digits_splits.validation, cfg, seed=1,
+           log_dir=str(tmp_path / name / "tb"), checkpoint_dir=str(tmp_path / name))
+  return distiller, student.get_weights()
+
+
+def test_jit_compiled_double_backprop_step_matches_the_graph_step(tmp_path, digits_splits):
+  distiller, with_xla = _one_fit_step(digits_splits, tmp_path, "xla", jit=True)
+  assert distiller.jit_compile is True
+  _, without = _one_fit_step(digits_splits, tmp_path, "graph", jit=False)
+  keras.utils.set_random_seed(3)
+  init = _networks(digits_splits.info)[0].get_weights()
+  # XLA fuses and reorders float32 sums: the two updates differ by rounding only, small
+  # against the update itself (a Jacobian term lost under XLA would differ by far more).
+  update = np.sqrt(sum(np.sum((b - i) ** 2) for b, i in zip(without, init)))
+  diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(with_xla, without)))
+  assert update > 1e-2 and diff / update < 2e-3, (diff, update)  # 2.4e-4 measured
+
+
+def test_jit_compile_under_two_replicas_falls_back_with_a_logged_reason(
+    tmp_path, digits_splits, caplog):
+  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  with caplog.at_level("WARNING"):
+    distiller, _ = _one_fit_step(digits_splits, tmp_path, "two", jit=True, strategy=two)
+  assert distiller.jit_compile is False
+  assert any("--jit_compile turned off" in r.getMessage() and "2 replicas" in r.getMessage()
+             for r in caplog.records)
