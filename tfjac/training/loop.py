@@ -147,6 +147,17 @@ class FitResult:
   resumed_from: Optional[Dict[str, int]] = None  # {"epochs_done", "steps_done"} of the backup
 
 
+def resolve_jit_compile(jit_compile: bool, replicas: int) -> bool:
+  """--jit_compile as it can be honoured: off, with a logged reason, over several replicas
+  (reached with --strategy=auto and several GPUs; explicit strategies are a ConfigError)."""
+  if jit_compile and replicas > 1:
+    logging.warning("--jit_compile turned off: XLA cannot compile a step over %d replicas "
+                    "(their variables live on other devices; Keras disables XLA under "
+                    "tf.distribute too)", replicas)
+    return False
+  return jit_compile
+
+
 def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, augment=(),
         crop_padding=0, log_dir, checkpoint_dir, extra_callbacks=(), resume=False,
         settings=None, keep_backup=False, teacher_cache=False) -> FitResult:
@@ -166,13 +177,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     restored = resume_lib.read(backup_dir, settings)
   else:
     resume_lib.discard(backup_dir)
-  jit = cfg.jit_compile
-  replicas = distiller.distribute_strategy.num_replicas_in_sync
-  if jit and replicas > 1:  # --strategy=auto found several GPUs (explicit strategies: ConfigError)
-    logging.warning("--jit_compile turned off: XLA cannot compile a step over %d replicas "
-                    "(their variables live on other devices; Keras disables XLA under "
-                    "tf.distribute too)", replicas)
-    jit = False
+  jit = resolve_jit_compile(cfg.jit_compile, distiller.distribute_strategy.num_replicas_in_sync)
   with distiller.distribute_strategy.scope():  # the optimizer's variables are per replica
     distiller.compile(optimizer=make_optimizer(cfg, steps), jit_compile=jit)
   extras = None
