@@ -161,8 +161,9 @@ def test_jit_compile_with_several_replicas_is_refused(tmp_path, monkeypatch, str
   monkeypatch.setenv("TF_CONFIG", json.dumps(
       {"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker",
                                                                         "index": 0}}))
-  cfg = _config(workdir=str(tmp_path), strategy=strategy, train=TrainConfig(jit_compile=True))
-  with pytest.raises(ConfigError, match="--jit_compile.*XLA"):
+  cfg = _config(workdir=str(tmp_path), strategy=strategy, train=TrainConfig(jit_compile=True),
+                hints=HintConfig(hints=("act", "ce")))
+  with pytest.raises(ConfigError, match="--jit_compile.*XLA cannot compile a step under"):
     config_lib.validate(cfg)
   config_lib.validate(dataclasses.replace(cfg, train=TrainConfig()))
 
@@ -210,28 +211,35 @@ def test_packed_teacher_outputs_round_trip_with_features_and_pixels():
   np.testing.assert_array_equal(back.selection, t.selection)
 
 
-def _one_fit_step(digits_splits, tmp_path, name, *, jit):
-  student, teacher = _networks(digits_splits.info)
-  distiller = Distiller(student, teacher, hints=HINTS)
-  # Plain SGD: Adam's first step is lr * sign(gradient), which turns rounding into +-lr.
-  cfg = dataclasses.replace(CFG, steps_per_epoch=1, jit_compile=jit, lr_schedule="constant",
-                            optimizer="sgd", momentum=0.0, learning_rate=0.1)
-  loop.fit(distiller, digits_splits.sampled_train(2, 0), digits_splits.validation, cfg, seed=1,
-           log_dir=str(tmp_path / name / "tb"), checkpoint_dir=str(tmp_path / name))
-  return distiller, student.get_weights()
+@pytest.mark.parametrize("hints", [("act", "jac", "ce"), ("ce", "jacnorm"), ("jac_ce",)])
+def test_jit_compile_with_double_backprop_is_refused(tmp_path, hints):
+  mode = "regularize" if "jacnorm" in hints else "distill"
+  cfg = _config(workdir=str(tmp_path), mode=mode, hints=HintConfig(hints=hints),
+                train=TrainConfig(jit_compile=True))
+  with pytest.raises(ConfigError, match="--jit_compile: refused .*max-pooling"):
+    config_lib.validate(cfg)
+  config_lib.validate(dataclasses.replace(cfg, train=TrainConfig()))
 
 
-def test_jit_compiled_double_backprop_step_matches_the_graph_step(tmp_path, digits_splits):
-  distiller, with_xla = _one_fit_step(digits_splits, tmp_path, "xla", jit=True)
+def test_jit_compiled_first_order_step_matches_the_graph_step(digits_splits):
+  """XLA is allowed where the step has no double backprop (act: the teacher's Jacobian, if
+  any, is first order)."""
+  def one_step(jit):
+    student, teacher = _networks(digits_splits.info)
+    distiller = Distiller(student, teacher, hints=(("act", 1.0), ("ce", 1.0)))
+    # Plain SGD: Adam's first step is lr * sign(gradient), which turns rounding into +-lr.
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit)
+    distiller.train_on_batch(digits_splits.train.images[:16], digits_splits.train.labels[:16])
+    return distiller, student.get_weights()
+
+  distiller, with_xla = one_step(True)
   assert distiller.jit_compile is True
-  _, without = _one_fit_step(digits_splits, tmp_path, "graph", jit=False)
+  _, without = one_step(False)
   keras.utils.set_random_seed(3)
   init = _networks(digits_splits.info)[0].get_weights()
-  # XLA fuses and reorders float32 sums: the two updates differ by rounding only, small
-  # against the update itself (a Jacobian term lost under XLA would differ by far more).
   update = np.sqrt(sum(np.sum((b - i) ** 2) for b, i in zip(without, init)))
   diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(with_xla, without)))
-  assert update > 1e-2 and diff / update < 2e-3, (diff, update)  # 2.4e-4 measured
+  assert update > 1e-2 and diff / update < 1e-4, (diff, update)  # float32 rounding
 
 
 def test_jit_compile_under_two_replicas_falls_back_with_a_logged_reason(caplog):

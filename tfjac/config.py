@@ -252,6 +252,13 @@ def validate(config: Config):
   _choice("mixed_precision", config.mixed_precision, PRECISIONS)
   if config.strategy == "multi_worker":
     parse_tf_config(os.environ.get("TF_CONFIG"))
+  double_backprop = [name for name in config.hints.hints if hints.HINTS[name].student_jacobians]
+  if config.train.jit_compile and double_backprop:
+    raise ConfigError("jit_compile", f"refused with the hint(s) {','.join(double_backprop)}: "
+                      "their weight gradients come from double backprop, and XLA's "
+                      "second-order gradient through max-pooling was measured wrong on CPU "
+                      "(TF 2.21: 1-7% off the graph's gradient, which matches finite "
+                      "differences; README, Speed). Drop --jit_compile.")
   if config.strategy in _MULTI_REPLICA and (config.train.jit_compile or
                                             config.teacher_train.jit_compile):
     raise ConfigError("jit_compile", f"XLA cannot compile a step under --strategy="

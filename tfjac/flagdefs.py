@@ -143,10 +143,12 @@ flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_d
                      "needed on CPU, where runs with the same thread count are bit-identical "
                      "already; there it changes the numbers and was ~2x slower (see "
                      "README, Reliability).")
-flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step. Default off: on "
-                     "this project's CPU it was measured slower for the double-backprop step "
-                     "(README, Speed; tools/benchmark.py --jit_compile=false,true). Not "
-                     "measured on GPU here: measure before turning it on there. Refused with "
+flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step. Refused with "
+                     "hints that take the student's Jacobian (jac, jac_ce, jacnorm, at_jac): "
+                     "XLA's second-order gradient through max-pooling was measured wrong. "
+                     "Default off: on this project's CPU it was also slower (README, Speed; "
+                     "tools/benchmark.py --jit_compile=false,true). Not measured on GPU here: "
+                     "measure before turning it on there. Refused with "
                      "--strategy=mirrored or multi_worker (XLA cannot reach the other "
                      "replicas' variables); under --strategy=auto with several GPUs it is "
                      "turned off with a logged reason.")
