@@ -101,6 +101,11 @@ def _device(tf):
   return f"CPU: {model}, {os.cpu_count()} cores visible"
 
 
+def _double_backprop(hints):
+  from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
+  return any(hints_lib.HINTS[h].student_jacobians for h in hints.split(","))
+
+
 def _cacheable(hints, target):
   """Where --teacher_cache can be on (config.teacher_cache_blocker, without augmentation)."""
   from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
@@ -311,6 +316,10 @@ def main(argv):
         f"{first['num_classes']} classes; median of {first['steps']} steps after "
         f"{first['warmup']} warm-up steps\n")
   print(table(results))
+  if any(r["jit_compile"] and _double_backprop(r["hints"]) for r in results):
+    print("\nXLA rows with a double-backprop hint measure speed only: tfjac.run refuses that "
+          "combination (XLA's second-order gradient through max-pooling is wrong; README, "
+          "Speed).")
   if FLAGS.json:
     keys = ("device", "tensorflow", "keras", "teacher_model", "model", "width", "image_size",
             "channels", "num_classes", "steps", "warmup")
