@@ -251,3 +251,26 @@ def test_jit_compile_under_two_replicas_falls_back_with_a_logged_reason(caplog):
              for r in caplog.records)
   assert loop.resolve_jit_compile(True, 1) is True
   assert loop.resolve_jit_compile(False, 2) is False
+
+
+def test_float16_without_a_gpu_logs_why_it_is_slow(tmp_path, caplog):
+  from tfjac.modes import common
+  cfg = _config(workdir=str(tmp_path), mixed_precision="mixed_float16")
+  with caplog.at_level("WARNING"):
+    common.check_precision(cfg, tf.distribute.get_strategy())
+  assert any("mixed_float16 without a GPU" in r.getMessage() for r in caplog.records)
+
+
+def test_command_line_names_tf_config_when_it_is_malformed(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, TF_CONFIG="{not json", CUDA_VISIBLE_DEVICES="",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-m", "tfjac.run", "--strategy=multi_worker",
+                         f"--workdir={tmp_path}"], env=env, cwd=root, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 2
+  assert "tfjac: error: --strategy: TF_CONFIG is not valid JSON" in proc.stderr
+  assert "Traceback" not in proc.stderr
