@@ -11,7 +11,10 @@ from typing import Optional, Tuple
 from tfjac.errors import ConfigError
 
 MODES = ("teacher", "distill", "regularize", "transfer", "finetune", "conditions")
-STRATEGIES = ("auto", "default", "mirrored")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+TEACHER_CACHE = ("auto", "on", "off")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+_MULTI_REPLICA = ("mirrored", "multi_worker")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("crop", "flip")
@@ -106,6 +109,8 @@ class Config:
   resume: bool = True  # continue an interrupted fit from its backup (same settings only)
   deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
   unsafe_teacher_loading: bool = False  # let a .keras teacher run its Lambda code
+  teacher_cache: str = "auto"  # teacher outputs computed once per example: auto, on, off
+  mixed_precision: str = "float32"  # keras dtype policy of the networks built here
 
   def to_dict(self):
     return dataclasses.asdict(self)
@@ -237,10 +242,116 @@ def validate(config: Config):
   if config.mode == "teacher" and config.teacher_path:
     raise ConfigError("teacher", "--mode=teacher trains a teacher; it takes no --teacher")
 
+  _choice("teacher_cache", config.teacher_cache, TEACHER_CACHE)
+  if config.teacher_cache == "on":
+    blocker = teacher_cache_blocker(config)
+    if blocker:
+      raise ConfigError("teacher_cache", f"on cannot be honoured: {blocker}. Use auto (it "
+                        "then computes the teacher per batch) or off.")
+  _choice("strategy", config.strategy, STRATEGIES)
+  _choice("mixed_precision", config.mixed_precision, PRECISIONS)
+  if config.strategy == "multi_worker":
+    parse_tf_config(os.environ.get("TF_CONFIG"))
+  double_backprop = [name for name in config.hints.hints if hints.HINTS[name].student_jacobians]
+  if config.train.jit_compile and double_backprop:
+    raise ConfigError("jit_compile", f"refused with the hint(s) {','.join(double_backprop)}: "
+                      "their weight gradients come from double backprop, and XLA's "
+                      "second-order gradient through max-pooling was measured wrong on CPU "
+                      "(TF 2.21: 1-7% off the graph's gradient, which matches finite "
+                      "differences; README, Speed). Drop --jit_compile.")
+  if config.strategy in _MULTI_REPLICA and (config.train.jit_compile or
+                                            config.teacher_train.jit_compile):
+    raise ConfigError("jit_compile", f"XLA cannot compile a step under --strategy="
+                      f"{config.strategy}: the replicas' variables live on other devices "
+                      "(TF's XLA known issue 'tf.Variable on a different device'; Keras "
+                      "turns jit off under tf.distribute itself). Drop --jit_compile or use "
+                      "--strategy=default.")
+
   if config.teacher_path is not None and not os.path.exists(config.teacher_path):
     raise ConfigError("teacher", f"{config.teacher_path!r} does not exist; give a .keras file "
                       "or a SavedModel directory written by --mode=teacher")
   _check_writable(config.workdir)
+
+
+def teacher_cache_blocker(config: Config) -> Optional[str]:
+  """Why the student's fit cannot use teacher outputs computed once per example, or None.
+  The teacher is frozen and runs in inference mode, so its outputs are a function of the
+  example alone unless the example or the outputs asked for change from step to step."""
+  from tfjac import hints  # pylint: disable=g-import-not-at-top
+  if config.mode in ("teacher", "regularize", "conditions"):
+    return f"--mode={config.mode} fits no student against a teacher"
+  chosen = {name: hints.HINTS[name] for name in config.hints.hints}
+  if not any(hint.needs_teacher for hint in chosen.values()):
+    return "no hint in --hints reads the teacher"
+  if config.data.augment:
+    return (f"--augment={','.join(config.data.augment)} changes every example at every step, "
+            "so the teacher must see each augmented batch")
+  per_step = [name for name, hint in chosen.items() if hint.runs_teacher_per_step]
+  if per_step:
+    return f"the hint(s) {','.join(per_step)} run the teacher on new noisy inputs at every step"
+  uses_target = any(h.student_jacobians or h.teacher_jacobians for h in chosen.values())
+  if uses_target and hints.JACOBIAN_TARGETS[config.hints.jac_target].seeded_by_step:
+    return (f"--jac_target={config.hints.jac_target} draws new outputs at every step (seeded "
+            "by the step)")
+  return None
+
+
+def use_teacher_cache(config: Config) -> Tuple[bool, str]:
+  """(whether the student's fit uses cached teacher outputs, the reason, for the log)."""
+  blocker = teacher_cache_blocker(config)
+  if config.teacher_cache == "off":
+    return False, "--teacher_cache=off"
+  if blocker:
+    return False, blocker
+  return True, f"--teacher_cache={config.teacher_cache}: no augmentation, deterministic targets"
+
+
+def parse_tf_config(text: Optional[str]):
+  """The TF_CONFIG of --strategy=multi_worker, checked: (cluster dict, task type, task index).
+  Raises ConfigError naming TF_CONFIG with what is wrong and what a valid one looks like."""
+  import json  # pylint: disable=g-import-not-at-top
+  example = ('e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+             '"task": {"type": "worker", "index": 0}}')
+  if not text:
+    raise ConfigError("strategy", "multi_worker needs the environment variable TF_CONFIG, "
+                      + example)
+  try:
+    value = json.loads(text)
+  except ValueError as e:
+    raise ConfigError("strategy", f"TF_CONFIG is not valid JSON ({e}); {example}") from e
+  if not isinstance(value, dict) or not isinstance(value.get("cluster"), dict) or not value[
+      "cluster"]:
+    raise ConfigError("strategy", f"TF_CONFIG has no \"cluster\" mapping of job names to "
+                      f"address lists; {example}")
+  cluster = value["cluster"]
+  for job, addresses in cluster.items():
+    if (not isinstance(addresses, list) or not addresses or
+        not all(isinstance(a, str) and ":" in a for a in addresses)):
+      raise ConfigError("strategy", f"TF_CONFIG cluster job {job!r} must be a non-empty list "
+                        f"of \"host:port\" strings, got {addresses!r}")
+  unknown = sorted(set(cluster) - {"chief", "worker"})
+  if unknown:
+    raise ConfigError("strategy", f"TF_CONFIG cluster jobs {unknown} are not used by "
+                      "MultiWorkerMirroredStrategy; use chief and worker")
+  task = value.get("task")
+  if not isinstance(task, dict) or "type" not in task or "index" not in task:
+    raise ConfigError("strategy", f"TF_CONFIG has no \"task\" with \"type\" and \"index\"; "
+                      + example)
+  kind, index = task["type"], task["index"]
+  if kind not in cluster:
+    raise ConfigError("strategy", f"TF_CONFIG task type {kind!r} is not a job of the cluster "
+                      f"({', '.join(sorted(cluster))})")
+  if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(
+      cluster[kind]):
+    raise ConfigError("strategy", f"TF_CONFIG task index {index!r} is out of range: job "
+                      f"{kind!r} has {len(cluster[kind])} address(es), indices 0.."
+                      f"{len(cluster[kind]) - 1}")
+  return cluster, kind, index
+
+
+def is_chief(cluster, kind, index) -> bool:
+  """The chief writes the run's outputs: task 'chief', or worker 0 when there is no chief."""
+  return kind == "chief" or (kind == "worker" and index == 0 and "chief" not in cluster)
 
 
 def validate_against_data(config: Config, num_classes: int):
@@ -255,7 +366,8 @@ def validate_against_data(config: Config, num_classes: int):
 def _check_writable(workdir):
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".tfjac_write_probe")
+    # Per process: workers of one multi-worker job may probe the same directory at once.
+    probe = os.path.join(workdir, f".tfjac_write_probe.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)

@@ -19,7 +19,12 @@ flags.DEFINE_string("workdir", "runs/default",
                     "and student/ (SavedModel + .keras). A teacher found here is reused.")
 flags.DEFINE_enum("strategy", "auto", config.STRATEGIES,
                   "tf.distribute strategy. auto: MirroredStrategy when several GPUs are "
-                  "visible, else the default (one device) strategy.")
+                  "visible, else the default (one device) strategy. mirrored: "
+                  "MirroredStrategy over this machine's devices. multi_worker: "
+                  "MultiWorkerMirroredStrategy over the machines listed in the environment "
+                  "variable TF_CONFIG; start the same command on every machine, each with its "
+                  "own task in TF_CONFIG; the chief (task chief, else worker 0) writes "
+                  "--workdir, the others write under <workdir>/workers/<type>_<index>.")
 
 # Data.
 flags.DEFINE_string("dataset", "digits",
@@ -106,7 +111,8 @@ flags.DEFINE_boolean("jac_normalize", True, "L2-normalise each example's Jacobia
 flags.DEFINE_enum("jac_bn_policy", "batch_stats", config.BN_POLICIES,
                   "BatchNorm in the student's Jacobian pass during training. batch_stats: one "
                   "pass, batch statistics held constant for the input gradient. inference: a "
-                  "second pass with moving statistics. Both give per-example Jacobians.")
+                  "second pass with moving statistics. Both give per-example Jacobians; "
+                  "batch_stats was the cheaper (README, Speed).")
 
 # Optimisation.
 flags.DEFINE_integer("epochs", 60, "Student epochs.")
@@ -137,5 +143,32 @@ flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_d
                      "needed on CPU, where runs with the same thread count are bit-identical "
                      "already; there it changes the numbers and was ~2x slower (see "
                      "README, Reliability).")
-flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step (measured slower on "
-                     "CPU for double backprop; see tools/benchmark.py).")
+flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step. Refused with "
+                     "hints that take the student's Jacobian (jac, jac_ce, jacnorm, at_jac): "
+                     "XLA's second-order gradient through max-pooling was measured wrong. "
+                     "Default off: on this project's CPU it was also slower (README, Speed; "
+                     "tools/benchmark.py --jit_compile=false,true). Not measured on GPU here: "
+                     "measure before turning it on there. Refused with "
+                     "--strategy=mirrored or multi_worker (XLA cannot reach the other "
+                     "replicas' variables); under --strategy=auto with several GPUs it is "
+                     "turned off with a logged reason.")
+
+# Speed and scale.
+flags.DEFINE_enum("teacher_cache", "auto", config.TEACHER_CACHE,
+                  "Teacher outputs (logits, Jacobians of the --jac_target outputs, feature "
+                  "maps) computed once per training example before the student's fit and fed "
+                  "with the data, so a step runs only the student. The teacher is frozen, so "
+                  "the numbers are the same either way. auto: on unless the teacher must run "
+                  "per batch, i.e. with --augment, with a --jac_target drawn per step (random, "
+                  "projection) or with the noise hint (the log says which); on: insist (an "
+                  "error when it cannot be honoured); off: run the teacher at every step. "
+                  "Memory: the Jacobians take K x image size floats per example.")
+flags.DEFINE_enum("mixed_precision", "float32", config.PRECISIONS,
+                  "Keras dtype policy of the networks built here. mixed_float16: float16 "
+                  "compute with dynamic loss scaling (for GPUs); mixed_bfloat16: bfloat16 "
+                  "compute, no loss scaling (GPUs with bfloat16, TPUs, recent CPUs). The logits "
+                  "layer, the variables, the inputs and so the Jacobians stay float32; the "
+                  "input-gradient is computed through low-precision layers and can underflow "
+                  "in deep networks. Default float32: float16 on CPU is emulated and very "
+                  "slow; bfloat16 was 2x faster on a CPU with AMX-BF16 but changes the "
+                  "numbers (README, Speed); not measured on GPU here.")

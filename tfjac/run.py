@@ -82,7 +82,8 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           classes=_int_list("source_classes", f.source_classes), seed=f.seed),
       conditions_examples=f.conditions_examples,
       resume=f.resume, deterministic=f.deterministic,
-      unsafe_teacher_loading=f.unsafe_teacher_loading)
+      unsafe_teacher_loading=f.unsafe_teacher_loading,
+      teacher_cache=f.teacher_cache, mixed_precision=f.mixed_precision)
 
 
 def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:
@@ -113,17 +114,25 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
 
   start = time.time()
   config_lib.validate(config)
+  config = common.worker_config(config)  # multi-worker: only the chief writes --workdir
   if flagfile_text:
     export.atomic_write_text(os.path.join(config.workdir, "flags.cfg"), flagfile_text)
+  # First TF work: MultiWorkerMirroredStrategy must be created before any op runs.
+  strategy = common.make_strategy(config.strategy)
   if config.deterministic:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.data.seed)
   splits = data.prepare(config.data)
   config_lib.validate_against_data(config, splits.info.num_classes)
-  strategy = common.make_strategy(config.strategy)
+  common.check_precision(config, strategy)
   mode = importlib.import_module(MODES[config.mode])
-  results = mode.run(config, splits, strategy)
+  previous_policy = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy(config.mixed_precision)
+  try:
+    results = mode.run(config, splits, strategy)
+  finally:  # a process that runs several jobs (tests) starts each from float32
+    keras.mixed_precision.set_global_policy(previous_policy)
   results.update(
       mode=config.mode, config=config.to_dict(),
       dataset={"name": splits.info.name, "image_shape": list(splits.info.image_shape),

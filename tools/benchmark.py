@@ -1,13 +1,26 @@
-"""Speed and memory of one Distiller training step per hint set (the poster's shapes by default).
+"""Speed and memory of one Distiller training step, over hint sets, Jacobian targets, BatchNorm
+policies, cached vs per-batch teacher outputs, XLA, batch sizes, replicas and precisions.
 
-`python tools/benchmark.py` times the compiled train step (Distiller.train_step through
-keras' train function) of a VGG-9 teacher -> VGG-4 student on random 32x32x3 images, 100
-classes, batch 128, for `ce`, `act,ce` and `act,jac,ce`, and prints a markdown table: median
-ms/step, images/s, ratio to `ce`, peak memory. Each configuration runs in a fresh subprocess so
-that its peak memory is its own. CPU: peak RSS of the subprocess, and 'step peak' = VmHWM at the
-end minus VmRSS right before the first step (graph tracing included). GPU: the allocator's peak
-over the steps. Random data: this measures speed, not accuracy.
+`python tools/benchmark.py` times the compiled train step (Distiller.train_step through keras'
+train function) of a VGG-9 teacher -> VGG-4 student on random 32x32x3 images, 100 classes
+(the poster's shapes), and prints a markdown table: median ms/step, images/s, ratio to the
+`ce` step of the same batch size / XLA / replicas / precision, peak memory; --json writes
+every number. Each configuration runs in a fresh subprocess so that its peak memory is its own.
+
+--grid=sweep (default) varies one dimension at a time around a base configuration (--base_hints
+with the first value of every other list), plus a `ce` row for every batch size / XLA /
+replicas / precision it uses; --grid=product measures the full cross product (large).
+teacher_cache on: the teacher's outputs are computed once before timing (Distiller.teacher_pass)
+and fed with the batch, as --teacher_cache does; only where that is valid (a teacher hint, no
+noise hint, a target not drawn per step). replicas 2: MirroredStrategy over 2 logical CPU
+devices on a CPU (same cores: this measures the overhead of the replication, not a speed-up),
+or over 2 GPUs when there are (skipped with one GPU).
+
+CPU: peak RSS of the subprocess, and 'step peak' = VmHWM at the end minus VmRSS right before the
+first step (graph tracing included). GPU: the allocator's peak over the steps. Random data:
+this measures speed, not accuracy.
 """
+import itertools
 import json
 import os
 import platform
@@ -22,25 +35,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_multi_string("hints_sets", ["ce", "act,ce", "act,jac,ce"],
+flags.DEFINE_multi_string("hints_sets", ["ce", "act,ce", "kd,ce", "act,jac,ce", "act,jac",
+                                         "jac_ce,ce", "noise,ce"],
                           "Hint sets to measure, each comma-separated; several per flag "
                           "separated by ';', or repeat the flag.")
+flags.DEFINE_string("base_hints", "act,jac,ce", "--grid=sweep: the hint set whose Jacobian "
+                    "targets, BatchNorm policies, XLA, batch sizes, replicas and precisions "
+                    "are varied.")
+flags.DEFINE_enum("grid", "sweep", ["sweep", "product"], "sweep: one dimension at a time "
+                  "around the base configuration; product: every combination.")
 flags.DEFINE_string("teacher_model", "vgg9", "Teacher architecture (tfjac.models).")
 flags.DEFINE_string("model", "vgg4", "Student architecture (tfjac.models).")
 flags.DEFINE_float("width", 1.0, "Student channel-width multiplier.")
 flags.DEFINE_integer("image_size", 32, "Image height and width.")
 flags.DEFINE_integer("channels", 3, "Image channels.")
 flags.DEFINE_integer("num_classes", 100, "Number of classes.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_list("batch_sizes", ["128"], "Global batch sizes to measure.")
 flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one traces the graph).")
-flags.DEFINE_list("jac_bn_policy", ["batch_stats"], "BatchNorm policies of the student's "
-                  "Jacobian (batch_stats, inference); only hint sets with 'jac' use it.")
-flags.DEFINE_list("jac_targets", ["label"], "Jacobian targets to measure (label, teacher_top1, "
-                  "random, top_k, all, projection); only hint sets with Jacobians use them.")
+flags.DEFINE_list("jac_bn_policy", ["batch_stats", "inference"], "BatchNorm policies of the "
+                  "student's Jacobian (batch_stats, inference); only hint sets with 'jac' use "
+                  "it. The first is the base.")
+flags.DEFINE_list("jac_targets", ["label", "teacher_top1", "random", "top_k", "projection"],
+                  "Jacobian targets to measure (label, teacher_top1, random, top_k, all, "
+                  "projection; 'all' takes one backward pass per class: slow); only hint sets "
+                  "with Jacobians use them.")
 flags.DEFINE_integer("jac_top_k", 5, "k of the top_k target.")
 flags.DEFINE_integer("jac_projections", 1, "Projections of the projection target.")
-flags.DEFINE_list("jit_compile", ["false"], "XLA settings to measure: false, true or both.")
+flags.DEFINE_list("teacher_cache", ["off", "on"], "Teacher outputs per batch (off) or cached "
+                  "(on; where valid).")
+flags.DEFINE_list("jit_compile", ["false", "true"], "XLA settings to measure: false, true.")
+flags.DEFINE_list("replicas", ["1", "2"], "Replicas to measure (1, 2).")
+flags.DEFINE_list("mixed_precision", ["float32"], "Keras dtype policies to measure: float32, "
+                  "mixed_float16, mixed_bfloat16 (float16 is emulated on CPU: slow).")
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 flags.DEFINE_string("single", None, "Internal: run one configuration (JSON) and print it.")
 FLAGS = flags.FLAGS
@@ -74,70 +101,150 @@ def _device(tf):
   return f"CPU: {model}, {os.cpu_count()} cores visible"
 
 
+def _double_backprop(hints):
+  from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
+  return any(hints_lib.HINTS[h].student_jacobians for h in hints.split(","))
+
+
+def _cacheable(hints, target):
+  """Where --teacher_cache can be on (config.teacher_cache_blocker, without augmentation)."""
+  from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
+  chosen = [hints_lib.HINTS[h] for h in hints.split(",")]
+  if not any(h.needs_teacher for h in chosen) or any(h.runs_teacher_per_step for h in chosen):
+    return False
+  uses_target = any(h.student_jacobians or h.teacher_jacobians for h in chosen)
+  return not (uses_target and hints_lib.JACOBIAN_TARGETS[target].seeded_by_step)
+
+
+def _valid(cfg):
+  from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
+  chosen = [hints_lib.HINTS[h] for h in cfg["hints"].split(",")]
+  if any(h.needs_class_targets for h in chosen) and not hints_lib.JACOBIAN_TARGETS[
+      cfg["jac_target"]].one_hot:
+    return False
+  return not cfg["teacher_cache"] or _cacheable(cfg["hints"], cfg["jac_target"])
+
+
 def run_single(cfg):
   """Builds and times one configuration in this process; returns its results dict."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if cfg["replicas"] > 1 and not tf.config.list_physical_devices("GPU"):
+    cpus = tf.config.list_physical_devices("CPU")  # before any op runs
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * cfg["replicas"])
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from tfjac import models  # pylint: disable=g-import-not-at-top
-  from tfjac.training.distiller import Distiller  # pylint: disable=g-import-not-at-top
+  from tfjac.training.distiller import (Distiller,  # pylint: disable=g-import-not-at-top
+                                        pack_teacher_outputs)
 
+  gpus = tf.config.list_physical_devices("GPU")
+  if cfg["replicas"] == 1:
+    strategy = tf.distribute.get_strategy()
+  elif gpus:
+    if len(gpus) < cfg["replicas"]:
+      return dict(cfg, skipped=f"{len(gpus)} GPU(s) for {cfg['replicas']} replicas")
+    strategy = tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(cfg["replicas"])])
+  else:
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cfg["replicas"])])
+  keras.mixed_precision.set_global_policy(cfg["mixed_precision"])
   keras.utils.set_random_seed(0)
   shape = (cfg["image_size"], cfg["image_size"], cfg["channels"])
-  stats = dict(mean=[0.5] * cfg["channels"], std=[0.25] * cfg["channels"])
-  teacher = models.build(cfg["teacher_model"], shape, cfg["num_classes"], model_name="teacher",
-                         **stats)
-  student = models.build(cfg["model"], shape, cfg["num_classes"], width=cfg["width"],
-                         model_name="student", **stats)
-  hints = [(h, 1.0) for h in cfg["hints"].split(",")]
-  # The teacher is passed for every hint set, as --mode=distill does.
-  distiller = Distiller(student, teacher, hints=hints, bn_policy=cfg["bn_policy"],
-                        num_classes=cfg["num_classes"], jac_target=cfg["jac_target"],
-                        jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"])
-  distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                    jit_compile=cfg["jit_compile"])
+  stats = dict(mean=[0.5] * cfg["channels"], std=[0.25] * cfg["channels"],
+               sync_bn=cfg["replicas"] > 1)
+  with strategy.scope():
+    teacher = models.build(cfg["teacher_model"], shape, cfg["num_classes"],
+                           model_name="teacher", **stats)
+    student = models.build(cfg["model"], shape, cfg["num_classes"], width=cfg["width"],
+                           model_name="student", **stats)
+    hints = [(h, 1.0) for h in cfg["hints"].split(",")]
+    # The teacher is passed for every hint set, as --mode=distill does.
+    distiller = Distiller(student, teacher, hints=hints, bn_policy=cfg["bn_policy"],
+                          num_classes=cfg["num_classes"], jac_target=cfg["jac_target"],
+                          jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"])
+    distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                      jit_compile=cfg["jit_compile"])
   rng = np.random.default_rng(0)
   x = tf.constant(rng.random((cfg["batch_size"], *shape), np.float32))
   y = tf.constant(rng.integers(0, cfg["num_classes"], cfg["batch_size"]), tf.int32)
-  gpu = bool(tf.config.list_physical_devices("GPU"))
-  if gpu:
+  element = (x, y)
+  if cfg["teacher_cache"]:  # computed once, outside the timed steps, as before a fit
+    element = (x, y, {k: tf.constant(v) for k, v in
+                      pack_teacher_outputs(distiller.teacher_pass(x, y, 0)).items()})
+  dataset = tf.data.Dataset.from_tensors(element).repeat()
+  if gpus:
     tf.config.experimental.reset_memory_stats("GPU:0")
   rss_before = _proc_status_kib("VmRSS")
+  # fit builds what a strategy needs (optimizer slots, metrics) and runs the warm-up steps.
+  distiller.fit(dataset, epochs=1, steps_per_epoch=cfg["warmup"], verbose=0)
+  iterator = iter(strategy.experimental_distribute_dataset(dataset)
+                  if cfg["replicas"] > 1 else dataset)
   times = []
-  for i in range(cfg["warmup"] + cfg["steps"]):
+  for _ in range(cfg["steps"]):
     start = time.perf_counter()
-    logs = distiller.train_on_batch(x, y, return_dict=True)  # returns numpy: synchronised
-    if i >= cfg["warmup"]:
-      times.append(time.perf_counter() - start)
-  if not np.isfinite(logs["loss"]):
-    raise RuntimeError(f"non-finite loss {logs['loss']} for {cfg}")
+    logs = distiller.train_function(iterator)
+    loss = float(np.asarray(logs["loss"]))  # to numpy: synchronised
+    times.append(time.perf_counter() - start)
+  if not np.isfinite(loss):
+    raise RuntimeError(f"non-finite loss {loss} for {cfg}")
   ms = 1000 * statistics.median(times)
   result = dict(cfg, ms_per_step=ms, images_per_s=cfg["batch_size"] / ms * 1000,
                 ms_per_step_all=[1000 * t for t in times],
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 step_peak_mib=(_proc_status_kib("VmHWM") - rss_before) / 1024,
                 device=_device(tf), tensorflow=tf.__version__, keras=keras.__version__)
-  if gpu:
+  if gpus:
     result["gpu_peak_mib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
   return result
 
 
+def _lists():
+  truthy = lambda v: v.strip().lower() in ("true", "1", "yes", "on")  # noqa: E731
+  return dict(
+      hints=[s.strip() for flag in FLAGS.hints_sets for s in flag.split(";") if s.strip()],
+      jac_target=list(FLAGS.jac_targets), bn_policy=list(FLAGS.jac_bn_policy),
+      teacher_cache=list(dict.fromkeys(truthy(v) for v in FLAGS.teacher_cache)),
+      jit_compile=list(dict.fromkeys(truthy(v) for v in FLAGS.jit_compile)),
+      batch_size=[int(v) for v in FLAGS.batch_sizes], replicas=[int(v) for v in FLAGS.replicas],
+      mixed_precision=list(FLAGS.mixed_precision))
+
+
+_RATIO_KEYS = ("batch_size", "jit_compile", "replicas", "mixed_precision")
+
+
 def configurations():
-  hint_sets = [s.strip() for flag in FLAGS.hints_sets for s in flag.split(";") if s.strip()]
-  jits = [v.strip().lower() in ("true", "1", "yes") for v in FLAGS.jit_compile]
   common = dict(teacher_model=FLAGS.teacher_model, model=FLAGS.model, width=FLAGS.width,
                 image_size=FLAGS.image_size, channels=FLAGS.channels,
-                num_classes=FLAGS.num_classes, batch_size=FLAGS.batch_size, steps=FLAGS.steps,
-                warmup=FLAGS.warmup, jac_top_k=FLAGS.jac_top_k,
-                jac_projections=FLAGS.jac_projections)
-  for jit in dict.fromkeys(jits):
-    for hints in hint_sets:
-      # The policy only changes the step when the student's Jacobian is taken.
-      jac = _uses_jacobians(hints)
-      for target in (FLAGS.jac_targets if jac else FLAGS.jac_targets[:1]):
-        for policy in (FLAGS.jac_bn_policy if jac else FLAGS.jac_bn_policy[:1]):
-          yield dict(common, hints=hints, bn_policy=policy, jit_compile=jit, jac_target=target)
+                num_classes=FLAGS.num_classes, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                jac_top_k=FLAGS.jac_top_k, jac_projections=FLAGS.jac_projections)
+  lists = _lists()
+  if FLAGS.grid == "product":
+    chosen = [dict(zip(lists, values)) for values in itertools.product(*lists.values())]
+  else:
+    base = {k: v[0] for k, v in lists.items()}
+    base["hints"], base["teacher_cache"] = FLAGS.base_hints, False
+    chosen = [base]
+    for key, values in lists.items():
+      for value in values:
+        chosen.append(dict(base, **{key: value}))
+    for hints in lists["hints"]:  # every hint set with and without the cache
+      for cache in lists["teacher_cache"]:
+        chosen.append(dict(base, hints=hints, teacher_cache=cache))
+    for cfg in list(chosen):  # the ce step each row's ratio refers to
+      chosen.append(dict(base, hints="ce", **{k: cfg[k] for k in _RATIO_KEYS}))
+  seen = set()
+  for cfg in chosen:
+    jac = _uses_jacobians(cfg["hints"])  # target and policy only matter with Jacobians
+    if not jac:
+      cfg = dict(cfg, jac_target=lists["jac_target"][0], bn_policy=lists["bn_policy"][0])
+    cfg = dict(common, **cfg)
+    if not _valid(cfg):
+      continue
+    key = json.dumps(cfg, sort_keys=True)
+    if key not in seen:
+      seen.add(key)
+      yield cfg
 
 
 def run_in_subprocess(cfg):
@@ -151,22 +258,34 @@ def run_in_subprocess(cfg):
   return json.loads(lines[-1][len(MARKER):])
 
 
+def _ce_of(r, results):
+  return next((c for c in results if c["hints"] == "ce" and "skipped" not in c and
+               all(c[k] == r[k] for k in _RATIO_KEYS)), None)
+
+
 def table(results):
   gpu = any("gpu_peak_mib" in r for r in results)
-  head = ["hints", "jac_target", "bn_policy", "jit", "ms/step", "images/s", "ratio to ce", "peak RSS MiB",
+  head = ["hints", "jac_target", "bn_policy", "teacher cache", "jit", "batch", "replicas",
+          "precision", "ms/step", "images/s", "ratio to ce", "peak RSS MiB",
           "step peak MiB"] + (["GPU peak MiB"] if gpu else [])
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results:
-    ce = next((c for c in results if c["hints"] == "ce" and c["jit_compile"] == r["jit_compile"]),
-              None)
-    ratio = f"{r['ms_per_step'] / ce['ms_per_step']:.2f}" if ce else "n/a"
     jac = _uses_jacobians(r["hints"])
     target = {"top_k": f"top_{r['jac_top_k']}",
               "projection": f"projection x{r['jac_projections']}"}.get(r["jac_target"],
                                                                       r["jac_target"])
-    cells = [r["hints"], target if jac else "-", r["bn_policy"] if jac else "-", str(r["jit_compile"]).lower(), f"{r['ms_per_step']:.1f}",
-             f"{r['images_per_s']:.0f}", ratio, f"{r['peak_rss_mib']:.0f}",
-             f"{r['step_peak_mib']:.0f}"] + ([f"{r.get('gpu_peak_mib', 0):.0f}"] if gpu else [])
+    cells = [r["hints"], target if jac else "-", r["bn_policy"] if jac else "-",
+             "on" if r["teacher_cache"] else "off", str(r["jit_compile"]).lower(),
+             str(r["batch_size"]), str(r["replicas"]), r["mixed_precision"]]
+    if "skipped" in r:
+      rows.append("| " + " | ".join(cells + [f"skipped: {r['skipped']}"] +
+                                    [""] * (len(head) - len(cells) - 1)) + " |")
+      continue
+    ce = _ce_of(r, results)
+    ratio = f"{r['ms_per_step'] / ce['ms_per_step']:.2f}" if ce else "n/a"
+    cells += [f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}", ratio,
+              f"{r['peak_rss_mib']:.0f}", f"{r['step_peak_mib']:.0f}"] + (
+                  [f"{r.get('gpu_peak_mib', 0):.0f}"] if gpu else [])
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
@@ -178,22 +297,35 @@ def main(argv):
     print(MARKER + json.dumps(run_single(json.loads(FLAGS.single))), flush=True)
     return
   results = []
-  for cfg in configurations():
-    print(f"measuring hints={cfg['hints']} jac_target={cfg['jac_target']} bn_policy={cfg['bn_policy']} "
-          f"jit_compile={cfg['jit_compile']} ...", file=sys.stderr, flush=True)
+  configs = list(configurations())
+  for i, cfg in enumerate(configs):
+    print(f"[{i + 1}/{len(configs)}] hints={cfg['hints']} jac_target={cfg['jac_target']} "
+          f"bn_policy={cfg['bn_policy']} teacher_cache={cfg['teacher_cache']} "
+          f"jit_compile={cfg['jit_compile']} batch={cfg['batch_size']} "
+          f"replicas={cfg['replicas']} precision={cfg['mixed_precision']} ...",
+          file=sys.stderr, flush=True)
     results.append(run_in_subprocess(cfg))
-  first = results[0]
+  for r in results:
+    ce = _ce_of(r, results)
+    if ce and "skipped" not in r:
+      r["ratio_to_ce"] = r["ms_per_step"] / ce["ms_per_step"]
+  first = next(r for r in results if "skipped" not in r)
   print(f"{first['device']}; TensorFlow {first['tensorflow']}, Keras {first['keras']}; "
         f"{first['teacher_model']} teacher -> {first['model']} student (width {first['width']}), "
         f"input {first['image_size']}x{first['image_size']}x{first['channels']}, "
-        f"{first['num_classes']} classes, batch {first['batch_size']}; median of "
-        f"{first['steps']} steps after {first['warmup']} warm-up steps\n")
+        f"{first['num_classes']} classes; median of {first['steps']} steps after "
+        f"{first['warmup']} warm-up steps\n")
   print(table(results))
+  if any(r["jit_compile"] and _double_backprop(r["hints"]) for r in results):
+    print("\nXLA rows with a double-backprop hint measure speed only: tfjac.run refuses that "
+          "combination (XLA's second-order gradient through max-pooling is wrong; README, "
+          "Speed).")
   if FLAGS.json:
     keys = ("device", "tensorflow", "keras", "teacher_model", "model", "width", "image_size",
-            "channels", "num_classes", "batch_size", "steps", "warmup")
+            "channels", "num_classes", "steps", "warmup")
     with open(FLAGS.json, "w") as f:
-      json.dump({**{k: first[k] for k in keys}, "results": results}, f, indent=2)
+      json.dump({**{k: first[k] for k in keys}, "grid": FLAGS.grid, "results": results}, f,
+                indent=2)
       f.write("\n")
 
 

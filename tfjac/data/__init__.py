@@ -179,16 +179,26 @@ def _pass_order(seed, n):
 
 def training_batches(split: ArraySplit, batch_size: int, *, seed: int, epochs: int,
                      steps_per_epoch: int = 0, start_epoch: int = 0, start_step: int = 0,
-                     augment=(), crop_padding: int = 0) -> tf.data.Dataset:
+                     augment=(), crop_padding: int = 0, extras=None) -> tf.data.Dataset:
   """The training batches from (start_epoch, start_step) on: a pure function of the seed.
 
   steps_per_epoch == 0: epoch e is one pass over `split` (pass e), its last batch partial;
   the stream ends after epoch `epochs` - 1. steps_per_epoch > 0: the passes follow each other
   without a break and epoch e is batches [e * steps, (e + 1) * steps) of that endless stream.
+  extras: {name: array [len(split), ...]} of per-example values (the teacher cache,
+  training/teacher_cache.py), batched as a third element {name: [batch, ...]} beside each
+  example; only without augmentation, where they describe the image actually fed.
   """
   n = len(split)
   images = tf.constant(split.images)
   labels = tf.constant(split.labels)
+  if extras is not None:
+    if augment:
+      raise ValueError("per-example extras describe the un-augmented images: no augmentation")
+    wrong = {k: len(v) for k, v in extras.items() if len(v) != n}
+    if wrong:
+      raise ValueError(f"extras must have one row per example ({n}), got {wrong}")
+    extras = {k: tf.constant(v) for k, v in extras.items()}
   order = _pass_order(seed, n)
   augment_base = tf.constant([seed, _AUGMENT_STREAM], tf.int64)
   augment_fn = _augment_fn(tuple(augment), crop_padding, split.images.shape[1:])
@@ -198,6 +208,8 @@ def training_batches(split: ArraySplit, batch_size: int, *, seed: int, epochs: i
     if augment:
       fold = tf.random.experimental.stateless_fold_in
       image = augment_fn(image, fold(fold(augment_base, p), i))
+    if extras is not None:
+      return image, tf.gather(labels, i), {k: tf.gather(v, i) for k, v in extras.items()}
     return image, tf.gather(labels, i)
 
   def batched(examples):

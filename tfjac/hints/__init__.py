@@ -55,6 +55,9 @@ class Hint:
   uses_noise: bool = False  # needs --noise_sigma > 0
   needs_class_targets: bool = False  # selections must be one-hot classes
   needs_features: bool = False  # paired feature maps (attention transfer)
+  # Runs the teacher itself, on inputs drawn at every step (noise): its outputs cannot be
+  # computed once per example (--teacher_cache).
+  runs_teacher_per_step: bool = False
 
 
 def _jac_ce(i: HintInputs, p: HintParams):
@@ -95,7 +98,7 @@ HINTS: Dict[str, Hint] = {
         samples=p.noise_samples, seed=i.seed),
                   help="logit matching on --noise_samples Gaussian-noised copies of each input "
                   "(std --noise_sigma): the equivalent of act + sigma^2 raw jac over all classes",
-                  needs_teacher=True, uses_noise=True),
+                  needs_teacher=True, uses_noise=True, runs_teacher_per_step=True),
     "jacnorm": Hint(lambda i, p: losses.jacobian_norm(
         student_jacobian=i.student_jacobians["logits"], sigma=p.noise_sigma),
                     help="sigma^2 ||dS/dx||^2 of the --jac_target outputs (no teacher)",

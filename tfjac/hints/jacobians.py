@@ -71,20 +71,25 @@ class Target:
   needs_reference: bool
   one_hot: bool
   help: str
+  # Draws its outputs from the step's seed: the teacher's Jacobians change from step to step,
+  # so they cannot be computed once per example (--teacher_cache).
+  seeded_by_step: bool = False
 
 
 TARGETS: Dict[str, Target] = {
     "label": Target(_label, lambda o: 1, False, True, "the ground-truth class"),
     "teacher_top1": Target(_teacher_top1, lambda o: 1, True, True,
                            "the teacher's top-1 class (the student's own without a teacher)"),
-    "random": Target(_random, lambda o: 1, False, True, "a random class per example"),
+    "random": Target(_random, lambda o: 1, False, True, "a random class per example (drawn "
+                     "anew at every step)", seeded_by_step=True),
     "top_k": Target(_top_k, lambda o: o.top_k, True, True,
                     "the teacher's --jac_top_k classes (k backward passes)"),
     "all": Target(_all, lambda o: o.num_classes, False, True,
                   "every class (C backward passes: exact Frobenius norms, costly)"),
     "projection": Target(_projection, lambda o: o.projections, False, False,
                          "--jac_projections random Gaussian projections v^T J (one backward "
-                         "pass each; unbiased for the squared Frobenius norm)"),
+                         "pass each; unbiased for the squared Frobenius norm; drawn anew at "
+                         "every step)", seeded_by_step=True),
 }
 JACOBIAN_TARGETS = TARGETS  # the name the flags and config use
 

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tfjac import config as config_lib
 from tfjac import export, models
 from tfjac.config import Config, ModelConfig, TrainConfig
 from tfjac.data import Splits
@@ -29,10 +30,42 @@ _ROLE_SEED = {"teacher": 1, "student": 2}
 def make_strategy(name: str) -> tf.distribute.Strategy:
   if name == "default":
     return tf.distribute.get_strategy()
+  if name == "multi_worker":  # reads TF_CONFIG (checked by config.validate)
+    return tf.distribute.MultiWorkerMirroredStrategy()
   gpus = tf.config.list_logical_devices("GPU")
   if name == "mirrored" or (name == "auto" and len(gpus) > 1):
     return tf.distribute.MirroredStrategy()
   return tf.distribute.get_strategy()
+
+
+def worker_config(config: Config) -> Config:
+  """Under --strategy=multi_worker every worker runs the same command; the chief writes
+  --workdir, every other worker its own <workdir>/workers/<type>_<index> (its checkpoints,
+  resume backup and exports), so that no two processes write one file."""
+  if config.strategy != "multi_worker":
+    return config
+  cluster, kind, index = config_lib.parse_tf_config(os.environ.get("TF_CONFIG"))
+  if config_lib.is_chief(cluster, kind, index):
+    return config
+  workdir = os.path.join(config.workdir, "workers", f"{kind}_{index}")
+  logging.info("multi-worker: %s %d is not the chief; it writes to %s", kind, index, workdir)
+  return dataclasses.replace(config, workdir=workdir)
+
+
+def check_precision(config: Config, strategy):
+  """Device checks of --mixed_precision, logged: they run, but not as one might expect."""
+  del strategy
+  gpus = tf.config.list_physical_devices("GPU")
+  if config.mixed_precision == "mixed_float16" and not gpus:
+    logging.warning("--mixed_precision=mixed_float16 without a GPU: float16 is emulated on CPU "
+                    "and slower than float32 (README, Speed); it runs, for testing only")
+  if config.mixed_precision == "mixed_bfloat16" and gpus:
+    details = tf.config.experimental.get_device_details(gpus[0])
+    capability = details.get("compute_capability")
+    if capability and capability < (8, 0):
+      logging.warning("--mixed_precision=mixed_bfloat16 on %s (compute capability %s): "
+                      "bfloat16 needs 8.0 (Ampere) or newer to be fast; use mixed_float16",
+                      details.get("device_name", "this GPU"), capability)
 
 
 def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, seed=0):
@@ -63,7 +96,8 @@ def resume_settings(config: Config, role: str):
   for train in ("train", "teacher_train"):
     c[train].pop("backup_every_steps")
   if role == "teacher":  # the teacher's fit depends on none of the student's settings
-    c = {k: c[k] for k in ("strategy", "data", "teacher", "teacher_train", "deterministic")}
+    c = {k: c[k] for k in ("strategy", "data", "teacher", "teacher_train", "deterministic",
+                           "mixed_precision")}
     c["ce_weight"] = config.hints.weight("ce")
   return c
 
@@ -88,13 +122,18 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
         bn_policy=h.jac_bn_policy, num_classes=splits.info.num_classes, seed=config.data.seed,
         student_view=student_view, teacher_view=teacher_view)
   workdir = config.workdir
+  use_cache = False
+  if teacher is not None:
+    use_cache, reason = config_lib.use_teacher_cache(config)
+    logging.info("teacher cache %s for the %s: %s", "on" if use_cache else "off", role, reason)
   result = loop.fit(
       distiller, train_split, splits.validation, train_cfg, seed=config.data.seed,
       augment=config.data.augment, crop_padding=config.data.crop_padding,
       log_dir=os.path.join(workdir, "tensorboard", role),
       checkpoint_dir=os.path.join(workdir, CHECKPOINTS_DIR, role),
       extra_callbacks=[loop.EpochLogger(role, train_cfg.epochs)],
-      resume=config.resume, settings=resume_settings(config, role), keep_backup=True)
+      resume=config.resume, settings=resume_settings(config, role), keep_backup=True,
+      teacher_cache=use_cache)
   test = loop.evaluate(distiller, splits.test, train_cfg.batch_size)
   if config.robustness_sigmas:
     test["accuracy_under_noise"] = robustness(config, splits, network, train_cfg.batch_size)

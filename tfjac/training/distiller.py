@@ -33,6 +33,28 @@ NO_TEACHER = TeacherOutputs(None, None, {}, (), None)
 ATTENTION = "attention"
 
 
+def pack_teacher_outputs(t: TeacherOutputs):
+  """TeacherOutputs -> a flat {name: per-example tensor}, the form that travels with the data
+  (training/teacher_cache.py); unpack_teacher_outputs inverts it."""
+  packed = {"logits": t.logits}
+  if t.selection is not None:
+    packed["selection"] = t.selection
+  if t.pixels is not None:
+    packed["pixels"] = t.pixels
+  packed.update({f"jacobian.{kind}": j for kind, j in t.jacobians.items()})
+  packed.update({f"feature.{i}": f for i, f in enumerate(t.features)})
+  return packed
+
+
+def unpack_teacher_outputs(packed) -> TeacherOutputs:
+  features = sorted((int(k[len("feature."):]), v) for k, v in packed.items()
+                    if k.startswith("feature."))
+  return TeacherOutputs(
+      packed["logits"], packed.get("selection"),
+      {k[len("jacobian."):]: v for k, v in packed.items() if k.startswith("jacobian.")},
+      tuple(v for _, v in features), packed.get("pixels"))
+
+
 class Distiller(keras.Model):
   """Trains `student` on the weighted sum of the named hints; `teacher` may be None when no
   hint needs one ('ce', 'jacnorm', 'noisy_ce').
@@ -229,6 +251,22 @@ class Distiller(keras.Model):
 
   # --- keras hooks ----------------------------------------------------------------------
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    """Keras 3.15 builds the model under a strategy from one batch that it averages with
+    strategy.reduce(MEAN, axis=None); MultiWorkerMirroredStrategy cannot reduce a PerReplica
+    batch that way (ValueError: Attempt to convert a value (PerReplica...)). The build needs
+    only shapes, so this worker's first local replica's batch serves as well. (Keras resets
+    the iterator after the build, so no training batch is lost.)"""
+    strategy = self._distribute_strategy
+    if iterator is not None and isinstance(strategy,
+                                           tf.distribute.MultiWorkerMirroredStrategy):
+      for _, _, it in iterator:
+        data_batch = tf.nest.map_structure(
+            lambda v: strategy.experimental_local_results(v)[0], next(it))
+        break
+      iterator = None
+    return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
   @staticmethod
   def _jacobian_norm(jacs):
     """Per-example Frobenius norm over the selected outputs of the first Jacobian kind."""
@@ -244,19 +282,29 @@ class Distiller(keras.Model):
                       ("student", inputs.student_jacobians)):
       if jacs:
         self._trackers[f"{who}_jac_norm"].update_state(self._jacobian_norm(jacs))
-    return {m.name: m.result() for m in self.metrics}
+    results = {m.name: m.result() for m in self.metrics}
+    if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      # Keras 3.15 averages the logs over workers with strategy.reduce(MEAN, v, axis=0),
+      # which fails on a scalar: give each a batch axis of one, reduced away there.
+      results = {k: tf.reshape(v, [1]) for k, v in results.items()}
+    return results
 
   def train_step(self, data):
     x, labels = data[0], data[1]
     x = tf.cast(x, tf.float32)
     step = self.optimizer.iterations
     variables = self.trained_variables
-    # The teacher runs before the weight tape opens: it records nothing there.
-    teacher_outputs = self.teacher_pass(x, labels, step)
+    if len(data) > 2 and isinstance(data[2], dict):  # the teacher cache travels with the data
+      teacher_outputs = unpack_teacher_outputs(data[2])
+    else:  # the teacher runs before the weight tape opens: it records nothing there
+      teacher_outputs = self.teacher_pass(x, labels, step)
     with tf.GradientTape() as tape:
       loss, terms, total, s_logits, inputs = self.compute_total_loss(
           x, labels, training=True, step=step, teacher_outputs=teacher_outputs)
-    grads = tape.gradient(loss, variables)
+      # mixed_float16: compile() wraps the optimizer in a LossScaleOptimizer, whose apply()
+      # divides by the scale; without this the float16 gradients underflow. Identity otherwise.
+      scaled = self.optimizer.scale_loss(loss)
+    grads = tape.gradient(scaled, variables)
     self.optimizer.apply(grads, variables)
     return self._update_metrics(labels, terms, total, s_logits, inputs)
 

@@ -147,15 +147,28 @@ class FitResult:
   resumed_from: Optional[Dict[str, int]] = None  # {"epochs_done", "steps_done"} of the backup
 
 
+def resolve_jit_compile(jit_compile: bool, replicas: int) -> bool:
+  """--jit_compile as it can be honoured: off, with a logged reason, over several replicas
+  (reached with --strategy=auto and several GPUs; explicit strategies are a ConfigError)."""
+  if jit_compile and replicas > 1:
+    logging.warning("--jit_compile turned off: XLA cannot compile a step over %d replicas "
+                    "(their variables live on other devices; Keras disables XLA under "
+                    "tf.distribute too)", replicas)
+    return False
+  return jit_compile
+
+
 def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, augment=(),
         crop_padding=0, log_dir, checkpoint_dir, extra_callbacks=(), resume=False,
-        settings=None, keep_backup=False) -> FitResult:
+        settings=None, keep_backup=False, teacher_cache=False) -> FitResult:
   """Compiles and fits `distiller`, then loads the best-validation student weights into it.
 
   A backup in <checkpoint_dir>/backup (left by a killed fit with the same `settings`) is
   continued from where it stopped when `resume`, else discarded. keep_backup: leave the
   finished fit's backup in place, for a caller that still has outputs to write and discards
   it afterwards (modes/common.py); a kill before then resumes with no epoch left to run.
+  teacher_cache: compute the teacher's outputs once per example first and feed them with the
+  data (training/teacher_cache.py; the caller checks that this is valid, config.py).
   """
   steps = cfg.steps_per_epoch or max(1, math.ceil(len(train_split) / cfg.batch_size))
   backup_dir = os.path.join(checkpoint_dir, resume_lib.BACKUP_DIR)
@@ -164,8 +177,15 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     restored = resume_lib.read(backup_dir, settings)
   else:
     resume_lib.discard(backup_dir)
+  jit = resolve_jit_compile(cfg.jit_compile, distiller.distribute_strategy.num_replicas_in_sync)
   with distiller.distribute_strategy.scope():  # the optimizer's variables are per replica
-    distiller.compile(optimizer=make_optimizer(cfg, steps), jit_compile=cfg.jit_compile)
+    distiller.compile(optimizer=make_optimizer(cfg, steps), jit_compile=jit)
+  extras = None
+  if teacher_cache:
+    from tfjac.training import teacher_cache as cache_lib  # pylint: disable=g-import-not-at-top
+    extras = cache_lib.compute(distiller, train_split, cfg.batch_size)
+    logging.info("teacher outputs cached for %d training examples (%.1f MiB): %s",
+                 len(train_split), cache_lib.size_mib(extras), ", ".join(sorted(extras)))
   checkpoint = StudentCheckpoint(distiller.student, checkpoint_dir)
   guard = NonFiniteGuard()
   stateful = {"checkpoint": checkpoint}
@@ -197,7 +217,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     batches = data_lib.training_batches(
         train_split, cfg.batch_size, seed=seed, epochs=cfg.epochs,
         steps_per_epoch=cfg.steps_per_epoch, start_epoch=first_epoch, start_step=first_step,
-        augment=augment, crop_padding=crop_padding)
+        augment=augment, crop_padding=crop_padding, extras=extras)
     distiller.fit(batches, validation_data=val_ds, initial_epoch=first_epoch,
                   epochs=last_epoch, steps_per_epoch=steps - first_step, callbacks=callbacks,
                   verbose=0)

@@ -1,0 +1,276 @@
+"""Speed without changing the numbers: the teacher cache, mixed precision with double backprop,
+and the checks of --teacher_cache, --jit_compile, --mixed_precision and TF_CONFIG."""
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfjac import config as config_lib
+from tfjac import data as data_lib
+from tfjac import models
+from tfjac.config import Config, DataConfig, HintConfig, TrainConfig
+from tfjac.errors import ConfigError
+from tfjac.training import loop, teacher_cache
+from tfjac.training.distiller import Distiller
+
+HINTS = (("act", 1.0), ("jac", 1.0), ("ce", 1.0))
+CFG = TrainConfig(epochs=1, batch_size=16, steps_per_epoch=4, learning_rate=1e-2)
+
+
+def _networks(info, seed=3):
+  keras.utils.set_random_seed(seed)
+  build = lambda name: models.build("vgg4", info.image_shape, 10, mean=info.mean,  # noqa: E731
+                                    std=info.std, width=0.25, model_name=name)
+  return build("student"), build("teacher")
+
+
+def _fit(tmp_path, digits_splits, name, *, use_cache, hints=HINTS):
+  info = digits_splits.info
+  student, teacher = _networks(info)
+  distiller = Distiller(student, teacher, hints=hints, seed=1)
+  loop.fit(distiller, digits_splits.sampled_train(8, 0), digits_splits.validation, CFG, seed=1,
+           log_dir=str(tmp_path / name / "tb"), checkpoint_dir=str(tmp_path / name),
+           teacher_cache=use_cache)
+  return student.get_weights()
+
+
+def test_cached_teacher_outputs_train_to_the_same_weights(tmp_path, digits_splits):
+  off = _fit(tmp_path, digits_splits, "off", use_cache=False)
+  on = _fit(tmp_path, digits_splits, "on", use_cache=True)
+  keras.utils.set_random_seed(3)
+  init = _networks(digits_splits.info)[0].get_weights()
+  assert max(np.abs(a - b).max() for a, b in zip(off, init)) > 1e-3  # it trained
+  # The teacher sees each example in a batch of other examples with and without the cache;
+  # in inference mode its per-example outputs do not depend on the batch mathematically, but
+  # CPU kernels may round differently for another batch composition: float32 tolerance.
+  for a, b in zip(off, on):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_cached_step_never_runs_the_teacher(digits_splits, monkeypatch):
+  info = digits_splits.info
+  student, teacher = _networks(info)
+  distiller = Distiller(student, teacher, hints=HINTS)
+  distiller.compile(optimizer=keras.optimizers.SGD(0.01))
+  train = digits_splits.sampled_train(4, 0)
+  cache = teacher_cache.compute(distiller, train, 16)
+  assert sorted(cache) == ["jacobian.logits", "logits", "selection"]
+  assert cache["jacobian.logits"].shape == (len(train), 1, int(np.prod(info.image_shape)))
+
+  class TeacherCalled(Exception):
+    pass
+
+  def explode(*args, **kwargs):
+    raise TeacherCalled
+
+  monkeypatch.setattr(distiller.teacher_view, "call", explode)
+  monkeypatch.setattr(distiller.teacher, "call", explode)
+  batches = lambda **kw: data_lib.training_batches(train, 16, seed=0, epochs=1, **kw)  # noqa: E731
+  distiller.fit(batches(extras=cache), epochs=1, steps_per_epoch=2, verbose=0)
+  distiller.compile(optimizer=keras.optimizers.SGD(0.01))  # a fresh train function: retrace
+  with pytest.raises(TeacherCalled):  # the same step without the cache does call it
+    distiller.fit(batches(), epochs=1, steps_per_epoch=2, verbose=0)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_double_backprop_reaches_the_weights(digits_splits, policy):
+  info = digits_splits.info
+  x = tf.constant(digits_splits.train.images[:16], tf.float32)
+  y = tf.constant(digits_splits.train.labels[:16])
+
+  def one_step(dtype_policy):
+    keras.mixed_precision.set_global_policy(dtype_policy)
+    try:
+      student, teacher = _networks(info, seed=4)
+      distiller = Distiller(student, teacher, hints=HINTS)
+      distiller.compile(optimizer=keras.optimizers.SGD(0.1))
+      with tf.GradientTape() as tape:  # the Jacobian term alone
+        t = distiller.teacher_pass(x, y, 0)
+        terms = distiller.per_example_terms(x, y, training=True, step=0, teacher_outputs=t)[0]
+        jac = tf.reduce_mean(terms["jac"])
+      grads = tape.gradient(jac, distiller.trained_variables)
+      before = [v.numpy() for v in student.trainable_variables]
+      # mixed_float16: the dynamic loss scale starts at 2**15, where the double-backprop
+      # gradients overflow; such steps are skipped (weights unchanged) and the scale halved.
+      for skipped in range(20):
+        distiller.train_on_batch(x, y)
+        if int(distiller.optimizer.iterations) > 0:
+          break
+      delta = [v.numpy() - b for v, b in zip(student.trainable_variables, before)]
+      return grads, delta, distiller, skipped
+    finally:
+      keras.mixed_precision.set_global_policy("float32")
+
+  grads, delta, distiller, skipped = one_step(policy)
+  assert distiller.student.layers[-1].compute_dtype == "float32"  # logits stay float32
+  assert any(l.compute_dtype != "float32" for l in distiller.student.layers)
+  kernels = [g for g in grads if g is not None]
+  assert kernels and all(np.isfinite(g.numpy()).all() for g in kernels)
+  assert max(float(tf.reduce_max(tf.abs(g))) for g in kernels) > 0  # jac reaches the weights
+  if policy == "mixed_float16":
+    assert isinstance(distiller.optimizer, keras.optimizers.LossScaleOptimizer)
+    print(f"mixed_float16: {skipped} step(s) skipped, loss scale now "
+          f"{float(distiller.optimizer.dynamic_scale)}")
+  else:
+    assert skipped == 0
+  _, reference, _, none_skipped = one_step("float32")
+  assert none_skipped == 0
+  # One SGD step in low precision is the float32 step up to rounding; without loss scaling
+  # the float16 step would be 2**15 times too small.
+  diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(delta, reference)))
+  norm = np.sqrt(sum(np.sum(b ** 2) for b in reference))
+  assert norm > 0 and diff / norm < 0.1, (diff, norm)
+
+
+def _config(**kw):
+  hints = kw.pop("hints", HintConfig())
+  data = kw.pop("data", DataConfig())
+  return Config(hints=hints, data=data, **kw)
+
+
+@pytest.mark.parametrize("change,why", [
+    (dict(data=DataConfig(augment=("flip",))), "--augment=flip"),
+    (dict(hints=HintConfig(jac_target="random")), "--jac_target=random"),
+    (dict(hints=HintConfig(jac_target="projection")), "--jac_target=projection"),
+    (dict(hints=HintConfig(hints=("noise", "ce"))), "noise"),
+])
+def test_teacher_cache_auto_turns_off_and_on_refuses(tmp_path, change, why):
+  cfg = _config(workdir=str(tmp_path), **change)
+  use, reason = config_lib.use_teacher_cache(cfg)
+  assert not use and why in reason
+  with pytest.raises(ConfigError, match="--teacher_cache.*" + why.replace("-", "\\-")):
+    config_lib.validate(dataclasses.replace(cfg, teacher_cache="on"))
+
+
+def test_teacher_cache_auto_is_on_for_the_default_distillation(tmp_path):
+  cfg = _config(workdir=str(tmp_path))
+  assert config_lib.use_teacher_cache(cfg)[0]
+  assert not config_lib.use_teacher_cache(dataclasses.replace(cfg, teacher_cache="off"))[0]
+  config_lib.validate(dataclasses.replace(cfg, teacher_cache="on"))
+  # jac_target=random does not matter when no hint takes Jacobians
+  cfg = _config(workdir=str(tmp_path), hints=HintConfig(hints=("act", "ce"),
+                                                        jac_target="random"))
+  assert config_lib.use_teacher_cache(cfg)[0]
+
+
+@pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])
+def test_jit_compile_with_several_replicas_is_refused(tmp_path, monkeypatch, strategy):
+  monkeypatch.setenv("TF_CONFIG", json.dumps(
+      {"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker",
+                                                                        "index": 0}}))
+  cfg = _config(workdir=str(tmp_path), strategy=strategy, train=TrainConfig(jit_compile=True),
+                hints=HintConfig(hints=("act", "ce")))
+  with pytest.raises(ConfigError, match="--jit_compile.*XLA cannot compile a step under"):
+    config_lib.validate(cfg)
+  config_lib.validate(dataclasses.replace(cfg, train=TrainConfig()))
+
+
+@pytest.mark.parametrize("tf_config,message", [
+    (None, "needs the environment variable TF_CONFIG"),
+    ("{not json", "not valid JSON"),
+    ('{"task": {"type": "worker", "index": 0}}', "no \"cluster\""),
+    ('{"cluster": {"worker": ["localhost:1"]}}', "no \"task\""),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 1}}',
+     "index 1 is out of range"),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "chief", "index": 0}}',
+     "not a job of the cluster"),
+    ('{"cluster": {"worker": "localhost:1"}, "task": {"type": "worker", "index": 0}}',
+     "non-empty list"),
+])
+def test_malformed_tf_config_is_a_clear_error(tmp_path, monkeypatch, tf_config, message):
+  if tf_config is None:
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+  else:
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+  with pytest.raises(ConfigError, match="TF_CONFIG") as err:
+    config_lib.validate(_config(workdir=str(tmp_path), strategy="multi_worker"))
+  assert message in str(err.value)
+
+
+def test_chief_is_the_chief_task_or_worker_zero():
+  assert config_lib.is_chief({"worker": ["a:1", "b:1"]}, "worker", 0)
+  assert not config_lib.is_chief({"worker": ["a:1", "b:1"]}, "worker", 1)
+  assert not config_lib.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0)
+  assert config_lib.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0)
+
+
+def test_packed_teacher_outputs_round_trip_with_features_and_pixels():
+  from tfjac.training.distiller import (TeacherOutputs, pack_teacher_outputs,
+                                        unpack_teacher_outputs)
+  t = TeacherOutputs(tf.ones([2, 3]), tf.zeros([2, 1, 3]),
+                     {"logits": tf.ones([2, 1, 4]), "attention": tf.zeros([2, 2, 4])},
+                     tuple(tf.fill([2, 4, 4, c], float(c)) for c in range(1, 12)),
+                     tf.constant([[1, 2], [3, 4]]))
+  back = unpack_teacher_outputs(pack_teacher_outputs(t))
+  assert sorted(back.jacobians) == ["attention", "logits"]
+  assert [int(f.shape[-1]) for f in back.features] == list(range(1, 12))  # order kept past 9
+  np.testing.assert_array_equal(back.pixels, t.pixels)
+  np.testing.assert_array_equal(back.selection, t.selection)
+
+
+@pytest.mark.parametrize("hints", [("act", "jac", "ce"), ("ce", "jacnorm"), ("jac_ce",)])
+def test_jit_compile_with_double_backprop_is_refused(tmp_path, hints):
+  mode = "regularize" if "jacnorm" in hints else "distill"
+  cfg = _config(workdir=str(tmp_path), mode=mode, hints=HintConfig(hints=hints),
+                train=TrainConfig(jit_compile=True))
+  with pytest.raises(ConfigError, match="--jit_compile: refused .*max-pooling"):
+    config_lib.validate(cfg)
+  config_lib.validate(dataclasses.replace(cfg, train=TrainConfig()))
+
+
+def test_jit_compiled_first_order_step_matches_the_graph_step(digits_splits):
+  """XLA is allowed where the step has no double backprop (act: the teacher's Jacobian, if
+  any, is first order)."""
+  def one_step(jit):
+    student, teacher = _networks(digits_splits.info)
+    distiller = Distiller(student, teacher, hints=(("act", 1.0), ("ce", 1.0)))
+    # Plain SGD: Adam's first step is lr * sign(gradient), which turns rounding into +-lr.
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit)
+    distiller.train_on_batch(digits_splits.train.images[:16], digits_splits.train.labels[:16])
+    return distiller, student.get_weights()
+
+  distiller, with_xla = one_step(True)
+  assert distiller.jit_compile is True
+  _, without = one_step(False)
+  keras.utils.set_random_seed(3)
+  init = _networks(digits_splits.info)[0].get_weights()
+  update = np.sqrt(sum(np.sum((b - i) ** 2) for b, i in zip(without, init)))
+  diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(with_xla, without)))
+  assert update > 1e-2 and diff / update < 1e-4, (diff, update)  # float32 rounding
+
+
+def test_jit_compile_under_two_replicas_falls_back_with_a_logged_reason(caplog):
+  # No fit here: a second MirroredStrategy training other shapes in this process would reuse
+  # the collective keys of tests/test_distribute.py's and abort with a shape mismatch.
+  with caplog.at_level("WARNING"):
+    assert loop.resolve_jit_compile(True, 2) is False
+  assert any("--jit_compile turned off" in r.getMessage() and "2 replicas" in r.getMessage()
+             for r in caplog.records)
+  assert loop.resolve_jit_compile(True, 1) is True
+  assert loop.resolve_jit_compile(False, 2) is False
+
+
+def test_float16_without_a_gpu_logs_why_it_is_slow(tmp_path, caplog):
+  from tfjac.modes import common
+  cfg = _config(workdir=str(tmp_path), mixed_precision="mixed_float16")
+  with caplog.at_level("WARNING"):
+    common.check_precision(cfg, tf.distribute.get_strategy())
+  assert any("mixed_float16 without a GPU" in r.getMessage() for r in caplog.records)
+
+
+def test_command_line_names_tf_config_when_it_is_malformed(tmp_path):
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, TF_CONFIG="{not json", CUDA_VISIBLE_DEVICES="",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-m", "tfjac.run", "--strategy=multi_worker",
+                         f"--workdir={tmp_path}"], env=env, cwd=root, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == 2
+  assert "tfjac: error: --strategy: TF_CONFIG is not valid JSON" in proc.stderr
+  assert "Traceback" not in proc.stderr
