@@ -45,7 +45,9 @@ def fake_python(tmp_path, monkeypatch):
   wrapper.chmod(0o755)
   calls = tmp_path / "calls.jsonl"
   monkeypatch.setenv("CALLS", str(calls))
-  read = lambda: [json.loads(l) for l in calls.read_text().splitlines()] if calls.exists() else []  # noqa: E731,E501
+
+  def read():
+    return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
   return str(wrapper), read
 
 

@@ -90,27 +90,35 @@ TUNE_SPACE = {
     "at": ("at_weight", ("100", "1000")),
 }
 
-flags.DEFINE_enum("table", "distill", list(TABLES), "Which of the poster's tables.")
-flags.DEFINE_string("dataset", "digits", "--dataset of every run (digits: the embedded one).")
-flags.DEFINE_string("data_dir", None, "--data_dir of every run (real datasets).")
-flags.DEFINE_list("samples_per_class", [], "Columns: images per class, 'full' for the whole "
-                  "training split. Default: the dataset's preset (digits: 10,50,full).")
-flags.DEFINE_integer("seeds", 3, "Seeds 0..seeds-1 of every cell.")
-flags.DEFINE_list("rows", [], "Rows to run (default: all of --table). Keys: distill: "
-                  + ",".join(r.key for r in TABLES["distill"]) + "; transfer: "
-                  + ",".join(r.key for r in TABLES["transfer"]) + ".")
-flags.DEFINE_string("teacher", None, "A trained teacher for every cell; default: train one in "
-                    "<out>/teacher with the preset's teacher flags (required for a transfer "
-                    "table on a dataset without a preset).")
-flags.DEFINE_string("out", None, "Output directory; default runs/reproduce/<table>_<dataset>.")
-flags.DEFINE_boolean("tune", False, "Choose each row's weights on the validation split of the "
-                     "first seed, per column, among --tune_space, before running the seeds.")
-flags.DEFINE_string("tune_space", None, "Override the search: 'flag=v1,v2;flag2=v3,v4' (e.g. "
-                    "'jac_weight=1,10,100;learning_rate=0.001,0.003'). Flags of a row's hints "
-                    "default to the built-in space; a flag given here is searched in every row.")
-flags.DEFINE_integer("jobs", 1, "Runs at a time (within a phase: the tuning trials, then the "
-                     "cells). A small network leaves CPU cores idle; on one GPU keep 1.")
-flags.DEFINE_boolean("dry_run", False, "Print the commands of every run and exit.")
+
+def define_flags():
+  """Called only when run as a script: the tests import this module beside tfjac's own flags
+  (--dataset, --seeds ... would be defined twice)."""
+  flags.DEFINE_enum("table", "distill", list(TABLES), "Which of the poster's tables.")
+  flags.DEFINE_string("dataset", "digits", "--dataset of every run (digits: the embedded one).")
+  flags.DEFINE_string("data_dir", None, "--data_dir of every run (real datasets).")
+  flags.DEFINE_list("samples_per_class", [], "Columns: images per class, 'full' for the whole "
+                    "training split. Default: the dataset's preset (digits: 10,50,full).")
+  flags.DEFINE_integer("seeds", 3, "Seeds 0..seeds-1 of every cell.")
+  flags.DEFINE_list("rows", [], "Rows to run (default: all of --table). Keys: distill: "
+                    + ",".join(r.key for r in TABLES["distill"]) + "; transfer: "
+                    + ",".join(r.key for r in TABLES["transfer"]) + ".")
+  flags.DEFINE_string("teacher", None, "A trained teacher for every cell; default: train one "
+                      "in <out>/teacher with the preset's teacher flags (required for a transfer "
+                      "table on a dataset without a preset).")
+  flags.DEFINE_string("out", None,
+                      "Output directory; default runs/reproduce/<table>_<dataset>.")
+  flags.DEFINE_boolean("tune", False, "Choose each row's weights on the validation split of the "
+                       "first seed, per column, among --tune_space, before running the seeds.")
+  flags.DEFINE_string("tune_space", None, "Override the search: 'flag=v1,v2;flag2=v3,v4' (e.g. "
+                      "'jac_weight=1,10,100;learning_rate=0.001,0.003'). Flags of a row's "
+                      "hints default to the built-in space; a flag given here is searched in "
+                      "every row.")
+  flags.DEFINE_integer("jobs", 1, "Runs at a time (within a phase: the tuning trials, then the "
+                       "cells). A small network leaves CPU cores idle; on one GPU keep 1.")
+  flags.DEFINE_boolean("dry_run", False, "Print the commands of every run and exit.")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -252,8 +260,8 @@ class Harness:
 
   def cell_command(self, row, size, seed, setting, workdir):
     return [*self.preset.run_args, *self.common_args(), *row.args,
-            *self.preset.size_args.get(size, ()), f"--samples_per_class={size_arg(size)}", f"--seed={seed}",
-            f"--teacher={self.teacher_path()}", f"--workdir={workdir}",
+            *self.preset.size_args.get(size, ()), f"--samples_per_class={size_arg(size)}",
+            f"--seed={seed}", f"--teacher={self.teacher_path()}", f"--workdir={workdir}",
             *setting_args(setting), *self.extra_args]
 
   def execute(self, args, workdir, what, progress):
@@ -509,4 +517,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
