@@ -396,8 +396,9 @@ def results_markdown(h, stats, poster, tuning, teacher):
                          "(tuning.json)." if h.tune else "")
            + (" In brackets: the poster's number." if poster else ""), ""]
   if teacher is not None:
-    lines += [f"Teacher: test accuracy {100 * teacher['teacher']['test_accuracy']:.2f}% "
-              f"({teacher['teacher'].get('model', '')}).", ""]
+    lines += [f"Teacher ({teacher['teacher'].get('model', '')}): test accuracy "
+              f"{100 * teacher['teacher']['test_accuracy']:.2f}% on the test split of its own "
+              "training data.", ""]
   lines.append("| row | " + " | ".join(column_label(s) for s in h.sizes) + " |")
   lines.append("|---|" + "---|" * len(h.sizes))
   best = {}
