@@ -317,18 +317,18 @@ class Harness:
     trial_results = self.execute_all(trials, progress)
     tuning, chosen, cells, jobs = {}, {}, {}, {}
     for size, row in tuned:
-      rows = [{"setting": setting, "workdir": self.tune_dir(row, size, setting),
-               "best_val_accuracy": (lambda r: None if r is None else  # noqa: E731
-                                     r["student"]["best_val_accuracy"])(
-                                         trial_results[(size, row.key, setting_name(setting))])}
-              for setting in spaces[row.key]]
-      finished = [t for t in rows if t["best_val_accuracy"] is not None]
+      trials = []
+      for setting in spaces[row.key]:
+        res = trial_results[(size, row.key, setting_name(setting))]
+        trials.append({"setting": setting, "workdir": self.tune_dir(row, size, setting),
+                       "best_val_accuracy": res and res["student"]["best_val_accuracy"]})
+      finished = [t for t in trials if t["best_val_accuracy"] is not None]
+      # By validation accuracy only; ties: the first in the search order (max keeps the first).
+      # The chosen trial is the cell's seed-0 run.
       best = max(finished, key=lambda t: t["best_val_accuracy"]) if finished else None
-      # by validation accuracy only; ties: the first in the search order. The chosen trial is
-      # the cell's seed-0 run.
       chosen[(size, row.key)] = best["setting"] if best else None
       cells[(row.key, size, 0)] = read_results(best["workdir"]) if best else None
-      tuning[f"{row.key}/n{size}"] = {"chosen": best and best["setting"], "trials": rows}
+      tuning[f"{row.key}/n{size}"] = {"chosen": chosen[(size, row.key)], "trials": trials}
     for size in self.sizes:
       for row in self.rows:
         setting = chosen.get((size, row.key), {})
