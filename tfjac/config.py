@@ -280,18 +280,26 @@ def teacher_cache_blocker(config: Config) -> Optional[str]:
   from tfjac import hints  # pylint: disable=g-import-not-at-top
   if config.mode in ("teacher", "regularize", "conditions"):
     return f"--mode={config.mode} fits no student against a teacher"
-  chosen = {name: hints.HINTS[name] for name in config.hints.hints}
-  if not any(hint.needs_teacher for hint in chosen.values()):
-    return "no hint in --hints reads the teacher"
-  if config.data.augment:
+  reads_teacher = any(hints.HINTS[name].needs_teacher for name in config.hints.hints)
+  if reads_teacher and config.data.augment:
     return (f"--augment={','.join(config.data.augment)} changes every example at every step, "
             "so the teacher must see each augmented batch")
+  return hints_blocker(config.hints.hints, config.hints.jac_target)
+
+
+def hints_blocker(hint_names, jac_target) -> Optional[str]:
+  """The part of teacher_cache_blocker that depends on the hints and the Jacobian target alone
+  (tools/benchmark.py asks it too)."""
+  from tfjac import hints  # pylint: disable=g-import-not-at-top
+  chosen = {name: hints.HINTS[name] for name in hint_names}
+  if not any(hint.needs_teacher for hint in chosen.values()):
+    return "no hint in --hints reads the teacher"
   per_step = [name for name, hint in chosen.items() if hint.runs_teacher_per_step]
   if per_step:
     return f"the hint(s) {','.join(per_step)} run the teacher on new noisy inputs at every step"
   uses_target = any(h.student_jacobians or h.teacher_jacobians for h in chosen.values())
-  if uses_target and hints.JACOBIAN_TARGETS[config.hints.jac_target].seeded_by_step:
-    return (f"--jac_target={config.hints.jac_target} draws new outputs at every step (seeded "
+  if uses_target and hints.JACOBIAN_TARGETS[jac_target].seeded_by_step:
+    return (f"--jac_target={jac_target} draws new outputs at every step (seeded "
             "by the step)")
   return None
 

@@ -107,13 +107,9 @@ def _double_backprop(hints):
 
 
 def _cacheable(hints, target):
-  """Where --teacher_cache can be on (config.teacher_cache_blocker, without augmentation)."""
-  from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
-  chosen = [hints_lib.HINTS[h] for h in hints.split(",")]
-  if not any(h.needs_teacher for h in chosen) or any(h.runs_teacher_per_step for h in chosen):
-    return False
-  uses_target = any(h.student_jacobians or h.teacher_jacobians for h in chosen)
-  return not (uses_target and hints_lib.JACOBIAN_TARGETS[target].seeded_by_step)
+  """Where --teacher_cache can be on (the benchmark never augments)."""
+  from tfjac import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.hints_blocker(hints.split(","), target) is None
 
 
 def _valid(cfg):
