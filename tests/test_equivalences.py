@@ -134,3 +134,84 @@ def test_noise_equivalence_tool(tmp_path):
   for row in rows:  # linear models: equal up to Monte-Carlo error
     assert abs(row["noisy_matching"] - row["act_plus_sigma2_jac"]) < 4 * row["noisy_matching_se"]
   assert (tmp_path / "equivalence.png").stat().st_size > 10000
+
+
+# --- BatchNorm in the noisy passes (distiller.py: the clean batch's statistics) ---------------
+
+from tests import helpers_bn  # noqa: E402  pylint: disable=g-import-not-at-top
+
+XB = RNG.random((5, 2, 2, 1)).astype(np.float32)  # D = 4
+
+
+def _bn_pair(seed=3):
+  """A BatchNorm student and a linear teacher that agrees with it on XB up to a constant
+  offset (so act is small beside the noise term: less Monte-Carlo error in the tests)."""
+  rng = np.random.default_rng(seed)
+  student = helpers_bn.bn_network(rng, XB, hidden=(6,), classes=3)
+  s = helpers_bn.forward(student, XB, helpers_bn.batch_statistics(student, XB))
+  affine = np.linalg.solve(np.concatenate([XB.reshape(5, -1), np.ones((5, 1))], 1), s)
+  teacher = linear_model(affine[:4], bias=affine[4] + [0.3, -0.2, 0.1], name="teacher")
+  return student, teacher
+
+
+def test_noisy_passes_use_the_clean_batch_statistics():
+  # By hand: the noisy pass is the function of each example alone with the clean batch's
+  # mean/variance as constants; the moving statistics move once, towards the clean batch's.
+  student, teacher = _bn_pair()
+  clean = helpers_bn.batch_statistics(student, XB)
+  d = Distiller(student, teacher, hints=[("noise", 1.0)],
+                params=HintParams(noise_sigma=0.1, noise_samples=3))
+  _, _, _, inputs = d.per_example_terms(tf.constant(XB), Y, training=True, step=0)
+  after_clean = helpers_bn.moving_statistics(student)
+  other = RNG.random((7, 2, 2, 1)).astype(np.float32)  # any inputs, any batch size
+  got = inputs.student_fn(tf.constant(other)).numpy()
+  np.testing.assert_allclose(got, helpers_bn.forward(student, other, clean), rtol=1e-5,
+                             atol=1e-5)
+  for (mean, var), (m_mean, m_var) in zip(clean, helpers_bn.moving_statistics(student)):
+    np.testing.assert_allclose(m_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m_var, 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
+  for a, b in zip(after_clean, helpers_bn.moving_statistics(student)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("hints, policy", [
+    ((("noise", 1.0),), "batch_stats"),
+    ((("noisy_ce", 1.0),), "batch_stats"),
+    ((("noise", 1.0), ("jac", 1.0)), "inference"),
+    ((("ce", 1.0),), "batch_stats"),  # the reference: an ordinary step
+])
+def test_moving_statistics_after_a_step_describe_the_clean_batch(hints, policy):
+  student, teacher = _bn_pair()
+  clean = helpers_bn.batch_statistics(student, XB)  # with the weights before the step
+  needs_teacher = any(n in ("noise", "jac") for n, _ in hints)
+  d = Distiller(student, teacher if needs_teacher else None, hints=hints, bn_policy=policy,
+                params=HintParams(noise_sigma=0.3, noise_samples=4))
+  d.compile(optimizer=keras.optimizers.SGD(0.1))
+  d.fit(tf.data.Dataset.from_tensor_slices((XB, Y)).batch(5), epochs=1, verbose=0)
+  assert int(d.optimizer.iterations) == 1
+  for (mean, var), (m_mean, m_var) in zip(clean, helpers_bn.moving_statistics(student)):
+    np.testing.assert_allclose(m_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m_var, 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_tends_to_act_plus_sigma2_raw_jac_on_a_batchnorm_network():
+  # ReLU + BatchNorm student (statistics of the clean batch), linear teacher. By hand:
+  # act = ||T - S||^2, J_S = the chain rule with the batch statistics as constants, all classes.
+  # Every example sits inside one linear region (helpers_bn), so the relative error of
+  # (noise - act) against sigma^2 ||J_T - J_S||^2 shrinks to Monte-Carlo error with sigma.
+  student, teacher = _bn_pair()
+  clean = helpers_bn.batch_statistics(student, XB)
+  w_t, b_t = teacher.get_layer("logits").get_weights()
+  diff = XB.reshape(5, -1) @ w_t + b_t - helpers_bn.forward(student, XB, clean)
+  act = (diff ** 2).sum(1)
+  jac = ((w_t[None] - helpers_bn.jacobian(student, XB, clean)) ** 2).sum((1, 2))
+  errors = {}
+  for sigma in (0.5, 0.02):
+    state = student.get_weights()
+    d = Distiller(student, teacher, hints=[("noise", 1.0)],
+                  params=HintParams(noise_sigma=sigma, noise_samples=200000))
+    noise = d.per_example_terms(tf.constant(XB), Y, training=True, step=0)[0]["noise"].numpy()
+    student.set_weights(state)
+    errors[sigma] = np.abs((noise - act) / (sigma ** 2 * jac) - 1).max()
+  assert errors[0.02] < 0.03, errors  # Monte-Carlo standard error here: under 0.006
+  assert errors[0.5] > 3 * errors[0.02], errors

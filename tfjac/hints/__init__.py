@@ -58,6 +58,9 @@ class Hint:
   # Runs the teacher itself, on inputs drawn at every step (noise): its outputs cannot be
   # computed once per example (--teacher_cache).
   runs_teacher_per_step: bool = False
+  # Runs the student on noisy copies of the batch (student_fn / student_target_fn): BatchNorm
+  # must be tfjac's, which normalises them with the clean batch's statistics.
+  noisy_student_passes: bool = False
 
 
 def _jac_ce(i: HintInputs, p: HintParams):
@@ -89,7 +92,11 @@ HINTS: Dict[str, Hint] = {
                 "unless --nojac_normalize", needs_teacher=True,
                 student_jacobians=("logits",), teacher_jacobians=("logits",)),
     "jac_ce": Hint(_jac_ce, help="the poster's CE form: -T_s log S_s - sigma^2 grad T_s . grad "
-                   "S_s / S_s over the --jac_target classes (--jac_target=all: every class)",
+                   "S_s / S_s over the --jac_target classes (--jac_target=all: every class); a "
+                   "truncation: the noisy soft-target CE's curvature terms of the same order "
+                   "are dropped. Unbounded below: the student lowers it without limit by "
+                   "growing its input gradient along the teacher's, so use it beside ce with a "
+                   "small sigma^2 * weight (README, jac_ce: what kept it bounded)",
                    needs_teacher=True, student_jacobians=("log_probabilities",),
                    teacher_jacobians=("probabilities",), uses_noise=True,
                    needs_class_targets=True),
@@ -97,17 +104,24 @@ HINTS: Dict[str, Hint] = {
         teacher_fn=i.teacher_fn, student_fn=i.student_fn, x=i.x, sigma=p.noise_sigma,
         samples=p.noise_samples, seed=i.seed),
                   help="logit matching on --noise_samples Gaussian-noised copies of each input "
-                  "(std --noise_sigma): the equivalent of act + sigma^2 raw jac over all classes",
-                  needs_teacher=True, uses_noise=True, runs_teacher_per_step=True),
+                  "(std --noise_sigma): the equivalent of act + sigma^2 raw jac over all classes "
+                  "(BatchNorm: the copies use the clean batch's statistics, which alone update "
+                  "the moving statistics)",
+                  needs_teacher=True, uses_noise=True, runs_teacher_per_step=True,
+                  noisy_student_passes=True),
     "jacnorm": Hint(lambda i, p: losses.jacobian_norm(
         student_jacobian=i.student_jacobians["logits"], sigma=p.noise_sigma),
-                    help="sigma^2 ||dS/dx||^2 of the --jac_target outputs (no teacher)",
+                    help="sigma^2 ||dS/dx||^2 of the --jac_target outputs (no teacher): the "
+                    "noise term of *squared error* on noisy inputs; beside ce, the squared-error "
+                    "analogue of noisy_ce, not its second-order expansion",
                     student_jacobians=("logits",), uses_noise=True),
     "noisy_ce": Hint(lambda i, p: losses.noisy_cross_entropy(
         student_fn=i.student_target_fn, x=i.x, labels=i.labels, sigma=p.noise_sigma,
         samples=p.noise_samples, seed=i.seed),
-                     help="cross-entropy on Gaussian-noised inputs: the twin of ce + jacnorm",
-                     uses_noise=True),
+                     help="cross-entropy on Gaussian-noised inputs (no teacher); to second "
+                     "order CE + sigma^2/2 tr(Hessian_x CE), a cousin of ce,jacnorm (whose "
+                     "equivalence holds for squared error), not its twin (BatchNorm as noise)",
+                     uses_noise=True, noisy_student_passes=True),
     "lwf": Hint(lambda i, p: _LWF_MATCH[p.lwf_match](i, p),
                 help="Learning without Forgetting: the student's teacher-shaped head matched "
                 "to the teacher on the target images (--lwf_match: act = squared error, kd = "

@@ -57,8 +57,17 @@ def jacobian_cross_entropy(*, teacher_probabilities, student_log_probabilities,
   """The poster's CE form, summed over the selected classes s:
   -T_s log S_s - sigma^2 (grad T_s . grad S_s) / S_s, with grad S_s / S_s = grad log S_s.
 
-  Probabilities are [batch, K] (the selected classes), Jacobians [batch, K, D]. With every class
-  selected this is the soft-target cross-entropy on noisy inputs to second order.
+  Probabilities are [batch, K] (the selected classes), Jacobians [batch, K, D].
+
+  A truncation, not the second-order expansion: with f_s = -T_s log S_s,
+  E_xi[f_s(x+xi)] = f_s - sigma^2 grad T_s . grad log S_s
+                    - sigma^2/2 (log S_s lap T_s + T_s lap log S_s) + O(sigma^4),
+  (lap: the Laplacian in x), and the poster's form drops the last (curvature) terms, which are
+  of the same order (tests/test_equivalences.py measures them). It is unbounded below: the
+  student lowers -sigma^2 grad T_s . grad log S_s without limit by growing its input gradient
+  along the teacher's, and the dropped -sigma^2/2 T_s lap log S_s (>= 0 summed over classes for
+  a linear student) is what would bound the real noisy cross-entropy. In practice ce beside it
+  and a small sigma^2 * weight keep it bounded (README, docs/results/jac_ce_boundedness.json).
   """
   first = -tf.reduce_sum(teacher_probabilities * student_log_probabilities, axis=-1)
   second = tf.reduce_sum(teacher_probability_jacobian * student_log_probability_jacobian,
@@ -90,7 +99,9 @@ def noise_matching(*, teacher_fn, student_fn, x, sigma, samples, seed):
 
 
 def noisy_cross_entropy(*, student_fn, x, labels, sigma, samples, seed):
-  """Monte-Carlo E_xi[CE(y, S(x+xi))]: the twin of Jacobian-norm regularisation."""
+  """Monte-Carlo E_xi[CE(y, S(x+xi))]. To second order CE(y, S(x)) + sigma^2/2 tr(d^2 CE/dx^2):
+  a cousin of Jacobian-norm regularisation, whose equivalence with noise holds for squared
+  error (E[(y - S(x+xi))^2] ~ (y - S(x))^2 + sigma^2 ||dS/dx||^2), not for cross-entropy."""
   noisy = _noisy_copies(x, sigma, samples, seed)
   tiled_labels = tf.tile(tf.cast(labels, tf.int32), [samples])
   return _mean_over_samples(cross_entropy(labels=tiled_labels, student_logits=student_fn(noisy)),

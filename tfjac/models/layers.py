@@ -1,4 +1,5 @@
-"""BatchNormalization whose batch statistics can be held constant for an input-Jacobian pass.
+"""BatchNormalization whose batch statistics can be held constant for an input-Jacobian pass,
+and reused by the noisy passes of the noise hints.
 
 In training mode BatchNorm makes every output of a batch depend on every input through the
 batch mean and variance. The Jacobian of a batch-summed output then carries cross-example terms
@@ -7,11 +8,19 @@ Jacobian matching needs. Inside `holding_batch_statistics(inner_tape)` this laye
 moments with `inner_tape` paused: the inner (input-gradient) tape sees the statistics as
 constants, so d S_i / d x_j = 0 for j != i, while the outer (weight) tape still records them,
 so the usual BatchNorm gradient of every loss term is unchanged. One forward pass serves both.
+
+Noisy passes (`noise`, `noisy_ce`): inside `recording_batch_statistics()` each layer keeps the
+moments of its training-mode call (the clean batch); inside `reusing_batch_statistics(record)`
+a training-mode call normalises with those recorded moments and leaves the moving statistics
+alone. The noisy copies are then normalised exactly as their clean batch was (the same function
+S whose batch-statistics Jacobian `jac` matches), and the moving statistics are updated once per
+step, from the clean batch, as in a `ce` step (training/distiller.py says why).
 """
 import contextlib
 import threading
 
 import keras
+from keras import ops
 
 _state = threading.local()
 
@@ -29,13 +38,63 @@ def holding_batch_statistics(tape):
     stack.pop()
 
 
+@contextlib.contextmanager
+def recording_batch_statistics():
+  """Yields a dict {layer id: (mean, variance)} filled by the JacobianSafeBatchNorm layers
+  called in training mode within the block (the last call of a layer wins)."""
+  previous = getattr(_state, "record", None)
+  record = _state.record = {}
+  try:
+    yield record
+  finally:
+    _state.record = previous
+
+
+@contextlib.contextmanager
+def reusing_batch_statistics(record):
+  """Within this block, JacobianSafeBatchNorm layers in training mode normalise with the
+  moments in `record` (from `recording_batch_statistics`) and do not update their moving
+  statistics."""
+  previous = getattr(_state, "reuse", None)
+  _state.reuse = record
+  try:
+    yield
+  finally:
+    _state.reuse = previous
+
+
 @keras.saving.register_keras_serializable(package="tfjac")
 class JacobianSafeBatchNorm(keras.layers.BatchNormalization):
-  """keras.layers.BatchNormalization plus `holding_batch_statistics` support."""
+  """keras.layers.BatchNormalization plus `holding_batch_statistics` and
+  `recording_batch_statistics` / `reusing_batch_statistics` support."""
 
   def _moments(self, inputs, mask):
     stack = getattr(_state, "tapes", None)
     if not stack:
-      return super()._moments(inputs, mask)
-    with stack[-1].stop_recording():
-      return super()._moments(inputs, mask)
+      moments = super()._moments(inputs, mask)
+    else:
+      with stack[-1].stop_recording():
+        moments = super()._moments(inputs, mask)
+    record = getattr(_state, "record", None)
+    if record is not None:
+      record[id(self)] = moments
+    return moments
+
+  def call(self, inputs, training=None, mask=None):
+    reuse = getattr(_state, "reuse", None)
+    if reuse is None or not (training and self.trainable):
+      return super().call(inputs, training=training, mask=mask)
+    if id(self) not in reuse:
+      raise ValueError(f"{self.name}: no batch statistics recorded for this layer; run the "
+                       "clean training pass inside recording_batch_statistics() first")
+    if self.renorm:
+      raise ValueError(f"{self.name}: reusing batch statistics is not supported with renorm")
+    compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+    inputs = ops.cast(inputs, compute_dtype)
+    mean, variance = (ops.cast(m, compute_dtype) for m in reuse[id(self)])
+    outputs = ops.batch_normalization(
+        x=inputs, mean=mean, variance=variance, axis=self.axis,
+        offset=None if not self.center else ops.cast(self.beta, compute_dtype),
+        scale=None if not self.scale else ops.cast(self.gamma, compute_dtype),
+        epsilon=self.epsilon)
+    return ops.cast(outputs, self.compute_dtype)

@@ -12,9 +12,24 @@ BatchNorm policy for the student's Jacobian in training (`bn_policy`):
                the Jacobian: the Jacobian of the function that will be evaluated and exported.
 Both give per-example Jacobians: d S_i / d x_j = 0 for j != i (tests/test_jacobians.py).
 
+BatchNorm in the noisy passes (`noise`, `noisy_ce`, training mode): the noisy copies are
+normalised with the *clean* batch's statistics, recorded in the student's clean pass, and do not
+update the moving statistics (models/layers.py); the clean pass updates them once, as in a `ce`
+step, with `noisy_ce` alone too. Why: (1) the noisy pass then evaluates the same function S
+(batch statistics as constants) as the clean pass and as the `batch_stats` Jacobian, so `noise`
+is E[(T - S)^2(x + xi)] of that S and tends to act + sigma^2 ||J_T - J_S||^2 as sigma shrinks,
+and `noisy_ce` is E[CE(S(x + xi))] of that S. The noisy batch's own statistics would add a bias
+of order sigma^2 (the noise inflates the batch variance). (2) The exported student is evaluated
+on clean inputs: its moving statistics describe clean batches, not a blend of clean and noisy
+ones. (tests/test_equivalences.py)
+
 Every term is a per-example vector, reduced once, over the *global* batch: each replica divides
-its sum by the global number of examples, and the optimizer sums gradients over replicas, so 1
-and N replicas give the same loss and gradients (tests/test_distribute.py).
+its sum by the global number of examples, and the optimizer sums gradients over replicas.
+Deterministic hints (every target but `random` and `projection`, every hint but `noise` and
+`noisy_ce`): 1 and N replicas give the same loss and gradients (tests/test_distribute.py).
+Random draws (`random`, `projection`, `noise`, `noisy_ce`) are seeded per step *and* per replica
+(the replica id is folded into the seed), so replicas draw independently: N replicas compute
+the same estimator, with the same distribution, as 1 replica, but not the same numbers.
 """
 import collections
 from typing import Optional, Sequence, Tuple
@@ -25,7 +40,8 @@ import tensorflow as tf
 from tfjac import hints as hints_lib
 from tfjac.hints import attention, jacobians
 from tfjac.models import views
-from tfjac.models.layers import holding_batch_statistics
+from tfjac.models.layers import (JacobianSafeBatchNorm, holding_batch_statistics, recording_batch_statistics,
+                                 reusing_batch_statistics)
 
 TeacherOutputs = collections.namedtuple(
     "TeacherOutputs", "logits selection jacobians features pixels")
@@ -87,6 +103,14 @@ class Distiller(keras.Model):
     needing_teacher = [n for n, h in self._hints.items() if h.needs_teacher]
     if needing_teacher and teacher is None:
       raise ValueError(f"hints {needing_teacher} need a teacher")
+    noisy = [n for n, h in self._hints.items() if h.noisy_student_passes]
+    plain_bn = [layer.name for layer in student.layers
+                if isinstance(layer, keras.layers.BatchNormalization)
+                and not isinstance(layer, JacobianSafeBatchNorm)]
+    if noisy and plain_bn:
+      raise ValueError(f"hints {noisy} normalise the noisy copies with the clean batch's "
+                       f"statistics, which needs tfjac.models.JacobianSafeBatchNorm; the "
+                       f"student has keras BatchNormalization layers {plain_bn}")
     kinds = lambda attr: tuple(sorted({o for h in self._hints.values()  # noqa: E731
                                        for o in getattr(h, attr)}))
     self.student_outputs = tuple(k for k in kinds("student_jacobians") if k != ATTENTION)
@@ -138,8 +162,14 @@ class Distiller(keras.Model):
   # --- the passes -------------------------------------------------------------------------
 
   def _seed(self, step, stream):
-    return tf.stack([tf.constant(self.seed, tf.int64),
-                     tf.cast(step, tf.int64) * 4 + stream])
+    """The stateless seed of a step's draws of `stream` (0: targets, 1: noise). Under several
+    replicas the replica id is folded in: each replica draws its own classes and noise (the
+    same seed everywhere would repeat one replica's draws on the others' examples)."""
+    seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64) * 4 + stream])
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+      seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
+    return seed
 
   def _selection(self, labels, reference_logits, step):
     return self._target.select(labels=labels, reference_logits=reference_logits,
@@ -215,14 +245,16 @@ class Distiller(keras.Model):
     """({hint: [batch] loss}, weighted per-example total, student logits, HintInputs).
     `teacher_outputs`: teacher_pass's result when the caller ran it already."""
     t = teacher_outputs or self.teacher_pass(x, labels, step)
-    out, selection, s_jacs = self.student_pass(x, labels, t.selection, step, training=training,
-                                               pixels=t.pixels)
-    teacher_view, student_view = self.teacher_view, self.student_view
+    with recording_batch_statistics() as clean_statistics:
+      out, selection, s_jacs = self.student_pass(x, labels, t.selection, step,
+                                                 training=training, pixels=t.pixels)
+    teacher_view = self.teacher_view
+    noisy_student = lambda z: self._noisy_student(z, training, clean_statistics)  # noqa: E731
     inputs = hints_lib.HintInputs(
         x=x, labels=labels, student_logits=out["logits"],
         student_matching_logits=out["matching_logits"], seed=self._seed(step, 1),
-        student_fn=lambda z: student_view(z, training=training)["matching_logits"],
-        student_target_fn=lambda z: student_view(z, training=training)["logits"],
+        student_fn=lambda z: noisy_student(z)["matching_logits"],
+        student_target_fn=lambda z: noisy_student(z)["logits"],
         teacher_logits=t.logits,
         teacher_fn=None if teacher_view is None else (
             lambda z: teacher_view(z, training=False)["matching_logits"]),
@@ -231,6 +263,14 @@ class Distiller(keras.Model):
     terms = {name: self._hints[name].loss(inputs, self.params) for name, _ in self.hint_weights}
     total = tf.add_n([w * terms[name] for name, w in self.hint_weights])
     return terms, total, out["logits"], inputs
+
+  def _noisy_student(self, z, training, clean_statistics):
+    """The student view on noisy copies z of the batch: in training, BatchNorm normalises them
+    with the clean batch's statistics and leaves the moving statistics alone (module doc)."""
+    if not training:
+      return self.student_view(z, training=False)
+    with reusing_batch_statistics(clean_statistics):
+      return self.student_view(z, training=True)
 
   @staticmethod
   def global_mean(per_example):
