@@ -44,3 +44,34 @@ def test_one_and_two_replicas_agree(digits_splits, policy):
   assert moved > 1e-3
   for a, b in zip(w1, w2):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_replicas_draw_their_own_classes_and_noise():
+  # The same examples on both replicas: with the replica id folded into the per-step seed the
+  # random classes and the noise differ between replicas (one shared seed would repeat them).
+  from tests.helpers import linear_model  # pylint: disable=g-import-not-at-top
+  from tfjac.hints import HintParams  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  with two.scope():
+    d = Distiller(linear_model(rng.normal(size=(4, 5)), name="student"),
+                  linear_model(rng.normal(size=(4, 5)), name="teacher"),
+                  hints=[("jac", 1.0), ("noise", 1.0)], jac_target="random",
+                  params=HintParams(noise_sigma=0.5, noise_samples=2))
+  x = tf.constant(rng.random((16, 2, 2, 1)), tf.float32)
+  y = tf.zeros([16], tf.int32)
+
+  @tf.function
+  def draws():
+    def replica_fn():
+      t = d.teacher_pass(x, y, tf.constant(3, tf.int64))
+      terms = d.per_example_terms(x, y, training=True, step=tf.constant(3, tf.int64),
+                                  teacher_outputs=t)[0]
+      return t.selection, terms["noise"]
+    return two.run(replica_fn)
+
+  selections, noise = (two.experimental_local_results(v) for v in draws())
+  assert not np.array_equal(selections[0].numpy(), selections[1].numpy())
+  assert np.abs(noise[0].numpy() - noise[1].numpy()).min() > 1e-6
+  # One replica: the seed of before (the replica id is folded in only under several).
+  np.testing.assert_array_equal(d._seed(3, 1), [0, 13])  # pylint: disable=protected-access

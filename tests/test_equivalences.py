@@ -215,3 +215,63 @@ def test_noise_tends_to_act_plus_sigma2_raw_jac_on_a_batchnorm_network():
     errors[sigma] = np.abs((noise - act) / (sigma ** 2 * jac) - 1).max()
   assert errors[0.02] < 0.03, errors  # Monte-Carlo standard error here: under 0.006
   assert errors[0.5] > 3 * errors[0.02], errors
+
+
+# --- noisy_ce and jac_ce against the noisy cross-entropies they stand for -------------------
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_noisy_ce_is_the_cross_entropy_on_noisy_inputs_not_ce_plus_jacnorm():
+  # Linear student z = x W + b. By hand: a numpy Monte-Carlo of E[CE(y, z(x + xi))] with its
+  # own draws, and the second-order value CE + sigma^2/2 tr(H), H = W (diag p - p p^T) W^T.
+  sigma, samples = 0.3, 100000
+  bias = np.array([0.3, -0.2, 0.1], np.float32)
+  d = Distiller(linear_model(W_S, bias=bias), None, hints=[("noisy_ce", 1.0)],
+                params=HintParams(noise_sigma=sigma, noise_samples=samples))
+  got = d.per_example_terms(tf.constant(X), Y, training=True, step=0)[0]["noisy_ce"].numpy()
+  flat = X.reshape(5, -1).astype(np.float64)
+  rng = np.random.default_rng(11)
+  draws = np.stack([-np.log(_softmax((flat + sigma * rng.normal(size=flat.shape)) @ W_S
+                                     + bias)[np.arange(5), Y]) for _ in range(20000)])
+  se = draws.std(0) * np.sqrt(1 / samples + 1 / len(draws))
+  np.testing.assert_array_less(np.abs(got - draws.mean(0)), 4 * se)
+  p = _softmax(flat @ W_S + bias)
+  ce = -np.log(p[np.arange(5), Y])
+  trace = (p * (W_S ** 2).sum(0)).sum(1) - ((p @ W_S.T) ** 2).sum(1)
+  second_order = ce + sigma ** 2 / 2 * trace
+  jacnorm = ce + sigma ** 2 * (W_S[:, Y] ** 2).sum(0)  # ce,jacnorm with the label target
+  np.testing.assert_allclose(got, second_order, rtol=0.02)
+  assert np.all(np.abs(jacnorm - second_order) > 10 * se)  # a cousin, not the same loss
+
+
+def test_jac_ce_is_the_noisy_soft_cross_entropy_less_its_curvature_terms():
+  # f(x) = -sum_s T_s(x) log S_s(x) (linear teacher and student, all classes). By finite
+  # differences in numpy: the gradients (jac_ce's sigma^2 term) and the Laplacian of f; an
+  # antithetic numpy Monte-Carlo of E[f(x + xi)] ~ f + sigma^2/2 lap f at small sigma. jac_ce
+  # keeps -sigma^2 grad T . grad log S of that expansion and drops the curvature terms.
+  sigma = 0.05
+  b_t, b_s = np.array([0.5, 0, -1.0]), np.array([0.2, 0.1, 0.0])
+  d = Distiller(linear_model(W_S, bias=b_s), linear_model(W_T, bias=b_t),
+                hints=[("jac_ce", 1.0)], jac_target="all", params=HintParams(noise_sigma=sigma))
+  got = d.per_example_terms(tf.constant(X), Y, training=True, step=0)[0]["jac_ce"].numpy()
+  flat = X.reshape(5, -1).astype(np.float64)
+  t_prob = lambda x: _softmax(x @ W_T + b_t)  # noqa: E731
+  s_logp = lambda x: np.log(_softmax(x @ W_S + b_s))  # noqa: E731
+  f = lambda x: -(t_prob(x) * s_logp(x)).sum(-1)  # noqa: E731
+  h, eye = 1e-4, np.eye(flat.shape[1])
+  grad = lambda g: np.stack([(g(flat + h * e) - g(flat - h * e)) / (2 * h) for e in eye], 1)  # noqa: E731
+  cross = -(grad(t_prob) * grad(s_logp)).sum((1, 2))  # -sum_s grad T_s . grad log S_s
+  np.testing.assert_allclose(got, f(flat) + sigma ** 2 * cross, rtol=1e-5, atol=1e-6)
+  hh = 1e-3
+  laplacian = sum((f(flat + hh * e) - 2 * f(flat) + f(flat - hh * e)) / hh ** 2 for e in eye)
+  rng = np.random.default_rng(5)
+  xi = sigma * rng.normal(size=(200000, 1, flat.shape[1]))
+  noisy = ((f(flat[None] + xi) + f(flat[None] - xi)) / 2).mean(0)
+  np.testing.assert_allclose((noisy - f(flat)) / sigma ** 2, laplacian / 2, rtol=0.03)
+  curvature = laplacian / 2 - cross  # what jac_ce drops, per example
+  assert np.all(np.abs(curvature) > 0.2 * np.abs(cross))
+  np.testing.assert_allclose((noisy - got) / sigma ** 2, curvature, rtol=0.05, atol=0.01)

@@ -129,6 +129,24 @@ def test_student_and_teacher_use_the_same_target(digits_splits, target):
   np.testing.assert_allclose(t_jacs["logits"], expected["logits"], rtol=1e-5, atol=1e-7)
   if target == "teacher_top1":
     np.testing.assert_array_equal(np.argmax(selection[:, 0], -1), np.argmax(t_logits, -1))
+  # The student's pass (training mode, as in a step) returns the teacher's selection and the
+  # Jacobians of the same classes: row k of example i is d S[i, c_ik] / d x_i, with c_ik the
+  # class the teacher's row k selected, taken here one class at a time by tf.gather.
+  student = d.student
+  state = student.get_weights()
+  _, s_selection, s_jacs = d.student_pass(x, y, selection, 3, training=True)
+  np.testing.assert_array_equal(s_selection, selection)
+  classes = np.argmax(selection.numpy(), -1)  # [B, K]
+  assert s_jacs["logits"].shape == (B, classes.shape[1], 64)
+  for k in range(classes.shape[1]):
+    student.set_weights(state)  # the training pass moved the moving statistics only
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      with holding_batch_statistics(tape):
+        logits = student(x, training=True)
+      picked = tf.gather(logits, tf.constant(classes[:, k]), axis=1, batch_dims=1)
+    reference = tf.reshape(tape.gradient(picked, x), [B, -1])
+    np.testing.assert_allclose(s_jacs["logits"][:, k], reference, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("target, k", [("top_k", 3), ("all", 10)])
@@ -168,3 +186,30 @@ def test_projection_estimates_the_squared_frobenius_norm():
   mean, err = np.mean(estimates), np.std(estimates) / np.sqrt(len(estimates))
   assert abs(mean - exact) < 4 * err, (mean, exact, err)
   assert np.std(estimates) > 0.1 * exact  # it is an estimate, not the exact value
+
+
+def test_batch_stats_jacobian_against_finite_differences_with_statistics_fixed_by_hand():
+  # An independent reference: the batch mean/variance of every BatchNorm layer computed in numpy,
+  # the function of ONE example with those constants, central differences in float64.
+  from tests import helpers_bn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  x = rng.random((B, 2, 2, 2)).astype(np.float32)  # D = 8
+  student = helpers_bn.bn_network(rng, x, hidden=(5, 4), classes=3, activation="tanh")
+  teacher = helpers_bn.bn_network(rng, x, hidden=(3,), classes=3, activation="tanh",
+                                  name="teacher")
+  stats = helpers_bn.batch_statistics(student, x)
+  flat = x.reshape(B, -1).astype(np.float64)
+  numeric = np.zeros((B, flat.shape[1], 3))
+  for i in range(B):
+    for j in range(flat.shape[1]):
+      step = np.zeros_like(flat[i:i + 1])
+      step[0, j] = 1e-5
+      numeric[i, j] = (helpers_bn.forward(student, flat[i:i + 1] + step, stats)
+                       - helpers_bn.forward(student, flat[i:i + 1] - step, stats))[0] / 2e-5
+  np.testing.assert_allclose(helpers_bn.jacobian(student, x, stats), numeric, rtol=1e-6,
+                             atol=1e-8)  # the numpy chain rule agrees: used in other tests
+  d = Distiller(student, teacher, hints=[("jac", 1.0)], jac_target="all",
+                bn_policy="batch_stats")
+  _, _, jacs = d.student_pass(tf.constant(x), tf.zeros([B], tf.int32), None, 0, training=True)
+  got = np.transpose(jacs["logits"].numpy(), [0, 2, 1])  # [B, C, D] -> [B, D, C]
+  np.testing.assert_allclose(got, numeric, rtol=1e-4, atol=1e-5)

@@ -135,3 +135,52 @@ def test_jacobian_term_changes_weight_gradients_of_a_conv_student(digits_splits)
   first_conv = [i for i, v in enumerate(student.trainable_variables) if "conv" in v.path][0]
   diff = np.abs(grads[3][first_conv].numpy() - grads[2][first_conv].numpy()).max()
   assert diff > 1e-4, "the Jacobian term did not change the first conv layer's gradient"
+
+
+def test_attention_transfer_reaches_the_student_weights():
+  # float64 conv nets; the at term's gradient w.r.t. the student's conv kernel is not zero and
+  # equals central finite differences of the loss; its value equals a numpy hand computation.
+  from tfjac.models import views  # pylint: disable=g-import-not-at-top
+  keras.backend.set_floatx("float64")
+  try:
+    def net(seed, name):
+      keras.utils.set_random_seed(seed)
+      inputs = keras.Input((4, 4, 1), dtype="float64")
+      h = keras.layers.Conv2D(3, 3, padding="same", activation="tanh", name="conv",
+                              dtype="float64")(inputs)
+      h = keras.layers.GlobalAveragePooling2D(dtype="float64")(h)
+      return keras.Model(inputs, keras.layers.Dense(2, dtype="float64", name="logits")(h),
+                         name=name)
+    teacher, student = net(1, "teacher"), net(2, "student")
+    d = Distiller(student, teacher, hints=[("at", 1.0)],
+                  student_view=views.make_view(student, feature_layers=["conv"]),
+                  teacher_view=views.make_view(teacher, feature_layers=["conv"]))
+    x = tf.constant(np.random.default_rng(0).random((3, 4, 4, 1)))
+    y = tf.constant([0, 1, 0])
+
+    def loss():
+      return d.compute_total_loss(x, y, training=True, step=0)[0]
+
+    def q(model):  # the normalised attention map, by hand
+      feats = keras.Model(model.inputs, model.get_layer("conv").output)(x).numpy()
+      a = (feats ** 2).mean(-1).reshape(3, -1)
+      return a / np.linalg.norm(a, axis=1, keepdims=True)
+    np.testing.assert_allclose(float(loss()), ((q(student) - q(teacher)) ** 2).mean(1).mean(),
+                               rtol=1e-6)
+    kernel = student.get_layer("conv").kernel
+    with tf.GradientTape() as tape:
+      value = loss()
+    grad = tape.gradient(value, kernel).numpy()
+    assert np.abs(grad).max() > 1e-4
+    base, eps = kernel.numpy(), 1e-6
+    numeric = np.zeros_like(base)
+    for idx in np.ndindex(*base.shape):
+      for sign in (1, -1):
+        bumped = base.copy()
+        bumped[idx] += sign * eps
+        kernel.assign(bumped)
+        numeric[idx] += sign * float(loss()) / (2 * eps)
+    kernel.assign(base)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
+  finally:
+    keras.backend.set_floatx("float32")
