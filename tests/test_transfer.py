@@ -209,3 +209,54 @@ def test_every_hint_parameter_comes_from_the_config():
                  lwf_match="act")
   assert common.hint_params(h) == HintParams(kd_temperature=7.0, jac_normalize=False,
                                              noise_sigma=0.3, noise_samples=9, lwf_match="act")
+
+
+def _class_sorted_source(name, num_classes, per_class, seed):
+  """A dataset whose splits are stored class by class (as folder and MIT Indoor splits are)."""
+  from tfjac.data import sources  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+  split = lambda: sources.ArraySplit(  # noqa: E731
+      rng.random((len(labels), 8, 8, 1)).astype(np.float32), labels.copy())
+  return sources.SourceData(name=name, num_classes=num_classes, train=split(), test=split(),
+                            class_names=tuple(f"c{c}" for c in range(num_classes)))
+
+
+def test_stratified_sample_is_seeded_and_proportional():
+  labels = np.repeat(np.arange(67), 20)  # MIT Indoor's test split, class by class
+  per_class = conditions.stratified_sample(labels, 500, seed=0)
+  counts = [len(i) for i in per_class]
+  assert sum(counts) == 500 and set(counts) == {7, 8}
+  assert all((labels[i] == c).all() for c, i in enumerate(per_class))
+  again = conditions.stratified_sample(labels, 500, seed=0)
+  other = conditions.stratified_sample(labels, 500, seed=1)
+  assert all(np.array_equal(a, b) for a, b in zip(per_class, again))
+  assert not all(np.array_equal(a, b) for a, b in zip(per_class, other))
+  a, b = conditions.halves(per_class)
+  assert abs(len(a) - len(b)) <= 1 and not set(a) & set(b)
+  ca, cb = np.bincount(labels[a], minlength=67), np.bincount(labels[b], minlength=67)
+  assert (ca > 0).all() and (cb > 0).all() and np.abs(ca - cb).max() <= 1
+
+
+def test_conditions_measures_every_class_of_class_sorted_splits(tmp_path, monkeypatch):
+  """First-n images of a class-sorted split would see 2 of 6 target classes and give source
+  halves with disjoint classes; the measured images must cover every class, halves balanced."""
+  from tfjac.data import sources  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sources.SOURCES, "sorted_target",
+                      lambda options: _class_sorted_source("sorted_target", 6, 10, 0))
+  monkeypatch.setitem(sources.SOURCES, "sorted_source",
+                      lambda options: _class_sorted_source("sorted_source", 5, 12, 1))
+  _net("vgg4", 5).save(tmp_path / "t.keras")
+  def measure(seed):
+    cfg = Config(mode="conditions", workdir=str(tmp_path / f"run{seed}"),
+                 teacher_path=str(tmp_path / "t.keras"),
+                 data=DataConfig(dataset="sorted_target", seed=seed),
+                 source=DataConfig(dataset="sorted_source"), conditions_examples=20,
+                 hints=HintConfig(hints=("ce",)))
+    return run.run(cfg)["conditions"]
+  cond = measure(0)
+  assert cond["target"]["examples"] == 20 and cond["target"]["classes"] == 6
+  assert cond["source_loss"]["classes"] == 5
+  assert cond["distance"]["source_sample"] == {"examples": 20, "classes": 5}
+  assert cond["distance"]["source_halves"] == [{"examples": 10, "classes": 5}] * 2
+  assert measure(1)["lipschitz"] != cond["lipschitz"]  # another seed, other images

@@ -103,7 +103,8 @@ flags.DEFINE_string("source_dataset", None, "--mode=conditions: the teacher's ow
                     "data (same names as --dataset), for its loss and the source/target distance.")
 flags.DEFINE_list("source_classes", [], "--mode=conditions: class subset of --source_dataset.")
 flags.DEFINE_integer("conditions_examples", 500, "--mode=conditions: target (and source) test "
-                     "images used for the estimates.")
+                     "images used for the estimates: a class-stratified sample drawn with --seed "
+                     "(the source halves split every class in two).")
 flags.DEFINE_list("robustness_sigmas", [], "After training, test accuracy of teacher and student "
                   "under Gaussian input noise of each of these std (results.json); empty: none.")
 flags.DEFINE_boolean("jac_normalize", True, "L2-normalise each example's Jacobians before "

@@ -162,7 +162,8 @@ def _conditions_lines(c):
         "error", "not measured (give --source_dataset)"))
   lip = c["lipschitz"]["jacobian_spectral_norm"]
   top = c["lipschitz"]["top1_gradient_norm"]
-  lines.append(f"  2. teacher's Lipschitz estimate on {c['target']['examples']} target images: "
+  lines.append(f"  2. teacher's Lipschitz estimate on {c['target']['examples']} target images "
+               f"({c['target']['classes']} classes, stratified): "
                f"Jacobian spectral norm max {lip['max']:.4g}, p50 {lip['p50']:.4g}, p99 "
                f"{lip['p99']:.4g}; top-1 gradient norm max {top['max']:.4g}")
   d = c["distance"]
