@@ -16,6 +16,7 @@ TEACHER_CACHE = ("auto", "on", "off")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 _MULTI_REPLICA = ("mirrored", "multi_worker")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+WEIGHT_DECAY_KINDS = ("decoupled", "l2")
 LR_SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("crop", "flip")
 BN_POLICIES = ("batch_stats", "inference")
@@ -50,6 +51,8 @@ class TrainConfig:
   early_stopping_patience: int = 0  # 0: off; the best validation epoch is kept either way
   jit_compile: bool = False
   backup_every_steps: int = 0  # resume backups within an epoch too; 0: at epoch ends only
+  weight_decay_kind: str = "decoupled"  # l2: wd * w added to the gradient (PyTorch's form)
+  nesterov: bool = True  # SGD: Nesterov momentum (the behaviour before the flag existed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +148,11 @@ def _validate_train(prefix, train: TrainConfig):
   _positive("lr_decay_factor", train.lr_decay_factor)
   _positive("early_stopping_patience", train.early_stopping_patience, allow_zero=True)
   _positive("backup_every_steps", train.backup_every_steps, allow_zero=True)
+  _choice("weight_decay_kind", train.weight_decay_kind, WEIGHT_DECAY_KINDS)
+  if train.optimizer == "adamw" and train.weight_decay_kind == "l2":
+    raise ConfigError("weight_decay_kind", "l2 with --optimizer=adamw: AdamW's decay is "
+                      "decoupled by definition; use --optimizer=adam with l2 (PyTorch Adam's "
+                      "weight_decay) or --weight_decay_kind=decoupled")
 
 
 def validate(config: Config):

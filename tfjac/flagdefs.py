@@ -123,8 +123,22 @@ flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (the data repeats); 
 flags.DEFINE_enum("optimizer", "adam", config.OPTIMIZERS, "Optimizer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Student peak learning rate.")
 flags.DEFINE_float("teacher_learning_rate", 1e-3, "Teacher peak learning rate.")
-flags.DEFINE_float("momentum", 0.9, "SGD (Nesterov) momentum.")
-flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay of the optimizer.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum (Nesterov unless --nonesterov).")
+flags.DEFINE_float("weight_decay", 0.0, "Weight decay of the optimizer, of the kind "
+                   "--weight_decay_kind says.")
+flags.DEFINE_enum("weight_decay_kind", "decoupled", config.WEIGHT_DECAY_KINDS,
+                  "decoupled: Keras's weight_decay, w <- w - lr * wd * w beside the update, "
+                  "outside momentum (AdamW's kind). l2: wd * w added to every trained "
+                  "variable's gradient before momentum / Adam moments, i.e. the penalty wd/2 "
+                  "||w||^2 (PyTorch SGD's weight_decay, the attention-transfer reference; with "
+                  "SGD momentum m the effective decay is about 1/(1-m) times the decoupled "
+                  "one). Not with --optimizer=adamw.")
+flags.DEFINE_boolean("nesterov", True, "--optimizer=sgd: Nesterov momentum; --nonesterov: plain "
+                     "(heavy-ball) momentum, as PyTorch SGD's default and the attention-transfer "
+                     "reference. Keras's momentum form (v <- m v - lr g; w <- w + v) equals "
+                     "PyTorch's (v <- m v + g; w <- w - lr v) at a constant learning rate; after "
+                     "a schedule changes the rate, Keras's velocity still carries the old rate "
+                     "for about 1/(1-m) steps.")
 flags.DEFINE_enum("lr_schedule", "cosine", config.LR_SCHEDULES, "Learning-rate schedule.")
 flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which --lr_schedule=step multiplies the "
                   "learning rate by --lr_decay_factor.")
