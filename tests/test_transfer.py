@@ -260,3 +260,22 @@ def test_conditions_measures_every_class_of_class_sorted_splits(tmp_path, monkey
   assert cond["distance"]["source_sample"] == {"examples": 20, "classes": 5}
   assert cond["distance"]["source_halves"] == [{"examples": 10, "classes": 5}] * 2
   assert measure(1)["lipschitz"] != cond["lipschitz"]  # another seed, other images
+
+
+def test_jac_top_k_in_transfer_is_checked_against_the_teachers_classes(tmp_path):
+  """Top-k picks among the teacher's 7 classes (the student's second head), not the target's
+  3: k=5 is valid, k=8 is not."""
+  _net("vgg4", 7).save(tmp_path / "t.keras")
+  def transfer(k, name):
+    return run.run(Config(
+        mode="transfer", workdir=str(tmp_path / name), teacher_path=str(tmp_path / "t.keras"),
+        data=DataConfig(classes=(0, 1, 2), samples_per_class=2),
+        student=ModelConfig("vgg4", 0.25), train=TrainConfig(epochs=1, batch_size=8),
+        hints=HintConfig(hints=("ce", "lwf", "jac"), jac_target="top_k", jac_top_k=k)))
+  results = transfer(5, "k5")
+  assert results["dataset"]["num_classes"] == 3 and results["config"]["hints"]["jac_top_k"] == 5
+  assert np.isfinite(results["student"]["final_epoch_metrics"]["jac_loss"])
+  with pytest.raises(ConfigError, match=r"--jac_top_k: 8 is more than the teacher's 7 classes "
+                     r"\(.*t.keras; top-k picks among its outputs\); use 1..7"):
+    transfer(8, "k8")
+  assert not os.path.exists(tmp_path / "k8" / "checkpoints")  # refused before any training

@@ -372,11 +372,19 @@ def is_chief(cluster, kind, index) -> bool:
 
 def validate_against_data(config: Config, num_classes: int):
   """The checks that need the dataset: run once it is loaded, before any training."""
+  if config.mode != "transfer":  # transfer: top-k picks among the teacher's classes
+    check_jac_top_k(config, num_classes, "the dataset's")
+
+
+def check_jac_top_k(config: Config, num_classes: int, whose: str, note: str = ""):
+  """--jac_top_k against the classes the top-k picks among: the dataset's, or in
+  --mode=transfer the teacher's (the student's second head has the teacher's shape); transfer
+  checks it once the teacher is loaded."""
   h = config.hints
   uses_jacobians = any(n in ("jac", "jac_ce", "jacnorm") for n in h.hints)
   if uses_jacobians and h.jac_target == "top_k" and h.jac_top_k > num_classes:
-    raise ConfigError("jac_top_k", f"{h.jac_top_k} is more than the dataset's {num_classes} "
-                      f"classes; use 1..{num_classes}")
+    raise ConfigError("jac_top_k", f"{h.jac_top_k} is more than {whose} {num_classes} "
+                      f"classes{note}; use 1..{num_classes}")
 
 
 def _check_writable(workdir):
