@@ -135,6 +135,37 @@ def test_oracle_starts_from_the_teachers_weights(tmp_path):
   assert len(oracle.trainable_weights) == len(teacher.trainable_weights)
 
 
+def test_oracle_initialisation_is_checked_value_by_value(tmp_path, monkeypatch):
+  from tfjac.errors import TfjacError  # pylint: disable=g-import-not-at-top
+  teacher = _net("vgg4", 5)
+  rng = np.random.default_rng(0)
+  teacher.set_weights([rng.normal(size=w.shape).astype(np.float32) ** 2
+                       for w in teacher.get_weights()])  # distinct from any initialiser
+  oracle = finetune.oracle_network(teacher, (8, 8, 1), 3, TeacherInput(), "t")
+  head = teacher.layers[-1]
+  checked = finetune.initialised_from_teacher(teacher, oracle)
+  assert checked["parameters"] == teacher.count_params() - head.count_params()
+  assert checked["layers"] == sum(1 for layer in teacher.layers[:-1] if layer.weights)
+  # One layer's values changed after the copy (a kernel; then only BatchNorm statistics).
+  names = [layer.name for layer in oracle.layers]
+  conv = next(n for n in names if "conv" in n)
+  kernel = oracle.get_layer(conv).weights[0]
+  kernel.assign(kernel.numpy() + 1e-3)
+  with pytest.raises(TfjacError, match=f"layer '{conv}' does not hold the teacher's weights"):
+    finetune.initialised_from_teacher(teacher, oracle)
+  kernel.assign(teacher.get_layer(conv).weights[0].numpy())
+  bn = next(layer for layer in oracle.layers if "moving_variance" in str(
+      [w.path for w in layer.weights]))
+  stat = next(w for w in bn.weights if w.path.endswith("moving_variance"))
+  stat.assign(stat.numpy() * 2)
+  with pytest.raises(TfjacError, match=f"layer '{bn.name}' does not hold"):
+    finetune.initialised_from_teacher(teacher, oracle)
+  # A broken copy (set_weights does nothing): oracle_network itself refuses it.
+  monkeypatch.setattr(keras.Model, "set_weights", lambda self, weights: None)
+  with pytest.raises(TfjacError, match="does not hold the teacher's weights"):
+    finetune.oracle_network(teacher, (8, 8, 1), 3, TeacherInput(), "t")
+
+
 def test_oracle_refuses_a_savedmodel_teacher(tmp_path):
   export.export_model(_net("vgg4", 5), str(tmp_path / "t"), np.zeros((2, 8, 8, 1), np.float32))
   loaded = export.load_network(str(tmp_path / "t" / "saved_model"), (8, 8, 1))
