@@ -110,6 +110,30 @@ def test_unknown_attention_layers_list_the_valid_ones():
     views.attention_pairs(teacher, student, teacher_layers=["nope"])
 
 
+def test_default_attention_layers_end_blocks_or_stages():
+  """On keras.applications networks (weights=None, no download) the defaults are the stage
+  outputs, never the ZeroPadding2D layers before strided convolutions (the last layers at
+  their odd resolutions) nor the next block's expansion; tfjac's own networks keep theirs."""
+  resnet = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
+  assert views.default_attention_layers(resnet) == [
+      "conv1_relu", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out",
+      "conv5_block3_out"]
+  mobilenet = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10)
+  chosen = views.default_attention_layers(mobilenet)
+  assert chosen == ["expanded_conv_project_BN", "block_2_add", "block_5_add", "block_12_add",
+                    "out_relu"]
+  for model in (resnet, mobilenet):
+    assert not any(isinstance(model.get_layer(n), keras.layers.ZeroPadding2D)
+                   for n in views.default_attention_layers(model))
+  assert views.default_attention_layers(_net("vgg4", 5)) == [
+      "block1_relu1", "block2_relu1", "block3_relu1"]
+  assert views.default_attention_layers(_net("resnet20", 5)) == [
+      "stage1_block3_out", "stage2_block3_out", "stage3_block3_out"]
+  # Paired with a tfjac student, the deepest stages are matched.
+  t, s = views.attention_pairs(resnet, _net("vgg4", 3, shape=(64, 64, 3)))
+  assert 0 < len(t) == len(s) and t == views.default_attention_layers(resnet)[-len(s):]
+
+
 def test_teacher_of_another_input_size_needs_the_resize_flag():
   teacher = _net("vgg4", 5, shape=(16, 16, 3))
   with pytest.raises(ConfigError, match="--teacher_resize: the teacher takes 16x16 images"):

@@ -91,9 +91,10 @@ flags.DEFINE_enum("lwf_match", "kd", list(hints.LWF_MATCHES), "How the lwf hint 
                   "student's teacher-shaped head to the teacher: kd (soft targets at "
                   "--kd_temperature, Li & Hoiem's LwF) or act (squared error of logits).")
 flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
-                  "name; default: the last layer of each block/stage (deepest ones paired).")
+                  "name; default: the layer that ends each block/stage, one per resolution "
+                  "(never padding; deepest ones paired; README, Transfer).")
 flags.DEFINE_list("student_layers", [], "Student layers paired one to one with "
-                  "--teacher_layers; default: the last layer of each block.")
+                  "--teacher_layers; default: the layer that ends each block/stage.")
 flags.DEFINE_boolean("teacher_resize", False, "Resize target images to the teacher's input "
                      "size (bilinear, differentiable) when they differ.")
 flags.DEFINE_float("teacher_input_scale", 1.0, "The teacher sees x * scale + offset (x in "
