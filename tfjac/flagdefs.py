@@ -92,7 +92,7 @@ flags.DEFINE_enum("lwf_match", "kd", list(hints.LWF_MATCHES), "How the lwf hint 
                   "--kd_temperature, Li & Hoiem's LwF) or act (squared error of logits).")
 flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
                   "name; default: the layer that ends each block/stage, one per resolution "
-                  "(never padding; deepest ones paired; README, Transfer).")
+                  "(never padding; deepest ones paired; README, Transfer learning).")
 flags.DEFINE_list("student_layers", [], "Student layers paired one to one with "
                   "--teacher_layers; default: the layer that ends each block/stage.")
 flags.DEFINE_boolean("teacher_resize", False, "Resize target images to the teacher's input "
