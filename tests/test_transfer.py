@@ -302,35 +302,53 @@ def test_conditions_measures_every_class_of_class_sorted_splits(tmp_path, monkey
   monkeypatch.setitem(sources.SOURCES, "sorted_source",
                       lambda options: _class_sorted_source("sorted_source", 5, 12, 1))
   _net("vgg4", 5).save(tmp_path / "t.keras")
-  def measure(seed):
-    cfg = Config(mode="conditions", workdir=str(tmp_path / f"run{seed}"),
-                 teacher_path=str(tmp_path / "t.keras"),
-                 data=DataConfig(dataset="sorted_target", seed=seed),
-                 source=DataConfig(dataset="sorted_source"), conditions_examples=20,
-                 hints=HintConfig(hints=("ce",)))
-    return run.run(cfg)["conditions"]
-  cond = measure(0)
+  seeds, sample = [], conditions.stratified_sample
+  monkeypatch.setattr(conditions, "stratified_sample",
+                      lambda labels, n, seed: seeds.append(seed) or sample(labels, n, seed))
+  cfg = Config(mode="conditions", workdir=str(tmp_path / "run"),
+               teacher_path=str(tmp_path / "t.keras"),
+               data=DataConfig(dataset="sorted_target", seed=4),
+               source=DataConfig(dataset="sorted_source"), conditions_examples=20,
+               hints=HintConfig(hints=("ce",)))
+  cond = run.run(cfg)["conditions"]
   assert cond["target"]["examples"] == 20 and cond["target"]["classes"] == 6
   assert cond["source_loss"]["classes"] == 5
   assert cond["distance"]["source_sample"] == {"examples": 20, "classes": 5}
   assert cond["distance"]["source_halves"] == [{"examples": 10, "classes": 5}] * 2
-  assert measure(1)["lipschitz"] != cond["lipschitz"]  # another seed, other images
+  assert seeds == [4, 4, 5]  # --seed draws them (target, source loss, source halves)
 
 
-def test_jac_top_k_in_transfer_is_checked_against_the_teachers_classes(tmp_path):
+def _top_k_transfer(tmp_path, k):
+  """A transfer run whose teacher has 7 classes and whose target data has 3."""
+  if not os.path.exists(tmp_path / "t.keras"):
+    _net("vgg4", 7).save(tmp_path / "t.keras")
+  return run.run(Config(
+      mode="transfer", workdir=str(tmp_path / f"k{k}"), teacher_path=str(tmp_path / "t.keras"),
+      data=DataConfig(classes=(0, 1, 2), samples_per_class=2),
+      student=ModelConfig("vgg4", 0.25), train=TrainConfig(epochs=1, batch_size=8),
+      hints=HintConfig(hints=("ce", "lwf", "jac"), jac_target="top_k", jac_top_k=k)))
+
+
+def test_jac_top_k_in_transfer_is_checked_against_the_teachers_classes(tmp_path, monkeypatch):
   """Top-k picks among the teacher's 7 classes (the student's second head), not the target's
-  3: k=5 is valid, k=8 is not."""
-  _net("vgg4", 7).save(tmp_path / "t.keras")
-  def transfer(k, name):
-    return run.run(Config(
-        mode="transfer", workdir=str(tmp_path / name), teacher_path=str(tmp_path / "t.keras"),
-        data=DataConfig(classes=(0, 1, 2), samples_per_class=2),
-        student=ModelConfig("vgg4", 0.25), train=TrainConfig(epochs=1, batch_size=8),
-        hints=HintConfig(hints=("ce", "lwf", "jac"), jac_target="top_k", jac_top_k=k)))
-  results = transfer(5, "k5")
-  assert results["dataset"]["num_classes"] == 3 and results["config"]["hints"]["jac_top_k"] == 5
-  assert np.isfinite(results["student"]["final_epoch_metrics"]["jac_loss"])
+  3: k=5 passes every check and reaches training, k=8 is refused before it."""
+  from tfjac.modes import common  # pylint: disable=g-import-not-at-top
+
+  class ReachedTraining(Exception):
+    pass
+
+  def train_student(*args, **kwargs):
+    raise ReachedTraining
+  monkeypatch.setattr(common, "train_student", train_student)
+  with pytest.raises(ReachedTraining):
+    _top_k_transfer(tmp_path, 5)
   with pytest.raises(ConfigError, match=r"--jac_top_k: 8 is more than the teacher's 7 classes "
                      r"\(.*t.keras; top-k picks among its outputs\); use 1..7"):
-    transfer(8, "k8")
-  assert not os.path.exists(tmp_path / "k8" / "checkpoints")  # refused before any training
+    _top_k_transfer(tmp_path, 8)
+
+
+@pytest.mark.slow
+def test_transfer_with_jac_top_k_above_the_target_classes_trains(tmp_path):
+  results = _top_k_transfer(tmp_path, 5)
+  assert results["dataset"]["num_classes"] == 3 and results["config"]["hints"]["jac_top_k"] == 5
+  assert np.isfinite(results["student"]["final_epoch_metrics"]["jac_loss"])
