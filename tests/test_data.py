@@ -49,14 +49,97 @@ def test_validation_is_disjoint_stratified_and_seeded():
   assert set(np.unique(s0.validation.labels)) == set(range(10))
   rows = lambda split: {r.tobytes() for r in split.images}  # noqa: E731
   assert not rows(s0.validation) & rows(s0.test)
-  assert not rows(s0.validation) & rows(s0.train) - rows(s0.validation)
   assert rows(s0.validation) != rows(s1.validation)
+
+
+def _indexed_source(n=300, num_classes=3):
+  """Training images that carry their own index (pixel 0 = index / n): every row unique."""
+  images = np.random.default_rng(0).random((n, 4, 4, 1)).astype(np.float32)
+  images[:, 0, 0, 0] = np.arange(n) / n
+  labels = (np.arange(n) % num_classes).astype(np.int32)
+  return sources.SourceData(name="indexed", num_classes=num_classes,
+                            train=sources.ArraySplit(images, labels),
+                            test=sources.ArraySplit(images[:3] + 1, labels[:3]))
+
+
+def _check_train_validation_partition(monkeypatch):
+  monkeypatch.setitem(sources.SOURCES, "indexed", lambda options: _indexed_source())
+  splits = data.prepare(DataConfig(dataset="indexed", validation_fraction=0.2))
+  index = lambda split: np.rint(split.images[:, 0, 0, 0] * 300).astype(int)  # noqa: E731
+  train, val = index(splits.train), index(splits.validation)
+  assert len(set(train)) == len(train) and len(set(val)) == len(val)
+  assert not set(train) & set(val), "an example is in both training and validation"
+  assert sorted(np.concatenate([train, val])) == list(range(300))  # nothing lost
+  np.testing.assert_array_equal(splits.train.labels, np.arange(300)[train] % 3)
+  assert len(val) == 60
+
+
+def test_train_and_validation_are_a_partition_of_the_training_split(monkeypatch):
+  _check_train_validation_partition(monkeypatch)
+
+
+def test_the_partition_check_catches_an_overlapping_split(monkeypatch):
+  real = data.split_validation
+  def overlapping(labels, fraction, seed, num_classes):
+    train, val = real(labels, fraction, seed, num_classes)
+    return np.union1d(train, val[:1]), val  # one validation example also trains
+  monkeypatch.setattr(data, "split_validation", overlapping)
+  with pytest.raises(AssertionError, match="in both training and validation"):
+    _check_train_validation_partition(monkeypatch)
 
 
 def test_pipeline_batches_and_augments(digits_splits):
   ds = data.pipeline(digits_splits.train, 16, training=True, augment=("crop", "flip"))
   x, y = next(iter(ds))
   assert x.shape == (16, 8, 8, 1) and y.shape == (16,)
+
+
+def _augmented_and_originals(augment, n=900, seed=3):
+  """(augmented, original) images in the same order: the order stream does not depend on the
+  augmentation. Random images: no crop or flip of one equals another by chance."""
+  images = np.random.default_rng(1).random((n, 8, 8, 1)).astype(np.float32)
+  split = sources.ArraySplit(images, np.zeros([n], np.int32))
+  both = [np.concatenate([x.numpy() for x, _ in data.pipeline(split, 128, training=True,
+                                                              seed=seed, augment=a)])
+          for a in (augment, ())]
+  return both[0], both[1]
+
+
+def _check_crop_and_flip():
+  """Each output is the reflect-padded (pad 1 = 8 // 8) image cropped at one of the 3 x 3
+  offsets, then mirrored or not: offsets uniform (1/9 each), half of the images mirrored."""
+  aug, orig = _augmented_and_originals(("crop", "flip"))
+  padded = np.pad(orig, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="reflect")
+  found = np.full([len(aug), 3], -1)
+  for dy in range(3):
+    for dx in range(3):
+      crop = padded[:, dy:dy + 8, dx:dx + 8]
+      for flipped, candidate in ((0, crop), (1, crop[:, :, ::-1])):
+        match = np.all(np.isclose(candidate, aug), axis=(1, 2, 3))
+        assert not (match & (found[:, 0] >= 0)).any(), "an output matches two transforms"
+        found[match] = (dy, dx, flipped)
+  assert (found >= 0).all(), "an output is no crop-and-flip of its input"
+  offsets = np.bincount(found[:, 0] * 3 + found[:, 1], minlength=9) / len(aug)
+  flipped = found[:, 2].mean()
+  # n = 900: per offset 1/9 +- 0.0105 (std), mirrored 1/2 +- 0.017; bounds at > 3.5 std.
+  assert offsets.min() > 0.07 and offsets.max() < 0.155, f"crop offsets {offsets}"
+  assert 0.44 < flipped < 0.56, f"mirrored fraction {flipped}"
+  assert (aug != orig).any(axis=(1, 2, 3)).mean() > 0.9  # unchanged: 1/18 expected
+
+
+def test_augmentation_crops_and_flips_with_the_expected_distribution():
+  _check_crop_and_flip()
+
+
+@pytest.mark.parametrize("broken", ["no-op", "never flips", "crops in place"])
+def test_the_augmentation_check_catches_a_broken_augmentation(monkeypatch, broken):
+  real = data._augment_fn  # pylint: disable=protected-access
+  def fake(augment, padding, image_shape):
+    kept = {"no-op": (), "never flips": ("crop",), "crops in place": ("flip",)}[broken]
+    return real(tuple(a for a in augment if a in kept), padding, image_shape)
+  monkeypatch.setattr(data, "_augment_fn", fake)
+  with pytest.raises(AssertionError):
+    _check_crop_and_flip()
 
 
 def _batches(ds, n=None):

@@ -110,6 +110,30 @@ def test_unknown_attention_layers_list_the_valid_ones():
     views.attention_pairs(teacher, student, teacher_layers=["nope"])
 
 
+def test_default_attention_layers_end_blocks_or_stages():
+  """On keras.applications networks (weights=None, no download) the defaults are the stage
+  outputs, never the ZeroPadding2D layers before strided convolutions (the last layers at
+  their odd resolutions) nor the next block's expansion; tfjac's own networks keep theirs."""
+  resnet = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
+  assert views.default_attention_layers(resnet) == [
+      "conv1_relu", "conv2_block3_out", "conv3_block4_out", "conv4_block6_out",
+      "conv5_block3_out"]
+  mobilenet = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=10)
+  chosen = views.default_attention_layers(mobilenet)
+  assert chosen == ["expanded_conv_project_BN", "block_2_add", "block_5_add", "block_12_add",
+                    "out_relu"]
+  for model in (resnet, mobilenet):
+    assert not any(isinstance(model.get_layer(n), keras.layers.ZeroPadding2D)
+                   for n in views.default_attention_layers(model))
+  assert views.default_attention_layers(_net("vgg4", 5)) == [
+      "block1_relu1", "block2_relu1", "block3_relu1"]
+  assert views.default_attention_layers(_net("resnet20", 5)) == [
+      "stage1_block3_out", "stage2_block3_out", "stage3_block3_out"]
+  # Paired with a tfjac student, the deepest stages are matched.
+  t, s = views.attention_pairs(resnet, _net("vgg4", 3, shape=(64, 64, 3)))
+  assert 0 < len(t) == len(s) and t == views.default_attention_layers(resnet)[-len(s):]
+
+
 def test_teacher_of_another_input_size_needs_the_resize_flag():
   teacher = _net("vgg4", 5, shape=(16, 16, 3))
   with pytest.raises(ConfigError, match="--teacher_resize: the teacher takes 16x16 images"):
@@ -133,6 +157,37 @@ def test_oracle_starts_from_the_teachers_weights(tmp_path):
   for name, value in body.items():
     np.testing.assert_array_equal(got[name], value, err_msg=name)
   assert len(oracle.trainable_weights) == len(teacher.trainable_weights)
+
+
+def test_oracle_initialisation_is_checked_value_by_value(tmp_path, monkeypatch):
+  from tfjac.errors import TfjacError  # pylint: disable=g-import-not-at-top
+  teacher = _net("vgg4", 5)
+  rng = np.random.default_rng(0)
+  teacher.set_weights([rng.normal(size=w.shape).astype(np.float32) ** 2
+                       for w in teacher.get_weights()])  # distinct from any initialiser
+  oracle = finetune.oracle_network(teacher, (8, 8, 1), 3, TeacherInput(), "t")
+  head = teacher.layers[-1]
+  checked = finetune.initialised_from_teacher(teacher, oracle)
+  assert checked["parameters"] == teacher.count_params() - head.count_params()
+  assert checked["layers"] == sum(1 for layer in teacher.layers[:-1] if layer.weights)
+  # One layer's values changed after the copy (a kernel; then only BatchNorm statistics).
+  names = [layer.name for layer in oracle.layers]
+  conv = next(n for n in names if "conv" in n)
+  kernel = oracle.get_layer(conv).weights[0]
+  kernel.assign(kernel.numpy() + 1e-3)
+  with pytest.raises(TfjacError, match=f"layer '{conv}' does not hold the teacher's weights"):
+    finetune.initialised_from_teacher(teacher, oracle)
+  kernel.assign(teacher.get_layer(conv).weights[0].numpy())
+  bn = next(layer for layer in oracle.layers if "moving_variance" in str(
+      [w.path for w in layer.weights]))
+  stat = next(w for w in bn.weights if w.path.endswith("moving_variance"))
+  stat.assign(stat.numpy() * 2)
+  with pytest.raises(TfjacError, match=f"layer '{bn.name}' does not hold"):
+    finetune.initialised_from_teacher(teacher, oracle)
+  # A broken copy (set_weights does nothing): oracle_network itself refuses it.
+  monkeypatch.setattr(keras.Model, "set_weights", lambda self, weights: None)
+  with pytest.raises(TfjacError, match="does not hold the teacher's weights"):
+    finetune.oracle_network(teacher, (8, 8, 1), 3, TeacherInput(), "t")
 
 
 def test_oracle_refuses_a_savedmodel_teacher(tmp_path):
@@ -209,3 +264,91 @@ def test_every_hint_parameter_comes_from_the_config():
                  lwf_match="act")
   assert common.hint_params(h) == HintParams(kd_temperature=7.0, jac_normalize=False,
                                              noise_sigma=0.3, noise_samples=9, lwf_match="act")
+
+
+def _class_sorted_source(name, num_classes, per_class, seed):
+  """A dataset whose splits are stored class by class (as folder and MIT Indoor splits are)."""
+  from tfjac.data import sources  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+  split = lambda: sources.ArraySplit(  # noqa: E731
+      rng.random((len(labels), 8, 8, 1)).astype(np.float32), labels.copy())
+  return sources.SourceData(name=name, num_classes=num_classes, train=split(), test=split(),
+                            class_names=tuple(f"c{c}" for c in range(num_classes)))
+
+
+def test_stratified_sample_is_seeded_and_proportional():
+  labels = np.repeat(np.arange(67), 20)  # MIT Indoor's test split, class by class
+  per_class = conditions.stratified_sample(labels, 500, seed=0)
+  counts = [len(i) for i in per_class]
+  assert sum(counts) == 500 and set(counts) == {7, 8}
+  assert all((labels[i] == c).all() for c, i in enumerate(per_class))
+  again = conditions.stratified_sample(labels, 500, seed=0)
+  other = conditions.stratified_sample(labels, 500, seed=1)
+  assert all(np.array_equal(a, b) for a, b in zip(per_class, again))
+  assert not all(np.array_equal(a, b) for a, b in zip(per_class, other))
+  a, b = conditions.halves(per_class)
+  assert abs(len(a) - len(b)) <= 1 and not set(a) & set(b)
+  ca, cb = np.bincount(labels[a], minlength=67), np.bincount(labels[b], minlength=67)
+  assert (ca > 0).all() and (cb > 0).all() and np.abs(ca - cb).max() <= 1
+
+
+def test_conditions_measures_every_class_of_class_sorted_splits(tmp_path, monkeypatch):
+  """First-n images of a class-sorted split would see 2 of 6 target classes and give source
+  halves with disjoint classes; the measured images must cover every class, halves balanced."""
+  from tfjac.data import sources  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sources.SOURCES, "sorted_target",
+                      lambda options: _class_sorted_source("sorted_target", 6, 10, 0))
+  monkeypatch.setitem(sources.SOURCES, "sorted_source",
+                      lambda options: _class_sorted_source("sorted_source", 5, 12, 1))
+  _net("vgg4", 5).save(tmp_path / "t.keras")
+  seeds, sample = [], conditions.stratified_sample
+  monkeypatch.setattr(conditions, "stratified_sample",
+                      lambda labels, n, seed: seeds.append(seed) or sample(labels, n, seed))
+  cfg = Config(mode="conditions", workdir=str(tmp_path / "run"),
+               teacher_path=str(tmp_path / "t.keras"),
+               data=DataConfig(dataset="sorted_target", seed=4),
+               source=DataConfig(dataset="sorted_source"), conditions_examples=20,
+               hints=HintConfig(hints=("ce",)))
+  cond = run.run(cfg)["conditions"]
+  assert cond["target"]["examples"] == 20 and cond["target"]["classes"] == 6
+  assert cond["source_loss"]["classes"] == 5
+  assert cond["distance"]["source_sample"] == {"examples": 20, "classes": 5}
+  assert cond["distance"]["source_halves"] == [{"examples": 10, "classes": 5}] * 2
+  assert seeds == [4, 4, 5]  # --seed draws them (target, source loss, source halves)
+
+
+def _top_k_transfer(tmp_path, k):
+  """A transfer run whose teacher has 7 classes and whose target data has 3."""
+  if not os.path.exists(tmp_path / "t.keras"):
+    _net("vgg4", 7).save(tmp_path / "t.keras")
+  return run.run(Config(
+      mode="transfer", workdir=str(tmp_path / f"k{k}"), teacher_path=str(tmp_path / "t.keras"),
+      data=DataConfig(classes=(0, 1, 2), samples_per_class=2),
+      student=ModelConfig("vgg4", 0.25), train=TrainConfig(epochs=1, batch_size=8),
+      hints=HintConfig(hints=("ce", "lwf", "jac"), jac_target="top_k", jac_top_k=k)))
+
+
+def test_jac_top_k_in_transfer_is_checked_against_the_teachers_classes(tmp_path, monkeypatch):
+  """Top-k picks among the teacher's 7 classes (the student's second head), not the target's
+  3: k=5 passes every check and reaches training, k=8 is refused before it."""
+  from tfjac.modes import common  # pylint: disable=g-import-not-at-top
+
+  class ReachedTraining(Exception):
+    pass
+
+  def train_student(*args, **kwargs):
+    raise ReachedTraining
+  monkeypatch.setattr(common, "train_student", train_student)
+  with pytest.raises(ReachedTraining):
+    _top_k_transfer(tmp_path, 5)
+  with pytest.raises(ConfigError, match=r"--jac_top_k: 8 is more than the teacher's 7 classes "
+                     r"\(.*t.keras; top-k picks among its outputs\); use 1..7"):
+    _top_k_transfer(tmp_path, 8)
+
+
+@pytest.mark.slow
+def test_transfer_with_jac_top_k_above_the_target_classes_trains(tmp_path):
+  results = _top_k_transfer(tmp_path, 5)
+  assert results["dataset"]["num_classes"] == 3 and results["config"]["hints"]["jac_top_k"] == 5
+  assert np.isfinite(results["student"]["final_epoch_metrics"]["jac_loss"])

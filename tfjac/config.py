@@ -16,6 +16,7 @@ TEACHER_CACHE = ("auto", "on", "off")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 _MULTI_REPLICA = ("mirrored", "multi_worker")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+WEIGHT_DECAY_KINDS = ("decoupled", "l2")
 LR_SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("crop", "flip")
 BN_POLICIES = ("batch_stats", "inference")
@@ -50,6 +51,8 @@ class TrainConfig:
   early_stopping_patience: int = 0  # 0: off; the best validation epoch is kept either way
   jit_compile: bool = False
   backup_every_steps: int = 0  # resume backups within an epoch too; 0: at epoch ends only
+  weight_decay_kind: str = "decoupled"  # l2: wd * w added to the gradient (PyTorch's form)
+  nesterov: bool = True  # SGD: Nesterov momentum (the behaviour before the flag existed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +148,11 @@ def _validate_train(prefix, train: TrainConfig):
   _positive("lr_decay_factor", train.lr_decay_factor)
   _positive("early_stopping_patience", train.early_stopping_patience, allow_zero=True)
   _positive("backup_every_steps", train.backup_every_steps, allow_zero=True)
+  _choice("weight_decay_kind", train.weight_decay_kind, WEIGHT_DECAY_KINDS)
+  if train.optimizer == "adamw" and train.weight_decay_kind == "l2":
+    raise ConfigError("weight_decay_kind", "l2 with --optimizer=adamw: AdamW's decay is "
+                      "decoupled by definition; use --optimizer=adam with l2 (PyTorch Adam's "
+                      "weight_decay) or --weight_decay_kind=decoupled")
 
 
 def validate(config: Config):
@@ -364,11 +372,19 @@ def is_chief(cluster, kind, index) -> bool:
 
 def validate_against_data(config: Config, num_classes: int):
   """The checks that need the dataset: run once it is loaded, before any training."""
+  if config.mode != "transfer":  # transfer: top-k picks among the teacher's classes
+    check_jac_top_k(config, num_classes, "the dataset's")
+
+
+def check_jac_top_k(config: Config, num_classes: int, whose: str, note: str = ""):
+  """--jac_top_k against the classes the top-k picks among: the dataset's, or in
+  --mode=transfer the teacher's (the student's second head has the teacher's shape); transfer
+  checks it once the teacher is loaded."""
   h = config.hints
   uses_jacobians = any(n in ("jac", "jac_ce", "jacnorm") for n in h.hints)
   if uses_jacobians and h.jac_target == "top_k" and h.jac_top_k > num_classes:
-    raise ConfigError("jac_top_k", f"{h.jac_top_k} is more than the dataset's {num_classes} "
-                      f"classes; use 1..{num_classes}")
+    raise ConfigError("jac_top_k", f"{h.jac_top_k} is more than {whose} {num_classes} "
+                      f"classes{note}; use 1..{num_classes}")
 
 
 def _check_writable(workdir):

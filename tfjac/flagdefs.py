@@ -91,9 +91,10 @@ flags.DEFINE_enum("lwf_match", "kd", list(hints.LWF_MATCHES), "How the lwf hint 
                   "student's teacher-shaped head to the teacher: kd (soft targets at "
                   "--kd_temperature, Li & Hoiem's LwF) or act (squared error of logits).")
 flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
-                  "name; default: the last layer of each block/stage (deepest ones paired).")
+                  "name; default: the layer that ends each block/stage, one per resolution "
+                  "(never padding; deepest ones paired; README, Transfer learning).")
 flags.DEFINE_list("student_layers", [], "Student layers paired one to one with "
-                  "--teacher_layers; default: the last layer of each block.")
+                  "--teacher_layers; default: the layer that ends each block/stage.")
 flags.DEFINE_boolean("teacher_resize", False, "Resize target images to the teacher's input "
                      "size (bilinear, differentiable) when they differ.")
 flags.DEFINE_float("teacher_input_scale", 1.0, "The teacher sees x * scale + offset (x in "
@@ -103,7 +104,8 @@ flags.DEFINE_string("source_dataset", None, "--mode=conditions: the teacher's ow
                     "data (same names as --dataset), for its loss and the source/target distance.")
 flags.DEFINE_list("source_classes", [], "--mode=conditions: class subset of --source_dataset.")
 flags.DEFINE_integer("conditions_examples", 500, "--mode=conditions: target (and source) test "
-                     "images used for the estimates.")
+                     "images used for the estimates: a class-stratified sample drawn with --seed "
+                     "(the source halves split every class in two).")
 flags.DEFINE_list("robustness_sigmas", [], "After training, test accuracy of teacher and student "
                   "under Gaussian input noise of each of these std (results.json); empty: none.")
 flags.DEFINE_boolean("jac_normalize", True, "L2-normalise each example's Jacobians before "
@@ -122,8 +124,22 @@ flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (the data repeats); 
 flags.DEFINE_enum("optimizer", "adam", config.OPTIMIZERS, "Optimizer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Student peak learning rate.")
 flags.DEFINE_float("teacher_learning_rate", 1e-3, "Teacher peak learning rate.")
-flags.DEFINE_float("momentum", 0.9, "SGD (Nesterov) momentum.")
-flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay of the optimizer.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum (Nesterov unless --nonesterov).")
+flags.DEFINE_float("weight_decay", 0.0, "Weight decay of the optimizer, of the kind "
+                   "--weight_decay_kind says.")
+flags.DEFINE_enum("weight_decay_kind", "decoupled", config.WEIGHT_DECAY_KINDS,
+                  "decoupled: Keras's weight_decay, w <- w - lr * wd * w beside the update, "
+                  "outside momentum (AdamW's kind). l2: wd * w added to every trained "
+                  "variable's gradient before momentum / Adam moments, i.e. the penalty wd/2 "
+                  "||w||^2 (PyTorch SGD's weight_decay, the attention-transfer reference; with "
+                  "SGD momentum m the effective decay is about 1/(1-m) times the decoupled "
+                  "one). Not with --optimizer=adamw.")
+flags.DEFINE_boolean("nesterov", True, "--optimizer=sgd: Nesterov momentum; --nonesterov: plain "
+                     "(heavy-ball) momentum, as PyTorch SGD's default and the attention-transfer "
+                     "reference. Keras's momentum form (v <- m v - lr g; w <- w + v) equals "
+                     "PyTorch's (v <- m v + g; w <- w - lr v) at a constant learning rate; after "
+                     "a schedule changes the rate, Keras's velocity still carries the old rate "
+                     "for about 1/(1-m) steps.")
 flags.DEFINE_enum("lr_schedule", "cosine", config.LR_SCHEDULES, "Learning-rate schedule.")
 flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which --lr_schedule=step multiplies the "
                   "learning rate by --lr_decay_factor.")

@@ -49,7 +49,8 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                       lr_decay_epochs=_int_list("lr_decay_epochs", f.lr_decay_epochs),
                       lr_decay_factor=f.lr_decay_factor,
                       early_stopping_patience=f.early_stopping_patience,
-                      jit_compile=f.jit_compile, backup_every_steps=f.backup_every_steps)
+                      jit_compile=f.jit_compile, backup_every_steps=f.backup_every_steps,
+                      weight_decay_kind=f.weight_decay_kind, nesterov=f.nesterov)
   from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
   return config_lib.Config(
       mode=f.mode, workdir=f.workdir, strategy=f.strategy, teacher_path=f.teacher,
@@ -162,7 +163,8 @@ def _conditions_lines(c):
         "error", "not measured (give --source_dataset)"))
   lip = c["lipschitz"]["jacobian_spectral_norm"]
   top = c["lipschitz"]["top1_gradient_norm"]
-  lines.append(f"  2. teacher's Lipschitz estimate on {c['target']['examples']} target images: "
+  lines.append(f"  2. teacher's Lipschitz estimate on {c['target']['examples']} target images "
+               f"({c['target']['classes']} classes, stratified): "
                f"Jacobian spectral norm max {lip['max']:.4g}, p50 {lip['p50']:.4g}, p99 "
                f"{lip['p99']:.4g}; top-1 gradient norm max {top['max']:.4g}")
   d = c["distance"]

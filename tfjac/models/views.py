@@ -31,14 +31,70 @@ def feature_layer_names(model: keras.Model) -> List[str]:
   return names
 
 
+_PADDING = (keras.layers.ZeroPadding2D, keras.layers.Cropping2D)
+_JOINS = (keras.layers.Add, keras.layers.Concatenate)  # residual and dense connections
+_ACTIVATIONS = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
+                keras.layers.PReLU, keras.layers.ELU)
+_CONVOLUTIONS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
+                 keras.layers.SeparableConv2D)
+
+
+def _block_id(name):
+  """The leading name tokens up to the first with a digit ('block_1' of 'block_1_expand_relu',
+  'block2a' of 'block2a_expand_activation'), or None: keras.applications' block naming."""
+  tokens = name.split("_")
+  for i, token in enumerate(tokens):
+    if any(c.isdigit() for c in token):
+      return "_".join(tokens[:i + 1])
+  return None
+
+
 def default_attention_layers(model: keras.Model) -> List[str]:
-  """The last layer at each spatial resolution: the end of each VGG block / ResNet stage."""
-  last_at = {}
-  for name in feature_layer_names(model):
-    shape = tuple(model.get_layer(name).output.shape[1:3])
-    last_at.pop(shape, None)
-    last_at[shape] = name
-  return list(last_at.values())
+  """One layer per spatial resolution, the one that ends the block or stage there (padding
+  and cropping layers are never chosen; they only widen the map for the next stride):
+
+  - the deepest resolution: the last layer at it (the end of the network's features);
+  - a resolution with residual or dense joins (Add, Concatenate): the last join, or the
+    activation applied to it (the block output of a post-activation ResNet);
+  - otherwise the last layer at that resolution (a VGG block's output before its pooling),
+    unless it opens the next block: when the next resolution starts with a convolution of the
+    same keras.applications block name (MobileNetV2's block_1_expand_relu before the strided
+    block_1_depthwise), the last layer of the block before it.
+
+  Works on any keras.Model; --teacher_layers / --student_layers override it."""
+  names = [n for n in feature_layer_names(model)
+           if not isinstance(model.get_layer(n), _PADDING)]
+  resolution = {n: tuple(model.get_layer(n).output.shape[1:3]) for n in names}
+  groups = {}  # resolution -> its layers in order; dict order: by each one's last layer
+  for name in names:
+    group = groups.pop(resolution[name], [])
+    groups[resolution[name]] = group + [name]
+  chosen = []
+  for i, group in enumerate(groups.values()):
+    chosen.append(group[-1] if i == len(groups) - 1 else _stage_end(model, group, names))
+  return chosen
+
+
+def _stage_end(model, group, names):
+  layer = model.get_layer
+  joins = [n for n in group if isinstance(layer(n), _JOINS)]
+  if joins:
+    end = joins[-1]
+    applied = True
+    while applied:  # follow the activations applied to the join
+      applied = [n for n in group if isinstance(layer(n), _ACTIVATIONS)
+                 and layer(n).input is layer(end).output]
+      end = applied[0] if applied else end
+    return end
+  last = group[-1]
+  following = names[names.index(last) + 1:names.index(last) + 2]
+  if following and isinstance(layer(following[0]), _CONVOLUTIONS):
+    opening = _block_id(following[0])
+    if opening is not None and _block_id(last) == opening:
+      before = [n for n in group if _block_id(n) != opening]
+      if before:
+        return before[-1]
+  return last
 
 
 def attention_pairs(teacher: keras.Model, student: keras.Model,

@@ -11,6 +11,11 @@ measured before any training:
    last Dense layer, or its logits for a SavedModel): Frechet distance between Gaussian fits and
    the RBF-kernel MMD^2 (median bandwidth), with the same numbers for two halves of the source
    as a reference scale.
+
+The images measured are a seeded (--seed), class-stratified sample of each test split, not its
+first n: folder and MIT Indoor splits are stored class by class, so the first 500 images would
+cover a third of the classes. The two source halves split every sampled class in two, so both
+halves cover the same classes and the reference compares like with like.
 """
 import keras
 import numpy as np
@@ -54,6 +59,39 @@ def top1_gradient_norms(model, x):
     top = tf.reduce_sum(tf.reduce_max(out, axis=-1))
   g = tape.gradient(top, x)
   return tf.norm(tf.reshape(g, [tf.shape(g)[0], -1]), axis=1).numpy()
+
+
+def stratified_sample(labels, n, seed):
+  """Seeded sample of min(n, len(labels)) indices, stratified by class: each class's share is
+  proportional to its size (largest remainder, so the total is exactly n), drawn without
+  replacement. Returns one index array per class present (empty arrays for classes given no
+  image when n is smaller than the number of classes)."""
+  labels = np.asarray(labels)
+  classes, counts = np.unique(labels, return_counts=True)
+  n = min(int(n), len(labels))
+  quota = n * counts / len(labels)
+  take = np.floor(quota).astype(int)
+  # Largest fractional parts first; ties to the larger class, then the lower class index.
+  order = np.lexsort((classes, -counts, -(quota - take)))
+  take[order[:n - take.sum()]] += 1
+  rng = np.random.default_rng(seed)
+  return [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+
+
+def halves(per_class):
+  """Two index arrays splitting each class of `per_class` in two (an odd class's extra image
+  goes to the halves in turn), so both halves hold the same classes in equal shares."""
+  a, b, extra_to_a = [], [], True
+  for idx in per_class:
+    cut = len(idx) // 2 + (len(idx) % 2 if extra_to_a else 0)
+    extra_to_a ^= bool(len(idx) % 2)
+    a.append(idx[:cut])
+    b.append(idx[cut:])
+  return np.concatenate(a), np.concatenate(b)
+
+
+def _coverage(labels, indices):
+  return {"examples": int(len(indices)), "classes": int(len(np.unique(labels[indices])))}
 
 
 def _summary(values):
@@ -108,9 +146,12 @@ def run(config, splits, strategy):
   teacher = views.adapt_input(network, info.image_shape, resize=adapt.resize,
                               scale=adapt.scale, offset=adapt.offset)
   source_classes = export.check_outputs(teacher, info.image_shape, path=config.teacher_path)
-  target_x = splits.test.images[:n]
+  seed = config.data.seed
+  target_idx = np.sort(np.concatenate(stratified_sample(splits.test.labels, n, seed)))
+  target_x = splits.test.images[target_idx]
   result = {"teacher": {"path": config.teacher_path, "source_classes": source_classes},
-            "target": {"dataset": info.name, "examples": len(target_x)}}
+            "target": {"dataset": info.name, **_coverage(splits.test.labels, target_idx),
+                       "of_classes": info.num_classes}}
 
   logging.info("estimating the teacher's Lipschitz constant on %d target images", len(target_x))
   spectral = _batched(lambda b: spectral_norms(teacher, b, seed=config.data.seed), target_x)
@@ -129,18 +170,26 @@ def run(config, splits, strategy):
       result["source_loss"] = {"error": f"{source.info.name} has {source.info.num_classes} "
                                         f"classes, the teacher {source_classes}"}
     else:
-      metrics = loop.evaluate(Distiller(teacher, None), source.test.take(np.arange(
-          min(len(source.test), 4 * n))), config.train.batch_size)
+      loss_idx = np.sort(np.concatenate(stratified_sample(source.test.labels, 4 * n, seed)))
+      metrics = loop.evaluate(Distiller(teacher, None), source.test.take(loss_idx),
+                              config.train.batch_size)
       result["source_loss"] = {"dataset": source.info.name,
+                               **_coverage(source.test.labels, loss_idx),
                                "cross_entropy": metrics["ce_loss"],
                                "accuracy": metrics["accuracy"]}
-    source_f = _batched(lambda b: features(b, training=False), source.test.images[:n])
-    half = len(source_f) // 2
+    # seed + 1: when the source is the target dataset, its sample is other images than the
+    # target's (a distance of 0 between identical images would say nothing).
+    half_a, half_b = halves(stratified_sample(source.test.labels, n, seed + 1))
+    source_idx = np.concatenate([half_a, half_b])
+    source_f = _batched(lambda b: features(b, training=False), source.test.images[source_idx])
+    f_a, f_b = source_f[:len(half_a)], source_f[len(half_a):]
     m, bw = mmd2(source_f, target_f)
-    m_ref, _ = mmd2(source_f[:half], source_f[half:], bandwidth=bw)
+    m_ref, _ = mmd2(f_a, f_b, bandwidth=bw)
     result["distance"] = {
         "feature_space": kind, "source": source.info.name,
+        "source_sample": _coverage(source.test.labels, source_idx),
+        "source_halves": [_coverage(source.test.labels, h) for h in (half_a, half_b)],
         "frechet": frechet_distance(source_f, target_f),
-        "frechet_source_halves": frechet_distance(source_f[:half], source_f[half:]),
+        "frechet_source_halves": frechet_distance(f_a, f_b),
         "mmd2": m, "mmd2_source_halves": m_ref, "mmd_bandwidth": bw}
   return {"conditions": result}

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 
 from tfjac import export
-from tfjac.errors import ConfigError
+from tfjac.errors import ConfigError, TfjacError
 from tfjac.models import views
 from tfjac.modes import common
 
@@ -27,9 +27,44 @@ def oracle_network(teacher: keras.Model, image_shape, num_classes, teacher_input
   head = keras.layers.Dense(num_classes, dtype="float32", name="oracle_logits")(features)
   # A single input tensor (not a list): the exported signature then takes one image batch.
   network = keras.Model(body.inputs[0], head, name="oracle")
+  initialised_from_teacher(teacher, network)
   return views.adapt_input(network, image_shape, resize=teacher_input.resize,
                            scale=teacher_input.scale, offset=teacher_input.offset,
                            name="oracle")
+
+
+def initialised_from_teacher(teacher: keras.Model, network: keras.Model):
+  """Checks that every layer of `teacher` but its final Dense (the head the oracle replaces)
+  holds, in the layer of the same name in `network`, exactly the teacher's values: trainable
+  weights and BatchNorm statistics alike. Returns {"layers", "parameters"} checked; raises
+  TfjacError naming the first layer whose values differ or that is missing."""
+  by_name = {}
+  for layer in _all_layers(network):  # through the input adapter's nesting
+    by_name.setdefault(layer.name, layer)
+  layers = parameters = 0
+  for layer in teacher.layers[:-1]:
+    expected = layer.get_weights()
+    if not expected:
+      continue
+    twin = by_name.get(layer.name)
+    if twin is None:
+      raise TfjacError(f"fine-tuning oracle: the teacher's layer {layer.name!r} has no "
+                       f"counterpart in {network.name}")
+    got = twin.get_weights()
+    if len(got) != len(expected) or not all(
+        g.shape == e.shape and np.array_equal(g, e) for g, e in zip(got, expected)):
+      raise TfjacError(f"fine-tuning oracle: layer {layer.name!r} does not hold the teacher's "
+                       "weights after initialisation")
+    layers += 1
+    parameters += sum(int(e.size) for e in expected)
+  return {"layers": layers, "parameters": parameters}
+
+
+def _all_layers(model):
+  for layer in model.layers:
+    yield layer
+    if isinstance(layer, keras.Model):
+      yield from _all_layers(layer)
 
 
 def run(config, splits, strategy):
@@ -39,10 +74,13 @@ def run(config, splits, strategy):
                                     safe_mode=not config.unsafe_teacher_loading)
     network = oracle_network(teacher, info.image_shape, info.num_classes, config.teacher_input,
                              config.teacher_path)
-  initial = [np.array(w) for w in teacher.get_weights()]
+    checked = initialised_from_teacher(teacher, network)
   student = common.train_student(config, splits, strategy, teacher=None, student=network,
                                  architecture=f"oracle ({teacher.name})")
   return {"teacher": {"source": "given", "path": config.teacher_path,
                       "source_classes": int(teacher.output_shape[-1]),
-                      "parameters_initialised_from_teacher": int(sum(w.size for w in initial))},
+                      # Checked value by value before training (initialised_from_teacher).
+                      "layers_initialised_from_teacher": checked["layers"],
+                      "parameters_initialised_from_teacher": checked["parameters"]},
           "student": student}
+

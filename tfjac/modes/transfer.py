@@ -9,6 +9,7 @@ the poster's no-transfer baseline. The exported student is the target network al
 import keras
 from absl import logging
 
+from tfjac import config as config_lib
 from tfjac import export
 from tfjac.models import views
 from tfjac.modes import common
@@ -29,6 +30,8 @@ def run(config, splits, strategy):
                                 scale=config.teacher_input.scale,
                                 offset=config.teacher_input.offset)
     source_classes = export.check_outputs(teacher, info.image_shape, path=config.teacher_path)
+  config_lib.check_jac_top_k(config, source_classes, "the teacher's",
+                             f" ({config.teacher_path}; top-k picks among its outputs)")
   logging.info("teacher %s: %d source classes; target: %d classes", config.teacher_path,
                source_classes, info.num_classes)
   teacher_summary = {"source": "given", "path": config.teacher_path,

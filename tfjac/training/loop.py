@@ -19,7 +19,43 @@ from tfjac.errors import NonFiniteLossError, NonFiniteWeightsError
 from tfjac.training import resume as resume_lib
 
 
+class _L2Penalty:
+  """Adds `l2 * w` to each variable's gradient before the optimizer's own update (momentum,
+  Adam moments): the L2 penalty l2/2 ||w||^2 in the loss, as PyTorch's `weight_decay` and the
+  attention-transfer reference code. Every trained variable is decayed (kernels, biases,
+  BatchNorm scales and offsets), as there; variables without a gradient in a step are
+  skipped, as in PyTorch. Not Keras's `weight_decay`, which shrinks w by lr * wd after the
+  update, outside the momentum (decoupled)."""
+
+  def __init__(self, *args, l2=0.0, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.l2 = float(l2)
+
+  def update_step(self, gradient, variable, learning_rate):
+    if self.l2:
+      gradient = keras.ops.add(gradient, keras.ops.multiply(
+          keras.ops.cast(self.l2, variable.dtype), variable))
+    super().update_step(gradient, variable, learning_rate)
+
+  def get_config(self):
+    return {**super().get_config(), "l2": self.l2}
+
+
+@keras.saving.register_keras_serializable(package="tfjac")
+class SGDWithL2(_L2Penalty, keras.optimizers.SGD):
+  """keras SGD on the gradient of loss + l2/2 ||w||^2 (see _L2Penalty)."""
+
+
+@keras.saving.register_keras_serializable(package="tfjac")
+class AdamWithL2(_L2Penalty, keras.optimizers.Adam):
+  """keras Adam on the gradient of loss + l2/2 ||w||^2 (PyTorch Adam's weight_decay)."""
+
+
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+  """The optimizer of `cfg`. Momentum is Keras's form, v <- m v - lr g; w <- w + v. PyTorch's
+  (v <- m v + g; w <- w - lr v) takes the same steps while the learning rate is constant; when
+  a schedule changes it, Keras's velocity still holds steps taken at the old rate (about
+  1 / (1 - m) steps, 10 at m = 0.9, after each --lr_schedule=step boundary)."""
   total = max(1, cfg.epochs * steps_per_epoch)
   lr = cfg.learning_rate
   if cfg.lr_schedule == "cosine":
@@ -29,11 +65,16 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.O
         boundaries=[e * steps_per_epoch for e in cfg.lr_decay_epochs],
         values=[cfg.learning_rate * cfg.lr_decay_factor ** i
                 for i in range(len(cfg.lr_decay_epochs) + 1)])
-  wd = cfg.weight_decay or None
+  l2 = cfg.weight_decay if cfg.weight_decay_kind == "l2" else 0.0
+  wd = (cfg.weight_decay if cfg.weight_decay_kind == "decoupled" else 0.0) or None
   if cfg.optimizer == "sgd":
-    return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+    if l2:
+      return SGDWithL2(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, l2=l2)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=wd)
   if cfg.optimizer == "adam":
+    if l2:
+      return AdamWithL2(lr, l2=l2)
     return keras.optimizers.Adam(lr, weight_decay=wd)
   return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
 
