@@ -128,6 +128,19 @@ flags.DEFINE_enum("lr_schedule", "cosine", config.LR_SCHEDULES, "Learning-rate s
 flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which --lr_schedule=step multiplies the "
                   "learning rate by --lr_decay_factor.")
 flags.DEFINE_float("lr_decay_factor", 0.2, "Factor of --lr_schedule=step.")
+# Budget in optimizer steps (few-shot runs): issue 13.
+flags.DEFINE_integer("train_steps", 0, "Student budget in optimizer steps; 0 (default): "
+                     "--epochs epochs, so that a run on fewer images takes fewer steps (60 "
+                     "epochs of 100 images at batch 32 are 240 steps). N > 0: exactly N steps "
+                     "whatever the data size; epochs are then derived: --steps_per_epoch steps "
+                     "each (0: one pass, ceil(training images / --batch_size)), as many as N "
+                     "needs, the last one cut at step N; validation and checkpoints at every "
+                     "epoch end as usual. The cosine schedule decays over the N steps; "
+                     "--lr_schedule=step takes --lr_decay_steps. tools/reproduce.py gives every "
+                     "column of a table the same N.")
+flags.DEFINE_list("lr_decay_steps", [], "Optimizer steps at which --lr_schedule=step "
+                  "multiplies the learning rate by --lr_decay_factor (instead of "
+                  "--lr_decay_epochs; the only kind taken with --train_steps).")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs without a "
                      "better validation accuracy; 0: off. The best epoch is kept either way.")
 flags.DEFINE_boolean("resume", True, "Continue an interrupted run: each fit backs up its full "
