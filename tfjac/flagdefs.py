@@ -30,7 +30,10 @@ flags.DEFINE_enum("strategy", "auto", config.STRATEGIES,
 flags.DEFINE_string("dataset", "digits",
                     "digits (embedded, 8x8 UCI handwritten digits, no network), cifar10, "
                     "cifar100, mit_indoor67 (--data_dir=DIR with DIR/Images/ and the official "
-                    "TrainImages.txt / TestImages.txt), tfds:NAME for a tensorflow-datasets "
+                    "TrainImages.txt / TestImages.txt), fashion_mnist (the four IDX files of "
+                    "Debian's dataset-fashion-mnist, in /usr/share/datasets/fashion-mnist or "
+                    "--data_dir; else tensorflow-datasets' fashion_mnist in --data_dir), "
+                    "tfds:NAME for a tensorflow-datasets "
                     "image dataset, or folder:PATH for image files in "
                     "PATH/train/<class>/*.jpg|jpeg|png and PATH/test/<class>/... (classes "
                     "sorted by folder name).")
