@@ -80,7 +80,8 @@ _DEFAULT_WEIGHTS = {"at": 1000.0}  # attention transfer's reference weight (its 
 for _name in hints.HINTS:
   flags.DEFINE_float(f"{_name}_weight", _DEFAULT_WEIGHTS.get(_name, 1.0),
                      f"Weight of the '{_name}' hint.")
-flags.DEFINE_float("kd_temperature", 4.0, "Softmax temperature of the 'kd' hint.")
+flags.DEFINE_float("kd_temperature", 4.0, "Softmax temperature of the 'kd' hint and of "
+                   "--lwf_match=kd; both multiply the KL by tau^2 (Hinton et al.).")
 flags.DEFINE_enum("jac_target", "label", list(hints.JACOBIAN_TARGETS),
                   "Which outputs' input-gradients are used: " + "; ".join(
                       f"{k}: {t.help}" for k, t in hints.JACOBIAN_TARGETS.items()) + ".")
@@ -91,8 +92,11 @@ flags.DEFINE_float("noise_sigma", 0.1, "Std of the Gaussian input noise (in [0, 
                    "of the hints noise, noisy_ce, and the sigma of jac_ce and jacnorm.")
 flags.DEFINE_integer("noise_samples", 4, "Noisy copies per example for noise and noisy_ce.")
 flags.DEFINE_enum("lwf_match", "kd", list(hints.LWF_MATCHES), "How the lwf hint matches the "
-                  "student's teacher-shaped head to the teacher: kd (soft targets at "
-                  "--kd_temperature, Li & Hoiem's LwF) or act (squared error of logits).")
+                  "student's teacher-shaped head to the teacher: kd (soft targets, as in Li & "
+                  "Hoiem's LwF, but by default at --kd_temperature=4 and times tau^2 = 16, "
+                  "Hinton's form; Li & Hoiem use T=2 and no tau^2 factor: their exact loss, up "
+                  "to the teacher's entropy, a constant, is --kd_temperature=2 "
+                  "--lwf_weight=0.25) or act (squared error of logits).")
 flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
                   "name; default: the last layer of each block/stage (deepest ones paired).")
 flags.DEFINE_list("student_layers", [], "Student layers paired one to one with "

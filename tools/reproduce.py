@@ -72,7 +72,7 @@ Preset = collections.namedtuple("Preset",
 # optimizer steps: the paper's flagfiles by giving each epoch as many steps as one pass over
 # the full training split (--steps_per_epoch), the digits presets by --train_steps = 60
 # epochs of the full column (1132 training images of digits at batch 32: 36 steps per epoch;
-# 567 of digits 5-9 in the transfer demo: 18).
+# 564 of digits 5-9 in the transfer demo: 18).
 PRESETS = {
     ("distill", "digits"): Preset((), ("--mode=teacher",), ("10", "50", "full"), {}, {}, 2160,
                                   0.001),
