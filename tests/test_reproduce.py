@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import reproduce  # noqa: E402  pylint: disable=wrong-import-position
+import robustness  # noqa: E402  pylint: disable=wrong-import-position
 
 # A stand-in for `python -m tfjac.run`: writes a results.json whose validation accuracy prefers
 # act_weight=1 and learning_rate=0.003 and whose test accuracy prefers act_weight=0.1 and any
@@ -35,6 +36,10 @@ FAKE_RUN = textwrap.dedent("""
                "student": {"best_val_accuracy": 0.5 + 0.1 * w + lr, "train_steps": steps,
                            "test_accuracy": 0.5 - 0.1 * w - lr + 0.01 * seed
                                             + (0.05 if args.get("hints") == "ce" else 0)}}
+    if "robustness_sigmas" in args:  # tools/robustness.py: accuracy 1 - sigma + seed / 100
+      results["student"]["test"] = {"accuracy_under_noise": {
+          f"{float(s):g}": 1 - float(s) + 0.01 * seed
+          for s in args["robustness_sigmas"].split(",")}}
     os.makedirs(args["workdir"], exist_ok=True)
     with open(os.path.join(args["workdir"], "results.json"), "w") as f:
       json.dump(results, f)
@@ -196,6 +201,27 @@ def test_the_paper_presets_give_every_column_one_full_pass_per_epoch():
     for size in preset.sizes[:-1]:
       assert preset.size_args[size] == (f"--steps_per_epoch={-(-full // batch)}",)
     assert preset.sizes[-1] == "full" and "full" not in preset.size_args
+
+
+def test_robustness_table_runs_every_row_and_seed_and_reports_the_spread(tmp_path,
+                                                                         fake_python):
+  python, calls = fake_python
+  docs = tmp_path / "docs" / "robustness.md"
+  table = robustness.Table(str(tmp_path / "out"), seeds=3, sigmas=("0.1", "0.5"),
+                           python=python, docs=str(docs))
+  md = table.run("python tools/robustness.py --seeds=3")
+  runs = calls()
+  assert sorted((c["hints"], c["seed"]) for c in runs) == sorted(
+      (h, str(k)) for h in ("ce", "ce,jacnorm", "noisy_ce") for k in range(3))
+  assert all(c["mode"] == "regularize" and c["robustness_sigmas"] == "0.1,0.5"
+             and c["noise_sigma"] == "0.3" and c["samples_per_class"] == "50" for c in runs)
+  # ce: clean 0.45 + seed/100, sigma 0.5: 0.5 + seed/100 -> 46.00 +- 1.00 and 51.00 +- 1.00
+  assert "| CE | 46.00 +- 1.00 | 91.00 +- 1.00 | 51.00 +- 1.00 |" in md
+  assert "`python tools/robustness.py --seeds=3`" in md
+  assert docs.read_text() == md and (tmp_path / "docs" / "robustness.csv").exists()
+  before = len(calls())
+  table.run()  # finished runs are not run again
+  assert len(calls()) == before
 
 
 def test_poster_numbers_beside_ours(tmp_path, fake_python):
