@@ -13,23 +13,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import reproduce  # noqa: E402  pylint: disable=wrong-import-position
+import robustness  # noqa: E402  pylint: disable=wrong-import-position
 
 # A stand-in for `python -m tfjac.run`: writes a results.json whose validation accuracy prefers
-# act_weight=1 and whose test accuracy prefers act_weight=0.1, and logs every call.
+# act_weight=1 and learning_rate=0.003 and whose test accuracy prefers act_weight=0.1 and any
+# other learning rate, and logs every call. Its optimizer steps: --train_steps, else 60 epochs
+# of ceil(images / 32) steps (10 classes; 'full': 1132 images).
 FAKE_RUN = textwrap.dedent("""
-    import json, os, sys
+    import json, math, os, sys
     args = dict(a[2:].split("=", 1) for a in sys.argv[3:] if "=" in a)
     with open(os.environ["CALLS"], "a") as f:
       f.write(json.dumps(args) + "\\n")
     if args.get("hints") == "act,jac" and args.get("jac_weight") == "10":
       sys.exit(3)  # a failed trial
     w = float(args.get("act_weight", 1))
+    lr = 0.05 if args.get("learning_rate") == "0.003" else 0.0
     seed = int(args["seed"])
+    n = 10 * int(args.get("samples_per_class", 0)) or 1132
+    steps = int(args.get("train_steps", 0)) or 60 * math.ceil(n / 32)
     results = {"total_seconds": 1.0,
                "teacher": {"test_accuracy": 0.9, "model": "vgg9"},
-               "student": {"best_val_accuracy": 0.5 + 0.1 * w,
-                           "test_accuracy": 0.5 - 0.1 * w + 0.01 * seed
+               "student": {"best_val_accuracy": 0.5 + 0.1 * w + lr, "train_steps": steps,
+                           "test_accuracy": 0.5 - 0.1 * w - lr + 0.01 * seed
                                             + (0.05 if args.get("hints") == "ce" else 0)}}
+    if "robustness_sigmas" in args:  # tools/robustness.py: accuracy 1 - sigma + seed / 100
+      results["student"]["test"] = {"accuracy_under_noise": {
+          f"{float(s):g}": 1 - float(s) + 0.01 * seed
+          for s in args["robustness_sigmas"].split(",")}}
     os.makedirs(args["workdir"], exist_ok=True)
     with open(os.path.join(args["workdir"], "results.json"), "w") as f:
       json.dump(results, f)
@@ -55,13 +65,55 @@ def _rows(*keys):
   return [r for r in reproduce.TABLES["distill"] if r.key in keys]
 
 
-def test_candidates_are_the_product_over_the_rows_hints():
+def _weights(row, setting):
+  """Every hint weight of `row` under `setting` (tfjac.run's default 1 where not set) and the
+  learning rate."""
+  hints = reproduce.row_hints(row)
+  return float(setting["learning_rate"]), [float(setting.get(f"{h}_weight", 1)) for h in hints]
+
+
+@pytest.mark.parametrize("table", list(reproduce.TABLES))
+def test_every_row_gets_the_same_trials_and_none_is_a_reroll(table):
+  trials = reproduce.trials_per_row(table)
+  assert trials == {"distill": 4, "transfer": 8}[table]
+  shared = {"0.001", "0.003"}
+  for row in reproduce.TABLES[table]:
+    got = reproduce.candidates(row, trials=trials)
+    assert len(got) == trials, row.key
+    assert shared <= {g["learning_rate"] for g in got}, row.key  # the same grid in every row
+    # Under Adam (and SGD) multiplying every weight of the loss by c is a reroll of the same
+    # setting (SGD: with the learning rate divided by c). With the anchor at 1, two settings
+    # are equivalent only if equal: no pair of trials may have proportional weight vectors
+    # at the same learning rate, or weights c times at learning rate 1/c.
+    for i, a in enumerate(got):
+      for b in got[i + 1:]:
+        (lr_a, wa), (lr_b, wb) = _weights(row, a), _weights(row, b)
+        ratios = {round(y / x, 9) for x, y in zip(wa, wb)}
+        assert not (len(ratios) == 1 and (lr_a == lr_b or
+                                          round(lr_a / lr_b, 9) == ratios.pop())), (row.key,
+                                                                                   a, b)
+    # Balanced: every level of every tuned flag appears equally often.
+    for flag in got[0]:
+      counts = {}
+      for g in got:
+        counts[g[flag]] = counts.get(g[flag], 0) + 1
+      assert len(set(counts.values())) == 1, (row.key, flag, counts)
+
+
+def test_the_learning_rate_grid_follows_the_preset_and_an_override_replaces_the_design():
   row = _rows("act_jac_ce")[0]
-  got = reproduce.candidates(row)
-  assert got == [{"act_weight": a, "jac_weight": j} for a in ("0.1", "1") for j in ("1", "10")]
-  assert reproduce.candidates(_rows("ce")[0]) == [{}]
-  assert reproduce.candidates(_rows("ce")[0], {"learning_rate": ("0.001", "0.003")}) == [
-      {"learning_rate": "0.001"}, {"learning_rate": "0.003"}]
+  assert reproduce.candidates(row, trials=4) == [
+      {"learning_rate": "0.001", "act_weight": "0.1", "jac_weight": "1"},
+      {"learning_rate": "0.001", "act_weight": "1", "jac_weight": "10"},
+      {"learning_rate": "0.003", "act_weight": "0.1", "jac_weight": "10"},
+      {"learning_rate": "0.003", "act_weight": "1", "jac_weight": "1"}]
+  assert [c["learning_rate"] for c in reproduce.candidates(_rows("ce")[0], trials=4,
+                                                           learning_rate=0.1)] == [
+      "0.03", "0.1", "0.3", "1"]
+  override = {"learning_rate": ("0.001", "0.003"), "jac_weight": ("1", "10")}
+  assert reproduce.candidates(_rows("ce")[0], override) == [
+      {"learning_rate": "0.001"}, {"learning_rate": "0.003"}]  # ce has no jac weight
+  assert len(reproduce.candidates(row, override)) == 4
 
 
 def test_bad_arguments_are_named():
@@ -92,21 +144,29 @@ def test_table_schedules_tunes_on_validation_and_skips_finished_cells(tmp_path, 
   assert {c["teacher"] for c in cells} == {str(out / "teacher" / "teacher")}
   assert {c["samples_per_class"] for c in cells} == {"10", "0"}
   assert all(c["seed"] == "0" for c in cells if "act_weight" in c and "cells" not in c["workdir"])
-  # ce: nothing to tune, 2 seeds x 2 sizes; act,ce: 2 trials + 1 more seed per size;
-  # act,jac: 4 trials (one fails) + 1 more seed per size.
+  # Every row: 4 trials (act,jac: two of them fail) + 1 more seed, per size.
   per_row = lambda hints: [c for c in cells if c["hints"] == hints]  # noqa: E731
-  assert len(per_row("ce")) == 4 and len(per_row("act,ce")) == 6 and len(per_row("act,jac")) == 10
-  # Chosen on validation (act_weight=1), although test would prefer 0.1.
+  assert len(per_row("ce")) == len(per_row("act,ce")) == len(per_row("act,jac")) == 10
   tuning = json.loads((out / "tuning.json").read_text())
-  assert tuning["act_ce/n10"]["chosen"] == {"act_weight": "1"}
-  assert tuning["act_jac/n10"]["chosen"] == {"act_weight": "1", "jac_weight": "1"}
-  assert [c["act_weight"] for c in per_row("act,ce") if c["seed"] == "1"] == ["1", "1"]
+  assert {k: len(t["trials"]) for k, t in tuning.items()} == {
+      f"{r}/n{n}": 4 for r in ("ce", "act_ce", "act_jac") for n in ("10", "full")}
+  # Chosen on validation (act_weight=1, learning_rate=0.003), although test would prefer
+  # act_weight=0.1 and another learning rate.
+  assert tuning["act_ce/n10"]["chosen"] == {"act_weight": "1", "learning_rate": "0.003"}
+  assert tuning["act_jac/n10"]["chosen"] == {"jac_weight": "1", "learning_rate": "0.003"}
+  assert tuning["ce/nfull"]["chosen"] == {"learning_rate": "0.003"}
+  assert [(c["act_weight"], c["learning_rate"]) for c in per_row("act,ce")
+          if c["seed"] == "1"] == [("1", "0.003")] * 2
   failed = [t for t in tuning["act_jac/nfull"]["trials"] if t["best_val_accuracy"] is None]
   assert len(failed) == 2 and h.failures  # the failing trials are reported, not chosen
+  # The same optimizer steps for every size: the digits preset's budget.
+  assert {c["train_steps"] for c in cells} == {"2160"}
   md = (out / "results.md").read_text()
-  # act,ce at act_weight=1: test 0.4 (seed 0) and 0.41 (seed 1): 40.50 +- 0.71
-  assert "| act + CE | 40.50 +- 0.71 | 40.50 +- 0.71 |" in md
-  assert "| CE | **45.50 +- 0.71** | **45.50 +- 0.71** |" in md
+  # act,ce at act_weight=1, lr 0.003: test 0.35 (seed 0) and 0.36 (seed 1): 35.50 +- 0.71
+  assert "| act + CE | 35.50 +- 0.71 | 35.50 +- 0.71 |" in md
+  assert "| CE | **40.50 +- 0.71** | **40.50 +- 0.71** |" in md
+  assert ("Budget: optimizer steps per student run (--train_steps=2160 for every cell): "
+          "10/class: 2160; full: 2160. Tuning: 4 trial(s) per row and column on seed 0") in md
   with open(out / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 6 and {r["seeds"] for r in rows} == {"2"}
@@ -116,6 +176,52 @@ def test_table_schedules_tunes_on_validation_and_skips_finished_cells(tmp_path, 
   reproduce.Harness("distill", "digits", ("10", "full"), 2, _rows("ce", "act_ce", "act_jac"),
                     str(out), tune=True, python=python).run()
   assert len(calls()) == before + 4  # only the failed act,jac trials (2 per column) run again
+
+
+def test_without_a_step_budget_results_md_shows_the_unequal_steps(tmp_path, fake_python):
+  python, calls = fake_python
+  out = tmp_path / "out"
+  reproduce.Harness("distill", "digits", ("10", "full"), 1, _rows("ce"), str(out),
+                    python=python, train_steps=0).run()
+  assert not any("train_steps" in c for c in calls())
+  md = (out / "results.md").read_text()
+  assert ("Budget: optimizer steps per student run (each run's --epochs and --steps_per_epoch "
+          "(the preset's flags)): 10/class: 240; full: 2160. No tuning") in md
+  with pytest.raises(reproduce.ReproduceError, match="--train_steps: no preset"):
+    reproduce.Harness("distill", "fashion_mnist", ("10",), 1, _rows("ce"), str(out))
+
+
+def test_the_paper_presets_give_every_column_one_full_pass_per_epoch():
+  """CIFAR-100 (45,000 training images at batch 128) and MIT Indoor 67 (4,824 at batch 64):
+  the small columns' --steps_per_epoch is the full column's one pass."""
+  for (table, dataset), full in ((("distill", "cifar100"), 45000),
+                                 (("transfer", "mit_indoor67"), 4824)):
+    preset = reproduce.PRESETS[(table, dataset)]
+    batch = 128 if dataset == "cifar100" else 64
+    for size in preset.sizes[:-1]:
+      assert preset.size_args[size] == (f"--steps_per_epoch={-(-full // batch)}",)
+    assert preset.sizes[-1] == "full" and "full" not in preset.size_args
+
+
+def test_robustness_table_runs_every_row_and_seed_and_reports_the_spread(tmp_path,
+                                                                         fake_python):
+  python, calls = fake_python
+  docs = tmp_path / "docs" / "robustness.md"
+  table = robustness.Table(str(tmp_path / "out"), seeds=3, sigmas=("0.1", "0.5"),
+                           python=python, docs=str(docs))
+  md = table.run("python tools/robustness.py --seeds=3")
+  runs = calls()
+  assert sorted((c["hints"], c["seed"]) for c in runs) == sorted(
+      (h, str(k)) for h in ("ce", "ce,jacnorm", "noisy_ce") for k in range(3))
+  assert all(c["mode"] == "regularize" and c["robustness_sigmas"] == "0.1,0.5"
+             and c["noise_sigma"] == "0.3" and c["samples_per_class"] == "50" for c in runs)
+  # ce: clean 0.45 + seed/100, sigma 0.5: 0.5 + seed/100 -> 46.00 +- 1.00 and 51.00 +- 1.00
+  assert "| CE | 46.00 +- 1.00 | 91.00 +- 1.00 | 51.00 +- 1.00 |" in md
+  assert "`python tools/robustness.py --seeds=3`" in md
+  assert docs.read_text() == md and (tmp_path / "docs" / "robustness.csv").exists()
+  before = len(calls())
+  table.run()  # finished runs are not run again
+  assert len(calls()) == before
 
 
 def test_poster_numbers_beside_ours(tmp_path, fake_python):
@@ -132,13 +238,17 @@ def test_real_table_through_tfjac_run(tmp_path):
   out = tmp_path / "out"
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "reproduce.py"), "--table=distill",
-       "--rows=ce,act_jac", "--samples_per_class=5", "--seeds=1", f"--out={out}", "--",
-       "--epochs=2", "--teacher_epochs=1", "--model=vgg4", "--width=0.25",
+       "--rows=ce,act_jac", "--samples_per_class=5", "--seeds=1", f"--out={out}",
+       "--train_steps=3", "--",
+       "--teacher_epochs=1", "--model=vgg4", "--width=0.25",
        "--teacher_model=vgg4", "--teacher_width=0.25"],
       capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for row in ("ce", "act_jac"):
     res = json.loads((out / "cells" / row / "n5" / "seed0" / "results.json").read_text())
     assert res["student"]["train_examples"] == 50
+    # 3 steps of 32 over 50 images (2 per epoch): 2 epochs, the second cut after one step.
+    assert (res["student"]["train_steps"], res["student"]["epochs_run"]) == (3, 2)
     assert res["config"]["hints"]["hints"] == (["ce"] if row == "ce" else ["act", "jac"])
   assert "| act + jac |" in proc.stdout and "[1/3] teacher" in proc.stderr
+  assert "(--train_steps=3 for every cell): 5/class: 3." in proc.stdout

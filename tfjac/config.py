@@ -53,6 +53,10 @@ class TrainConfig:
   backup_every_steps: int = 0  # resume backups within an epoch too; 0: at epoch ends only
   weight_decay_kind: str = "decoupled"  # l2: wd * w added to the gradient (PyTorch's form)
   nesterov: bool = True  # SGD: Nesterov momentum (the behaviour before the flag existed)
+  # Budget in optimizer steps (0: `epochs` epochs). Epochs are then derived: steps_per_epoch
+  # (or one pass, ceil(n_train / batch_size)) each, the last one cut at train_steps.
+  train_steps: int = 0
+  lr_decay_steps: Tuple[int, ...] = ()  # --lr_schedule=step boundaries in optimizer steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +142,10 @@ def _validate_train(prefix, train: TrainConfig):
   _positive("momentum", train.momentum, allow_zero=True)
   _positive("weight_decay", train.weight_decay, allow_zero=True)
   _choice("lr_schedule", train.lr_schedule, LR_SCHEDULES)
-  if train.lr_schedule == "step":
+  _positive("train_steps", train.train_steps, allow_zero=True)
+  if train.lr_schedule == "step" and (train.lr_decay_steps or train.train_steps):
+    _validate_decay_steps(train)
+  elif train.lr_schedule == "step":
     if not train.lr_decay_epochs:
       raise ConfigError("lr_decay_epochs", "--lr_schedule=step needs at least one epoch")
     if any(e <= 0 for e in train.lr_decay_epochs) or list(train.lr_decay_epochs) != sorted(
@@ -153,6 +160,25 @@ def _validate_train(prefix, train: TrainConfig):
     raise ConfigError("weight_decay_kind", "l2 with --optimizer=adamw: AdamW's decay is "
                       "decoupled by definition; use --optimizer=adam with l2 (PyTorch Adam's "
                       "weight_decay) or --weight_decay_kind=decoupled")
+
+
+def _validate_decay_steps(train: TrainConfig):
+  """--lr_schedule=step boundaries in optimizer steps (--lr_decay_steps): the only kind taken
+  with a --train_steps budget, where an epoch's length depends on the data size."""
+  if train.lr_decay_epochs:
+    what = ("with --train_steps the length of an epoch depends on the number of training "
+            "images" if train.train_steps else "--lr_decay_steps is given too")
+    raise ConfigError("lr_decay_epochs", f"not taken: {what}; give the boundaries in "
+                      "optimizer steps with --lr_decay_steps")
+  steps = list(train.lr_decay_steps)
+  if not steps:
+    raise ConfigError("lr_decay_steps", "--lr_schedule=step with --train_steps needs at least "
+                      "one boundary in optimizer steps")
+  if any(s <= 0 for s in steps) or steps != sorted(set(steps)):
+    raise ConfigError("lr_decay_steps", f"must be increasing positive steps, got {steps}")
+  if train.train_steps and steps[-1] >= train.train_steps:
+    raise ConfigError("lr_decay_steps", f"{steps[-1]} is not below --train_steps="
+                      f"{train.train_steps}: that boundary would never be reached")
 
 
 def validate(config: Config):

@@ -30,7 +30,10 @@ flags.DEFINE_enum("strategy", "auto", config.STRATEGIES,
 flags.DEFINE_string("dataset", "digits",
                     "digits (embedded, 8x8 UCI handwritten digits, no network), cifar10, "
                     "cifar100, mit_indoor67 (--data_dir=DIR with DIR/Images/ and the official "
-                    "TrainImages.txt / TestImages.txt), tfds:NAME for a tensorflow-datasets "
+                    "TrainImages.txt / TestImages.txt), fashion_mnist (the four IDX files of "
+                    "Debian's dataset-fashion-mnist, in /usr/share/datasets/fashion-mnist or "
+                    "--data_dir; else tensorflow-datasets' fashion_mnist in --data_dir), "
+                    "tfds:NAME for a tensorflow-datasets "
                     "image dataset, or folder:PATH for image files in "
                     "PATH/train/<class>/*.jpg|jpeg|png and PATH/test/<class>/... (classes "
                     "sorted by folder name).")
@@ -77,7 +80,8 @@ _DEFAULT_WEIGHTS = {"at": 1000.0}  # attention transfer's reference weight (its 
 for _name in hints.HINTS:
   flags.DEFINE_float(f"{_name}_weight", _DEFAULT_WEIGHTS.get(_name, 1.0),
                      f"Weight of the '{_name}' hint.")
-flags.DEFINE_float("kd_temperature", 4.0, "Softmax temperature of the 'kd' hint.")
+flags.DEFINE_float("kd_temperature", 4.0, "Softmax temperature of the 'kd' hint and of "
+                   "--lwf_match=kd; both multiply the KL by tau^2 (Hinton et al.).")
 flags.DEFINE_enum("jac_target", "label", list(hints.JACOBIAN_TARGETS),
                   "Which outputs' input-gradients are used: " + "; ".join(
                       f"{k}: {t.help}" for k, t in hints.JACOBIAN_TARGETS.items()) + ".")
@@ -88,8 +92,11 @@ flags.DEFINE_float("noise_sigma", 0.1, "Std of the Gaussian input noise (in [0, 
                    "of the hints noise, noisy_ce, and the sigma of jac_ce and jacnorm.")
 flags.DEFINE_integer("noise_samples", 4, "Noisy copies per example for noise and noisy_ce.")
 flags.DEFINE_enum("lwf_match", "kd", list(hints.LWF_MATCHES), "How the lwf hint matches the "
-                  "student's teacher-shaped head to the teacher: kd (soft targets at "
-                  "--kd_temperature, Li & Hoiem's LwF) or act (squared error of logits).")
+                  "student's teacher-shaped head to the teacher: kd (soft targets, as in Li & "
+                  "Hoiem's LwF, but by default at --kd_temperature=4 and times tau^2 = 16, "
+                  "Hinton's form; Li & Hoiem use T=2 and no tau^2 factor: their exact loss, up "
+                  "to the teacher's entropy, a constant, is --kd_temperature=2 "
+                  "--lwf_weight=0.25) or act (squared error of logits).")
 flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
                   "name; default: the layer that ends each block/stage, one per resolution "
                   "(never padding; deepest ones paired; README, Transfer learning).")
@@ -144,6 +151,19 @@ flags.DEFINE_enum("lr_schedule", "cosine", config.LR_SCHEDULES, "Learning-rate s
 flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which --lr_schedule=step multiplies the "
                   "learning rate by --lr_decay_factor.")
 flags.DEFINE_float("lr_decay_factor", 0.2, "Factor of --lr_schedule=step.")
+# Budget in optimizer steps (few-shot runs): issue 13.
+flags.DEFINE_integer("train_steps", 0, "Student budget in optimizer steps; 0 (default): "
+                     "--epochs epochs, so that a run on fewer images takes fewer steps (60 "
+                     "epochs of 100 images at batch 32 are 240 steps). N > 0: exactly N steps "
+                     "whatever the data size; epochs are then derived: --steps_per_epoch steps "
+                     "each (0: one pass, ceil(training images / --batch_size)), as many as N "
+                     "needs, the last one cut at step N; validation and checkpoints at every "
+                     "epoch end as usual. The cosine schedule decays over the N steps; "
+                     "--lr_schedule=step takes --lr_decay_steps. tools/reproduce.py gives every "
+                     "column of a table the same N.")
+flags.DEFINE_list("lr_decay_steps", [], "Optimizer steps at which --lr_schedule=step "
+                  "multiplies the learning rate by --lr_decay_factor (instead of "
+                  "--lr_decay_epochs; the only kind taken with --train_steps).")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs without a "
                      "better validation accuracy; 0: off. The best epoch is kept either way.")
 flags.DEFINE_boolean("resume", True, "Continue an interrupted run: each fit backs up its full "

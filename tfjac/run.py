@@ -50,7 +50,8 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                       lr_decay_factor=f.lr_decay_factor,
                       early_stopping_patience=f.early_stopping_patience,
                       jit_compile=f.jit_compile, backup_every_steps=f.backup_every_steps,
-                      weight_decay_kind=f.weight_decay_kind, nesterov=f.nesterov)
+                      weight_decay_kind=f.weight_decay_kind, nesterov=f.nesterov,
+                      lr_decay_steps=_int_list("lr_decay_steps", f.lr_decay_steps))
   from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
   return config_lib.Config(
       mode=f.mode, workdir=f.workdir, strategy=f.strategy, teacher_path=f.teacher,
@@ -63,7 +64,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
       student=config_lib.ModelConfig(name=f.model, width=f.width),
       teacher=config_lib.ModelConfig(name=f.teacher_model, width=f.teacher_width),
       train=config_lib.TrainConfig(epochs=f.epochs, learning_rate=f.learning_rate,
-                                   **train_common),
+                                   train_steps=f.train_steps, **train_common),
       teacher_train=config_lib.TrainConfig(epochs=f.teacher_epochs,
                                            learning_rate=f.teacher_learning_rate,
                                            **train_common),

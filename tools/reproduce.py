@@ -7,10 +7,12 @@
 
 One teacher serves the whole table (trained first in <out>/teacher unless --teacher is given).
 At a given seed every row of a column trains on the same N-per-class subset and starts from
-the same student weights (both are seeded by --seed in tfjac.run). `--tune` chooses, per row and
-column, the hint weights (and any other value of --tune_space) on the first seed by the best
-*validation* accuracy (results.json's best_val_accuracy): the test split is never read for a
-choice. The chosen values are written to tuning.json and used for every seed.
+the same student weights (both are seeded by --seed in tfjac.run), and every column gets the
+same number of optimizer steps (--train_steps, or the preset's --steps_per_epoch). `--tune`
+chooses, per row and column, the learning rate and the hint weights on the first seed by the
+best *validation* accuracy (results.json's best_val_accuracy): the test split is never read
+for a choice. Every row gets the same number of trials (WEIGHT_LEVELS says how). The chosen
+values are written to tuning.json and used for every seed.
 
 Interrupted and rerun with the same command, finished cells (those with a results.json) are
 skipped and an interrupted cell resumes inside tfjac.run. Writes <out>/results.md (mean +- std
@@ -60,34 +62,54 @@ TABLES = {
 }
 
 Preset = collections.namedtuple("Preset",
-                                "run_args teacher_args sizes poster_columns size_args")
+                                "run_args teacher_args sizes poster_columns size_args "
+                                "train_steps learning_rate")
 
 # Settings of the known datasets: flags of every cell, flags of the teacher's run, default
-# columns, how a column maps to the poster's ('full' is the whole training split), and flags
-# of a column (as in the flagfiles: every cell of the paper's tables gets as many updates as
-# one pass over the full training split).
+# columns, how a column maps to the poster's ('full' is the whole training split), flags of a
+# column, the --train_steps of every cell, and the learning rate of its runs (the centre of
+# the tuning grid: Adam's 1e-3 for the digits, the flagfiles' SGD rates). Every column of a table gets the same number of
+# optimizer steps: the paper's flagfiles by giving each epoch as many steps as one pass over
+# the full training split (--steps_per_epoch), the digits presets by --train_steps = 60
+# epochs of the full column (1132 training images of digits at batch 32: 36 steps per epoch;
+# 564 of digits 5-9 in the transfer demo: 18).
 PRESETS = {
-    ("distill", "digits"): Preset((), ("--mode=teacher",), ("10", "50", "full"), {}, {}),
+    ("distill", "digits"): Preset((), ("--mode=teacher",), ("10", "50", "full"), {}, {}, 2160,
+                                  0.001),
     ("distill", "cifar100"): Preset(
         ("--flagfile=flags/cifar100_base.cfg",),
         ("--flagfile=flags/cifar100_base.cfg", "--mode=teacher"), ("10", "50", "full"),
-        {"full": "500"}, {"10": ("--steps_per_epoch=352",), "50": ("--steps_per_epoch=352",)}),
+        {"full": "500"}, {"10": ("--steps_per_epoch=352",), "50": ("--steps_per_epoch=352",)},
+        0, 0.1),
     ("transfer", "digits"): Preset(
         ("--flagfile=flags/digits_transfer_base.cfg",),
-        ("--flagfile=flags/digits_transfer_teacher.cfg",), ("10", "50", "full"), {}, {}),
+        ("--flagfile=flags/digits_transfer_teacher.cfg",), ("10", "50", "full"), {}, {}, 1080,
+        0.001),
     ("transfer", "mit_indoor67"): Preset(
         ("--flagfile=flags/indoor67_base.cfg",), None, ("25", "50", "full"), {},
-        {"25": ("--steps_per_epoch=76",), "50": ("--steps_per_epoch=76",)}),
+        {"25": ("--steps_per_epoch=76",), "50": ("--steps_per_epoch=76",)}, 0, 0.01),
 }
 
-# What --tune searches by default: for each hint of a row, the flag and its candidate values
-# (the defaults of tfjac.run are among them). A row searches the product over its hints.
-TUNE_SPACE = {
-    "act": ("act_weight", ("0.1", "1")),
-    "jac": ("jac_weight", ("1", "10")),
-    "kd": ("kd_temperature", ("2", "4")),
-    "lwf": ("lwf_weight", ("0.3", "1")),
-    "at": ("at_weight", ("100", "1000")),
+# What --tune searches. Every row of a table gets the same number of trials, T = 2^(k - 1)
+# for the table's largest number k of factors (distill 4, transfer 8). A row's factors are
+# the learning rate and the weight of each of its hints but one: the anchor (ce where the row
+# has it, else its first hint) stays at 1, because under Adam multiplying every weight by one
+# constant changes (almost) nothing, so such trials would be rerolls. Each factor has two
+# levels (WEIGHT_LEVELS, the shared learning-rate grid); a row with fewer factors gets a finer
+# learning-rate grid that contains the shared one (a row with only the learning rate to tune:
+# T learning rates), a row with one factor more than fits in T runs the half fraction of its
+# 2^k design (the last weight's level from the parity of the others'): every level of every
+# factor appears equally often, and every pair of levels of two factors once.
+WEIGHT_LEVELS = {
+    "act": ("0.1", "1"),
+    "jac": ("1", "10"),
+    "lwf": ("0.3", "1"),
+    "at": ("100", "1000"),
+}
+LEARNING_RATES = {  # multiples of the preset's learning rate, by number of levels; each
+    2: (1, 3),        # contains the shared grid (1 and 3 times the preset's rate)
+    4: (0.3, 1, 3, 10),
+    8: (0.1, 0.2, 0.5, 1, 2, 3, 5, 10),
 }
 
 
@@ -110,10 +132,18 @@ def define_flags():
                       "Output directory; default runs/reproduce/<table>_<dataset>.")
   flags.DEFINE_boolean("tune", False, "Choose each row's weights on the validation split of the "
                        "first seed, per column, among --tune_space, before running the seeds.")
-  flags.DEFINE_string("tune_space", None, "Override the search: 'flag=v1,v2;flag2=v3,v4' (e.g. "
-                      "'jac_weight=1,10,100;learning_rate=0.001,0.003'). Flags of a row's "
-                      "hints default to the built-in space; a flag given here is searched in "
-                      "every row.")
+  flags.DEFINE_string("tune_space", None, "Replace the built-in design (the same number of "
+                      "trials in every row: the module's docstring and WEIGHT_LEVELS): "
+                      "'flag=v1,v2;flag2=v3,v4' (e.g. 'jac_weight=1,10,100;learning_rate="
+                      "0.001,0.003'); each row then searches the product of the given flags "
+                      "that apply to it (a hint's weight: rows with that hint), so rows may get "
+                      "unequal trial counts; results.md gives each row's count.")
+  flags.DEFINE_integer("train_steps", None, "--train_steps of every cell (the same optimizer "
+                       "steps for every column). Default: the preset's (digits: 60 epochs of "
+                       "the full column, 2160 steps for distill, 1080 for transfer; the "
+                       "CIFAR-100 and MIT Indoor presets equalise by --steps_per_epoch in "
+                       "their flagfiles instead). 0: each run's --epochs (fewer steps for "
+                       "fewer images). Required for a dataset without a preset.")
   flags.DEFINE_integer("jobs", 1, "Runs at a time (within a phase: the tuning trials, then the "
                        "cells). A small network leaves CPU cores idle; on one GPU keep 1.")
   flags.DEFINE_boolean("dry_run", False, "Print the commands of every run and exit.")
@@ -157,18 +187,49 @@ def row_hints(row):
   return next(a.split("=", 1)[1] for a in row.args if a.startswith("--hints=")).split(",")
 
 
-def candidates(row, override=None):
-  """The settings --tune tries for `row`: a list of {flag: value} (one empty dict: nothing to
-  tune)."""
-  space = {}
-  for hint in row_hints(row):
-    if hint in TUNE_SPACE:
-      flag, values = TUNE_SPACE[hint]
-      space[flag] = values
-  for flag, values in (override or {}).items():
-    space[flag] = values
-  names = sorted(space)
-  return [dict(zip(names, combo)) for combo in itertools.product(*(space[n] for n in names))]
+def tuned_weights(row):
+  """The hints of `row` whose weights --tune varies: all with levels but the anchor (ce if
+  the row has it, else its first hint), whose weight stays at its default."""
+  hints = row_hints(row)
+  anchor = "ce" if "ce" in hints else hints[0]
+  return [h for h in hints if h in WEIGHT_LEVELS and h != anchor]
+
+
+def trials_per_row(table):
+  """T of the module's design: 2^(k - 1), k the largest number of factors of a row (the
+  learning rate and the tuned weights) in `table`."""
+  return 2 ** max(len(tuned_weights(r)) for r in TABLES[table])
+
+
+def candidates(row, override=None, trials=4, learning_rate=0.001):
+  """The settings --tune tries for `row`: a list of {flag: value}, `trials` of them for the
+  built-in design (see WEIGHT_LEVELS; learning rates as multiples of `learning_rate`); with
+  `override` ({flag: values}), the product of the override's flags that apply to the row (one
+  empty dict: nothing to tune)."""
+  if override:
+    hints = row_hints(row)
+    space = {flag: values for flag, values in override.items()
+             if not flag.endswith("_weight") or flag[:-len("_weight")] in hints}
+    names = sorted(space)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(space[n] for n in names))]
+  weights = tuned_weights(row)
+  if 2 ** len(weights) > trials:
+    raise ReproduceError(f"row {row.key}: {len(weights) + 1} factors do not fit in {trials} "
+                         "trials")
+  full = 2 ** (len(weights) + 1) <= trials  # else the half fraction of the 2^k design
+  free = weights if full else weights[:-1]
+  rates = [f"{learning_rate * m:.3g}" for m in
+           LEARNING_RATES[trials // 2 ** len(free) if full else 2]]
+  settings = []
+  for rate_index, rate in enumerate(rates):
+    for levels in itertools.product((0, 1), repeat=len(free)):
+      setting = {"learning_rate": rate}
+      setting.update({f"{h}_weight": WEIGHT_LEVELS[h][i] for h, i in zip(free, levels)})
+      if not full:
+        last = weights[-1]
+        setting[f"{last}_weight"] = WEIGHT_LEVELS[last][(rate_index + sum(levels)) % 2]
+      settings.append(setting)
+  return settings
 
 
 def setting_args(setting):
@@ -228,10 +289,19 @@ class Harness:
 
   def __init__(self, table, dataset, sizes, seeds, rows, out, *, data_dir=None, teacher=None,
                extra_args=(), tune=False, tune_override=None, dry_run=False, jobs=1,
-               python=sys.executable):
+               python=sys.executable, train_steps=None):
     self.table, self.dataset, self.sizes, self.seeds = table, dataset, sizes, seeds
     self.rows, self.out = rows, os.path.abspath(out)
-    self.preset = PRESETS.get((table, dataset), Preset((), ("--mode=teacher",), sizes, {}, {}))
+    self.preset = PRESETS.get((table, dataset),
+                              Preset((), ("--mode=teacher",), sizes, {}, {}, None, 0.001))
+    self.train_steps = self.preset.train_steps if train_steps is None else train_steps
+    if self.train_steps is None:
+      raise ReproduceError(f"--train_steps: no preset for the {table} table on {dataset!r}: "
+                           "give the optimizer steps of every cell (the same for every column), "
+                           "or 0 to let each run use its --epochs")
+    if self.train_steps < 0:
+      raise ReproduceError(f"--train_steps must be >= 0, got {self.train_steps}")
+    self.trials = trials_per_row(table)
     self.data_dir, self.teacher = data_dir, teacher
     self.extra_args = tuple(extra_args)
     self.tune, self.tune_override, self.dry_run = tune, tune_override, dry_run
@@ -259,8 +329,10 @@ class Harness:
              f"--workdir={os.path.join(self.out, 'teacher')}", *self.extra_args])
 
   def cell_command(self, row, size, seed, setting, workdir):
+    budget = (f"--train_steps={self.train_steps}",) if self.train_steps else ()
     return [*self.preset.run_args, *self.common_args(), *row.args,
-            *self.preset.size_args.get(size, ()), f"--samples_per_class={size_arg(size)}",
+            *self.preset.size_args.get(size, ()), *budget,
+            f"--samples_per_class={size_arg(size)}",
             f"--seed={seed}", f"--teacher={self.teacher_path()}", f"--workdir={workdir}",
             *setting_args(setting), *self.extra_args]
 
@@ -299,7 +371,8 @@ class Harness:
     """Teacher first; then every tuning trial; then every remaining cell. Runs of one phase
     are independent and go `jobs` at a time."""
     os.makedirs(self.out, exist_ok=True)
-    spaces = {row.key: candidates(row, self.tune_override) if self.tune else [{}]
+    spaces = {row.key: candidates(row, self.tune_override, self.trials,
+                                  self.preset.learning_rate) if self.tune else [{}]
               for row in self.rows}
     tuned = [(size, row) for size in self.sizes for row in self.rows
              if len(spaces[row.key]) > 1]
@@ -358,11 +431,13 @@ class Harness:
   def collect(self, cells, tuning):
     stats = {}
     for (row, size, seed), res in cells.items():
-      entry = stats.setdefault((row, size), {"test": [], "val": [], "seconds": []})
+      entry = stats.setdefault((row, size), {"test": [], "val": [], "seconds": [],
+                                             "steps": []})
       if res is not None:
         entry["test"].append(100 * res["student"]["test_accuracy"])
         entry["val"].append(100 * res["student"]["best_val_accuracy"])
         entry["seconds"].append(res["total_seconds"])
+        entry["steps"].append(res["student"].get("train_steps"))
     poster = load_poster(self.table, self.dataset)
     teacher = read_results(os.path.join(self.out, "teacher")) if self.teacher is None else None
     write_csv(os.path.join(self.out, "results.csv"), self.rows, self.sizes, stats, poster,
@@ -425,6 +500,7 @@ def results_markdown(h, stats, poster, tuning, teacher):
         text += f" [{p:.2f}]"
       cells.append(text)
     lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+  lines += ["", budget_line(h, stats, tuning)]
   if tuning:
     lines += ["", "Chosen on validation (seed 0):", ""]
     for key, t in sorted(tuning.items()):
@@ -439,6 +515,31 @@ def results_markdown(h, stats, poster, tuning, teacher):
   if h.failures:
     lines += ["", "Failed runs: " + "; ".join(f"{w} ({d}/log.txt)" for w, d in h.failures)]
   return "\n".join(lines) + "\n"
+
+
+def budget_line(h, stats, tuning):
+  """What every cell was given: optimizer steps per column (as the runs' results.json report
+  them) and tuning trials per row (as tuning.json holds them)."""
+  steps = []
+  for size in h.sizes:
+    seen = sorted({s for r in h.rows for s in stats[(r.key, size)]["steps"] if s is not None})
+    steps.append(f"{column_label(size)}: {'/'.join(str(s) for s in seen) or 'unknown'}")
+  how = (f"--train_steps={h.train_steps} for every cell" if h.train_steps else
+         "each run's --epochs and --steps_per_epoch (the preset's flags)")
+  text = f"Budget: optimizer steps per student run ({how}): " + "; ".join(steps) + "."
+  if tuning:
+    counts = collections.Counter()
+    for key, t in tuning.items():
+      counts[key.split("/")[0]] = max(counts[key.split("/")[0]], len(t["trials"]))
+    per_row = sorted({n for n in counts.values()})
+    text += (f" Tuning: {per_row[0]} trial(s) per row and column on seed 0" if len(per_row) == 1
+             else " Tuning: unequal trials per row (--tune_space): " + ", ".join(
+                 f"{k} {n}" for k, n in sorted(counts.items())))
+    text += (", learning rates and weights by the built-in design (tools/reproduce.py)."
+             if not h.tune_override else ", the product of --tune_space.")
+  else:
+    text += " No tuning: one run per cell and seed with tfjac.run's defaults."
+  return text
 
 
 def write_csv(path, rows, sizes, stats, poster, columns):
@@ -502,7 +603,7 @@ def main(argv):
     harness = Harness(FLAGS.table, FLAGS.dataset, sizes, FLAGS.seeds, rows, out,
                       data_dir=FLAGS.data_dir, teacher=FLAGS.teacher, extra_args=argv[1:],
                       tune=FLAGS.tune, tune_override=parse_tune_space(FLAGS.tune_space),
-                      dry_run=FLAGS.dry_run, jobs=FLAGS.jobs)
+                      dry_run=FLAGS.dry_run, jobs=FLAGS.jobs, train_steps=FLAGS.train_steps)
     start = time.time()
     markdown = harness.run()
   except ReproduceError as e:

@@ -341,6 +341,112 @@ def load_indoor67(options: SourceOptions = SourceOptions()) -> SourceData:
                     test=splits[1], class_names=tuple(classes), skipped_files=tuple(skipped))
 
 
+# --- Fashion-MNIST --------------------------------------------------------------------------
+
+# Where Debian's package `dataset-fashion-mnist` puts the four IDX files (gzip'd); a module
+# constant so that tests can point it elsewhere.
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {  # split -> (images, labels), as Zalando publishes them
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+_IDX_UBYTE = 0x08
+
+
+def _idx_path(directory, name):
+  """`name` or `name.gz` in `directory`, or None."""
+  for candidate in (name, name + ".gz"):
+    path = os.path.join(directory, candidate)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+  """An IDX file of unsigned bytes (the MNIST format): magic 0x0000 08 <ndim>, then ndim
+  big-endian int32 sizes, then the data; gzip'd when the name ends in .gz. DataError naming
+  the file if it is not that."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  try:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise DataError(f"cannot read {path}: {e}") from e
+  if len(raw) < 4 + 4 * ndim or raw[0] != 0 or raw[1] != 0:
+    raise DataError(f"{path} is not an IDX file (its first bytes are not the IDX magic "
+                    "number 0x0000TTNN)")
+  if raw[2] != _IDX_UBYTE or raw[3] != ndim:
+    raise DataError(f"{path}: IDX type 0x{raw[2]:02x} with {raw[3]} dimension(s), expected "
+                    f"unsigned bytes (0x08) with {ndim}")
+  shape = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
+  size = int(np.prod(shape))
+  if len(raw) - 4 - 4 * ndim != size:
+    raise DataError(f"{path}: its header says {'x'.join(map(str, shape))} = {size} bytes of "
+                    f"data, the file holds {len(raw) - 4 - 4 * ndim}: truncated or not this "
+                    "file")
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist_idx_dir(options: SourceOptions) -> Optional[str]:
+  """The first of --data_dir and Debian's directory that holds all four IDX files."""
+  for directory in (options.data_dir, FASHION_MNIST_DEBIAN_DIR):
+    if directory and all(_idx_path(os.path.expanduser(directory), name) for pair in
+                         FASHION_MNIST_FILES.values() for name in pair):
+      return os.path.expanduser(directory)
+  return None
+
+
+def load_fashion_mnist(options: SourceOptions = SourceOptions()) -> SourceData:
+  """Fashion-MNIST (Zalando, MIT licence; 60,000 training and 10,000 test 28x28 grey images,
+  10 classes) from its four IDX files: in --data_dir, or where Debian's `dataset-fashion-mnist`
+  installs them; else tensorflow-datasets' `fashion_mnist` prepared in --data_dir."""
+  directory = _fashion_mnist_idx_dir(options)
+  if directory is None:
+    return _fashion_mnist_tfds(options)
+  splits = {}
+  for split, (images_name, labels_name) in FASHION_MNIST_FILES.items():
+    images_path = _idx_path(directory, images_name)
+    labels_path = _idx_path(directory, labels_name)
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+      raise DataError(f"{images_path} holds {len(images)} images but {labels_path} "
+                      f"{len(labels)} labels")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+      raise DataError(f"{labels_path} has label {int(labels.max())}; Fashion-MNIST has "
+                      f"classes 0..{len(FASHION_MNIST_CLASSES) - 1}")
+    splits[split] = ArraySplit(_to_float(images), labels.astype(np.int32))
+  logging.info("Fashion-MNIST from the IDX files in %s", directory)
+  return SourceData(name="fashion_mnist", num_classes=len(FASHION_MNIST_CLASSES),
+                    train=splits["train"], test=splits["test"],
+                    class_names=FASHION_MNIST_CLASSES)
+
+
+def _fashion_mnist_tfds(options: SourceOptions) -> SourceData:
+  files = ", ".join(f"{n}[.gz]" for pair in FASHION_MNIST_FILES.values() for n in pair)
+  looked = " and ".join(d for d in (options.data_dir, FASHION_MNIST_DEBIAN_DIR) if d)
+  try:
+    import tensorflow_datasets  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    tfds_hint = ""
+  else:
+    try:
+      source = load_tfds("fashion_mnist", options)
+    except DataError as e:
+      tfds_hint = f" Nor is tensorflow-datasets' fashion_mnist there: {e}"
+    else:
+      return SourceData(name="fashion_mnist", num_classes=source.num_classes,
+                        train=source.train, test=source.test,
+                        class_names=source.class_names or FASHION_MNIST_CLASSES)
+  raise DataError(
+      f"--dataset=fashion_mnist: no Fashion-MNIST IDX files ({files}) in {looked}. Install "
+      "Debian's package, which puts them in " + FASHION_MNIST_DEBIAN_DIR + ": `sudo apt-get "
+      "install dataset-fashion-mnist`; or copy the four files into a directory and pass "
+      "--data_dir=DIR." + tfds_hint)
+
+
 # --- the registry ---------------------------------------------------------------------------
 
 SOURCES: Dict[str, Callable[[SourceOptions], SourceData]] = {
@@ -348,6 +454,7 @@ SOURCES: Dict[str, Callable[[SourceOptions], SourceData]] = {
     "cifar10": lambda options: load_tfds("cifar10", options),
     "cifar100": lambda options: load_tfds("cifar100", options),
     "mit_indoor67": load_indoor67,
+    "fashion_mnist": load_fashion_mnist,
 }
 TFDS_PREFIX = "tfds:"
 FOLDER_PREFIX = "folder:"

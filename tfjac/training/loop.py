@@ -51,20 +51,45 @@ class AdamWithL2(_L2Penalty, keras.optimizers.Adam):
   """keras Adam on the gradient of loss + l2/2 ||w||^2 (PyTorch Adam's weight_decay)."""
 
 
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-  """The optimizer of `cfg`. Momentum is Keras's form, v <- m v - lr g; w <- w + v. PyTorch's
-  (v <- m v + g; w <- w - lr v) takes the same steps while the learning rate is constant; when
-  a schedule changes it, Keras's velocity still holds steps taken at the old rate (about
-  1 / (1 - m) steps, 10 at m = 0.9, after each --lr_schedule=step boundary)."""
-  total = max(1, cfg.epochs * steps_per_epoch)
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """How long a fit runs: `epochs` epochs of `steps_per_epoch` steps, the last one cut so that
+  `total_steps` optimizer steps run in all (only a --train_steps budget cuts it)."""
+  steps_per_epoch: int
+  epochs: int
+  total_steps: int
+
+
+def budget(cfg: TrainConfig, num_examples: int) -> Budget:
+  """--epochs epochs, or with --train_steps=N exactly N steps in as many epochs as needed.
+  An epoch is --steps_per_epoch steps, or one pass over the `num_examples` (the last batch
+  partial)."""
+  steps = cfg.steps_per_epoch or max(1, math.ceil(num_examples / cfg.batch_size))
+  if cfg.train_steps:
+    return Budget(steps, math.ceil(cfg.train_steps / steps), cfg.train_steps)
+  return Budget(steps, cfg.epochs, cfg.epochs * steps)
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int,
+                   total_steps: Optional[int] = None) -> keras.optimizers.Optimizer:
+  """The schedule is over optimizer steps: cosine decays over `total_steps` (default
+  epochs x steps_per_epoch); step boundaries are --lr_decay_steps, or --lr_decay_epochs
+  converted with `steps_per_epoch`.
+
+  Momentum is Keras's form, v <- m v - lr g; w <- w + v. PyTorch's (v <- m v + g;
+  w <- w - lr v) takes the same steps while the learning rate is constant; when a schedule
+  changes it, Keras's velocity still holds steps taken at the old rate (about 1 / (1 - m)
+  steps, 10 at m = 0.9, after each step boundary)."""
+  total = max(1, total_steps or cfg.epochs * steps_per_epoch)
   lr = cfg.learning_rate
   if cfg.lr_schedule == "cosine":
     lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=total)
   elif cfg.lr_schedule == "step":
+    boundaries = list(cfg.lr_decay_steps) or [e * steps_per_epoch for e in cfg.lr_decay_epochs]
     lr = keras.optimizers.schedules.PiecewiseConstantDecay(
-        boundaries=[e * steps_per_epoch for e in cfg.lr_decay_epochs],
+        boundaries=boundaries,
         values=[cfg.learning_rate * cfg.lr_decay_factor ** i
-                for i in range(len(cfg.lr_decay_epochs) + 1)])
+                for i in range(len(boundaries) + 1)])
   l2 = cfg.weight_decay if cfg.weight_decay_kind == "l2" else 0.0
   wd = (cfg.weight_decay if cfg.weight_decay_kind == "decoupled" else 0.0) or None
   if cfg.optimizer == "sgd":
@@ -177,6 +202,26 @@ class NonFiniteGuard(keras.callbacks.Callback):
         raise NonFiniteLossError(name, getattr(self, "_epoch", 0), self.batch_offset + batch, v)
 
 
+class StepBudget(keras.callbacks.Callback):
+  """Stops the fit once `total_steps` optimizer steps have run (the last epoch of a
+  --train_steps budget is shorter); Keras then still validates and ends that epoch.
+  `batch_offset`: set by fit() when a fit() call runs only the rest of an epoch."""
+
+  batch_offset = 0
+
+  def __init__(self, total_steps, steps_per_epoch):
+    super().__init__()
+    self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+    self._epoch = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self._epoch * self.steps_per_epoch + self.batch_offset + batch + 1 >= self.total_steps:
+      self.model.stop_training = True
+
+
 @dataclasses.dataclass
 class FitResult:
   history: Dict[str, List[float]]
@@ -186,6 +231,7 @@ class FitResult:
   seconds: float
   steps_per_epoch: int
   resumed_from: Optional[Dict[str, int]] = None  # {"epochs_done", "steps_done"} of the backup
+  total_steps: int = 0  # the budget in optimizer steps (fewer if early stopping stopped it)
 
 
 def resolve_jit_compile(jit_compile: bool, replicas: int) -> bool:
@@ -211,7 +257,8 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   teacher_cache: compute the teacher's outputs once per example first and feed them with the
   data (training/teacher_cache.py; the caller checks that this is valid, config.py).
   """
-  steps = cfg.steps_per_epoch or max(1, math.ceil(len(train_split) / cfg.batch_size))
+  plan = budget(cfg, len(train_split))
+  steps = plan.steps_per_epoch
   backup_dir = os.path.join(checkpoint_dir, resume_lib.BACKUP_DIR)
   restored = None
   if resume:
@@ -220,7 +267,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     resume_lib.discard(backup_dir)
   jit = resolve_jit_compile(cfg.jit_compile, distiller.distribute_strategy.num_replicas_in_sync)
   with distiller.distribute_strategy.scope():  # the optimizer's variables are per replica
-    distiller.compile(optimizer=make_optimizer(cfg, steps), jit_compile=jit)
+    distiller.compile(optimizer=make_optimizer(cfg, steps, plan.total_steps), jit_compile=jit)
   extras = None
   if teacher_cache:
     from tfjac.training import teacher_cache as cache_lib  # pylint: disable=g-import-not-at-top
@@ -237,9 +284,13 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
         monitor="val_accuracy", mode="max", patience=cfg.early_stopping_patience)
     callbacks.append(stateful["early_stopping"])
   callbacks.extend(extra_callbacks)
-  backup = resume_lib.TrainingBackup(backup_dir, stateful=stateful, epochs=cfg.epochs,
+  stopper = None
+  if plan.total_steps < plan.epochs * steps:  # the budget ends inside the last epoch
+    stopper = StepBudget(plan.total_steps, steps)
+    callbacks.append(stopper)
+  backup = resume_lib.TrainingBackup(backup_dir, stateful=stateful, epochs=plan.epochs,
                                      steps_per_epoch=steps, every_steps=cfg.backup_every_steps,
-                                     settings=settings)
+                                     settings=settings, total_steps=plan.total_steps)
   callbacks.append(backup)
   epoch, step, done = 0, 0, False
   if restored:
@@ -253,10 +304,11 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   val_ds = data_lib.pipeline(validation_split, cfg.batch_size, training=False)
 
   def run(first_epoch, first_step, last_epoch):
-    for cb in (guard, backup):
-      cb.batch_offset = first_step
+    for cb in (guard, backup, stopper):
+      if cb is not None:
+        cb.batch_offset = first_step
     batches = data_lib.training_batches(
-        train_split, cfg.batch_size, seed=seed, epochs=cfg.epochs,
+        train_split, cfg.batch_size, seed=seed, epochs=plan.epochs,
         steps_per_epoch=cfg.steps_per_epoch, start_epoch=first_epoch, start_step=first_step,
         augment=augment, crop_padding=crop_padding, extras=extras)
     distiller.fit(batches, validation_data=val_ds, initial_epoch=first_epoch,
@@ -267,8 +319,8 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   if not done and step:  # Keras runs whole epochs: finish the interrupted one on its own
     done = run(epoch, step, epoch + 1)
     epoch, step = epoch + 1, 0
-  if not done and epoch < cfg.epochs:
-    run(epoch, 0, cfg.epochs)
+  if not done and epoch < plan.epochs:
+    run(epoch, 0, plan.epochs)
   distiller.student.load_weights(checkpoint.best_path)
   if not keep_backup:
     resume_lib.discard(backup_dir)
@@ -278,7 +330,8 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
                    epochs_run=len(hist.get("loss", [])), seconds=backup.seconds,
                    steps_per_epoch=steps,
                    resumed_from=({"epochs_done": restored.epoch, "steps_done": restored.step}
-                                 if restored else None))
+                                 if restored else None),
+                   total_steps=plan.total_steps)
 
 
 def evaluate(distiller, split, batch_size) -> Dict[str, float]:
@@ -314,4 +367,6 @@ class EpochLogger(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     from absl import logging  # pylint: disable=g-import-not-at-top
     shown = " ".join(f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items()))
-    logging.info("%s epoch %d/%d: %s", self.role, epoch + 1, self.epochs, shown)
+    # fit()'s own epoch count: --epochs, or the epochs derived from --train_steps.
+    total = (self.params or {}).get("epochs") or self.epochs
+    logging.info("%s epoch %d/%d: %s", self.role, epoch + 1, total, shown)

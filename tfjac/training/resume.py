@@ -129,15 +129,20 @@ class TrainingBackup(keras.callbacks.Callback):
   `batch_offset`: set by the caller when a fit() runs only the rest of an epoch.
   """
 
-  def __init__(self, directory, *, stateful, epochs, steps_per_epoch, every_steps, settings):
+  def __init__(self, directory, *, stateful, epochs, steps_per_epoch, every_steps, settings,
+               total_steps=None):
     super().__init__()
     self.directory, self.stateful = directory, dict(stateful)
     self.epochs, self.steps_per_epoch, self.every_steps = epochs, steps_per_epoch, every_steps
+    # A --train_steps budget ends inside the last epoch: no mid-epoch backup at or after its
+    # end (the epoch-end backup follows at once), so a resumed fit has a step left to run.
+    self.total_steps = total_steps or epochs * steps_per_epoch
     self.settings = settings
     self.batch_offset = 0
     self.history: Dict[str, list] = {}
     self._seconds_before, self._started = 0.0, None
     self._arrays_to_load, self._metrics_to_load = None, None
+    self._restore_metrics = False
     self._epoch = 0
 
   # --- restoring ------------------------------------------------------------------------
@@ -154,6 +159,9 @@ class TrainingBackup(keras.callbacks.Callback):
     self.history = {k: list(v) for k, v in state["history"].items()}
     self._seconds_before = float(state["seconds"])
     self._arrays_to_load = restored.path(state["arrays"])
+    # Metric totals carry over only into the rest of an interrupted epoch: a backup at an
+    # epoch end holds that epoch's (and its validation's) totals, not the next epoch's.
+    self._restore_metrics = restored.step > 0
 
   def on_train_begin(self, logs=None):
     if self._started is None:
@@ -171,7 +179,7 @@ class TrainingBackup(keras.callbacks.Callback):
     groups = _variable_groups(distiller)
     for group in ("student", "optimizer"):
       _assign(groups[group], arrays[group], group, path)
-    self._metrics_to_load = arrays["metrics"]
+    self._metrics_to_load = arrays["metrics"] if self._restore_metrics else None
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
@@ -188,7 +196,8 @@ class TrainingBackup(keras.callbacks.Callback):
 
   def on_train_batch_end(self, batch, logs=None):
     step = self.batch_offset + batch + 1
-    if self.every_steps and step % self.every_steps == 0 and step < self.steps_per_epoch:
+    if (self.every_steps and step % self.every_steps == 0 and step < self.steps_per_epoch
+        and self._epoch * self.steps_per_epoch + step < self.total_steps):
       self.save(self._epoch, step, done=False)
 
   def on_epoch_end(self, epoch, logs=None):
