@@ -19,6 +19,9 @@ or over 2 GPUs when there are (skipped with one GPU).
 CPU: peak RSS of the subprocess, and 'step peak' = VmHWM at the end minus VmRSS right before the
 first step (graph tracing included). GPU: the allocator's peak over the steps. Random data:
 this measures speed, not accuracy.
+
+--peer=torch: the same step written plainly in PyTorch eager (tools/torch_peer.py), timed in
+the same run, one subprocess per hint set, with tfjac's images/s over torch's.
 """
 import itertools
 import json
@@ -68,8 +71,16 @@ flags.DEFINE_list("jit_compile", ["false", "true"], "XLA settings to measure: fa
 flags.DEFINE_list("replicas", ["1", "2"], "Replicas to measure (1, 2).")
 flags.DEFINE_list("mixed_precision", ["float32"], "Keras dtype policies to measure: float32, "
                   "mixed_float16, mixed_bfloat16 (float16 is emulated on CPU: slow).")
+flags.DEFINE_enum("peer", "none", ["none", "torch"], "torch: also time the same step written "
+                  "plainly in PyTorch eager (tools/torch_peer.py: same networks, losses, "
+                  "label-class Jacobians, optimizer, batch; the teacher runs every step), in "
+                  "this run, for every hint set it has (ce, act, kd, jac) at replicas 1, "
+                  "float32; adds its images/s and tfjac's ratio to it. Needs torch "
+                  "(pip install -e .[bench]).")
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 flags.DEFINE_string("single", None, "Internal: run one configuration (JSON) and print it.")
+flags.DEFINE_string("single_peer", None, "Internal: time one configuration (JSON) with the "
+                    "torch peer and print it.")
 FLAGS = flags.FLAGS
 
 MARKER = "BENCHMARK_RESULT "
@@ -243,8 +254,16 @@ def configurations():
       yield cfg
 
 
-def run_in_subprocess(cfg):
-  cmd = [sys.executable, os.path.abspath(__file__), "--single=" + json.dumps(cfg)]
+def _peer_row(cfg):  # the rows the torch peer is compared with
+  return cfg["replicas"] == 1 and cfg["mixed_precision"] == "float32"
+
+
+def _peer_key(cfg):
+  return cfg["hints"], cfg["jac_target"], cfg["batch_size"]
+
+
+def run_in_subprocess(cfg, flag="single"):
+  cmd = [sys.executable, os.path.abspath(__file__), f"--{flag}=" + json.dumps(cfg)]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith(MARKER)]
   if proc.returncode or not lines:
@@ -264,6 +283,9 @@ def table(results):
   head = ["hints", "jac_target", "bn_policy", "teacher cache", "jit", "batch", "replicas",
           "precision", "ms/step", "images/s", "ratio to ce", "peak RSS MiB",
           "step peak MiB"] + (["GPU peak MiB"] if gpu else [])
+  peer = any("peer" in r for r in results)
+  if peer:
+    head += ["torch images/s", "tfjac / torch"]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results:
     jac = _uses_jacobians(r["hints"])
@@ -282,6 +304,10 @@ def table(results):
     cells += [f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}", ratio,
               f"{r['peak_rss_mib']:.0f}", f"{r['step_peak_mib']:.0f}"] + (
                   [f"{r.get('gpu_peak_mib', 0):.0f}"] if gpu else [])
+    if peer:
+      p = r.get("peer") or {}
+      cells += ([f"{p['images_per_s']:.0f}", f"{r['images_per_s'] / p['images_per_s']:.2f}"]
+                if "images_per_s" in p else [p.get("skipped", "-"), "-"])
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
@@ -292,7 +318,16 @@ def main(argv):
   if FLAGS.single:
     print(MARKER + json.dumps(run_single(json.loads(FLAGS.single))), flush=True)
     return
-  results = []
+  if FLAGS.single_peer:
+    import torch_peer  # pylint: disable=g-import-not-at-top
+    print(MARKER + json.dumps(torch_peer.time_step(json.loads(FLAGS.single_peer))), flush=True)
+    return
+  if FLAGS.peer == "torch":
+    try:
+      import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise app.UsageError("--peer=torch needs torch: pip install -e .[bench]") from None
+  results, peers = [], {}
   configs = list(configurations())
   for i, cfg in enumerate(configs):
     print(f"[{i + 1}/{len(configs)}] hints={cfg['hints']} jac_target={cfg['jac_target']} "
@@ -301,6 +336,13 @@ def main(argv):
           f"replicas={cfg['replicas']} precision={cfg['mixed_precision']} ...",
           file=sys.stderr, flush=True)
     results.append(run_in_subprocess(cfg))
+    if FLAGS.peer == "torch" and _peer_row(cfg):
+      key = _peer_key(cfg)
+      if key not in peers:  # one torch run per hint set, target and batch size
+        print(f"    torch peer: hints={cfg['hints']} batch={cfg['batch_size']} ...",
+              file=sys.stderr, flush=True)
+        peers[key] = run_in_subprocess(cfg, flag="single_peer")
+      results[-1]["peer"] = peers[key]
   for r in results:
     ce = _ce_of(r, results)
     if ce and "skipped" not in r:
