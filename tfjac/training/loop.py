@@ -136,6 +136,55 @@ class NonFiniteGuard(keras.callbacks.Callback):
         raise NonFiniteLossError(name, getattr(self, "_epoch", 0), self.batch_offset + batch, v)
 
 
+class SplitValidation(keras.callbacks.Callback):
+  """Validation at the cost model selection needs (issue 15): every epoch, accuracy and the
+  hints without Jacobians on the whole validation split (`cheap`: a Distiller on those hints
+  sharing the networks); the Jacobian hints' terms (and Jacobian norms) on `jacobian_ds`, a
+  fixed subset, on the first, every `every`-th and the last epoch. Writes the usual val_*
+  logs, before the callbacks that read them (checkpoint, early stopping, TensorBoard,
+  backup). val_loss is the cheap terms' weighted sum on the whole split plus the Jacobian
+  terms' on the subset; on epochs without Jacobian terms it is the cheap part alone."""
+
+  def __init__(self, distiller, cheap, full_ds, jacobian_ds, *, every, epochs, jacobian_hints):
+    super().__init__()
+    self.distiller, self.cheap, self.full_ds, self.jacobian_ds = (distiller, cheap, full_ds,
+                                                                  jacobian_ds)
+    self.every, self.epochs, self.jacobian_hints = every, epochs, jacobian_hints
+    self.cheap_names = {n for n, _ in cheap.hint_weights}
+
+  def jacobian_epoch(self, epoch):
+    return epoch % self.every == 0 or epoch + 1 == self.epochs
+
+  def on_epoch_end(self, epoch, logs=None):
+    if logs is None:
+      return
+    measured = self.cheap.evaluate(self.full_ds, verbose=0, return_dict=True)
+    for name, value in measured.items():
+      if name.endswith("_loss") and name[:-len("_loss")] not in self.cheap_names:
+        continue  # the placeholder ce of a cheap model without hints
+      logs[f"val_{name}"] = float(np.asarray(value))
+    if not self.jacobian_epoch(epoch):
+      return
+    weights = dict(self.distiller.hint_weights)
+    jacobian = self.distiller.evaluate(self.jacobian_ds, verbose=0, return_dict=True)
+    for name, value in jacobian.items():
+      hint = name[:-len("_loss")] if name.endswith("_loss") else None
+      if hint in self.jacobian_hints:
+        logs[f"val_{name}"] = float(np.asarray(value))
+        logs["val_loss"] += weights[hint] * logs[f"val_{name}"]
+      elif name.endswith("_jac_norm"):
+        logs[f"val_{name}"] = float(np.asarray(value))
+
+
+def validation_subset(split, examples, seed):
+  """The fixed subset of `examples` validation examples (all when 0 or more than there are):
+  a seeded choice, in split order, the same at every epoch."""
+  if not examples or examples >= len(split):
+    return split
+  rng = np.random.default_rng([seed, 15])
+  return split.take(np.sort(rng.choice(len(split), examples, replace=False)))
+
+
 @dataclasses.dataclass
 class FitResult:
   history: Dict[str, List[float]]
@@ -189,8 +238,27 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   checkpoint = StudentCheckpoint(distiller.student, checkpoint_dir)
   guard = NonFiniteGuard()
   stateful = {"checkpoint": checkpoint}
-  callbacks = [guard, checkpoint, keras.callbacks.TensorBoard(log_dir=log_dir,
-                                                              update_freq="epoch")]
+  # Keras writes val_* for validation_data; SplitValidation, first, writes them instead
+  # when the Jacobian terms are validated on a subset or not every epoch.
+  val_ds = data_lib.pipeline(validation_split, cfg.batch_size, training=False)
+  jacobian_hints = distiller.jacobian_hints
+  validation = []
+  if jacobian_hints and (cfg.val_jac_every > 1 or 0 < cfg.val_jac_examples <
+                         len(validation_split)):
+    cheap_hints = [(n, w) for n, w in distiller.hint_weights if n not in jacobian_hints]
+    with distiller.distribute_strategy.scope():
+      cheap = distiller.with_hints(cheap_hints or [("ce", 0.0)])
+      cheap.compile(jit_compile=False)
+    subset = validation_subset(validation_split, cfg.val_jac_examples, seed)
+    validation = [SplitValidation(
+        distiller, cheap, val_ds, data_lib.pipeline(subset, cfg.batch_size, training=False),
+        every=cfg.val_jac_every, epochs=cfg.epochs, jacobian_hints=jacobian_hints)]
+    logging.info("validation: accuracy and %s on the %d validation examples every epoch; "
+                 "%s on %d of them every %d epoch(s)", ",".join(n for n, _ in cheap_hints)
+                 or "no other hint", len(validation_split), ",".join(jacobian_hints),
+                 len(subset), cfg.val_jac_every)
+  callbacks = validation + [guard, checkpoint,
+                            keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch")]
   if cfg.early_stopping_patience:
     stateful["early_stopping"] = ResumableEarlyStopping(
         monitor="val_accuracy", mode="max", patience=cfg.early_stopping_patience)
@@ -209,7 +277,6 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
 
   # Keras warns that shuffle=True is ignored for a tf.data input; the pipeline shuffles itself.
   warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
-  val_ds = data_lib.pipeline(validation_split, cfg.batch_size, training=False)
 
   def run(first_epoch, first_step, last_epoch):
     for cb in (guard, backup):
@@ -218,7 +285,8 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
         train_split, cfg.batch_size, seed=seed, epochs=cfg.epochs,
         steps_per_epoch=cfg.steps_per_epoch, start_epoch=first_epoch, start_step=first_step,
         augment=augment, crop_padding=crop_padding, extras=extras)
-    distiller.fit(batches, validation_data=val_ds, initial_epoch=first_epoch,
+    distiller.fit(batches, validation_data=None if validation else val_ds,
+                  initial_epoch=first_epoch,
                   epochs=last_epoch, steps_per_epoch=steps - first_step, callbacks=callbacks,
                   verbose=0)
     return bool(distiller.stop_training)
