@@ -39,3 +39,25 @@ class JacobianSafeBatchNorm(keras.layers.BatchNormalization):
       return super()._moments(inputs, mask)
     with stack[-1].stop_recording():
       return super()._moments(inputs, mask)
+
+
+@keras.saving.register_keras_serializable(package="tfjac")
+class WindowMaxPool(keras.layers.Layer):
+  """2x2, stride-2, 'valid' max-pooling written as a reshape and a max over each window.
+
+  Same values as keras.layers.MaxPooling2D(2). Its gradient is TensorFlow's reduce_max
+  gradient (an equality mask times the incoming gradient, shared among tied maxima), made of
+  elementwise ops whose own gradients are exact in graph mode and under XLA, where the
+  MaxPoolGradGrad of MaxPooling2D is not (issue 15). Ties differ from MaxPooling2D (which
+  sends the gradient to one of them) only where they are exact: after a ReLU, a tie is almost
+  surely a window of zeros, whose gradient the ReLU stops either way.
+  """
+
+  def call(self, x):
+    h, w, c = (int(d) for d in x.shape[1:])
+    x = x[:, :h // 2 * 2, :w // 2 * 2, :]
+    x = keras.ops.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
+    return keras.ops.max(x, axis=(2, 4))
+
+  def compute_output_shape(self, input_shape):
+    return (input_shape[0], input_shape[1] // 2, input_shape[2] // 2, input_shape[3])

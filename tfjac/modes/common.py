@@ -151,6 +151,7 @@ def fit_summary(result: loop.FitResult, test):
   return {"test": test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
           "best_val_accuracy": result.best_val_accuracy, "final_epoch_metrics": final,
           "train_seconds": round(result.seconds, 2), "steps_per_epoch": result.steps_per_epoch,
+          "fit_phases_seconds": result.phases,
           "resumed_from": result.resumed_from}
 
 

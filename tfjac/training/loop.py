@@ -5,6 +5,7 @@ carries the weights of its best validation epoch: selection never looks at the t
 import dataclasses
 import math
 import os
+import time
 import warnings
 from typing import Dict, List, Optional
 
@@ -155,7 +156,17 @@ class SplitValidation(keras.callbacks.Callback):
   def jacobian_epoch(self, epoch):
     return epoch % self.every == 0 or epoch + 1 == self.epochs
 
+  timer = None  # a PhaseTimer, set by fit()
+
   def on_epoch_end(self, epoch, logs=None):
+    start = time.perf_counter()
+    try:
+      self._validate(epoch, logs)
+    finally:
+      if self.timer is not None:
+        self.timer.add("validation", time.perf_counter() - start)
+
+  def _validate(self, epoch, logs):
     if logs is None:
       return
     measured = self.cheap.evaluate(self.full_ds, verbose=0, return_dict=True)
@@ -176,6 +187,38 @@ class SplitValidation(keras.callbacks.Callback):
         logs[f"val_{name}"] = float(np.asarray(value))
 
 
+class PhaseTimer(keras.callbacks.Callback):
+  """Wall seconds of a fit split into training steps (first batch begin to last batch end of
+  each epoch), validation (Keras' own, and SplitValidation's) and the rest ('other': graph
+  tracing, per-epoch callbacks: checkpoints, backup, TensorBoard; tf.data set-up), for the run-level
+  profile (tools/run_profile.py). Measures only; one perf_counter per batch."""
+
+  def __init__(self):
+    super().__init__()
+    self.seconds = {"training": 0.0, "validation": 0.0}
+    self._t = {}
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._t["batch"] = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.seconds["training"] += time.perf_counter() - self._t.pop("batch")
+
+  def on_test_begin(self, logs=None):
+    self._t["test"] = time.perf_counter()
+
+  def on_test_end(self, logs=None):
+    self.seconds["validation"] += time.perf_counter() - self._t.pop("test")
+
+  def add(self, phase, seconds):
+    self.seconds[phase] += seconds
+
+  def summary(self, total):
+    out = {k: round(v, 2) for k, v in self.seconds.items()}
+    out["other"] = round(total - sum(self.seconds.values()), 2)
+    return out
+
+
 def validation_subset(split, examples, seed):
   """The fixed subset of `examples` validation examples (all when 0 or more than there are):
   a seeded choice, in split order, the same at every epoch."""
@@ -193,6 +236,8 @@ class FitResult:
   epochs_run: int
   seconds: float
   steps_per_epoch: int
+  # {training, validation, other} wall seconds of this fit call (PhaseTimer)
+  phases: Optional[Dict[str, float]] = None
   resumed_from: Optional[Dict[str, int]] = None  # {"epochs_done", "steps_done"} of the backup
 
 
@@ -257,7 +302,10 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
                  "%s on %d of them every %d epoch(s)", ",".join(n for n, _ in cheap_hints)
                  or "no other hint", len(validation_split), ",".join(jacobian_hints),
                  len(subset), cfg.val_jac_every)
-  callbacks = validation + [guard, checkpoint,
+  timer = PhaseTimer()
+  for v in validation:
+    v.timer = timer
+  callbacks = [timer] + validation + [guard, checkpoint,
                             keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch")]
   if cfg.early_stopping_patience:
     stateful["early_stopping"] = ResumableEarlyStopping(
@@ -291,11 +339,13 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
                   verbose=0)
     return bool(distiller.stop_training)
 
+  fit_start = time.perf_counter()
   if not done and step:  # Keras runs whole epochs: finish the interrupted one on its own
     done = run(epoch, step, epoch + 1)
     epoch, step = epoch + 1, 0
   if not done and epoch < cfg.epochs:
     run(epoch, 0, cfg.epochs)
+  fit_seconds = time.perf_counter() - fit_start
   distiller.student.load_weights(checkpoint.best_path)
   if not keep_backup:
     resume_lib.discard(backup_dir)
@@ -303,7 +353,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   return FitResult(history=hist, best_epoch=checkpoint.best_epoch + 1,
                    best_val_accuracy=float(checkpoint.best),
                    epochs_run=len(hist.get("loss", [])), seconds=backup.seconds,
-                   steps_per_epoch=steps,
+                   steps_per_epoch=steps, phases=timer.summary(fit_seconds),
                    resumed_from=({"epochs_done": restored.epoch, "steps_done": restored.step}
                                  if restored else None))
 
