@@ -17,13 +17,17 @@ def test_window_max_pool_has_max_pooling_values(shape):
 def _net(pool):
   keras.utils.set_random_seed(0)
   inputs = keras.Input((6, 6, 2))
-  h = keras.layers.ReLU()(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+  # A positive bias: a blank image region gives equal positive values, ties in every window
+  # there (as the digits' blank borders do after BatchNorm).
+  h = keras.layers.ReLU()(keras.layers.Conv2D(4, 3, padding="same",
+                                              bias_initializer="ones")(inputs))
   h = keras.layers.Flatten()(pool()(h))
   return keras.Model(inputs, keras.layers.Dense(3)(h))
 
 
 def _double_backprop_gradients(model, jit):
   x = tf.random.stateless_uniform((5, 6, 6, 2), seed=[1, 2])
+  x = x * tf.pad(tf.zeros([4, 4]), [[2, 0], [2, 0]], constant_values=1.0)[None, :, :, None]
   target = tf.random.stateless_normal((5, 6, 6, 2), seed=[3, 4])
 
   @tf.function(jit_compile=jit)
@@ -36,7 +40,7 @@ def _double_backprop_gradients(model, jit):
       loss = tf.reduce_sum(tf.square(jac - target))
     return outer.gradient(loss, model.trainable_variables)
 
-  return [g.numpy() for g in grads()]
+  return [g.numpy() for g in grads() if g is not None]  # biases: no second-order path
 
 
 def _relative_difference(a, b):
@@ -48,9 +52,13 @@ def test_xla_double_backprop_is_exact_with_window_max_pool():
   window = _net(WindowMaxPool)
   graph = _double_backprop_gradients(window, jit=False)
   assert _relative_difference(_double_backprop_gradients(window, jit=True), graph) < 1e-5
+  # MaxPooling2D's XLA gradient differs from its graph gradient at ties (README, Speed): the
+  # same check fails there.
   keras_pool = _net(lambda: keras.layers.MaxPooling2D(2))
   keras_pool.set_weights(window.get_weights())
-  # The same function and gradient in graph mode: the two poolings agree there ...
-  assert _relative_difference(_double_backprop_gradients(keras_pool, jit=False), graph) < 1e-5
-  # ... and XLA's MaxPoolGradGrad is what differs (README, Speed): the check can fail.
-  assert _relative_difference(_double_backprop_gradients(keras_pool, jit=True), graph) > 1e-3
+  keras_graph = _double_backprop_gradients(keras_pool, jit=False)
+  assert _relative_difference(_double_backprop_gradients(keras_pool, jit=True),
+                              keras_graph) > 1e-3
+  # At ties the two poolings take different subgradients (MaxPooling2D: one element; the
+  # window: shared), so their Jacobians differ there: WindowMaxPool is not a drop-in default.
+  assert _relative_difference(keras_graph, graph) > 1e-3

@@ -69,6 +69,9 @@ flags.DEFINE_list("teacher_cache", ["off", "on"], "Teacher outputs per batch (of
                   "(on; where valid).")
 flags.DEFINE_list("jit_compile", ["false", "true"], "XLA settings to measure: false, true.")
 flags.DEFINE_list("replicas", ["1", "2"], "Replicas to measure (1, 2).")
+flags.DEFINE_list("jac_every", ["1"], "Lazy Jacobian matching periods to measure (--jac_every "
+                  "of tfjac.run); K > 1 reports the mean step over whole periods of K steps, "
+                  "only for hint sets with Jacobians and a hint without.")
 flags.DEFINE_list("mixed_precision", ["float32"], "Keras dtype policies to measure: float32, "
                   "mixed_float16, mixed_bfloat16 (float16 is emulated on CPU: slow).")
 flags.DEFINE_enum("peer", "none", ["none", "torch"], "torch: also time the same step written "
@@ -169,7 +172,8 @@ def run_single(cfg):
     # The teacher is passed for every hint set, as --mode=distill does.
     distiller = Distiller(student, teacher, hints=hints, bn_policy=cfg["bn_policy"],
                           num_classes=cfg["num_classes"], jac_target=cfg["jac_target"],
-                          jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"])
+                          jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"],
+                          jac_every=cfg.get("jac_every", 1))
     distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                       jit_compile=cfg["jit_compile"])
   rng = np.random.default_rng(0)
@@ -188,14 +192,19 @@ def run_single(cfg):
   iterator = iter(strategy.experimental_distribute_dataset(dataset)
                   if cfg["replicas"] > 1 else dataset)
   times = []
-  for _ in range(cfg["steps"]):
+  every = cfg.get("jac_every", 1)
+  steps = -(-cfg["steps"] // every) * every  # whole periods of the lazy Jacobian steps
+  if every > 1:  # start the timed steps on a Jacobian step
+    while int(distiller.optimizer.iterations) % every:
+      distiller.train_function(iterator)
+  for _ in range(steps):
     start = time.perf_counter()
     logs = distiller.train_function(iterator)
     loss = float(np.asarray(logs["loss"]))  # to numpy: synchronised
     times.append(time.perf_counter() - start)
   if not np.isfinite(loss):
     raise RuntimeError(f"non-finite loss {loss} for {cfg}")
-  ms = 1000 * statistics.median(times)
+  ms = 1000 * (statistics.median(times) if every == 1 else statistics.mean(times))
   result = dict(cfg, ms_per_step=ms, images_per_s=cfg["batch_size"] / ms * 1000,
                 ms_per_step_all=[1000 * t for t in times],
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -214,7 +223,8 @@ def _lists():
       teacher_cache=list(dict.fromkeys(truthy(v) for v in FLAGS.teacher_cache)),
       jit_compile=list(dict.fromkeys(truthy(v) for v in FLAGS.jit_compile)),
       batch_size=[int(v) for v in FLAGS.batch_sizes], replicas=[int(v) for v in FLAGS.replicas],
-      mixed_precision=list(FLAGS.mixed_precision))
+      mixed_precision=list(FLAGS.mixed_precision),
+      jac_every=[int(v) for v in FLAGS.jac_every])
 
 
 _RATIO_KEYS = ("batch_size", "jit_compile", "replicas", "mixed_precision")
@@ -245,6 +255,14 @@ def configurations():
     jac = _uses_jacobians(cfg["hints"])  # target and policy only matter with Jacobians
     if not jac:
       cfg = dict(cfg, jac_target=lists["jac_target"][0], bn_policy=lists["bn_policy"][0])
+    from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
+    names = cfg["hints"].split(",")
+    lazy_ok = any(hints_lib.HINTS[h].student_jacobians or hints_lib.HINTS[h].teacher_jacobians
+                  for h in names) and not all(hints_lib.HINTS[h].student_jacobians or
+                                              hints_lib.HINTS[h].teacher_jacobians
+                                              for h in names)
+    if cfg.get("jac_every", 1) > 1 and not lazy_ok:
+      cfg = dict(cfg, jac_every=1)
     cfg = dict(common, **cfg)
     if not _valid(cfg):
       continue
@@ -280,7 +298,8 @@ def _ce_of(r, results):
 
 def table(results):
   gpu = any("gpu_peak_mib" in r for r in results)
-  head = ["hints", "jac_target", "bn_policy", "teacher cache", "jit", "batch", "replicas",
+  head = ["hints", "jac_target", "bn_policy", "teacher cache", "jac_every", "jit", "batch",
+          "replicas",
           "precision", "ms/step", "images/s", "ratio to ce", "peak RSS MiB",
           "step peak MiB"] + (["GPU peak MiB"] if gpu else [])
   peer = any("peer" in r for r in results)
@@ -293,7 +312,8 @@ def table(results):
               "projection": f"projection x{r['jac_projections']}"}.get(r["jac_target"],
                                                                       r["jac_target"])
     cells = [r["hints"], target if jac else "-", r["bn_policy"] if jac else "-",
-             "on" if r["teacher_cache"] else "off", str(r["jit_compile"]).lower(),
+             "on" if r["teacher_cache"] else "off", str(r.get("jac_every", 1)),
+             str(r["jit_compile"]).lower(),
              str(r["batch_size"]), str(r["replicas"]), r["mixed_precision"]]
     if "skipped" in r:
       rows.append("| " + " | ".join(cells + [f"skipped: {r['skipped']}"] +

@@ -2,7 +2,8 @@
 teacher's fit, the student's training steps, its validation, its per-epoch overhead, and the
 rest (start-up, data, teacher cache, test evaluation, export).
 
-  python tools/run_profile.py --preset=default        # `python -m tfjac.run` as it ships
+  python tools/run_profile.py --preset=default        # the README's first command:
+                                                      # tfjac.run --mode=distill --samples_per_class=10
   python tools/run_profile.py --preset=poster_cell    # CIFAR-100 10-per-class shape
   python tools/run_profile.py --preset=default -- --teacher_width=0.25   # extra tfjac flags
 
@@ -54,8 +55,10 @@ def main(argv):
     shutil.rmtree(FLAGS.workdir)
   os.makedirs(FLAGS.workdir)
   run_dir = os.path.join(FLAGS.workdir, "run")
-  cmd = [sys.executable, "-m", "tfjac.run", f"--workdir={run_dir}"]
-  if FLAGS.preset == "poster_cell":
+  cmd = [sys.executable, "-m", "tfjac.run", f"--workdir={run_dir}", "--mode=distill"]
+  if FLAGS.preset == "default":  # the README's first command
+    cmd += ["--samples_per_class=10"]
+  else:
     data = os.path.join(FLAGS.workdir, "images")
     _poster_dataset(data)
     cmd += [f"--dataset=folder:{data}", "--samples_per_class=10",

@@ -48,9 +48,10 @@ class WindowMaxPool(keras.layers.Layer):
   Same values as keras.layers.MaxPooling2D(2). Its gradient is TensorFlow's reduce_max
   gradient (an equality mask times the incoming gradient, shared among tied maxima), made of
   elementwise ops whose own gradients are exact in graph mode and under XLA, where the
-  MaxPoolGradGrad of MaxPooling2D is not (issue 15). Ties differ from MaxPooling2D (which
-  sends the gradient to one of them) only where they are exact: after a ReLU, a tie is almost
-  surely a window of zeros, whose gradient the ReLU stops either way.
+  MaxPoolGradGrad of MaxPooling2D is not at ties (issue 15). At ties its gradient differs
+  from MaxPooling2D's, which sends it all to one element: both are subgradients, but where an
+  image has blank regions (equal values after conv, BatchNorm and ReLU) the input Jacobian
+  differs. Hence an option (models.build(..., pool="window")), not the default.
   """
 
   def call(self, x):
