@@ -87,3 +87,19 @@ def test_jac_every_needs_a_hint_without_jacobians(digits_splits):
     _distiller(digits_splits.info, hints=(("jac", 1.0),), jac_every=2)
   _distiller(digits_splits.info, hints=(("jac", 1.0),), jac_every=1)
   _distiller(digits_splits.info, hints=(("act", 1.0), ("ce", 1.0)), jac_every=2)  # no jac: ok
+
+
+@pytest.mark.parametrize("train,hints,message", [
+    (dict(jac_every=0), ("act", "jac", "ce"), "--jac_every: must be > 0"),
+    (dict(jac_every=2), ("jac",), "--jac_every: 2 needs a hint without Jacobians"),
+    (dict(val_jac_every=0), ("act", "jac", "ce"), "--val_jac_every: must be > 0"),
+    (dict(val_jac_examples=-1), ("act", "jac", "ce"), "--val_jac_examples: must be >= 0"),
+])
+def test_bad_speed_flags_are_clear_errors(tmp_path, train, hints, message):
+  from tfjac import config as config_lib
+  from tfjac.errors import ConfigError
+  cfg = config_lib.Config(workdir=str(tmp_path), train=config_lib.TrainConfig(**train),
+                          hints=config_lib.HintConfig(hints=hints))
+  with pytest.raises(ConfigError) as err:
+    config_lib.validate(cfg)
+  assert message in str(err.value)

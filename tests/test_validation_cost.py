@@ -78,3 +78,23 @@ def test_fit_validates_the_jacobian_terms_on_the_chosen_epochs(tmp_path, digits_
   assert len(h["val_jac_loss"]) == 2  # epochs 1 and 3 (the first and the last)
   assert result.best_val_accuracy == max(h["val_accuracy"])
   assert tf.io.gfile.glob(str(tmp_path / "tb" / "validation" / "*"))  # TensorBoard has them
+
+
+def test_validation_teacher_outputs_are_computed_once(digits_splits, monkeypatch):
+  distiller = _distiller(digits_splits.info)
+  val = digits_splits.validation
+  plain = distiller.evaluate(data_lib.pipeline(val, 32), verbose=0, return_dict=True)
+  cached_ds = loop.validation_pipeline(distiller, val, 32)
+
+  class TeacherCalled(Exception):
+    pass
+
+  def explode(*args, **kwargs):
+    raise TeacherCalled
+
+  monkeypatch.setattr(distiller.teacher_view, "call", explode)
+  monkeypatch.setattr(distiller.teacher, "call", explode)
+  cached = distiller.evaluate(cached_ds, verbose=0, return_dict=True)
+  assert sorted(cached) == sorted(plain)
+  for k in plain:  # the same numbers; the teacher did not run
+    np.testing.assert_allclose(cached[k], plain[k], rtol=1e-5, err_msg=k)

@@ -400,6 +400,9 @@ class Distiller(keras.Model):
   def test_step(self, data):
     x, labels = data[0], data[1]
     x = tf.cast(x, tf.float32)
+    cached = None  # the validation split's teacher outputs, computed once (training/loop.py)
+    if len(data) > 2 and isinstance(data[2], dict):
+      cached = unpack_teacher_outputs(data[2])
     _, terms, total, s_logits, inputs = self.compute_total_loss(x, labels, training=False,
-                                                                step=0)
+                                                                step=0, teacher_outputs=cached)
     return self._update_metrics(labels, terms, total, s_logits, inputs)

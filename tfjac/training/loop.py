@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
 from tfjac import atomic
@@ -219,6 +220,18 @@ class PhaseTimer(keras.callbacks.Callback):
     return out
 
 
+def validation_pipeline(model, split, batch_size):
+  """Validation batches; with a teacher, each carries the teacher's outputs for `model`'s
+  hints (teacher_pass at step 0, what test_step would compute), computed once here: the
+  teacher is frozen and validation never augments, so they are the same every epoch."""
+  if model.teacher is None:
+    return data_lib.pipeline(split, batch_size, training=False)
+  from tfjac.training import teacher_cache as cache_lib  # pylint: disable=g-import-not-at-top
+  extras = cache_lib.compute(model, split, batch_size)
+  ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels, extras))
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def validation_subset(split, examples, seed):
   """The fixed subset of `examples` validation examples (all when 0 or more than there are):
   a seeded choice, in split order, the same at every epoch."""
@@ -285,7 +298,6 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   stateful = {"checkpoint": checkpoint}
   # Keras writes val_* for validation_data; SplitValidation, first, writes them instead
   # when the Jacobian terms are validated on a subset or not every epoch.
-  val_ds = data_lib.pipeline(validation_split, cfg.batch_size, training=False)
   jacobian_hints = distiller.jacobian_hints
   validation = []
   if jacobian_hints and (cfg.val_jac_every > 1 or 0 < cfg.val_jac_examples <
@@ -295,13 +307,16 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
       cheap = distiller.with_hints(cheap_hints or [("ce", 0.0)])
       cheap.compile(jit_compile=False)
     subset = validation_subset(validation_split, cfg.val_jac_examples, seed)
+    val_ds = validation_pipeline(cheap, validation_split, cfg.batch_size)
     validation = [SplitValidation(
-        distiller, cheap, val_ds, data_lib.pipeline(subset, cfg.batch_size, training=False),
+        distiller, cheap, val_ds, validation_pipeline(distiller, subset, cfg.batch_size),
         every=cfg.val_jac_every, epochs=cfg.epochs, jacobian_hints=jacobian_hints)]
     logging.info("validation: accuracy and %s on the %d validation examples every epoch; "
                  "%s on %d of them every %d epoch(s)", ",".join(n for n, _ in cheap_hints)
                  or "no other hint", len(validation_split), ",".join(jacobian_hints),
                  len(subset), cfg.val_jac_every)
+  else:
+    val_ds = validation_pipeline(distiller, validation_split, cfg.batch_size)
   timer = PhaseTimer()
   for v in validation:
     v.timer = timer
