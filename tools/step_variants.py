@@ -2,7 +2,7 @@
 (issue 15): max-pooling (keras.layers.MaxPooling2D or models/layers.WindowMaxPool), XLA, the
 oneDNN kernels (TF_ENABLE_ONEDNN_OPTS=0), the student's BatchNorm policy.
 
-`python tools/step_variants.py` times every --variants entry in its own subprocess, --rounds
+`python tools/step_variants.py` times every --variant in its own subprocess, --rounds
 times in turn (ABAB...: load drifting on a shared machine hits every variant alike), and
 prints the median ms/step of each with its ratio to the first variant. --check also compares
 each variant's weight gradients of one step with the first variant's, on the same weights and
