@@ -11,5 +11,8 @@ setuptools.setup(
     # TensorFlow itself comes from requirements.txt: tensorflow-cpu or tensorflow[and-cuda].
     install_requires=["keras>=3.12,<4", "tensorflow-datasets>=4.9.10", "tensorboard>=2.20",
                       "absl-py>=2.1", "numpy>=1.26"],
+    # Benchmark-only: tools/benchmark.py --peer=torch (the CPU wheel: pip install torch==2.13.0
+    # --index-url https://download.pytorch.org/whl/cpu). Never needed by the package or its tests.
+    extras_require={"bench": ["torch"]},
     entry_points={"console_scripts": ["tfjac=tfjac.run:entry_point"]},
 )

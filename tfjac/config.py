@@ -57,6 +57,10 @@ class TrainConfig:
   # (or one pass, ceil(n_train / batch_size)) each, the last one cut at train_steps.
   train_steps: int = 0
   lr_decay_steps: Tuple[int, ...] = ()  # --lr_schedule=step boundaries in optimizer steps
+  # Speed of the Jacobian hints (issue 15): lazy Jacobian matching, cheaper validation.
+  jac_every: int = 1  # the Jacobian hints on every K-th step, weight x K; 1: every step
+  val_jac_examples: int = 0  # validation's Jacobian terms on a fixed subset; 0: whole split
+  val_jac_every: int = 1  # validation's Jacobian terms every N epochs (and the last)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +291,16 @@ def validate(config: Config):
   if config.strategy == "multi_worker":
     parse_tf_config(os.environ.get("TF_CONFIG"))
   double_backprop = [name for name in config.hints.hints if hints.HINTS[name].student_jacobians]
+  jacobian_hints = [n for n in config.hints.hints if hints.HINTS[n].student_jacobians or
+                    hints.HINTS[n].teacher_jacobians]
+  _positive("jac_every", config.train.jac_every)
+  _positive("val_jac_examples", config.train.val_jac_examples, allow_zero=True)
+  _positive("val_jac_every", config.train.val_jac_every)
+  if config.train.jac_every > 1 and jacobian_hints and len(jacobian_hints) == len(
+      config.hints.hints):
+    raise ConfigError("jac_every", f"{config.train.jac_every} needs a hint without Jacobians "
+                      f"for the steps in between; --hints={','.join(config.hints.hints)} are "
+                      "all Jacobian hints. Add one (e.g. act or ce) or use --jac_every=1.")
   if config.train.jit_compile and double_backprop:
     raise ConfigError("jit_compile", f"refused with the hint(s) {','.join(double_backprop)}: "
                       "their weight gradients come from double backprop, and XLA's "

@@ -208,3 +208,16 @@ flags.DEFINE_enum("mixed_precision", "float32", config.PRECISIONS,
                   "in deep networks. Default float32: float16 on CPU is emulated and very "
                   "slow; bfloat16 was 2x faster on a CPU with AMX-BF16 but changes the "
                   "numbers (README, Speed); not measured on GPU here.")
+
+# Cost of the Jacobian hints (student fit only).
+flags.DEFINE_integer("jac_every", 1, "Lazy Jacobian matching: the Jacobian hints (jac, jac_ce, "
+                     "jacnorm, at_jac) on every K-th optimizer step with their weights times K "
+                     "(as StyleGAN2's lazy R1); the steps in between take only the other hints "
+                     "and compute no Jacobian. 1: every step (the paper's loss).")
+flags.DEFINE_integer("val_jac_examples", 1000, "Validation computes accuracy and the hints "
+                     "without Jacobians on the whole validation split every epoch, and the "
+                     "Jacobian hints' terms on a fixed subset of this many validation examples "
+                     "(seeded by --seed, the same every epoch); 0: on the whole split. Model "
+                     "selection uses validation accuracy, which is always on the whole split.")
+flags.DEFINE_integer("val_jac_every", 1, "Validation's Jacobian terms every this many epochs "
+                     "(the first, every N-th, and the last); 1: every epoch.")

@@ -19,6 +19,9 @@ or over 2 GPUs when there are (skipped with one GPU).
 CPU: peak RSS of the subprocess, and 'step peak' = VmHWM at the end minus VmRSS right before the
 first step (graph tracing included). GPU: the allocator's peak over the steps. Random data:
 this measures speed, not accuracy.
+
+--peer=torch: the same step written plainly in PyTorch eager (tools/torch_peer.py), timed in
+the same run, one subprocess per hint set, with tfjac's images/s over torch's.
 """
 import itertools
 import json
@@ -66,10 +69,21 @@ flags.DEFINE_list("teacher_cache", ["off", "on"], "Teacher outputs per batch (of
                   "(on; where valid).")
 flags.DEFINE_list("jit_compile", ["false", "true"], "XLA settings to measure: false, true.")
 flags.DEFINE_list("replicas", ["1", "2"], "Replicas to measure (1, 2).")
+flags.DEFINE_list("jac_every", ["1"], "Lazy Jacobian matching periods to measure (--jac_every "
+                  "of tfjac.run); K > 1 reports the mean step over whole periods of K steps, "
+                  "only for hint sets with Jacobians and a hint without.")
 flags.DEFINE_list("mixed_precision", ["float32"], "Keras dtype policies to measure: float32, "
                   "mixed_float16, mixed_bfloat16 (float16 is emulated on CPU: slow).")
+flags.DEFINE_enum("peer", "none", ["none", "torch"], "torch: also time the same step written "
+                  "plainly in PyTorch eager (tools/torch_peer.py: same networks, losses, "
+                  "label-class Jacobians, optimizer, batch; the teacher runs every step), in "
+                  "this run, for every hint set it has (ce, act, kd, jac) at replicas 1, "
+                  "float32; adds its images/s and tfjac's ratio to it. Needs torch "
+                  "(pip install -e .[bench]).")
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 flags.DEFINE_string("single", None, "Internal: run one configuration (JSON) and print it.")
+flags.DEFINE_string("single_peer", None, "Internal: time one configuration (JSON) with the "
+                    "torch peer and print it.")
 FLAGS = flags.FLAGS
 
 MARKER = "BENCHMARK_RESULT "
@@ -158,7 +172,8 @@ def run_single(cfg):
     # The teacher is passed for every hint set, as --mode=distill does.
     distiller = Distiller(student, teacher, hints=hints, bn_policy=cfg["bn_policy"],
                           num_classes=cfg["num_classes"], jac_target=cfg["jac_target"],
-                          jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"])
+                          jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"],
+                          jac_every=cfg.get("jac_every", 1))
     distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                       jit_compile=cfg["jit_compile"])
   rng = np.random.default_rng(0)
@@ -177,14 +192,19 @@ def run_single(cfg):
   iterator = iter(strategy.experimental_distribute_dataset(dataset)
                   if cfg["replicas"] > 1 else dataset)
   times = []
-  for _ in range(cfg["steps"]):
+  every = cfg.get("jac_every", 1)
+  steps = -(-cfg["steps"] // every) * every  # whole periods of the lazy Jacobian steps
+  if every > 1:  # start the timed steps on a Jacobian step
+    while int(distiller.optimizer.iterations) % every:
+      distiller.train_function(iterator)
+  for _ in range(steps):
     start = time.perf_counter()
     logs = distiller.train_function(iterator)
     loss = float(np.asarray(logs["loss"]))  # to numpy: synchronised
     times.append(time.perf_counter() - start)
   if not np.isfinite(loss):
     raise RuntimeError(f"non-finite loss {loss} for {cfg}")
-  ms = 1000 * statistics.median(times)
+  ms = 1000 * (statistics.median(times) if every == 1 else statistics.mean(times))
   result = dict(cfg, ms_per_step=ms, images_per_s=cfg["batch_size"] / ms * 1000,
                 ms_per_step_all=[1000 * t for t in times],
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -203,7 +223,8 @@ def _lists():
       teacher_cache=list(dict.fromkeys(truthy(v) for v in FLAGS.teacher_cache)),
       jit_compile=list(dict.fromkeys(truthy(v) for v in FLAGS.jit_compile)),
       batch_size=[int(v) for v in FLAGS.batch_sizes], replicas=[int(v) for v in FLAGS.replicas],
-      mixed_precision=list(FLAGS.mixed_precision))
+      mixed_precision=list(FLAGS.mixed_precision),
+      jac_every=[int(v) for v in FLAGS.jac_every])
 
 
 _RATIO_KEYS = ("batch_size", "jit_compile", "replicas", "mixed_precision")
@@ -234,6 +255,14 @@ def configurations():
     jac = _uses_jacobians(cfg["hints"])  # target and policy only matter with Jacobians
     if not jac:
       cfg = dict(cfg, jac_target=lists["jac_target"][0], bn_policy=lists["bn_policy"][0])
+    from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
+    names = cfg["hints"].split(",")
+    lazy_ok = any(hints_lib.HINTS[h].student_jacobians or hints_lib.HINTS[h].teacher_jacobians
+                  for h in names) and not all(hints_lib.HINTS[h].student_jacobians or
+                                              hints_lib.HINTS[h].teacher_jacobians
+                                              for h in names)
+    if cfg.get("jac_every", 1) > 1 and not lazy_ok:
+      cfg = dict(cfg, jac_every=1)
     cfg = dict(common, **cfg)
     if not _valid(cfg):
       continue
@@ -243,8 +272,16 @@ def configurations():
       yield cfg
 
 
-def run_in_subprocess(cfg):
-  cmd = [sys.executable, os.path.abspath(__file__), "--single=" + json.dumps(cfg)]
+def _peer_row(cfg):  # the rows the torch peer is compared with
+  return cfg["replicas"] == 1 and cfg["mixed_precision"] == "float32"
+
+
+def _peer_key(cfg):
+  return cfg["hints"], cfg["jac_target"], cfg["batch_size"]
+
+
+def run_in_subprocess(cfg, flag="single"):
+  cmd = [sys.executable, os.path.abspath(__file__), f"--{flag}=" + json.dumps(cfg)]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith(MARKER)]
   if proc.returncode or not lines:
@@ -261,9 +298,13 @@ def _ce_of(r, results):
 
 def table(results):
   gpu = any("gpu_peak_mib" in r for r in results)
-  head = ["hints", "jac_target", "bn_policy", "teacher cache", "jit", "batch", "replicas",
+  head = ["hints", "jac_target", "bn_policy", "teacher cache", "jac_every", "jit", "batch",
+          "replicas",
           "precision", "ms/step", "images/s", "ratio to ce", "peak RSS MiB",
           "step peak MiB"] + (["GPU peak MiB"] if gpu else [])
+  peer = any("peer" in r for r in results)
+  if peer:
+    head += ["torch images/s", "tfjac / torch"]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results:
     jac = _uses_jacobians(r["hints"])
@@ -271,7 +312,8 @@ def table(results):
               "projection": f"projection x{r['jac_projections']}"}.get(r["jac_target"],
                                                                       r["jac_target"])
     cells = [r["hints"], target if jac else "-", r["bn_policy"] if jac else "-",
-             "on" if r["teacher_cache"] else "off", str(r["jit_compile"]).lower(),
+             "on" if r["teacher_cache"] else "off", str(r.get("jac_every", 1)),
+             str(r["jit_compile"]).lower(),
              str(r["batch_size"]), str(r["replicas"]), r["mixed_precision"]]
     if "skipped" in r:
       rows.append("| " + " | ".join(cells + [f"skipped: {r['skipped']}"] +
@@ -282,6 +324,10 @@ def table(results):
     cells += [f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}", ratio,
               f"{r['peak_rss_mib']:.0f}", f"{r['step_peak_mib']:.0f}"] + (
                   [f"{r.get('gpu_peak_mib', 0):.0f}"] if gpu else [])
+    if peer:
+      p = r.get("peer") or {}
+      cells += ([f"{p['images_per_s']:.0f}", f"{r['images_per_s'] / p['images_per_s']:.2f}"]
+                if "images_per_s" in p else [p.get("skipped", "-"), "-"])
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
@@ -292,7 +338,16 @@ def main(argv):
   if FLAGS.single:
     print(MARKER + json.dumps(run_single(json.loads(FLAGS.single))), flush=True)
     return
-  results = []
+  if FLAGS.single_peer:
+    import torch_peer  # pylint: disable=g-import-not-at-top
+    print(MARKER + json.dumps(torch_peer.time_step(json.loads(FLAGS.single_peer))), flush=True)
+    return
+  if FLAGS.peer == "torch":
+    try:
+      import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise app.UsageError("--peer=torch needs torch: pip install -e .[bench]") from None
+  results, peers = [], {}
   configs = list(configurations())
   for i, cfg in enumerate(configs):
     print(f"[{i + 1}/{len(configs)}] hints={cfg['hints']} jac_target={cfg['jac_target']} "
@@ -301,6 +356,13 @@ def main(argv):
           f"replicas={cfg['replicas']} precision={cfg['mixed_precision']} ...",
           file=sys.stderr, flush=True)
     results.append(run_in_subprocess(cfg))
+    if FLAGS.peer == "torch" and _peer_row(cfg):
+      key = _peer_key(cfg)
+      if key not in peers:  # one torch run per hint set, target and batch size
+        print(f"    torch peer: hints={cfg['hints']} batch={cfg['batch_size']} ...",
+              file=sys.stderr, flush=True)
+        peers[key] = run_in_subprocess(cfg, flag="single_peer")
+      results[-1]["peer"] = peers[key]
   for r in results:
     ce = _ce_of(r, results)
     if ce and "skipped" not in r:

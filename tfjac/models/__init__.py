@@ -19,7 +19,7 @@ MODELS: Dict[str, Callable] = {
 
 
 def build(name: str, input_shape: Sequence[int], num_classes: int, *, mean, std, width=1.0,
-          sync_bn=False, model_name=None) -> keras.Model:
+          sync_bn=False, model_name=None, **options) -> keras.Model:
   """sync_bn: BatchNorm statistics over the global batch (use under several replicas: the
   replicas then train the same function and keep identical moving statistics)."""
   if name not in MODELS:
@@ -28,5 +28,5 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, *, mean, std,
   x = keras.layers.Normalization(mean=np.asarray(mean, np.float32),
                                  variance=np.square(np.asarray(std, np.float32)),
                                  name="standardize")(inputs)
-  logits = MODELS[name](x, num_classes, width=width, sync_bn=sync_bn)
+  logits = MODELS[name](x, num_classes, width=width, sync_bn=sync_bn, **options)
   return keras.Model(inputs, logits, name=model_name or name)

@@ -98,3 +98,26 @@ class JacobianSafeBatchNorm(keras.layers.BatchNormalization):
         scale=None if not self.scale else ops.cast(self.gamma, compute_dtype),
         epsilon=self.epsilon)
     return ops.cast(outputs, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="tfjac")
+class WindowMaxPool(keras.layers.Layer):
+  """2x2, stride-2, 'valid' max-pooling written as a reshape and a max over each window.
+
+  Same values as keras.layers.MaxPooling2D(2). Its gradient is TensorFlow's reduce_max
+  gradient (an equality mask times the incoming gradient, shared among tied maxima), made of
+  elementwise ops whose own gradients are exact in graph mode and under XLA, where the
+  MaxPoolGradGrad of MaxPooling2D is not at ties (issue 15). At ties its gradient differs
+  from MaxPooling2D's, which sends it all to one element: both are subgradients, but where an
+  image has blank regions (equal values after conv, BatchNorm and ReLU) the input Jacobian
+  differs. Hence an option (models.build(..., pool="window")), not the default.
+  """
+
+  def call(self, x):
+    h, w, c = (int(d) for d in x.shape[1:])
+    x = x[:, :h // 2 * 2, :w // 2 * 2, :]
+    x = keras.ops.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
+    return keras.ops.max(x, axis=(2, 4))
+
+  def compute_output_shape(self, input_shape):
+    return (input_shape[0], input_shape[1] // 2, input_shape[2] // 2, input_shape[3])

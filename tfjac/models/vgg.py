@@ -8,7 +8,7 @@ from typing import Sequence, Union
 
 import keras
 
-from tfjac.models.layers import JacobianSafeBatchNorm
+from tfjac.models.layers import JacobianSafeBatchNorm, WindowMaxPool
 
 LAYOUTS = {
     "vgg4": (64, "M", 128, "M", 256, "M"),
@@ -17,14 +17,17 @@ LAYOUTS = {
 
 
 def build_vgg(layout: Sequence[Union[int, str]], inputs, num_classes, *, width=1.0,
-              bn_momentum=0.9, sync_bn=False, name="vgg"):
+              bn_momentum=0.9, sync_bn=False, pool="keras", name="vgg"):
+  """pool: keras (keras.layers.MaxPooling2D) or window (layers.WindowMaxPool: the same
+  values, a gradient XLA differentiates exactly)."""
   x = inputs
   size = min(int(inputs.shape[1]), int(inputs.shape[2]))
   block, conv = 1, 1
   for item in layout:
     if item == "M":
       if size >= 2:
-        x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+        x = (WindowMaxPool(name=f"block{block}_pool") if pool == "window" else
+             keras.layers.MaxPooling2D(2, name=f"block{block}_pool"))(x)
         size //= 2
       block, conv = block + 1, 1
       continue

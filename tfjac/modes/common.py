@@ -120,7 +120,7 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
         params=hint_params(h),
         jac_target=h.jac_target, jac_top_k=h.jac_top_k, jac_projections=h.jac_projections,
         bn_policy=h.jac_bn_policy, num_classes=splits.info.num_classes, seed=config.data.seed,
-        student_view=student_view, teacher_view=teacher_view)
+        student_view=student_view, teacher_view=teacher_view, jac_every=train_cfg.jac_every)
   workdir = config.workdir
   use_cache = False
   if teacher is not None:
@@ -152,6 +152,7 @@ def fit_summary(result: loop.FitResult, test):
           "best_val_accuracy": result.best_val_accuracy, "final_epoch_metrics": final,
           "train_seconds": round(result.seconds, 2), "steps_per_epoch": result.steps_per_epoch,
           "train_steps": result.total_steps,
+          "fit_phases_seconds": result.phases,
           "resumed_from": result.resumed_from}
 
 

@@ -86,7 +86,7 @@ class Distiller(keras.Model):
                jac_target: str = "label", jac_top_k: int = 5, jac_projections: int = 1,
                bn_policy: str = "batch_stats", num_classes: Optional[int] = None, seed: int = 0,
                student_view: Optional[keras.Model] = None,
-               teacher_view: Optional[keras.Model] = None, **kwargs):
+               teacher_view: Optional[keras.Model] = None, jac_every: int = 1, **kwargs):
     super().__init__(**kwargs)
     self.student = student
     self.teacher = teacher
@@ -141,6 +141,37 @@ class Distiller(keras.Model):
     for who, attr in (("teacher", "teacher_jacobians"), ("student", "student_jacobians")):
       if kinds(attr):
         self._trackers[f"{who}_jac_norm"] = keras.metrics.Mean(name=f"{who}_jac_norm")
+    # Lazy Jacobian matching (jac_every=K > 1): the Jacobian hints on every K-th step with
+    # their weights times K, the other steps run `_without_jacobians` (no Jacobian pass at all).
+    self.jac_every = int(jac_every)
+    if self.jac_every < 1:
+      raise ValueError(f"jac_every must be >= 1, got {jac_every}")
+    if self.jac_every > 1 and self.jacobian_hints:
+      cheap = [(n, w) for n, w in self.hint_weights if n not in self.jacobian_hints]
+      if not cheap:
+        raise ValueError(f"jac_every={jac_every} needs a hint without Jacobians for the steps "
+                         f"in between; the hints are {[n for n, _ in self.hint_weights]}")
+      # Not an attribute keras tracks: the twin shares every variable of this model.
+      object.__setattr__(self, "_without_jacobians", self.with_hints(cheap))
+      object.__setattr__(self, "_lazy_full", self.with_hints(
+          [(n, w * self.jac_every if n in self.jacobian_hints else w)
+           for n, w in self.hint_weights]))
+
+  @property
+  def jacobian_hints(self):
+    """The hints that take input Jacobians (of the student or of the teacher)."""
+    return tuple(n for n, h in self._hints.items()
+                 if h.student_jacobians or h.teacher_jacobians)
+
+  def with_hints(self, hints):
+    """A Distiller on other hints that shares these networks, views and settings (the
+    lazy-Jacobian steps, validation without the Jacobian terms)."""
+    o = self._target_options
+    return Distiller(self.student, self.teacher, hints=hints, params=self.params,
+                     jac_target=self.jac_target, jac_top_k=o.top_k,
+                     jac_projections=o.projections, bn_policy=self.bn_policy,
+                     num_classes=self.num_classes, seed=self.seed,
+                     student_view=self.student_view, teacher_view=self.teacher_view)
 
   @staticmethod
   def _feature_shapes(view):
@@ -329,13 +360,11 @@ class Distiller(keras.Model):
       results = {k: tf.reshape(v, [1]) for k, v in results.items()}
     return results
 
-  def train_step(self, data):
-    x, labels = data[0], data[1]
-    x = tf.cast(x, tf.float32)
-    step = self.optimizer.iterations
-    variables = self.trained_variables
-    if len(data) > 2 and isinstance(data[2], dict):  # the teacher cache travels with the data
-      teacher_outputs = unpack_teacher_outputs(data[2])
+  def _gradients(self, x, labels, step, cached, optimizer):
+    """(gradients of the trained variables, terms, total, student logits, HintInputs) of
+    this model's hints. `cached`: the teacher cache's packed outputs, or None."""
+    if cached is not None:  # the teacher cache travels with the data
+      teacher_outputs = unpack_teacher_outputs(cached)
     else:  # the teacher runs before the weight tape opens: it records nothing there
       teacher_outputs = self.teacher_pass(x, labels, step)
     with tf.GradientTape() as tape:
@@ -343,14 +372,77 @@ class Distiller(keras.Model):
           x, labels, training=True, step=step, teacher_outputs=teacher_outputs)
       # mixed_float16: compile() wraps the optimizer in a LossScaleOptimizer, whose apply()
       # divides by the scale; without this the float16 gradients underflow. Identity otherwise.
-      scaled = self.optimizer.scale_loss(loss)
-    grads = tape.gradient(scaled, variables)
+      scaled = optimizer.scale_loss(loss)
+    return tape.gradient(scaled, self.trained_variables), terms, total, s_logits, inputs
+
+  def step_gradients(self, data, step):
+    """What one training step applies and reports: (gradients, student logits,
+    {term tracker: (per-example values, per-example sample weights)}).
+
+    jac_every=K > 1: step % K == 0 takes every hint with the Jacobian hints' weights times K;
+    the other steps take only the hints without Jacobians (tf.cond: the branch not taken, and
+    so every Jacobian pass of it, does not run). The Jacobian trackers count only the steps
+    that computed them; 'loss' is the weighted sum (unscaled weights) of the terms computed.
+    """
+    x, labels = tf.cast(data[0], tf.float32), data[1]
+    cached = data[2] if len(data) > 2 and isinstance(data[2], dict) else None
+    lazy = getattr(self, "_without_jacobians", None) is not None
+    models = (self._lazy_full, self._without_jacobians) if lazy else (self, None)
+    names = [n for n in self._trackers if n != "accuracy"]
+    variables = self.trained_variables
+
+    def branch(model):
+      def fn():
+        grads, terms, _, s_logits, inputs = model._gradients(  # pylint: disable=protected-access
+            x, labels, step, cached, self.optimizer)
+        batch = tf.shape(labels)[0]
+        ones, zeros = tf.ones([batch]), tf.zeros([batch])
+        found = {n: terms[n] for n in terms}
+        found["loss"] = tf.add_n([w * terms[n] for n, w in self.hint_weights if n in terms])
+        for who, jacs in (("teacher", inputs.teacher_jacobians),
+                          ("student", inputs.student_jacobians)):
+          if jacs:
+            found[f"{who}_jac_norm"] = self._jacobian_norm(jacs)
+        values = [found.get(n, zeros) for n in names]
+        weights = [ones if n in found else zeros for n in names]
+        if lazy:  # tf.cond needs one structure: zeros where the other branch has a gradient
+          grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        return grads, s_logits, values, weights
+      return fn
+
+    if lazy:
+      is_jac_step = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.jac_every), 0)
+      grads, s_logits, values, weights = tf.cond(is_jac_step, branch(models[0]),
+                                                 branch(models[1]))
+    else:
+      grads, s_logits, values, weights = branch(self)()
+    return grads, s_logits, {n: (v, w) for n, v, w in zip(names, values, weights)}
+
+  def train_step(self, data):
+    variables = self.trained_variables
+    if getattr(self, "_without_jacobians", None) is None:  # every step takes every hint
+      x, labels = tf.cast(data[0], tf.float32), data[1]
+      cached = data[2] if len(data) > 2 and isinstance(data[2], dict) else None
+      grads, terms, total, s_logits, inputs = self._gradients(
+          x, labels, self.optimizer.iterations, cached, self.optimizer)
+      self.optimizer.apply(grads, variables)
+      return self._update_metrics(labels, terms, total, s_logits, inputs)
+    grads, s_logits, updates = self.step_gradients(data, self.optimizer.iterations)
     self.optimizer.apply(grads, variables)
-    return self._update_metrics(labels, terms, total, s_logits, inputs)
+    for name, (values, weights) in updates.items():
+      self._trackers[name].update_state(values, sample_weight=weights)
+    self._trackers["accuracy"].update_state(data[1], s_logits)
+    results = {m.name: m.result() for m in self.metrics}
+    if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      results = {k: tf.reshape(v, [1]) for k, v in results.items()}  # see _update_metrics
+    return results
 
   def test_step(self, data):
     x, labels = data[0], data[1]
     x = tf.cast(x, tf.float32)
+    cached = None  # the validation split's teacher outputs, computed once (training/loop.py)
+    if len(data) > 2 and isinstance(data[2], dict):
+      cached = unpack_teacher_outputs(data[2])
     _, terms, total, s_logits, inputs = self.compute_total_loss(x, labels, training=False,
-                                                                step=0)
+                                                                step=0, teacher_outputs=cached)
     return self._update_metrics(labels, terms, total, s_logits, inputs)

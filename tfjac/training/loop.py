@@ -5,11 +5,13 @@ carries the weights of its best validation epoch: selection never looks at the t
 import dataclasses
 import math
 import os
+import time
 import warnings
 from typing import Dict, List, Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
 from tfjac import atomic
@@ -222,6 +224,109 @@ class StepBudget(keras.callbacks.Callback):
       self.model.stop_training = True
 
 
+class SplitValidation(keras.callbacks.Callback):
+  """Validation at the cost model selection needs (issue 15): every epoch, accuracy and the
+  hints without Jacobians on the whole validation split (`cheap`: a Distiller on those hints
+  sharing the networks); the Jacobian hints' terms (and Jacobian norms) on `jacobian_ds`, a
+  fixed subset, on the first, every `every`-th and the last epoch. Writes the usual val_*
+  logs, before the callbacks that read them (checkpoint, early stopping, TensorBoard,
+  backup). val_loss is the cheap terms' weighted sum on the whole split plus the Jacobian
+  terms' on the subset; on epochs without Jacobian terms it is the cheap part alone."""
+
+  def __init__(self, distiller, cheap, full_ds, jacobian_ds, *, every, epochs, jacobian_hints):
+    super().__init__()
+    self.distiller, self.cheap, self.full_ds, self.jacobian_ds = (distiller, cheap, full_ds,
+                                                                  jacobian_ds)
+    self.every, self.epochs, self.jacobian_hints = every, epochs, jacobian_hints
+    self.cheap_names = {n for n, _ in cheap.hint_weights}
+
+  def jacobian_epoch(self, epoch):
+    return epoch % self.every == 0 or epoch + 1 == self.epochs
+
+  timer = None  # a PhaseTimer, set by fit()
+
+  def on_epoch_end(self, epoch, logs=None):
+    start = time.perf_counter()
+    try:
+      self._validate(epoch, logs)
+    finally:
+      if self.timer is not None:
+        self.timer.add("validation", time.perf_counter() - start)
+
+  def _validate(self, epoch, logs):
+    if logs is None:
+      return
+    measured = self.cheap.evaluate(self.full_ds, verbose=0, return_dict=True)
+    for name, value in measured.items():
+      if name.endswith("_loss") and name[:-len("_loss")] not in self.cheap_names:
+        continue  # the placeholder ce of a cheap model without hints
+      logs[f"val_{name}"] = float(np.asarray(value))
+    if not self.jacobian_epoch(epoch):
+      return
+    weights = dict(self.distiller.hint_weights)
+    jacobian = self.distiller.evaluate(self.jacobian_ds, verbose=0, return_dict=True)
+    for name, value in jacobian.items():
+      hint = name[:-len("_loss")] if name.endswith("_loss") else None
+      if hint in self.jacobian_hints:
+        logs[f"val_{name}"] = float(np.asarray(value))
+        logs["val_loss"] += weights[hint] * logs[f"val_{name}"]
+      elif name.endswith("_jac_norm"):
+        logs[f"val_{name}"] = float(np.asarray(value))
+
+
+class PhaseTimer(keras.callbacks.Callback):
+  """Wall seconds of a fit split into training steps (first batch begin to last batch end of
+  each epoch), validation (Keras' own, and SplitValidation's) and the rest ('other': graph
+  tracing, per-epoch callbacks: checkpoints, backup, TensorBoard; tf.data set-up), for the run-level
+  profile (tools/run_profile.py). Measures only; one perf_counter per batch."""
+
+  def __init__(self):
+    super().__init__()
+    self.seconds = {"training": 0.0, "validation": 0.0}
+    self._t = {}
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._t["batch"] = time.perf_counter()
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.seconds["training"] += time.perf_counter() - self._t.pop("batch")
+
+  def on_test_begin(self, logs=None):
+    self._t["test"] = time.perf_counter()
+
+  def on_test_end(self, logs=None):
+    self.seconds["validation"] += time.perf_counter() - self._t.pop("test")
+
+  def add(self, phase, seconds):
+    self.seconds[phase] += seconds
+
+  def summary(self, total):
+    out = {k: round(v, 2) for k, v in self.seconds.items()}
+    out["other"] = round(total - sum(self.seconds.values()), 2)
+    return out
+
+
+def validation_pipeline(model, split, batch_size):
+  """Validation batches; with a teacher, each carries the teacher's outputs for `model`'s
+  hints (teacher_pass at step 0, what test_step would compute), computed once here: the
+  teacher is frozen and validation never augments, so they are the same every epoch."""
+  if model.teacher is None:
+    return data_lib.pipeline(split, batch_size, training=False)
+  from tfjac.training import teacher_cache as cache_lib  # pylint: disable=g-import-not-at-top
+  extras = cache_lib.compute(model, split, batch_size)
+  ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels, extras))
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def validation_subset(split, examples, seed):
+  """The fixed subset of `examples` validation examples (all when 0 or more than there are):
+  a seeded choice, in split order, the same at every epoch."""
+  if not examples or examples >= len(split):
+    return split
+  rng = np.random.default_rng([seed, 15])
+  return split.take(np.sort(rng.choice(len(split), examples, replace=False)))
+
+
 @dataclasses.dataclass
 class FitResult:
   history: Dict[str, List[float]]
@@ -230,6 +335,8 @@ class FitResult:
   epochs_run: int
   seconds: float
   steps_per_epoch: int
+  # {training, validation, other} wall seconds of this fit call (PhaseTimer)
+  phases: Optional[Dict[str, float]] = None
   resumed_from: Optional[Dict[str, int]] = None  # {"epochs_done", "steps_done"} of the backup
   total_steps: int = 0  # the budget in optimizer steps (fewer if early stopping stopped it)
 
@@ -277,8 +384,32 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   checkpoint = StudentCheckpoint(distiller.student, checkpoint_dir)
   guard = NonFiniteGuard()
   stateful = {"checkpoint": checkpoint}
-  callbacks = [guard, checkpoint, keras.callbacks.TensorBoard(log_dir=log_dir,
-                                                              update_freq="epoch")]
+  # Keras writes val_* for validation_data; SplitValidation, first, writes them instead
+  # when the Jacobian terms are validated on a subset or not every epoch.
+  jacobian_hints = distiller.jacobian_hints
+  validation = []
+  if jacobian_hints and (cfg.val_jac_every > 1 or 0 < cfg.val_jac_examples <
+                         len(validation_split)):
+    cheap_hints = [(n, w) for n, w in distiller.hint_weights if n not in jacobian_hints]
+    with distiller.distribute_strategy.scope():
+      cheap = distiller.with_hints(cheap_hints or [("ce", 0.0)])
+      cheap.compile(jit_compile=False)
+    subset = validation_subset(validation_split, cfg.val_jac_examples, seed)
+    val_ds = validation_pipeline(cheap, validation_split, cfg.batch_size)
+    validation = [SplitValidation(
+        distiller, cheap, val_ds, validation_pipeline(distiller, subset, cfg.batch_size),
+        every=cfg.val_jac_every, epochs=plan.epochs, jacobian_hints=jacobian_hints)]
+    logging.info("validation: accuracy and %s on the %d validation examples every epoch; "
+                 "%s on %d of them every %d epoch(s)", ",".join(n for n, _ in cheap_hints)
+                 or "no other hint", len(validation_split), ",".join(jacobian_hints),
+                 len(subset), cfg.val_jac_every)
+  else:
+    val_ds = validation_pipeline(distiller, validation_split, cfg.batch_size)
+  timer = PhaseTimer()
+  for v in validation:
+    v.timer = timer
+  callbacks = [timer] + validation + [guard, checkpoint,
+                            keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch")]
   if cfg.early_stopping_patience:
     stateful["early_stopping"] = ResumableEarlyStopping(
         monitor="val_accuracy", mode="max", patience=cfg.early_stopping_patience)
@@ -301,7 +432,6 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
 
   # Keras warns that shuffle=True is ignored for a tf.data input; the pipeline shuffles itself.
   warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
-  val_ds = data_lib.pipeline(validation_split, cfg.batch_size, training=False)
 
   def run(first_epoch, first_step, last_epoch):
     for cb in (guard, backup, stopper):
@@ -311,16 +441,19 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
         train_split, cfg.batch_size, seed=seed, epochs=plan.epochs,
         steps_per_epoch=cfg.steps_per_epoch, start_epoch=first_epoch, start_step=first_step,
         augment=augment, crop_padding=crop_padding, extras=extras)
-    distiller.fit(batches, validation_data=val_ds, initial_epoch=first_epoch,
+    distiller.fit(batches, validation_data=None if validation else val_ds,
+                  initial_epoch=first_epoch,
                   epochs=last_epoch, steps_per_epoch=steps - first_step, callbacks=callbacks,
                   verbose=0)
     return bool(distiller.stop_training)
 
+  fit_start = time.perf_counter()
   if not done and step:  # Keras runs whole epochs: finish the interrupted one on its own
     done = run(epoch, step, epoch + 1)
     epoch, step = epoch + 1, 0
   if not done and epoch < plan.epochs:
     run(epoch, 0, plan.epochs)
+  fit_seconds = time.perf_counter() - fit_start
   distiller.student.load_weights(checkpoint.best_path)
   if not keep_backup:
     resume_lib.discard(backup_dir)
@@ -328,7 +461,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   return FitResult(history=hist, best_epoch=checkpoint.best_epoch + 1,
                    best_val_accuracy=float(checkpoint.best),
                    epochs_run=len(hist.get("loss", [])), seconds=backup.seconds,
-                   steps_per_epoch=steps,
+                   steps_per_epoch=steps, phases=timer.summary(fit_seconds),
                    resumed_from=({"epochs_done": restored.epoch, "steps_done": restored.step}
                                  if restored else None),
                    total_steps=plan.total_steps)

@@ -1,0 +1,58 @@
+"""The benchmark's PyTorch peer (tools/torch_peer.py) computes tfjac's step: same networks and
+losses, checked on tiny shared weights. Skipped without torch (an optional extra)."""
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+import torch_peer  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from tfjac import models  # noqa: E402
+from tfjac.models.vgg import LAYOUTS  # noqa: E402
+from tfjac.training.distiller import Distiller  # noqa: E402
+
+SHAPE, CLASSES, MEAN, STD = (8, 8, 3), 5, [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]
+
+
+def _pair(name, width, seed):
+  keras.utils.set_random_seed(seed)
+  k = models.build(name, SHAPE, CLASSES, mean=MEAN, std=STD, width=width)
+  rng = np.random.default_rng(seed)
+  for layer in k.layers:  # moving statistics away from 0 / 1, so that eval mode uses them
+    if "BatchNorm" in layer.__class__.__name__:
+      g, b, m, v = layer.get_weights()
+      layer.set_weights([rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.1, b.shape),
+                         rng.normal(0, 0.3, m.shape), rng.uniform(0.5, 2.0, v.shape)])
+  t = torch_peer.VGG(LAYOUTS[name], SHAPE[0], SHAPE[2], CLASSES, mean=MEAN, std=STD,
+                     width=width)
+  torch_peer.copy_from_keras(t, k)
+  return k, t
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_peer_computes_tfjacs_terms(training):
+  k_teacher, t_teacher = _pair("vgg9", 0.1, 1)
+  k_student, t_student = _pair("vgg4", 0.1, 2)
+  rng = np.random.default_rng(0)
+  x = rng.random((6, *SHAPE), np.float32)
+  y = np.array([0, 1, 2, 3, 4, 0])
+  hints = ("ce", "act", "jac", "kd")
+  distiller = Distiller(k_student, k_teacher, hints=[(h, 1.0) for h in hints])
+  terms = distiller.per_example_terms(tf.constant(x), tf.constant(y), training=training,
+                                      step=0)[0]
+  peer = torch_peer.per_example_terms(
+      t_student, t_teacher, torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy()),
+      torch.from_numpy(y), hints, training=training)
+  # In training mode tfjac holds the batch statistics constant for the student's Jacobian
+  # (--jac_bn_policy=batch_stats), the plain PyTorch step does not: jac differs there.
+  compared = [h for h in hints if not (training and h == "jac")]
+  for h in compared:
+    np.testing.assert_allclose(peer[h].detach().numpy(), terms[h].numpy(), rtol=2e-4,
+                               atol=1e-5, err_msg=h)
+  assert float(tf.reduce_min(terms["jac"])) > 1e-3  # the Jacobians are not trivially equal
