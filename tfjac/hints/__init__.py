@@ -58,6 +58,9 @@ class Hint:
   # Runs the teacher itself, on inputs drawn at every step (noise): its outputs cannot be
   # computed once per example (--teacher_cache).
   runs_teacher_per_step: bool = False
+  # Reads the teacher's logits themselves, not up to a per-example constant: refused with a
+  # teacher that outputs probabilities (networks.probability_blockers).
+  reads_teacher_logits: bool = False
 
 
 def _jac_ce(i: HintInputs, p: HintParams):
@@ -76,7 +79,8 @@ HINTS: Dict[str, Hint] = {
                help="softmax cross-entropy on the labels"),
     "act": Hint(lambda i, p: losses.activation_matching(
         teacher_logits=i.teacher_logits, student_logits=i.student_matching_logits),
-                help="squared error between teacher and student logits", needs_teacher=True),
+                help="squared error between teacher and student logits", needs_teacher=True,
+                reads_teacher_logits=True),
     "kd": Hint(lambda i, p: losses.soft_target_distillation(
         teacher_logits=i.teacher_logits, student_logits=i.student_matching_logits,
         temperature=p.kd_temperature),
@@ -87,7 +91,8 @@ HINTS: Dict[str, Hint] = {
         student_jacobian=i.student_jacobians["logits"], normalize=p.jac_normalize),
                 help="Jacobian matching of the --jac_target outputs, L2-normalised per example "
                 "unless --nojac_normalize", needs_teacher=True,
-                student_jacobians=("logits",), teacher_jacobians=("logits",)),
+                student_jacobians=("logits",), teacher_jacobians=("logits",),
+                reads_teacher_logits=True),
     "jac_ce": Hint(_jac_ce, help="the poster's CE form: -T_s log S_s - sigma^2 grad T_s . grad "
                    "S_s / S_s over the --jac_target classes (--jac_target=all: every class)",
                    needs_teacher=True, student_jacobians=("log_probabilities",),
@@ -98,7 +103,8 @@ HINTS: Dict[str, Hint] = {
         samples=p.noise_samples, seed=i.seed),
                   help="logit matching on --noise_samples Gaussian-noised copies of each input "
                   "(std --noise_sigma): the equivalent of act + sigma^2 raw jac over all classes",
-                  needs_teacher=True, uses_noise=True, runs_teacher_per_step=True),
+                  needs_teacher=True, uses_noise=True, runs_teacher_per_step=True,
+                  reads_teacher_logits=True),
     "jacnorm": Hint(lambda i, p: losses.jacobian_norm(
         student_jacobian=i.student_jacobians["logits"], sigma=p.noise_sigma),
                     help="sigma^2 ||dS/dx||^2 of the --jac_target outputs (no teacher)",

@@ -220,7 +220,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
         augment=augment, crop_padding=crop_padding, extras=extras)
     distiller.fit(batches, validation_data=val_ds, initial_epoch=first_epoch,
                   epochs=last_epoch, steps_per_epoch=steps - first_step, callbacks=callbacks,
-                  verbose=0)
+                  verbose=progress_verbosity())
     return bool(distiller.stop_training)
 
   if not done and step:  # Keras runs whole epochs: finish the interrupted one on its own
@@ -263,8 +263,16 @@ def accuracy_under_noise(model, split, sigmas, batch_size, seed=0) -> Dict[str, 
   return result
 
 
+def progress_verbosity() -> int:
+  """Keras' progress bar (1) when stdout is a terminal; else 0, and EpochLogger's one line per
+  epoch is the progress (a bar's carriage returns make a log file unreadable)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  return 1 if getattr(sys.stdout, "isatty", lambda: False)() else 0
+
+
 class EpochLogger(keras.callbacks.Callback):
-  """One absl log line per epoch, so a long run shows progress without Keras' progress bar."""
+  """One absl log line per epoch, so a long run shows progress without Keras' progress bar
+  (silent when the bar is shown: progress_verbosity)."""
 
   def __init__(self, role, epochs):
     super().__init__()
@@ -272,5 +280,7 @@ class EpochLogger(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     from absl import logging  # pylint: disable=g-import-not-at-top
+    if progress_verbosity():
+      return
     shown = " ".join(f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items()))
     logging.info("%s epoch %d/%d: %s", self.role, epoch + 1, self.epochs, shown)
