@@ -110,7 +110,7 @@ def test_a_probability_savedmodel_needs_the_flag_and_then_gives_exact_kd(tmp_pat
                             hints=HintConfig(hints=("ce", "act"), jac_target="teacher_top1"))
   with pytest.raises(ConfigError, match=r"--teacher_outputs: .*\['act'\] need"):
     teachers.load_teacher(cfg, _info())
-  with pytest.raises(ConfigError, match="teacher_outputs=probabilities: .*'act'"):
+  with pytest.raises(ConfigError, match="--teacher_outputs: probabilities: .*'act'.* act on log-probabilities is not act"):
     from tfjac import config as config_lib  # pylint: disable=g-import-not-at-top
     config_lib._validate_outside_teacher(cfg)  # pylint: disable=protected-access
 
@@ -172,21 +172,49 @@ def test_standard_batchnorm_student_gets_per_example_jacobians():
     np.testing.assert_allclose(converted(x, training=training), student(x, training=training),
                                atol=1e-5)
 
-  def first_jacobian(model, batch, policy):
+  def jacobians(model, batch, policy):
+    """Row i: d(sum_j S_j[label_j]) / d x_i, as the training step takes it."""
+    weights = model.get_weights()  # the training pass moves the moving statistics: undo it
     d = Distiller(model, None, hints=(("ce", 1.0), ("jacnorm", 1.0)), jac_target="label",
                   bn_policy="batch_stats")
     d.bn_policy = policy
     _, _, jacs = d.student_pass(tf.constant(batch), tf.zeros([len(batch)], tf.int32), None, 0,
                                 training=True)
-    return jacs["logits"].numpy()[0]
+    model.set_weights(weights)
+    return jacs["logits"].numpy()[:, 0]
 
-  other = np.concatenate([x[:1], x[3:]])  # example 0 with other companions
-  for model, policy in ((converted, "batch_stats"), (student, "inference")):
-    np.testing.assert_allclose(first_jacobian(model, x[:3], policy),
-                               first_jacobian(model, other, policy), atol=1e-6)
-  # The control: a standard BatchNorm under batch_stats couples the examples.
-  assert not np.allclose(first_jacobian(student, x[:3], "batch_stats"),
-                         first_jacobian(student, other, "batch_stats"), atol=1e-4)
+  def reference(batch, moving):
+    """Per-example Jacobians of BatchNorm in inference mode with moving statistics `moving`
+    (a different mechanism: no batch statistics at all, so no cross-example terms)."""
+    twin = keras.models.clone_model(student)
+    twin.set_weights(student.get_weights())
+    if moving is not None:
+      twin.get_layer("s_bn").moving_mean.assign(moving[0])
+      twin.get_layer("s_bn").moving_variance.assign(moving[1])
+    rows = []
+    for example in batch:
+      z = tf.constant(example[None])
+      with tf.GradientTape() as tape:
+        tape.watch(z)
+        out = twin(z, training=False)[0, 0]  # label 0
+      rows.append(tape.gradient(out, z).numpy()[0].reshape(-1))
+    return np.stack(rows)
+
+  # batch_stats on the converted student: the batch's moments held constant, i.e. inference
+  # mode with the batch's moments as moving statistics, example by example.
+  conv_out = keras.Model(student.inputs, student.get_layer("s_conv").output)(x[:3])
+  moments = (tf.reduce_mean(conv_out, [0, 1, 2]),
+             tf.math.reduce_variance(conv_out, [0, 1, 2]))
+  want = reference(x[:3], moments)
+  np.testing.assert_allclose(jacobians(converted, x[:3], "batch_stats"), want, atol=1e-5)
+  # The control: the standard BatchNorm under batch_stats carries cross-example terms.
+  assert not np.allclose(jacobians(student, x[:3], "batch_stats"), want, atol=1e-3)
+  # The inference policy (what the Distiller picks for a standard-BN student): the
+  # Jacobian of example 0 is the same whatever the rest of the batch.
+  other = np.concatenate([x[:1], x[3:]])
+  first = reference(x[:1], None)[0]
+  np.testing.assert_allclose(jacobians(student, x[:3], "inference")[0], first, atol=1e-5)
+  np.testing.assert_allclose(jacobians(student, other, "inference")[0], first, atol=1e-5)
   # The Distiller picks the inference policy itself for such a student (logged).
   d = Distiller(student, None, hints={"ce": 1.0, "jacnorm": 1.0}, jac_target="label")
   assert d.bn_policy == "inference"
