@@ -365,3 +365,17 @@ def test_kerashub_preset_directory_as_teacher(tmp_path):
   x = np.random.default_rng(6).uniform(size=(2, 16, 16, 3)).astype(np.float32)
   probabilities = classifier.predict(x * 255.0, verbose=0)  # KerasHub's own preprocessing
   np.testing.assert_allclose(tf.nn.softmax(loaded.adapted(x)), probabilities, atol=1e-5)
+
+
+@pytest.mark.parametrize("size_in,size_out", [((16, 16), (8, 8)), ((16, 12), (12, 5)),
+                                              ((7, 7), (3, 3))])
+def test_attention_maps_are_area_resized_differentiably(size_in, size_out):
+  from tfjac.hints import attention  # pylint: disable=g-import-not-at-top
+  f = tf.constant(np.random.default_rng(7).normal(size=(2, *size_in, 3)), tf.float32)
+  want = tf.image.resize(attention.attention_map(f)[..., None], size_out, method="area")
+  got = attention.flat_map(f, size_out)
+  np.testing.assert_allclose(got, tf.reshape(want, [2, -1]), rtol=1e-5, atol=1e-6)
+  with tf.GradientTape() as tape:  # tf.image.resize(area) has no registered gradient
+    tape.watch(f)
+    total = tf.reduce_sum(attention.flat_map(f, size_out))
+  assert tape.gradient(total, f) is not None
