@@ -380,3 +380,18 @@ def test_attention_maps_are_area_resized_differentiably(size_in, size_out):
     tape.watch(f)
     total = tf.reduce_sum(attention.flat_map(f, size_out))
   assert tape.gradient(total, f) is not None
+
+
+def test_export_of_a_trainable_network_behind_an_input_adapter_is_in_inference_mode(tmp_path):
+  """The fine-tuning oracle of a resized teacher: a plain model.export served it with
+  BatchNorm batch statistics (export.py, _export_inference)."""
+  from tfjac import export  # pylint: disable=g-import-not-at-top
+  from tfjac.models import views  # pylint: disable=g-import-not-at-top
+  inner = _student(classes=3, shape=(8, 8, 3))
+  inner.trainable = True
+  adapted = views.adapt_input(inner, (4, 4, 3), resize=True, name="oracle")
+  x = np.random.default_rng(8).uniform(size=(4, 4, 4, 3)).astype(np.float32)
+  path = export.export_model(adapted, str(tmp_path / "oracle"), x)
+  served = tf.saved_model.load(path)
+  np.testing.assert_allclose(served.serve(tf.constant(x)), adapted(x, training=False),
+                             atol=1e-4)

@@ -160,7 +160,8 @@ def without_softmax(model: keras.Model, _depth=0) -> Tuple[keras.Model, Optional
     how = f"{how} (in {layer.name!r})"
   else:
     return model, None
-  rebuilt = keras.Model(model.inputs, out, name=model.name)
+  inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # one-tensor signature
+  rebuilt = keras.Model(inputs, out, name=model.name)
   rebuilt.trainable = model.trainable
   return rebuilt, how
 
