@@ -11,5 +11,10 @@ setuptools.setup(
     # TensorFlow itself comes from requirements.txt: tensorflow-cpu or tensorflow[and-cuda].
     install_requires=["keras>=3.12,<4", "tensorflow-datasets>=4.9.10", "tensorboard>=2.20",
                       "absl-py>=2.1", "numpy>=1.26"],
+    # KerasHub teachers (--teacher=kerashub:DIR): keras-hub's own requirements pull in
+    # tensorflow-text and with it a second TensorFlow wheel (tensorflow next to tensorflow-cpu),
+    # so keras-hub itself is installed with --no-deps and this extra brings what its import
+    # needs (README, Your own networks).
+    extras_require={"hub": ["kagglehub", "tokenizers"]},
     entry_points={"console_scripts": ["tfjac=tfjac.run:entry_point"]},
 )
