@@ -264,6 +264,10 @@ def test_bad_networks_are_refused_clearly(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="--teacher: .* is not a KerasHub preset directory"):
     networks.kerashub_teacher(str(tmp_path))
   (tmp_path / "not_a_model.keras").write_text("hello")
+  from tfjac import config as config_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"):  # no TF work
+    config_lib._check_network_name(  # pylint: disable=protected-access
+        "model", ModelConfig(str(tmp_path / "not_a_model.keras")))
   with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"):
     networks.build_student(str(tmp_path / "not_a_model.keras"), (6, 6, 3), 5, mean=(0,),
                            std=(1,))
@@ -395,3 +399,17 @@ def test_export_of_a_trainable_network_behind_an_input_adapter_is_in_inference_m
   served = tf.saved_model.load(path)
   np.testing.assert_allclose(served.serve(tf.constant(x)), adapted(x, training=False),
                              atol=1e-4)
+
+
+def test_progress_bar_on_a_terminal_one_log_line_per_epoch_otherwise(monkeypatch):
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from tfjac.training import loop  # pylint: disable=g-import-not-at-top
+  lines = []
+  monkeypatch.setattr(logging, "info", lambda *a: lines.append(a))
+  for tty, verbosity, logged in ((True, 1, 0), (False, 0, 1)):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty, raising=False)
+    assert loop.progress_verbosity() == verbosity
+    lines.clear()
+    loop.EpochLogger("student", 3).on_epoch_end(0, {"loss": 1.0})
+    assert len(lines) == logged

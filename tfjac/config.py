@@ -292,6 +292,11 @@ def _check_network_name(flag, m: ModelConfig):
     if not os.path.isfile(m.name):
       raise ConfigError(flag, f"{m.name!r} is not a file; valid: {', '.join(models.MODELS)}, "
                         f"{networks.APPLICATIONS_PREFIX}NAME or a .keras file")
+    import zipfile  # pylint: disable=g-import-not-at-top
+    if m.name.endswith(".keras") and not (zipfile.is_zipfile(m.name) and "config.json" in
+                                          zipfile.ZipFile(m.name).namelist()):
+      raise ConfigError(flag, f"{m.name!r} is not a Keras model file (a .keras file is a zip "
+                        "archive holding config.json)")
   else:
     _choice(flag, m.name, models.MODELS)
     if m.weights:
