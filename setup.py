@@ -13,6 +13,10 @@ setuptools.setup(
                       "absl-py>=2.1", "numpy>=1.26"],
     # Benchmark-only: tools/benchmark.py --peer=torch (the CPU wheel: pip install torch==2.13.0
     # --index-url https://download.pytorch.org/whl/cpu). Never needed by the package or its tests.
-    extras_require={"bench": ["torch"]},
+    # KerasHub teachers (--teacher=kerashub:DIR): keras-hub's own requirements pull in
+    # tensorflow-text and with it a second TensorFlow wheel (tensorflow next to tensorflow-cpu),
+    # so keras-hub itself is installed with --no-deps and this extra brings what its import
+    # needs (README, Your own networks).
+    extras_require={"bench": ["torch"], "hub": ["kagglehub", "tokenizers"]},
     entry_points={"console_scripts": ["tfjac=tfjac.run:entry_point"]},
 )

@@ -1,3 +1,45 @@
-"""tfjac: knowledge transfer with Jacobian matching (Srinivas & Fleuret, ICML 2018) in Keras 3."""
+"""tfjac: knowledge transfer with Jacobian matching (Srinivas & Fleuret, ICML 2018) in Keras 3.
+
+The Python API (README, Python API):
+
+    import tfjac
+    d = tfjac.Distiller(student=student, teacher=teacher,
+                        hints={"ce": 1, "act": 0.1, "jac": 1}, jac_target="label")
+    d.compile(optimizer=keras.optimizers.Adam(1e-3))
+    d.fit(dataset)      # (images, labels) batches; history: loss and <hint>_loss per term
+    d.student.save(...)  # the trained student alone
+
+Names are loaded on first use, so `import tfjac` alone does not import TensorFlow.
+"""
+import importlib
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "Distiller": ("tfjac.training.distiller", "Distiller"),
+    "HINTS": ("tfjac.hints", "HINTS"),
+    "HintParams": ("tfjac.hints", "HintParams"),
+    "JACOBIAN_TARGETS": ("tfjac.hints", "JACOBIAN_TARGETS"),
+    "build_model": ("tfjac.models", "build"),
+    "MODELS": ("tfjac.models", "MODELS"),
+    "JacobianSafeBatchNorm": ("tfjac.models.layers", "JacobianSafeBatchNorm"),
+    "convert_batchnorm": ("tfjac.networks", "convert_batchnorm"),
+    "without_softmax": ("tfjac.networks", "without_softmax"),
+    "preprocessing_layer": ("tfjac.networks", "preprocessing_layer"),
+    "adapt_input": ("tfjac.models.views", "adapt_input"),
+    "export_model": ("tfjac.export", "export_model"),
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+  if name not in _PUBLIC:
+    raise AttributeError(f"module 'tfjac' has no attribute {name!r}")
+  module, attr = _PUBLIC[name]
+  value = getattr(importlib.import_module(module), attr)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_PUBLIC))

@@ -85,8 +85,9 @@ class HintConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  name: str = "vgg4"
+  name: str = "vgg4"  # a builder's name, keras.applications:NAME or a .keras file
   width: float = 1.0
+  weights: str = ""  # outside students: a weights file (model.load_weights); empty: random
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,13 @@ class TeacherInput:
   resize: bool = False
   scale: float = 1.0
   offset: float = 0.0
+  # Outside teachers (networks.py, teachers.py).
+  preprocessing: str = "auto"  # networks.PREPROCESSING; auto: the family's, else none
+  mean: Tuple[float, ...] = ()  # per channel, in [0, 1] pixel units (torch / none)
+  std: Tuple[float, ...] = ()
+  outputs: str = "auto"  # auto (a final softmax is seen and removed), logits, probabilities
+  weights: str = ""  # keras.applications: FILE, none (random), empty: Keras' cache file
+  image_size: int = 0  # keras.applications: build at this square size; 0: its default
 
 
 TEACHER_MODES = ("transfer", "finetune", "conditions")  # need --teacher
@@ -210,7 +218,7 @@ def validate(config: Config):
                         f"and mit_indoor67 only; {config.data.dataset!r} is not read from image "
                         "files")
   for flag, m in (("model", config.student), ("teacher_model", config.teacher)):
-    _choice(flag, m.name, models.MODELS)
+    _check_network_name(flag, m)
   _positive("width", config.student.width)
   _positive("teacher_width", config.teacher.width)
   _validate_train("", config.train)
@@ -315,10 +323,73 @@ def validate(config: Config):
                       "turns jit off under tf.distribute itself). Drop --jit_compile or use "
                       "--strategy=default.")
 
-  if config.teacher_path is not None and not os.path.exists(config.teacher_path):
+  _validate_outside_teacher(config)
+  if config.teacher_path is not None and not config.teacher_path.startswith(
+      ("keras.applications:", "kerashub:")) and not os.path.exists(config.teacher_path):
     raise ConfigError("teacher", f"{config.teacher_path!r} does not exist; give a .keras file "
                       "or a SavedModel directory written by --mode=teacher")
   _check_writable(config.workdir)
+
+
+def _check_network_name(flag, m: ModelConfig):
+  """A builder's name, keras.applications:NAME (a known one) or an existing model file."""
+  from tfjac import models, networks  # pylint: disable=g-import-not-at-top
+  if m.name.startswith(networks.APPLICATIONS_PREFIX):
+    networks.check_application(flag, m.name)
+  elif networks.is_outside(m.name):
+    if not os.path.isfile(m.name):
+      raise ConfigError(flag, f"{m.name!r} is not a file; valid: {', '.join(models.MODELS)}, "
+                        f"{networks.APPLICATIONS_PREFIX}NAME or a .keras file")
+    import zipfile  # pylint: disable=g-import-not-at-top
+    if m.name.endswith(".keras") and not (zipfile.is_zipfile(m.name) and "config.json" in
+                                          zipfile.ZipFile(m.name).namelist()):
+      raise ConfigError(flag, f"{m.name!r} is not a Keras model file (a .keras file is a zip "
+                        "archive holding config.json)")
+  else:
+    _choice(flag, m.name, models.MODELS)
+    if m.weights:
+      raise ConfigError("student_weights" if flag == "model" else flag, f"applies to "
+                        f"keras.applications: or .keras students; {m.name} is built here")
+  if m.weights and not os.path.isfile(m.weights):
+    raise ConfigError("student_weights", f"{m.weights!r} is not a file")
+
+
+def _validate_outside_teacher(config: Config):
+  """--teacher_preprocessing/_outputs/_weights/_mean/_std, before any loading."""
+  from tfjac import networks  # pylint: disable=g-import-not-at-top
+  ti = config.teacher_input
+  _choice("teacher_preprocessing", ti.preprocessing, networks.PREPROCESSING)
+  _choice("teacher_outputs", ti.outputs, networks.OUTPUT_KINDS)
+  _positive("teacher_image_size", ti.image_size, allow_zero=True)
+  for flag, values in (("teacher_mean", ti.mean), ("teacher_std", ti.std)):
+    if values and len(values) not in (1, 3):
+      raise ConfigError(flag, f"one value or one per channel (3), got {list(values)}")
+  if any(s <= 0 for s in ti.std):
+    raise ConfigError("teacher_std", f"must be > 0, got {list(ti.std)}")
+  if (ti.mean or ti.std) and ti.preprocessing not in ("auto", "torch", "none"):
+    raise ConfigError("teacher_mean", "per-channel mean/std apply with "
+                      f"--teacher_preprocessing=torch or none, not {ti.preprocessing}")
+  path = config.teacher_path or ""
+  if path.startswith(networks.APPLICATIONS_PREFIX):
+    networks.check_application("teacher", path)
+    if ti.weights and ti.weights != networks.RANDOM_WEIGHTS and not os.path.isfile(ti.weights):
+      raise ConfigError("teacher_weights", f"{ti.weights!r} is not a file")
+  else:
+    if ti.weights:
+      raise ConfigError("teacher_weights", "applies to --teacher=keras.applications:NAME only")
+    if ti.image_size:
+      raise ConfigError("teacher_image_size", "applies to --teacher=keras.applications:NAME "
+                        "only")
+  if path.startswith(networks.KERASHUB_PREFIX) and not os.path.isdir(
+      path[len(networks.KERASHUB_PREFIX):]):
+    raise ConfigError("teacher", f"{path!r}: no such KerasHub preset directory")
+  if ti.outputs == "probabilities" and config.mode in ("distill", "transfer"):
+    bad = networks.probability_blockers(config.hints.hints, config.hints.lwf_match)
+    if bad:
+      raise ConfigError("teacher_outputs", f"probabilities: {bad} need the teacher's logits "
+                        "(log-probabilities differ from them by a per-example constant, which "
+                        "these hints do not ignore: act on log-probabilities is not act on "
+                        "logits); valid with probabilities: ce, kd, lwf (kd), jac_ce, at, at_jac")
 
 
 def teacher_cache_blocker(config: Config) -> Optional[str]:

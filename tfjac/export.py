@@ -85,6 +85,18 @@ def _swap_into_place(staging, directory):
   shutil.rmtree(old, ignore_errors=True)
 
 
+def _export_inference(model: keras.Model, path: str):
+  """model.export with the call pinned to training=False: a plain model.export traces the
+  call without a training argument, and a nested network with trainable BatchNorm behind an
+  input adapter (the fine-tuning oracle of a resized teacher) was then exported with batch
+  statistics (measured: 2.6-8.7 off the Keras model's logits)."""
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
+  archive.add_endpoint("serve", lambda x: model(x, training=False), input_signature=[spec])
+  archive.write_out(path, verbose=False)
+
+
 def export_model(model: keras.Model, directory: str, sample_images: np.ndarray,
                  metadata=None, atol=1e-4) -> str:
   """Writes model to `directory` atomically; returns the SavedModel path."""
@@ -94,7 +106,7 @@ def export_model(model: keras.Model, directory: str, sample_images: np.ndarray,
   staging = tempfile.mkdtemp(dir=parent,
                              prefix=os.path.basename(_staging_pattern(directory, "tmp")))
   try:
-    model.export(os.path.join(staging, SAVED_MODEL), verbose=False)
+    _export_inference(model, os.path.join(staging, SAVED_MODEL))
     model.save(os.path.join(staging, KERAS_FILE))
     if metadata is not None:
       atomic_write_json(os.path.join(staging, "model.json"), metadata)

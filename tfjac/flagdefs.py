@@ -59,14 +59,18 @@ flags.DEFINE_integer("seed", 0, "Seed of the validation split, the N-per-class s
                      "initialisation and shuffling. Same seed: same images for every hint set.")
 
 # Networks.
-flags.DEFINE_enum("model", "vgg4", list(models.MODELS), "Student architecture.")
+flags.DEFINE_string("model", "vgg4", "Student architecture: one of " + ", ".join(models.MODELS)
+                    + ", keras.applications:NAME (its body and a new Dense head, random init "
+                    "or --student_weights), or a .keras file (README, Your own networks).")
 flags.DEFINE_float("width", 1.0, "Student channel-width multiplier.")
-flags.DEFINE_enum("teacher_model", "vgg9", list(models.MODELS),
-                  "Teacher architecture when the teacher is trained here.")
+flags.DEFINE_string("teacher_model", "vgg9", "Teacher architecture when the teacher is "
+                    "trained here: the names of --model.")
 flags.DEFINE_float("teacher_width", 1.0, "Teacher channel-width multiplier.")
 flags.DEFINE_string("teacher", None, "Pre-trained teacher: a .keras file, a SavedModel directory, "
-                    "or a directory written by --mode=teacher. Default: the teacher in "
-                    "--workdir, trained there first if absent.")
+                    "a directory written by --mode=teacher, keras.applications:NAME (weights "
+                    "from --teacher_weights) or kerashub:DIR (a KerasHub preset directory; "
+                    "pip install -e .[hub]). Default: the teacher in --workdir, trained there "
+                    "first if absent.")
 flags.DEFINE_boolean("unsafe_teacher_loading", False, "Let a .keras teacher run the Python "
                      "code it carries (Lambda layers). Keras safe mode refuses such files by "
                      "default: that code can do anything your account can. Only for files "
@@ -221,3 +225,34 @@ flags.DEFINE_integer("val_jac_examples", 1000, "Validation computes accuracy and
                      "selection uses validation accuracy, which is always on the whole split.")
 flags.DEFINE_integer("val_jac_every", 1, "Validation's Jacobian terms every this many epochs "
                      "(the first, every N-th, and the last); 1: every epoch.")
+# Your own networks (networks.py, teachers.py; README, Your own networks).
+flags.DEFINE_enum("teacher_preprocessing", "auto", ["auto", "caffe", "torch", "tf", "pixels255",
+                                                    "none"],
+                  "How the dataset's [0, 1] pixels are prepared for the teacher, inside the "
+                  "differentiable adapter (Jacobians stay w.r.t. the dataset's pixels), as "
+                  "keras.applications.<family>.preprocess_input does on 0-255 pixels. caffe: "
+                  "RGB->BGR and ImageNet mean subtraction (ResNet50, VGG); torch: ImageNet "
+                  "per-channel mean/std (DenseNet); tf: [-1, 1] (MobileNet, Inception, "
+                  "ResNetV2); pixels255: [0, 255], for models that carry their own "
+                  "(EfficientNet, ConvNeXt, MobileNetV3); none: as they are, times "
+                  "--teacher_input_scale plus --teacher_input_offset. auto: the "
+                  "keras.applications family's, a KerasHub preset's image converter, else none.")
+flags.DEFINE_list("teacher_mean", [], "Per-channel mean (in [0, 1] pixel units) replacing "
+                  "torch's ImageNet mean, or subtracted with --teacher_preprocessing=none.")
+flags.DEFINE_list("teacher_std", [], "Per-channel std to go with --teacher_mean.")
+flags.DEFINE_enum("teacher_outputs", "auto", ["auto", "logits", "probabilities"],
+                  "What the teacher returns. auto: a final softmax (Dense, Activation or "
+                  "Softmax layer) is seen and removed, so the hints get logits; a teacher with "
+                  "no visible softmax (a SavedModel) whose outputs look like probabilities is "
+                  "an error asking for this flag. probabilities: their logs stand for the "
+                  "logits (exact for kd, lwf with kd, jac_ce, at, at_jac; act, jac, noise "
+                  "are refused).")
+flags.DEFINE_string("teacher_weights", "", "--teacher=keras.applications:NAME: its weights "
+                    "file (.h5 or .weights.h5); none: random weights; empty: the ImageNet "
+                    "file in Keras' cache directory (~/.keras/models), if a download elsewhere "
+                    "left it there. tfjac never downloads.")
+flags.DEFINE_integer("teacher_image_size", 0, "--teacher=keras.applications:NAME: build it "
+                     "for this square input size; 0: its default (224 for most).")
+flags.DEFINE_string("student_weights", "", "--model=keras.applications:NAME or FILE.keras: "
+                    "initial weights from this file (model.load_weights); empty: random "
+                    "init (or the file's own).")

@@ -61,6 +61,9 @@ class Hint:
   # Runs the student on noisy copies of the batch (student_fn / student_target_fn): BatchNorm
   # must be tfjac's, which normalises them with the clean batch's statistics.
   noisy_student_passes: bool = False
+  # Reads the teacher's logits themselves, not up to a per-example constant: refused with a
+  # teacher that outputs probabilities (networks.probability_blockers).
+  reads_teacher_logits: bool = False
 
 
 def _jac_ce(i: HintInputs, p: HintParams):
@@ -79,7 +82,8 @@ HINTS: Dict[str, Hint] = {
                help="softmax cross-entropy on the labels"),
     "act": Hint(lambda i, p: losses.activation_matching(
         teacher_logits=i.teacher_logits, student_logits=i.student_matching_logits),
-                help="squared error between teacher and student logits", needs_teacher=True),
+                help="squared error between teacher and student logits", needs_teacher=True,
+                reads_teacher_logits=True),
     "kd": Hint(lambda i, p: losses.soft_target_distillation(
         teacher_logits=i.teacher_logits, student_logits=i.student_matching_logits,
         temperature=p.kd_temperature),
@@ -90,7 +94,8 @@ HINTS: Dict[str, Hint] = {
         student_jacobian=i.student_jacobians["logits"], normalize=p.jac_normalize),
                 help="Jacobian matching of the --jac_target outputs, L2-normalised per example "
                 "unless --nojac_normalize", needs_teacher=True,
-                student_jacobians=("logits",), teacher_jacobians=("logits",)),
+                student_jacobians=("logits",), teacher_jacobians=("logits",),
+                reads_teacher_logits=True),
     "jac_ce": Hint(_jac_ce, help="the poster's CE form: -T_s log S_s - sigma^2 grad T_s . grad "
                    "S_s / S_s over the --jac_target classes (--jac_target=all: every class); a "
                    "truncation: the noisy soft-target CE's curvature terms of the same order "
@@ -108,7 +113,7 @@ HINTS: Dict[str, Hint] = {
                   "(BatchNorm: the copies use the clean batch's statistics, which alone update "
                   "the moving statistics)",
                   needs_teacher=True, uses_noise=True, runs_teacher_per_step=True,
-                  noisy_student_passes=True),
+                  noisy_student_passes=True, reads_teacher_logits=True),
     "jacnorm": Hint(lambda i, p: losses.jacobian_norm(
         student_jacobian=i.student_jacobians["logits"], sigma=p.noise_sigma),
                     help="sigma^2 ||dS/dx||^2 of the --jac_target outputs (no teacher): the "

@@ -2,6 +2,7 @@
 is the channel-mean of its squared activations, flattened and L2-normalised. Teacher and student
 maps are paired by position; where their spatial sizes differ both are resized (area) to the
 smaller size."""
+import numpy as np
 import tensorflow as tf
 
 
@@ -15,11 +16,27 @@ def pair_sizes(teacher_shapes, student_shapes):
   return [[min(t[1], s[1]), min(t[2], s[2])] for t, s in zip(teacher_shapes, student_shapes)]
 
 
+def _area_matrix(n_in, n_out):
+  """[n_out, n_in]: output pixel i averages the input interval [i, i + 1) * n_in / n_out,
+  each input pixel weighted by its overlap (area resampling, as tf.image.resize 'area')."""
+  a = np.zeros((n_out, n_in), np.float32)
+  step = n_in / n_out
+  for i in range(n_out):
+    lo, hi = i * step, (i + 1) * step
+    for j in range(int(np.floor(lo)), min(n_in, int(np.ceil(hi)))):
+      a[i, j] = (min(hi, j + 1) - max(lo, j)) / step
+  return a
+
+
 def flat_map(features, size):
-  """[B, H, W, C] -> [B, h * w]: the attention map, resized (area) to `size` if needed."""
-  m = attention_map(features)[..., None]
-  if list(m.shape[1:3]) != list(size):
-    m = tf.image.resize(m, size, method="area")
+  """[B, H, W, C] -> [B, h * w]: the attention map, resized (area) to `size` if needed.
+  The resize is two constant matrix products, not tf.image.resize: TF registers no gradient
+  for ResizeArea, and the student's map must be differentiated (twice for at_jac)."""
+  m = attention_map(features)
+  h, w = int(m.shape[1]), int(m.shape[2])
+  if [h, w] != list(size):
+    m = tf.einsum("ih,bhw,jw->bij", _area_matrix(h, int(size[0])), m,
+                  _area_matrix(w, int(size[1])))
   return tf.reshape(m, [tf.shape(m)[0], -1])
 
 

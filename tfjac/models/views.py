@@ -148,9 +148,10 @@ def features_of(view_outputs) -> List:
 
 
 def adapt_input(model: keras.Model, data_shape, *, resize=False, scale=1.0, offset=0.0,
-                name=None) -> keras.Model:
+                name=None, preprocess: Optional[keras.layers.Layer] = None) -> keras.Model:
   """`model` fed from images of `data_shape` in [0, 1]: x * scale + offset, resized to the
   model's input size when `resize`, grey repeated to 3 channels when the model wants colour.
+  `preprocess` (networks.ChannelAffine: a family's preprocessing) runs after grey-to-RGB.
   Differentiable, so Jacobians stay with respect to the target data's pixels. Outputs (a tensor
   or a view's dict) are passed through."""
   want = tuple(model.input_shape[1:])
@@ -165,7 +166,8 @@ def adapt_input(model: keras.Model, data_shape, *, resize=False, scale=1.0, offs
   if want[2] not in (None, data_shape[2]) and not (data_shape[2] == 1 and want[2] == 3):
     raise ConfigError("teacher", f"the teacher takes {want[2]}-channel images and the dataset "
                       f"has {data_shape[2]}")
-  if not size_differs and scale == 1.0 and offset == 0.0 and want[2] in (None, data_shape[2]):
+  if (not size_differs and scale == 1.0 and offset == 0.0 and want[2] in (None, data_shape[2])
+      and preprocess is None):
     return model
   inputs = keras.Input(data_shape, name="image")
   x = inputs
@@ -175,4 +177,6 @@ def adapt_input(model: keras.Model, data_shape, *, resize=False, scale=1.0, offs
     x = keras.layers.Resizing(want[0], want[1], name="teacher_resize")(x)
   if want[2] == 3 and data_shape[2] == 1:
     x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
+  if preprocess is not None:
+    x = preprocess(x)
   return keras.Model(inputs, model(x), name=name or f"{model.name}_adapted")

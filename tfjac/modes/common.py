@@ -9,7 +9,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfjac import config as config_lib
-from tfjac import export, models
+from tfjac import export, models, networks, teachers
 from tfjac.config import Config, ModelConfig, TrainConfig
 from tfjac.data import Splits
 from tfjac.errors import ConfigError
@@ -71,6 +71,10 @@ def check_precision(config: Config, strategy):
 def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, seed=0):
   info = splits.info
   keras.utils.set_random_seed(seed * 1000 + _ROLE_SEED.get(name, 0))
+  if networks.is_outside(model_cfg.name):  # keras.applications:NAME or a .keras file
+    return networks.build_student(model_cfg.name, info.image_shape, info.num_classes,
+                                  mean=info.mean, std=info.std, weights=model_cfg.weights,
+                                  model_name=name)
   return models.build(model_cfg.name, info.image_shape, info.num_classes, mean=info.mean,
                       std=info.std, width=model_cfg.width, model_name=name,
                       sync_bn=strategy.num_replicas_in_sync > 1)
@@ -224,12 +228,11 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     path, source = existing, "reused"
     logging.info("reusing the teacher in %s", existing)
   with strategy.scope():
-    teacher = export.load_teacher(path, info.image_shape, info.num_classes,
-                                  config.teacher_input,
-                                  safe_mode=not config.unsafe_teacher_loading)
+    loaded = teachers.load_teacher(config, info, num_classes=info.num_classes, path=path)
+    teacher = loaded.adapted
     evaluator = Distiller(teacher, None)
   test = loop.evaluate(evaluator, splits.test, config.train.batch_size)
   if config.robustness_sigmas:
     test["accuracy_under_noise"] = robustness(config, splits, teacher, config.train.batch_size)
   return teacher, {"source": source, "path": path, "test": test,
-                   "test_accuracy": test["accuracy"]}
+                   "test_accuracy": test["accuracy"], **loaded.summary()}

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfjac import data, export
+from tfjac import data, teachers
 from tfjac.models import views
 from tfjac.training import loop
 from tfjac.training.distiller import Distiller
@@ -100,11 +100,14 @@ def _summary(values):
 
 
 def feature_model(network: keras.Model, adapted: keras.Model, image_shape, adapt):
-  """Images -> the teacher's penultimate features (its logits when it has no layers)."""
+  """Images -> the teacher's penultimate features (its logits when it has no layers).
+  `adapt`: config.TeacherInput, or a teachers.Teacher (its own adapter)."""
   try:
     body = keras.Model(network.inputs[0], views.penultimate(network))
   except ValueError:
     return adapted, "logits"
+  if hasattr(adapt, "adapt"):
+    return adapt.adapt(body), "penultimate"
   return views.adapt_input(body, image_shape, resize=adapt.resize, scale=adapt.scale,
                            offset=adapt.offset), "penultimate"
 
@@ -140,12 +143,8 @@ def mmd2(a, b, bandwidth=None):
 def run(config, splits, strategy):
   del strategy  # measurements only
   info, n = splits.info, config.conditions_examples
-  adapt = config.teacher_input
-  network = export.load_network(config.teacher_path, info.image_shape,
-                                    safe_mode=not config.unsafe_teacher_loading)
-  teacher = views.adapt_input(network, info.image_shape, resize=adapt.resize,
-                              scale=adapt.scale, offset=adapt.offset)
-  source_classes = export.check_outputs(teacher, info.image_shape, path=config.teacher_path)
+  adapt = teachers.load_teacher(config, info)
+  network, teacher, source_classes = adapt.network, adapt.adapted, adapt.num_outputs
   seed = config.data.seed
   target_idx = np.sort(np.concatenate(stratified_sample(splits.test.labels, n, seed)))
   target_x = splits.test.images[target_idx]

@@ -4,14 +4,16 @@ the target data with CE. Needs a Keras teacher (.keras) that ends in a Dense lay
 import keras
 import numpy as np
 
-from tfjac import export
+from tfjac import teachers
 from tfjac.errors import ConfigError, TfjacError
 from tfjac.models import views
 from tfjac.modes import common
 
 
-def oracle_network(teacher: keras.Model, image_shape, num_classes, teacher_input, path):
-  """A copy of `teacher` with a new Dense head of `num_classes`, fed from the target images."""
+def oracle_network(teacher: keras.Model, image_shape, num_classes, teacher_input, path,
+                   adapt=None):
+  """A copy of `teacher` with a new Dense head of `num_classes`, fed from the target images
+  (by `adapt(network, name)`, teachers.Teacher.adapt, when given: family preprocessing)."""
   if any(type(layer).__name__ == "_SavedModelTeacher" for layer in teacher.layers):
     raise ConfigError("teacher", f"the fine-tuning oracle rebuilds the teacher with a new head "
                       f"and needs its layers: {path!r} is a SavedModel; give its .keras file")
@@ -28,6 +30,8 @@ def oracle_network(teacher: keras.Model, image_shape, num_classes, teacher_input
   # A single input tensor (not a list): the exported signature then takes one image batch.
   network = keras.Model(body.inputs[0], head, name="oracle")
   initialised_from_teacher(teacher, network)
+  if adapt is not None:
+    return adapt(network, "oracle")
   return views.adapt_input(network, image_shape, resize=teacher_input.resize,
                            scale=teacher_input.scale, offset=teacher_input.offset,
                            name="oracle")
@@ -70,10 +74,10 @@ def _all_layers(model):
 def run(config, splits, strategy):
   info = splits.info
   with strategy.scope():
-    teacher = export.load_network(config.teacher_path, info.image_shape,
-                                    safe_mode=not config.unsafe_teacher_loading)
+    loaded = teachers.load_teacher(config, info)
+    teacher = loaded.network
     network = oracle_network(teacher, info.image_shape, info.num_classes, config.teacher_input,
-                             config.teacher_path)
+                             config.teacher_path, adapt=loaded.adapt)
     checked = initialised_from_teacher(teacher, network)
   student = common.train_student(config, splits, strategy, teacher=None, student=network,
                                  architecture=f"oracle ({teacher.name})")

@@ -10,7 +10,7 @@ import keras
 from absl import logging
 
 from tfjac import config as config_lib
-from tfjac import export
+from tfjac import teachers
 from tfjac.models import views
 from tfjac.modes import common
 
@@ -24,18 +24,14 @@ def run(config, splits, strategy):
     return {"student": common.train_student(config, splits, strategy, teacher=None)}
   uses_features = any(h in ("at", "at_jac") for h in config.hints.hints)
   with strategy.scope():
-    network = export.load_network(config.teacher_path, info.image_shape,
-                                    safe_mode=not config.unsafe_teacher_loading)
-    teacher = views.adapt_input(network, info.image_shape, resize=config.teacher_input.resize,
-                                scale=config.teacher_input.scale,
-                                offset=config.teacher_input.offset)
-    source_classes = export.check_outputs(teacher, info.image_shape, path=config.teacher_path)
+    loaded = teachers.load_teacher(config, info)
+    network, teacher, source_classes = loaded.network, loaded.adapted, loaded.num_outputs
   config_lib.check_jac_top_k(config, source_classes, "the teacher's",
                              f" ({config.teacher_path}; top-k picks among its outputs)")
   logging.info("teacher %s: %d source classes; target: %d classes", config.teacher_path,
                source_classes, info.num_classes)
   teacher_summary = {"source": "given", "path": config.teacher_path,
-                     "source_classes": source_classes}
+                     "source_classes": source_classes, **loaded.summary()}
 
   def make_views(student):
     teacher_layers, student_layers = (), ()
@@ -45,10 +41,8 @@ def run(config, splits, strategy):
       logging.info("attention pairs: %s", list(zip(teacher_layers, student_layers)))
       teacher_summary["attention_pairs"] = [list(p) for p in zip(teacher_layers,
                                                                  student_layers)]
-    teacher_view = views.adapt_input(
-        views.make_view(network, feature_layers=teacher_layers), info.image_shape,
-        resize=config.teacher_input.resize, scale=config.teacher_input.scale,
-        offset=config.teacher_input.offset, name="teacher_view")
+    teacher_view = loaded.adapt(views.make_view(network, feature_layers=teacher_layers),
+                                name="teacher_view")
     head = keras.layers.Dense(source_classes, dtype="float32", name="teacher_head")
     student_view = views.make_view(student, feature_layers=student_layers, second_head=head,
                                    name="student_view")

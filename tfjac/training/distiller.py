@@ -36,6 +36,7 @@ from typing import Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from tfjac import hints as hints_lib
 from tfjac.hints import attention, jacobians
@@ -88,6 +89,8 @@ class Distiller(keras.Model):
                student_view: Optional[keras.Model] = None,
                teacher_view: Optional[keras.Model] = None, jac_every: int = 1, **kwargs):
     super().__init__(**kwargs)
+    if isinstance(hints, dict):  # the Python API's form: {"ce": 1, "act": 0.1, "jac": 1}
+      hints = tuple(hints.items())
     self.student = student
     self.teacher = teacher
     if teacher is not None:
@@ -132,7 +135,7 @@ class Distiller(keras.Model):
     self._target_options = jacobians.TargetOptions(matching_classes, jac_top_k, jac_projections)
     if self.student_outputs and jac_target == "top_k" and jac_top_k > matching_classes:
       raise ValueError(f"jac_top_k={jac_top_k} is more than the {matching_classes} classes")
-    self.bn_policy = bn_policy
+    self.bn_policy = self._bn_policy_for(student, bn_policy)
     self.seed = seed
     self._trackers = {"loss": keras.metrics.Mean(name="loss")}
     for name, _ in self.hint_weights:
@@ -172,6 +175,21 @@ class Distiller(keras.Model):
                      jac_projections=o.projections, bn_policy=self.bn_policy,
                      num_classes=self.num_classes, seed=self.seed,
                      student_view=self.student_view, teacher_view=self.teacher_view)
+
+  def _bn_policy_for(self, student, bn_policy):
+    """A student with the standard keras.layers.BatchNormalization cannot hold its batch
+    statistics for the input-gradient pass (only JacobianSafeBatchNorm can): under
+    batch_stats its Jacobians would carry cross-example terms. It gets the inference policy
+    instead, logged; networks.convert_batchnorm(student) keeps batch_stats available."""
+    from tfjac import networks  # pylint: disable=g-import-not-at-top
+    if (bn_policy == "batch_stats" and (self.student_outputs or self.attention_jacobians)
+        and networks.has_standard_batchnorm(student)):
+      logging.info("student %s has standard BatchNormalization layers: its Jacobians are "
+                   "taken with the inference policy (moving statistics), which keeps them "
+                   "per-example; tfjac.convert_batchnorm(student) first allows batch_stats",
+                   student.name)
+      return "inference"
+    return bn_policy
 
   @staticmethod
   def _feature_shapes(view):

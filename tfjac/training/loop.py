@@ -444,7 +444,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     distiller.fit(batches, validation_data=None if validation else val_ds,
                   initial_epoch=first_epoch,
                   epochs=last_epoch, steps_per_epoch=steps - first_step, callbacks=callbacks,
-                  verbose=0)
+                  verbose=progress_verbosity())
     return bool(distiller.stop_training)
 
   fit_start = time.perf_counter()
@@ -490,8 +490,16 @@ def accuracy_under_noise(model, split, sigmas, batch_size, seed=0) -> Dict[str, 
   return result
 
 
+def progress_verbosity() -> int:
+  """Keras' progress bar (1) when stdout is a terminal; else 0, and EpochLogger's one line per
+  epoch is the progress (a bar's carriage returns make a log file unreadable)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  return 1 if getattr(sys.stdout, "isatty", lambda: False)() else 0
+
+
 class EpochLogger(keras.callbacks.Callback):
-  """One absl log line per epoch, so a long run shows progress without Keras' progress bar."""
+  """One absl log line per epoch, so a long run shows progress without Keras' progress bar
+  (silent when the bar is shown: progress_verbosity)."""
 
   def __init__(self, role, epochs):
     super().__init__()
@@ -499,6 +507,8 @@ class EpochLogger(keras.callbacks.Callback):
 
   def on_epoch_end(self, epoch, logs=None):
     from absl import logging  # pylint: disable=g-import-not-at-top
+    if progress_verbosity():
+      return
     shown = " ".join(f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items()))
     # fit()'s own epoch count: --epochs, or the epochs derived from --train_steps.
     total = (self.params or {}).get("epochs") or self.epochs

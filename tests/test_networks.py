@@ -1,0 +1,415 @@
+"""Networks from outside tfjac (issue 14): softmax-headed teachers, family preprocessing,
+standard-BatchNorm students, the Python API, bad input; real keras.applications architectures
+(slow) and a KerasHub preset (when keras-hub is installed)."""
+import dataclasses
+import os
+import re
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfjac
+from tfjac import networks, run, teachers
+from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherInput,
+                          TrainConfig)
+from tfjac.errors import ConfigError
+from tfjac.modes import finetune
+from tfjac.training.distiller import Distiller
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+
+
+def _body(shape=(6, 6, 3), name="body"):
+  inputs = keras.Input(shape, name="image")
+  x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+  return inputs, keras.layers.GlobalAveragePooling2D(name="pool")(x)
+
+
+def _softmax_teacher(kind, classes=5):
+  """The same network ending in logits (reference) and in a softmax of the given kind."""
+  inputs, x = _body()
+  dense = keras.layers.Dense(classes, name="head")
+  logits_model = keras.Model(inputs, dense(x), name="logits_teacher")
+  if kind == "dense":
+    head = keras.layers.Dense(classes, activation="softmax", name="head_sm")
+    out = head(x)
+    head.set_weights(dense.get_weights())
+  elif kind == "activation":
+    out = keras.layers.Activation("softmax", name="probs")(dense(x))
+  else:
+    out = keras.layers.Softmax(name="probs")(dense(x))
+  return logits_model, keras.Model(inputs, out, name="softmax_teacher")
+
+
+def _info(shape=(6, 6, 3)):
+  return types.SimpleNamespace(image_shape=shape)
+
+
+def _config(path, **teacher_input):
+  return Config(mode="transfer", teacher_path=str(path),
+                hints=HintConfig(hints=("ce", "kd"), jac_target="teacher_top1"),
+                teacher_input=TeacherInput(**teacher_input))
+
+
+def _student(classes=5, shape=(6, 6, 3), bn=keras.layers.BatchNormalization):
+  inputs = keras.Input(shape, name="image")
+  x = keras.layers.Conv2D(3, 3, padding="same", use_bias=False, name="s_conv")(inputs)
+  x = bn(name="s_bn")(x)
+  x = keras.layers.ReLU(name="s_relu")(x)
+  x = keras.layers.GlobalAveragePooling2D(name="s_pool")(x)
+  return keras.Model(inputs, keras.layers.Dense(classes, name="logits")(x), name="user_student")
+
+
+def _terms(teacher, hints, x, labels, jac_target="teacher_top1", student=None):
+  keras.utils.set_random_seed(1)
+  student = student or _student(bn=tfjac.JacobianSafeBatchNorm)
+  d = Distiller(student, teacher, hints=hints, jac_target=jac_target)
+  terms, _, _, _ = d.per_example_terms(tf.constant(x), tf.constant(labels), training=False,
+                                       step=0)
+  return {k: v.numpy() for k, v in terms.items()}
+
+
+@pytest.mark.parametrize("kind", ["dense", "activation", "softmax_layer"])
+def test_a_softmax_headed_teacher_gives_the_hints_of_its_logits_twin(tmp_path, kind):
+  reference, with_softmax = _softmax_teacher(kind)
+  with_softmax.save(tmp_path / "t.keras")
+  loaded = teachers.load_teacher(_config(tmp_path / "t.keras"), _info())
+  assert loaded.outputs == "logits" and "softmax" in loaded.outputs_how
+  x = np.random.default_rng(0).uniform(size=(4, 6, 6, 3)).astype(np.float32)
+  np.testing.assert_allclose(loaded.adapted(x), reference(x), atol=1e-5)
+  hints = (("act", 1.0), ("kd", 1.0), ("jac", 1.0), ("lwf", 1.0))
+  labels = np.array([0, 1, 2, 3])
+  got = _terms(loaded.adapted, hints, x, labels)
+  want = _terms(reference, hints, x, labels)
+  for name in ("act", "kd", "jac", "lwf"):
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+  # Taken as it comes, the softmax teacher would give other hint values (the bug of issue 14).
+  wrong = _terms(with_softmax, hints, x, labels)
+  assert not np.allclose(wrong["act"], want["act"], rtol=1e-2)
+
+
+def test_a_probability_savedmodel_needs_the_flag_and_then_gives_exact_kd(tmp_path):
+  reference, with_softmax = _softmax_teacher("dense")
+  tf.saved_model.save(with_softmax, str(tmp_path / "sm"))  # no layers left to inspect
+  with pytest.raises(ConfigError, match="--teacher_outputs: cannot tell .* "
+                     "--teacher_outputs=probabilities or --teacher_outputs=logits"):
+    teachers.load_teacher(_config(tmp_path / "sm"), _info())
+  loaded = teachers.load_teacher(_config(tmp_path / "sm", outputs="probabilities"), _info())
+  assert loaded.outputs == "probabilities"
+  x = np.random.default_rng(1).uniform(size=(4, 6, 6, 3)).astype(np.float32)
+  labels = np.array([0, 1, 2, 3])
+  hints = (("kd", 1.0), ("jac_ce", 1.0))
+  got = _terms(loaded.adapted, hints, x, labels)
+  want = _terms(reference, hints, x, labels)
+  for name in ("kd", "jac_ce"):  # log p = logits - logsumexp: a per-example constant
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-5, err_msg=name)
+  cfg = dataclasses.replace(_config(tmp_path / "sm", outputs="probabilities"),
+                            hints=HintConfig(hints=("ce", "act"), jac_target="teacher_top1"))
+  with pytest.raises(ConfigError, match=r"--teacher_outputs: .*\['act'\] need"):
+    teachers.load_teacher(cfg, _info())
+  with pytest.raises(ConfigError, match="--teacher_outputs: probabilities: .*'act'.* act on log-probabilities is not act"):
+    from tfjac import config as config_lib  # pylint: disable=g-import-not-at-top
+    config_lib._validate_outside_teacher(cfg)  # pylint: disable=protected-access
+
+
+def test_logits_declared_for_a_softmax_teacher_is_refused(tmp_path):
+  _, with_softmax = _softmax_teacher("activation")
+  with_softmax.save(tmp_path / "t.keras")
+  with pytest.raises(ConfigError, match="--teacher_outputs: .* ends in a softmax"):
+    teachers.load_teacher(_config(tmp_path / "t.keras", outputs="logits"), _info())
+
+
+@pytest.mark.parametrize("mode,family", [("caffe", "resnet50"), ("tf", "mobilenet_v2"),
+                                         ("torch", "densenet"), ("pixels255", "efficientnet")])
+def test_preprocessing_matches_keras_preprocess_input(mode, family):
+  x = np.random.default_rng(2).uniform(size=(2, 5, 5, 3)).astype(np.float32)
+  layer = networks.preprocessing_layer(mode)
+  want = getattr(keras.applications, family).preprocess_input(x * 255.0)
+  np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-3)
+
+
+def test_family_defaults_and_custom_mean_std():
+  assert [networks.family_preprocessing(n) for n in (
+      "ResNet50", "VGG16", "ResNet50V2", "MobileNetV2", "DenseNet121", "EfficientNetB0",
+      "MobileNetV3Small")] == ["caffe", "caffe", "tf", "tf", "torch", "pixels255", "pixels255"]
+  x = np.random.default_rng(3).uniform(size=(2, 4, 4, 3)).astype(np.float32)
+  mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+  got = networks.preprocessing_layer("torch", mean=mean, std=std)(x)
+  np.testing.assert_allclose(got, (x - np.array(mean)) / np.array(std), rtol=1e-5)
+  with pytest.raises(ConfigError, match="--teacher_mean"):
+    networks.preprocessing_layer("caffe", mean=mean)
+
+
+def test_preprocessing_inside_the_adapter_keeps_jacobians_on_the_dataset_pixels(tmp_path):
+  inputs = keras.Input((4, 4, 3), name="image")
+  out = keras.layers.Flatten()(inputs)  # the identity: its Jacobian is the preprocessing's
+  keras.Model(inputs, out).save(tmp_path / "id.keras")
+  cfg = _config(tmp_path / "id.keras", preprocessing="caffe", outputs="logits")
+  adapted = teachers.load_teacher(cfg, _info((4, 4, 3))).adapted
+  x = tf.constant(np.random.default_rng(4).uniform(size=(1, 4, 4, 3)), tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = adapted(x)  # [1, 48]: channel c of pixel p is BGR[c] = RGB[2 - c]
+    b_of_first_pixel = y[0, 0]
+  np.testing.assert_allclose(y.numpy().reshape(4, 4, 3)[..., 0],
+                             255 * x.numpy()[0, ..., 2] - 103.939, rtol=1e-5)
+  g = tape.gradient(b_of_first_pixel, x).numpy()[0]
+  want = np.zeros((4, 4, 3), np.float32)
+  want[0, 0, 2] = 255.0
+  np.testing.assert_allclose(g, want)
+
+
+def test_standard_batchnorm_student_gets_per_example_jacobians():
+  student = _student()
+  x = np.random.default_rng(5).normal(size=(6, 6, 6, 3)).astype(np.float32)
+  student(x, training=True)  # moving statistics away from their initial values
+  converted, n = networks.convert_batchnorm(student)
+  assert n == 1 and isinstance(converted.get_layer("s_bn"), tfjac.JacobianSafeBatchNorm)
+  for training in (False, True):
+    np.testing.assert_allclose(converted(x, training=training), student(x, training=training),
+                               atol=1e-5)
+
+  def jacobians(model, batch, policy):
+    """Row i: d(sum_j S_j[label_j]) / d x_i, as the training step takes it."""
+    weights = model.get_weights()  # the training pass moves the moving statistics: undo it
+    d = Distiller(model, None, hints=(("ce", 1.0), ("jacnorm", 1.0)), jac_target="label",
+                  bn_policy="batch_stats")
+    d.bn_policy = policy
+    _, _, jacs = d.student_pass(tf.constant(batch), tf.zeros([len(batch)], tf.int32), None, 0,
+                                training=True)
+    model.set_weights(weights)
+    return jacs["logits"].numpy()[:, 0]
+
+  def reference(batch, moving):
+    """Per-example Jacobians of BatchNorm in inference mode with moving statistics `moving`
+    (a different mechanism: no batch statistics at all, so no cross-example terms)."""
+    twin = keras.models.clone_model(student)
+    twin.set_weights(student.get_weights())
+    if moving is not None:
+      twin.get_layer("s_bn").moving_mean.assign(moving[0])
+      twin.get_layer("s_bn").moving_variance.assign(moving[1])
+    rows = []
+    for example in batch:
+      z = tf.constant(example[None])
+      with tf.GradientTape() as tape:
+        tape.watch(z)
+        out = twin(z, training=False)[0, 0]  # label 0
+      rows.append(tape.gradient(out, z).numpy()[0].reshape(-1))
+    return np.stack(rows)
+
+  # batch_stats on the converted student: the batch's moments held constant, i.e. inference
+  # mode with the batch's moments as moving statistics, example by example.
+  conv_out = keras.Model(student.inputs, student.get_layer("s_conv").output)(x[:3])
+  moments = (tf.reduce_mean(conv_out, [0, 1, 2]),
+             tf.math.reduce_variance(conv_out, [0, 1, 2]))
+  want = reference(x[:3], moments)
+  np.testing.assert_allclose(jacobians(converted, x[:3], "batch_stats"), want, atol=1e-5)
+  # The control: the standard BatchNorm under batch_stats carries cross-example terms.
+  assert not np.allclose(jacobians(student, x[:3], "batch_stats"), want, atol=1e-3)
+  # The inference policy (what the Distiller picks for a standard-BN student): the
+  # Jacobian of example 0 is the same whatever the rest of the batch.
+  other = np.concatenate([x[:1], x[3:]])
+  first = reference(x[:1], None)[0]
+  np.testing.assert_allclose(jacobians(student, x[:3], "inference")[0], first, atol=1e-5)
+  np.testing.assert_allclose(jacobians(student, other, "inference")[0], first, atol=1e-5)
+  # The Distiller picks the inference policy itself for such a student (logged).
+  d = Distiller(student, None, hints={"ce": 1.0, "jacnorm": 1.0}, jac_target="label")
+  assert d.bn_policy == "inference"
+  assert Distiller(converted, None, hints={"ce": 1, "jacnorm": 1}).bn_policy == "batch_stats"
+
+
+def _readme_block(title):
+  with open(README) as f:
+    text = f.read()
+  section = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+  return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_the_python_api_example_of_the_readme_runs(tmp_path, monkeypatch):
+  (code,) = _readme_block("Python API")
+  monkeypatch.chdir(tmp_path)
+  scope = {}
+  exec(compile(code, "README.md (Python API)", "exec"), scope)  # pylint: disable=exec-used
+  history, d, before = scope["history"], scope["d"], scope["initial_weights"]
+  for key in ("loss", "ce_loss", "act_loss", "jac_loss", "accuracy"):
+    assert key in history.history and all(np.isfinite(history.history[key])), key
+  after = [w.numpy() for w in d.student.trainable_weights]
+  assert len(after) == len(before)
+  assert all(not np.allclose(a, b) for a, b in zip(before, after))  # every trained variable
+  events = [f for root, _, fs in os.walk(tmp_path / "logs") for f in fs if "tfevents" in f]
+  assert events
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  ea = event_accumulator.EventAccumulator(str(tmp_path / "logs" / "train"),
+                                          size_guidance={event_accumulator.TENSORS: 0})
+  ea.Reload()
+  assert "epoch_jac_loss" in ea.Tags()["tensors"]
+
+
+def test_bad_networks_are_refused_clearly(tmp_path, monkeypatch):
+  with pytest.raises(ConfigError, match="--teacher: unknown keras.applications model "
+                     "'ResNet51'; valid: .*ResNet50, "):
+    networks.check_application("teacher", "keras.applications:ResNet51")
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+  with pytest.raises(ConfigError, match="--teacher_weights: .* tfjac never downloads"):
+    networks.application_weights("ResNet50", "")
+  os.makedirs(tmp_path / "keras_home" / "models")
+  cached = tmp_path / "keras_home" / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
+  cached.write_bytes(b"")
+  (tmp_path / "keras_home" / "models" / "resnet50v2_weights_tf_kernels.h5").write_bytes(b"")
+  assert networks.application_weights("ResNet50", "") == str(cached)
+  assert networks.application_weights("ResNet50", "none") is None
+  with pytest.raises(ConfigError, match="--teacher: .* is not a KerasHub preset directory"):
+    networks.kerashub_teacher(str(tmp_path))
+  (tmp_path / "not_a_model.keras").write_text("hello")
+  from tfjac import config as config_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"):  # no TF work
+    config_lib._check_network_name(  # pylint: disable=protected-access
+        "model", ModelConfig(str(tmp_path / "not_a_model.keras")))
+  with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"):
+    networks.build_student(str(tmp_path / "not_a_model.keras"), (6, 6, 3), 5, mean=(0,),
+                           std=(1,))
+  inputs, x = _body()
+  keras.Model(inputs, x).save(tmp_path / "headless.keras")
+  loaded = teachers.load_teacher(_config(tmp_path / "headless.keras", outputs="logits"),
+                                 _info())
+  with pytest.raises(ConfigError, match="--teacher: cannot rebuild .* with a new head: .* "
+                     "does not end in a Dense layer"):
+    finetune.oracle_network(loaded.network, (6, 6, 3), 3, TeacherInput(), "headless.keras",
+                            adapt=loaded.adapt)
+  # A weights file of another architecture.
+  _student().save_weights(tmp_path / "other.weights.h5")
+  with pytest.raises(ConfigError, match="--teacher_weights: .* does not hold weights of "
+                     "keras.applications.MobileNetV3Small"):
+    networks.application_teacher("MobileNetV3Small", weights=str(tmp_path / "other.weights.h5"),
+                                 image_size=32)
+
+
+def test_a_user_keras_student_file_is_converted_and_trained(tmp_path):
+  _student(classes=10, shape=(8, 8, 1)).save(tmp_path / "mine.keras")
+  cfg = Config(mode="regularize", workdir=str(tmp_path / "run"),
+               data=DataConfig(samples_per_class=2),
+               student=ModelConfig(str(tmp_path / "mine.keras")),
+               train=TrainConfig(epochs=1, batch_size=16, steps_per_epoch=1),
+               hints=HintConfig(hints=("ce", "jacnorm")))
+  results = run.run(cfg)
+  assert results["student"]["model"].endswith("mine.keras")
+  reloaded = keras.saving.load_model(tmp_path / "run" / "student" / "model.keras")
+  assert isinstance(reloaded.get_layer("s_bn"), tfjac.JacobianSafeBatchNorm)
+
+
+# --- real architectures (random weights, tiny inputs) ---------------------------------------
+
+def _folder_dataset(root, size=32, classes=("a", "b"), per_class=(6, 2)):
+  rng = np.random.default_rng(0)
+  for split, n in zip(("train", "test"), per_class):
+    for c in classes:
+      os.makedirs(root / split / c, exist_ok=True)
+      for i in range(n):
+        image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        tf.io.write_file(str(root / split / c / f"{i}.png"), tf.io.encode_png(image))
+  return f"folder:{root}"
+
+
+@pytest.mark.slow
+def test_resnet50_softmax_teacher_in_transfer_with_lwf_at_jac(tmp_path):
+  dataset = _folder_dataset(tmp_path / "data")
+  cfg = Config(mode="transfer", workdir=str(tmp_path / "run"),
+               teacher_path="keras.applications:ResNet50",
+               data=DataConfig(dataset=dataset, validation_fraction=0.34),
+               student=ModelConfig("vgg4", 0.25),
+               train=TrainConfig(epochs=1, batch_size=2, steps_per_epoch=1),
+               hints=HintConfig(hints=("ce", "lwf", "at", "jac"), jac_target="teacher_top1",
+                                weights=(("at", 1000.0),)),
+               teacher_input=TeacherInput(resize=True, weights="none", image_size=48))
+  results = run.run(cfg)
+  t = results["teacher"]
+  assert t["source_classes"] == 1000 and t["outputs"] == "logits"
+  assert "softmax" in t["outputs_how"] and t["preprocessing"] == "caffe"
+  assert t["attention_pairs"]
+  final = results["student"]["final_epoch_metrics"]
+  for key in ("ce_loss", "lwf_loss", "at_loss", "jac_loss"):
+    assert np.isfinite(final[key]), key
+
+
+@pytest.mark.slow
+def test_mobilenetv3small_student_with_standard_batchnorm_in_distill(tmp_path):
+  dataset = _folder_dataset(tmp_path / "data")
+  cfg = Config(mode="distill", workdir=str(tmp_path / "run"),
+               data=DataConfig(dataset=dataset, validation_fraction=0.34),
+               student=ModelConfig("keras.applications:MobileNetV3Small"),
+               teacher=ModelConfig("vgg4", 0.25),
+               train=TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1),
+               teacher_train=TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1),
+               hints=HintConfig(hints=("act", "jac", "ce")))
+  results = run.run(cfg)
+  final = results["student"]["final_epoch_metrics"]
+  assert all(np.isfinite(final[k]) for k in ("act_loss", "jac_loss", "ce_loss"))
+  student = keras.saving.load_model(tmp_path / "run" / "student" / "model.keras")
+  assert not networks.has_standard_batchnorm(student)
+  assert any(isinstance(l, tfjac.JacobianSafeBatchNorm) for l in student.layers)
+
+
+def test_kerashub_preset_directory_as_teacher(tmp_path):
+  keras_hub = pytest.importorskip("keras_hub")
+  backbone = keras_hub.models.ResNetBackbone(
+      input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64],
+      stackwise_num_blocks=[1], stackwise_num_strides=[1], block_type="basic_block",
+      use_pre_activation=False, image_shape=(16, 16, 3))
+  converter = keras_hub.layers.ResNetImageConverter(image_size=(16, 16), scale=1 / 127.5,
+                                                    offset=-1.0)
+  classifier = keras_hub.models.ResNetImageClassifier(
+      backbone=backbone, num_classes=4,
+      preprocessor=keras_hub.models.ResNetImageClassifierPreprocessor(converter),
+      activation="softmax")
+  classifier.save_to_preset(str(tmp_path / "preset"))
+  loaded = teachers.load_teacher(_config(f"kerashub:{tmp_path / 'preset'}"), _info((16, 16, 3)))
+  assert loaded.outputs == "logits" and loaded.num_outputs == 4
+  x = np.random.default_rng(6).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  probabilities = classifier.predict(x * 255.0, verbose=0)  # KerasHub's own preprocessing
+  np.testing.assert_allclose(tf.nn.softmax(loaded.adapted(x)), probabilities, atol=1e-5)
+
+
+@pytest.mark.parametrize("size_in,size_out", [((16, 16), (8, 8)), ((16, 12), (12, 5)),
+                                              ((7, 7), (3, 3))])
+def test_attention_maps_are_area_resized_differentiably(size_in, size_out):
+  from tfjac.hints import attention  # pylint: disable=g-import-not-at-top
+  f = tf.constant(np.random.default_rng(7).normal(size=(2, *size_in, 3)), tf.float32)
+  want = tf.image.resize(attention.attention_map(f)[..., None], size_out, method="area")
+  got = attention.flat_map(f, size_out)
+  np.testing.assert_allclose(got, tf.reshape(want, [2, -1]), rtol=1e-5, atol=1e-6)
+  with tf.GradientTape() as tape:  # tf.image.resize(area) has no registered gradient
+    tape.watch(f)
+    total = tf.reduce_sum(attention.flat_map(f, size_out))
+  assert tape.gradient(total, f) is not None
+
+
+def test_export_of_a_trainable_network_behind_an_input_adapter_is_in_inference_mode(tmp_path):
+  """The fine-tuning oracle of a resized teacher: a plain model.export served it with
+  BatchNorm batch statistics (export.py, _export_inference)."""
+  from tfjac import export  # pylint: disable=g-import-not-at-top
+  from tfjac.models import views  # pylint: disable=g-import-not-at-top
+  inner = _student(classes=3, shape=(8, 8, 3))
+  inner.trainable = True
+  adapted = views.adapt_input(inner, (4, 4, 3), resize=True, name="oracle")
+  x = np.random.default_rng(8).uniform(size=(4, 4, 4, 3)).astype(np.float32)
+  path = export.export_model(adapted, str(tmp_path / "oracle"), x)
+  served = tf.saved_model.load(path)
+  np.testing.assert_allclose(served.serve(tf.constant(x)), adapted(x, training=False),
+                             atol=1e-4)
+
+
+def test_progress_bar_on_a_terminal_one_log_line_per_epoch_otherwise(monkeypatch):
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from tfjac.training import loop  # pylint: disable=g-import-not-at-top
+  lines = []
+  monkeypatch.setattr(logging, "info", lambda *a: lines.append(a))
+  for tty, verbosity, logged in ((True, 1, 0), (False, 0, 1)):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty, raising=False)
+    assert loop.progress_verbosity() == verbosity
+    lines.clear()
+    loop.EpochLogger("student", 3).on_epoch_end(0, {"loss": 1.0})
+    assert len(lines) == logged
