@@ -18,8 +18,10 @@ BUDGET = TrainConfig(epochs=99, train_steps=7, batch_size=16, backup_every_steps
 
 def test_budget_derives_epochs_from_steps():
   assert loop.budget(TrainConfig(epochs=60, batch_size=32), 100) == loop.Budget(4, 60, 240)
+  # 100 images are 4 steps a pass, but 1000 steps are at most 100 epochs: 10 steps each.
   assert loop.budget(TrainConfig(epochs=60, batch_size=32, train_steps=1000), 100) == (
-      loop.Budget(4, 250, 1000))
+      loop.Budget(10, 100, 1000))
+  assert loop.budget(TrainConfig(batch_size=32, train_steps=2160), 30) == loop.Budget(22, 99, 2160)
   # 1132 images: 36 steps per epoch, 28 epochs of which the last has 1000 - 27 * 36 = 28 steps.
   assert loop.budget(TrainConfig(batch_size=32, train_steps=1000), 1132) == (
       loop.Budget(36, 28, 1000))
@@ -100,3 +102,13 @@ def test_exactly_the_budget_runs_and_a_kill_at_its_end_resumes_to_the_same_weigh
   for a, b in zip(reference.student.get_weights(), resumed.student.get_weights()):
     np.testing.assert_array_equal(a, b)
   assert got.history == expected.history
+
+
+def test_a_few_shot_budget_validates_in_epochs_of_several_passes(fit, monkeypatch):
+  """40 images at batch 16 are 3 steps a pass; 60 steps at most 4 epochs (MAX_BUDGET_EPOCHS
+  patched to 4): epochs of 15 steps, each several passes of the stream, 60 steps in all."""
+  monkeypatch.setattr(loop, "MAX_BUDGET_EPOCHS", 4)
+  cfg = TrainConfig(epochs=99, train_steps=60, batch_size=16, backup_every_steps=0)
+  distiller, result = fit("passes", cfg=cfg)
+  assert int(distiller.optimizer.iterations) == 60
+  assert (result.epochs_run, result.steps_per_epoch, result.total_steps) == (4, 15, 60)

@@ -62,11 +62,21 @@ class Budget:
   total_steps: int
 
 
+# With --train_steps and no --steps_per_epoch, an epoch (validation, checkpoint, backup) is one
+# pass, but never shorter than train_steps / MAX_BUDGET_EPOCHS steps: 3 images per class at
+# batch 32 are one step per pass, and 2,160 one-step epochs would spend the run validating.
+MAX_BUDGET_EPOCHS = 100
+
+
 def budget(cfg: TrainConfig, num_examples: int) -> Budget:
   """--epochs epochs, or with --train_steps=N exactly N steps in as many epochs as needed.
   An epoch is --steps_per_epoch steps, or one pass over the `num_examples` (the last batch
-  partial)."""
-  steps = cfg.steps_per_epoch or max(1, math.ceil(num_examples / cfg.batch_size))
+  partial); under --train_steps=N at least ceil(N / MAX_BUDGET_EPOCHS) steps (several passes,
+  the stream reshuffled at each)."""
+  one_pass = max(1, math.ceil(num_examples / cfg.batch_size))
+  steps = cfg.steps_per_epoch or one_pass
+  if cfg.train_steps and not cfg.steps_per_epoch:
+    steps = max(one_pass, math.ceil(cfg.train_steps / MAX_BUDGET_EPOCHS))
   if cfg.train_steps:
     return Budget(steps, math.ceil(cfg.train_steps / steps), cfg.train_steps)
   return Budget(steps, cfg.epochs, cfg.epochs * steps)
@@ -366,6 +376,9 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   """
   plan = budget(cfg, len(train_split))
   steps = plan.steps_per_epoch
+  # The stream's epochs: one pass each (0), unless the budget's epochs are longer than a pass.
+  one_pass = max(1, math.ceil(len(train_split) / cfg.batch_size))
+  stream_steps = cfg.steps_per_epoch or (steps if steps != one_pass else 0)
   backup_dir = os.path.join(checkpoint_dir, resume_lib.BACKUP_DIR)
   restored = None
   if resume:
@@ -439,7 +452,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
         cb.batch_offset = first_step
     batches = data_lib.training_batches(
         train_split, cfg.batch_size, seed=seed, epochs=plan.epochs,
-        steps_per_epoch=cfg.steps_per_epoch, start_epoch=first_epoch, start_step=first_step,
+        steps_per_epoch=stream_steps, start_epoch=first_epoch, start_step=first_step,
         augment=augment, crop_padding=crop_padding, extras=extras)
     distiller.fit(batches, validation_data=None if validation else val_ds,
                   initial_epoch=first_epoch,
