@@ -224,15 +224,23 @@ def _demo_config(workdir, mode, **kw):
   return dataclasses.replace(base, **kw)
 
 
-def test_transfer_demo_end_to_end(tmp_path):
+# The default suite trains the two ends of the table (no transfer, and every hint at once,
+# which runs each of lwf, at, jac and at_jac); the slow variant trains all five transfer rows.
+DEMO_ROWS = {"none": ("ce",), "lwf_at_jac": ("ce", "lwf", "at", "jac", "at_jac")}
+ALL_DEMO_ROWS = {"none": ("ce",), "lwf": ("ce", "lwf"), "lwf_jac": ("ce", "lwf", "jac"),
+                 "lwf_at": ("ce", "lwf", "at"),
+                 "lwf_at_jac": ("ce", "lwf", "at", "jac", "at_jac")}
+
+
+@pytest.mark.parametrize("rows", [
+    DEMO_ROWS, pytest.param(ALL_DEMO_ROWS, marks=pytest.mark.slow)], ids=["ends", "all_rows"])
+def test_transfer_demo_end_to_end(tmp_path, rows):
   teacher_cfg = Config(mode="teacher", workdir=str(tmp_path / "teacher"),
                        data=DataConfig(classes=(0, 1, 2, 3, 4)),
                        teacher=ModelConfig("resnet20", 0.5),
                        teacher_train=TrainConfig(epochs=2), hints=HintConfig(hints=("ce",)))
   run.run(teacher_cfg)
   teacher = str(tmp_path / "teacher" / "teacher")
-  rows = {"none": ("ce",), "lwf": ("ce", "lwf"), "lwf_jac": ("ce", "lwf", "jac"),
-          "lwf_at": ("ce", "lwf", "at"), "lwf_at_jac": ("ce", "lwf", "at", "jac", "at_jac")}
   for name, hints in rows.items():
     cfg = _demo_config(tmp_path / name, "transfer", teacher_path=teacher,
                        hints=HintConfig(hints=hints, jac_target="teacher_top1",
