@@ -413,3 +413,21 @@ def test_progress_bar_on_a_terminal_one_log_line_per_epoch_otherwise(monkeypatch
     lines.clear()
     loop.EpochLogger("student", 3).on_epoch_end(0, {"loss": 1.0})
     assert len(lines) == logged
+
+
+def test_a_student_too_big_for_the_images_is_refused_before_the_teacher_trains(tmp_path,
+                                                                               monkeypatch):
+  """MobileNetV3Small cannot take the 8x8 digits: a ConfigError naming --model, raised before
+  distill trains its teacher (obtain_teacher is never reached)."""
+  from tfjac import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tfjac import run  # pylint: disable=g-import-not-at-top
+  from tfjac.modes import common  # pylint: disable=g-import-not-at-top
+
+  def no_teacher(*a, **k):
+    raise AssertionError("the teacher was obtained before the student was checked")
+
+  monkeypatch.setattr(common, "obtain_teacher", no_teacher)
+  cfg = config_lib.Config(mode="distill", workdir=str(tmp_path / "run"),
+                          student=config_lib.ModelConfig("keras.applications:MobileNetV3Small"))
+  with pytest.raises(ConfigError, match="--model"):
+    run.run(cfg)

@@ -136,6 +136,7 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
   splits = data.prepare(config.data)
   config_lib.validate_against_data(config, splits.info.num_classes)
   common.check_precision(config, strategy)
+  common.check_student(config, splits, strategy)  # before a teacher is trained
   mode = importlib.import_module(MODES[config.mode])
   previous_policy = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy(config.mixed_precision)

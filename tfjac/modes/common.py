@@ -80,6 +80,17 @@ def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, s
                       sync_bn=strategy.num_replicas_in_sync > 1)
 
 
+STUDENT_MODES = ("distill", "regularize", "transfer")  # modes that build config.student
+
+
+def check_student(config: Config, splits: Splits, strategy):
+  """Builds an outside student (keras.applications:NAME, FILE.keras) once and throws it away,
+  so that one that cannot take the dataset's images is a ConfigError naming --model before a
+  teacher is trained. tfjac's own builders take any image size: nothing to check."""
+  if config.mode in STUDENT_MODES and networks.is_outside(config.student.name):
+    build_network(config.student, splits, "student", strategy, seed=config.data.seed)
+
+
 def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, role: str):
   return {"role": role, "model": model_cfg.name, "width": model_cfg.width,
           "dataset": splits.info.name, "image_shape": list(splits.info.image_shape),
