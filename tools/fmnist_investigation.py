@@ -54,6 +54,10 @@ RUNS = {
     "ce_240": ("w05", ["--hints=ce", *S240]),
     "act_ce_240": ("w05", ["--hints=act,ce", *S240]),
     "act_jac_ce_240": ("w05", ["--hints=act,jac,ce", *S240]),
+    # Probes: a 1e-6 jac weight (zero is refused) measures how aligned the Jacobians of a
+    # student trained without the term are.
+    "ce_240_jacprobe": ("w05", ["--hints=jac,ce", "--jac_weight=1e-6", *S240]),
+    "act_ce_240_jacprobe": ("w05", ["--hints=act,jac,ce", "--jac_weight=1e-6", *S240]),
     # Longer budget.
     "ce_1000": ("w05", ["--hints=ce", *S1000]),
     "act_ce_1000": ("w05", ["--hints=act,ce", *S1000]),
@@ -62,6 +66,9 @@ RUNS = {
     "act_jac_ce_240_jw10": ("w05", ["--hints=act,jac,ce", "--jac_weight=10", *S240]),
     "act_jac_ce_240_jw100": ("w05", ["--hints=act,jac,ce", "--jac_weight=100", *S240]),
     "act_jac_ce_240_aw0.01": ("w05", ["--hints=act,jac,ce", "--act_weight=0.01", *S240]),
+    "act_jac_ce_240_jw1000": ("w05", ["--hints=act,jac,ce", "--jac_weight=1000", *S240]),
+    "act_ce_240_aw10": ("w05", ["--hints=act,ce", "--act_weight=10", *S240]),
+    "act_ce_240_aw0.1": ("w05", ["--hints=act,ce", "--act_weight=0.1", *S240]),
     "act_ce_240_aw0.01": ("w05", ["--hints=act,ce", "--act_weight=0.01", *S240]),
     "act_jac_ce_240_aw0.01_jw10": ("w05", ["--hints=act,jac,ce", "--act_weight=0.01",
                                            "--jac_weight=10", *S240]),
@@ -84,8 +91,8 @@ RUNS = {
     "ce_240_smooth": ("w05_jacnorm", ["--hints=ce", *S240]),
     "act_ce_240_smooth": ("w05_jacnorm", ["--hints=act,ce", *S240]),
     "act_jac_ce_240_smooth": ("w05_jacnorm", ["--hints=act,jac,ce", *S240]),
-    "act_jac_ce_240_smooth_jw10": ("w05_jacnorm", ["--hints=act,jac,ce", "--jac_weight=10",
-                                                   *S240]),
+    "act_jac_ce_240_smooth_jw100": ("w05_jacnorm", ["--hints=act,jac,ce", "--jac_weight=100",
+                                                    *S240]),
 }
 
 
