@@ -152,6 +152,14 @@ def _f(value, fmt):
   return "" if value is None else format(value, fmt)
 
 
+def _mean_std(values):
+  if not values:
+    return ""
+  m = sum(values) / len(values)
+  sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0
+  return f"{m:.2f} +- {sd:.2f}"
+
+
 def report(out):
   """Markdown table of every finished run under `out`."""
   cpu = next((line.split(":", 1)[1].strip() for line in
@@ -180,6 +188,7 @@ def report(out):
             "", "| run | seed | teacher | steps | val acc | test acc | train acc | act tr/val | "
             "jac tr/val | ce tr/val | ‖J_T‖ | ‖J_S‖ | wall (s) | flags |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  per_run = {}
   for name, (teacher, extra) in RUNS.items():
     directory = os.path.join(out, name)
     if not os.path.isdir(directory):
@@ -197,6 +206,8 @@ def report(out):
         tr, va = m.get(key), m.get("val_" + key)
         return "" if tr is None else f"{tr:.3g} / {_f(va, '.3g')}"
 
+      per_run.setdefault(name, []).append(
+          (100 * s["best_val_accuracy"], 100 * s["test"]["accuracy"], m.get("val_jac_loss")))
       lines.append(
           f"| {name} | {seed_dir[4:]} | {teacher} | {s.get('train_steps')} | "
           f"{100 * s['best_val_accuracy']:.2f} | {100 * s['test']['accuracy']:.2f} | "
@@ -204,6 +215,12 @@ def report(out):
           f"{pair('jac_loss')} | {pair('ce_loss')} | {_f(m.get('teacher_jac_norm'), '.3g')} | "
           f"{_f(m.get('student_jac_norm'), '.3g')} | "
           f"{_f(wall and wall['wall_seconds'], '.0f')} | `{' '.join(extra)}` |")
+  lines += ["", "## Mean +- std over seeds (runs with more than one seed)", "",
+            "| run | seeds | val acc | test acc | final val jac |", "|---|---|---|---|---|"]
+  for name, values in per_run.items():
+    if len(values) > 1:
+      cells = [_mean_std([v[i] for v in values if v[i] is not None]) for i in range(3)]
+      lines.append(f"| {name} | {len(values)} | " + " | ".join(cells) + " |")
   lines += ["", "Every student command: `python -m tfjac.run " + " ".join(BASE) +
             " --teacher=<teacher's model.keras> <flags> --seed=<seed> --workdir=<run dir>`."]
   return "\n".join(lines) + "\n"
