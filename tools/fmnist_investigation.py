@@ -10,7 +10,8 @@ results.json is skipped, so rerunning the same command resumes. The teachers are
 
 --runs names entries of RUNS (or `all`); --report_only writes the table of every finished run
 under <out> (validation/test accuracy, final train and validation act/jac losses, teacher and
-student Jacobian norms, steps, wall time, the command) to <out>/results.md and --docs.
+student Jacobian norms, steps, wall time, the command) to <out>/results.md and into --docs
+between its runs markers (the text around them is kept).
 """
 import json
 import os
@@ -226,6 +227,23 @@ def report(out):
   return "\n".join(lines) + "\n"
 
 
+BEGIN, END = "<!-- runs: tools/fmnist_investigation.py --report_only -->", "<!-- /runs -->"
+
+
+def splice(path, markdown):
+  """The text of `path` with the part between BEGIN and END replaced by `markdown` (the
+  hand-written conclusions around it are kept); appended if it has no such part."""
+  block = f"{BEGIN}\n{markdown}{END}\n"
+  if not os.path.exists(path):
+    return block
+  with open(path) as f:
+    text = f.read()
+  if BEGIN not in text or END not in text:
+    return text.rstrip("\n") + "\n\n" + block
+  head, rest = text.split(BEGIN, 1)
+  return head + block + rest.split(END, 1)[1].lstrip("\n")
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -243,7 +261,7 @@ def main(argv):
   markdown = report(out)
   atomic.write_text(os.path.join(out, "results.md"), markdown)
   if f.docs:
-    atomic.write_text(f.docs, markdown)
+    atomic.write_text(f.docs, splice(f.docs, markdown))
   print(markdown)
 
 
