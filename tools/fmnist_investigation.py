@@ -67,6 +67,8 @@ RUNS = {
     "act_jac_ce_240_jw10": ("w05", ["--hints=act,jac,ce", "--jac_weight=10", *S240]),
     "act_jac_ce_240_jw100": ("w05", ["--hints=act,jac,ce", "--jac_weight=100", *S240]),
     "act_jac_ce_240_aw0.01": ("w05", ["--hints=act,jac,ce", "--act_weight=0.01", *S240]),
+    "act_jac_ce_240_jw30": ("w05", ["--hints=act,jac,ce", "--jac_weight=30", *S240]),
+    "act_jac_ce_240_jw300": ("w05", ["--hints=act,jac,ce", "--jac_weight=300", *S240]),
     "act_jac_ce_240_jw1000": ("w05", ["--hints=act,jac,ce", "--jac_weight=1000", *S240]),
     "act_ce_240_aw10": ("w05", ["--hints=act,ce", "--act_weight=10", *S240]),
     "act_ce_240_aw0.1": ("w05", ["--hints=act,ce", "--act_weight=0.1", *S240]),
@@ -166,10 +168,10 @@ def report(out):
   cpu = next((line.split(":", 1)[1].strip() for line in
               subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
               if line.startswith("Model name")), platform.processor())
-  lines = ["# Fashion-MNIST, 10 images per class: why the Jacobian term does not align",
+  lines = ["## Every run (Fashion-MNIST, 10 images per class)",
            "", f"CPU: {cpu}, {os.cpu_count()} cores shared with other jobs; every run under "
            "`nice -n 15`, one at a time, so wall times are only indicative.", "",
-           "## Teachers", "",
+           "### Teachers", "",
            "| teacher | test acc | val acc | wall (s) | command |", "|---|---|---|---|---|"]
   for name in TEACHERS:
     workdir = os.path.join(out, "teachers", name)
@@ -182,7 +184,7 @@ def report(out):
                  f"{100 * summary['best_val_accuracy']:.2f} | "
                  f"{_f(wall and wall['wall_seconds'], '.0f')} | "
                  f"`python -m tfjac.run {' '.join(wall['args']) if wall else ''}` |")
-  lines += ["", "## Students (VGG-4, 100 training images)", "",
+  lines += ["", "### Students (VGG-4, 100 training images)", "",
             "Losses are unweighted final-epoch values (train / validation); jac is the "
             "normalised loss 2 - 2 cos (orthogonal = 2) unless --nojac_normalize. "
             "‖J_T‖, ‖J_S‖: mean per-example L2 norm of the matched Jacobians (train, last epoch).",
@@ -216,7 +218,7 @@ def report(out):
           f"{pair('jac_loss')} | {pair('ce_loss')} | {_f(m.get('teacher_jac_norm'), '.3g')} | "
           f"{_f(m.get('student_jac_norm'), '.3g')} | "
           f"{_f(wall and wall['wall_seconds'], '.0f')} | `{' '.join(extra)}` |")
-  lines += ["", "## Mean +- std over seeds (runs with more than one seed)", "",
+  lines += ["", "### Mean +- std over seeds (runs with more than one seed)", "",
             "| run | seeds | val acc | test acc | final val jac |", "|---|---|---|---|---|"]
   for name, values in per_run.items():
     if len(values) > 1:
