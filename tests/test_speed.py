@@ -15,6 +15,7 @@ from tfjac.config import Config, DataConfig, HintConfig, TrainConfig
 from tfjac.errors import ConfigError
 from tfjac.training import loop, teacher_cache
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
 HINTS = (("act", 1.0), ("jac", 1.0), ("ce", 1.0))
 CFG = TrainConfig(epochs=1, batch_size=16, steps_per_epoch=4, learning_rate=1e-2)
@@ -60,18 +61,11 @@ def test_a_cached_step_never_runs_the_teacher(digits_splits, monkeypatch):
   assert sorted(cache) == ["jacobian.logits", "logits", "selection"]
   assert cache["jacobian.logits"].shape == (len(train), 1, int(np.prod(info.image_shape)))
 
-  class TeacherCalled(Exception):
-    pass
-
-  def explode(*args, **kwargs):
-    raise TeacherCalled
-
-  monkeypatch.setattr(distiller.teacher_view, "call", explode)
-  monkeypatch.setattr(distiller.teacher, "call", explode)
+  helpers.forbid_teacher_calls(monkeypatch, distiller)
   batches = lambda **kw: data_lib.training_batches(train, 16, seed=0, epochs=1, **kw)  # noqa: E731
   distiller.fit(batches(extras=cache), epochs=1, steps_per_epoch=2, verbose=0)
   distiller.compile(optimizer=keras.optimizers.SGD(0.01))  # a fresh train function: retrace
-  with pytest.raises(TeacherCalled):  # the same step without the cache does call it
+  with pytest.raises(helpers.TeacherCalled):  # the same step without the cache does call it
     distiller.fit(batches(), epochs=1, steps_per_epoch=2, verbose=0)
 
 

@@ -9,6 +9,7 @@ from tfjac import models
 from tfjac.config import TrainConfig
 from tfjac.training import loop
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
 HINTS = (("act", 1.0), ("jac", 2.0), ("ce", 1.0))
 
@@ -86,14 +87,7 @@ def test_validation_teacher_outputs_are_computed_once(digits_splits, monkeypatch
   plain = distiller.evaluate(data_lib.pipeline(val, 32), verbose=0, return_dict=True)
   cached_ds = loop.validation_pipeline(distiller, val, 32)
 
-  class TeacherCalled(Exception):
-    pass
-
-  def explode(*args, **kwargs):
-    raise TeacherCalled
-
-  monkeypatch.setattr(distiller.teacher_view, "call", explode)
-  monkeypatch.setattr(distiller.teacher, "call", explode)
+  helpers.forbid_teacher_calls(monkeypatch, distiller)
   cached = distiller.evaluate(cached_ds, verbose=0, return_dict=True)
   assert sorted(cached) == sorted(plain)
   for k in plain:  # the same numbers; the teacher did not run

@@ -384,12 +384,8 @@ def _validate_outside_teacher(config: Config):
       path[len(networks.KERASHUB_PREFIX):]):
     raise ConfigError("teacher", f"{path!r}: no such KerasHub preset directory")
   if ti.outputs == "probabilities" and config.mode in ("distill", "transfer"):
-    bad = networks.probability_blockers(config.hints.hints, config.hints.lwf_match)
-    if bad:
-      raise ConfigError("teacher_outputs", f"probabilities: {bad} need the teacher's logits "
-                        "(log-probabilities differ from them by a per-example constant, which "
-                        "these hints do not ignore: act on log-probabilities is not act on "
-                        "logits); valid with probabilities: ce, kd, lwf (kd), jac_ce, at, at_jac")
+    networks.check_probability_hints(config.hints.hints, config.hints.lwf_match,
+                                     "probabilities")
 
 
 def teacher_cache_blocker(config: Config) -> Optional[str]:

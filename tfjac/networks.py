@@ -224,6 +224,17 @@ def probability_blockers(hint_names, lwf_match) -> List[str]:
   return bad
 
 
+def check_probability_hints(hint_names, lwf_match, what: str):
+  """ConfigError naming --teacher_outputs if a hint needs logits that a teacher outputting
+  probabilities (`what`: how that is known) cannot give."""
+  bad = probability_blockers(hint_names, lwf_match)
+  if bad:
+    raise ConfigError("teacher_outputs", f"{what}: {bad} need the teacher's logits "
+                      "(log-probabilities differ from them by a per-example constant, which "
+                      "these hints do not ignore: act on log-probabilities is not act on "
+                      "logits); valid with probabilities: ce, kd, lwf (kd), jac_ce, at, at_jac")
+
+
 # --- keras.applications and KerasHub --------------------------------------------------------
 
 def _keras_cache_weights(app: str) -> List[str]:

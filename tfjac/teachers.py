@@ -94,12 +94,8 @@ def load_teacher(config, data_info, *, num_classes: Optional[int] = None, path=N
   logits_net, kind, how = networks.teacher_logits(net, ti.outputs, raw_adapted, image_shape,
                                                   path=path)
   if kind == "probabilities":
-    bad = networks.probability_blockers(config.hints.hints, config.hints.lwf_match)
-    if bad:
-      raise ConfigError("teacher_outputs", f"the teacher outputs probabilities: {bad} need "
-                        "its logits (log-probabilities differ from them by a per-example "
-                        "constant, which these hints do not ignore); use kd, lwf, jac_ce, at, "
-                        "at_jac, or give a teacher that outputs logits")
+    networks.check_probability_hints(config.hints.hints, config.hints.lwf_match,
+                                     f"{path} outputs probabilities")
   logits_net.trainable = False
   adapted = adapt(logits_net)
   outputs = export.check_outputs(adapted, image_shape, num_classes, path)

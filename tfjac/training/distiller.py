@@ -371,12 +371,21 @@ class Distiller(keras.Model):
                       ("student", inputs.student_jacobians)):
       if jacs:
         self._trackers[f"{who}_jac_norm"].update_state(self._jacobian_norm(jacs))
+    return self._logs()
+
+  def _logs(self):
     results = {m.name: m.result() for m in self.metrics}
     if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
       # Keras 3.15 averages the logs over workers with strategy.reduce(MEAN, v, axis=0),
       # which fails on a scalar: give each a batch axis of one, reduced away there.
       results = {k: tf.reshape(v, [1]) for k, v in results.items()}
     return results
+
+  @staticmethod
+  def _unpack(data):
+    """(float32 images, labels, the teacher cache's packed outputs or None) of a batch."""
+    cached = data[2] if len(data) > 2 and isinstance(data[2], dict) else None
+    return tf.cast(data[0], tf.float32), data[1], cached
 
   def _gradients(self, x, labels, step, cached, optimizer):
     """(gradients of the trained variables, terms, total, student logits, HintInputs) of
@@ -402,8 +411,7 @@ class Distiller(keras.Model):
     so every Jacobian pass of it, does not run). The Jacobian trackers count only the steps
     that computed them; 'loss' is the weighted sum (unscaled weights) of the terms computed.
     """
-    x, labels = tf.cast(data[0], tf.float32), data[1]
-    cached = data[2] if len(data) > 2 and isinstance(data[2], dict) else None
+    x, labels, cached = self._unpack(data)
     lazy = getattr(self, "_without_jacobians", None) is not None
     models = (self._lazy_full, self._without_jacobians) if lazy else (self, None)
     names = [n for n in self._trackers if n != "accuracy"]
@@ -439,8 +447,7 @@ class Distiller(keras.Model):
   def train_step(self, data):
     variables = self.trained_variables
     if getattr(self, "_without_jacobians", None) is None:  # every step takes every hint
-      x, labels = tf.cast(data[0], tf.float32), data[1]
-      cached = data[2] if len(data) > 2 and isinstance(data[2], dict) else None
+      x, labels, cached = self._unpack(data)
       grads, terms, total, s_logits, inputs = self._gradients(
           x, labels, self.optimizer.iterations, cached, self.optimizer)
       self.optimizer.apply(grads, variables)
@@ -450,17 +457,13 @@ class Distiller(keras.Model):
     for name, (values, weights) in updates.items():
       self._trackers[name].update_state(values, sample_weight=weights)
     self._trackers["accuracy"].update_state(data[1], s_logits)
-    results = {m.name: m.result() for m in self.metrics}
-    if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-      results = {k: tf.reshape(v, [1]) for k, v in results.items()}  # see _update_metrics
-    return results
+    return self._logs()
 
   def test_step(self, data):
-    x, labels = data[0], data[1]
-    x = tf.cast(x, tf.float32)
-    cached = None  # the validation split's teacher outputs, computed once (training/loop.py)
-    if len(data) > 2 and isinstance(data[2], dict):
-      cached = unpack_teacher_outputs(data[2])
+    # The validation split's teacher outputs may travel with it, computed once (loop.py).
+    x, labels, cached = self._unpack(data)
+    if cached is not None:
+      cached = unpack_teacher_outputs(cached)
     _, terms, total, s_logits, inputs = self.compute_total_loss(x, labels, training=False,
                                                                 step=0, teacher_outputs=cached)
     return self._update_metrics(labels, terms, total, s_logits, inputs)
