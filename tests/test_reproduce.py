@@ -103,10 +103,10 @@ def test_every_row_gets_the_same_trials_and_none_is_a_reroll(table):
 def test_the_learning_rate_grid_follows_the_preset_and_an_override_replaces_the_design():
   row = _rows("act_jac_ce")[0]
   assert reproduce.candidates(row, trials=4) == [
-      {"learning_rate": "0.001", "act_weight": "0.1", "jac_weight": "1"},
-      {"learning_rate": "0.001", "act_weight": "1", "jac_weight": "10"},
-      {"learning_rate": "0.003", "act_weight": "0.1", "jac_weight": "10"},
-      {"learning_rate": "0.003", "act_weight": "1", "jac_weight": "1"}]
+      {"learning_rate": "0.001", "act_weight": "0.1", "jac_weight": "10"},
+      {"learning_rate": "0.001", "act_weight": "1", "jac_weight": "100"},
+      {"learning_rate": "0.003", "act_weight": "0.1", "jac_weight": "100"},
+      {"learning_rate": "0.003", "act_weight": "1", "jac_weight": "10"}]
   assert [c["learning_rate"] for c in reproduce.candidates(_rows("ce")[0], trials=4,
                                                            learning_rate=0.1)] == [
       "0.03", "0.1", "0.3", "1"]
@@ -153,7 +153,7 @@ def test_table_schedules_tunes_on_validation_and_skips_finished_cells(tmp_path, 
   # Chosen on validation (act_weight=1, learning_rate=0.003), although test would prefer
   # act_weight=0.1 and another learning rate.
   assert tuning["act_ce/n10"]["chosen"] == {"act_weight": "1", "learning_rate": "0.003"}
-  assert tuning["act_jac/n10"]["chosen"] == {"jac_weight": "1", "learning_rate": "0.003"}
+  assert tuning["act_jac/n10"]["chosen"] == {"jac_weight": "100", "learning_rate": "0.003"}
   assert tuning["ce/nfull"]["chosen"] == {"learning_rate": "0.003"}
   assert [(c["act_weight"], c["learning_rate"]) for c in per_row("act,ce")
           if c["seed"] == "1"] == [("1", "0.003")] * 2
@@ -188,7 +188,7 @@ def test_without_a_step_budget_results_md_shows_the_unequal_steps(tmp_path, fake
   assert ("Budget: optimizer steps per student run (each run's --epochs and --steps_per_epoch "
           "(the preset's flags)): 10/class: 240; full: 2160. No tuning") in md
   with pytest.raises(reproduce.ReproduceError, match="--train_steps: no preset"):
-    reproduce.Harness("distill", "fashion_mnist", ("10",), 1, _rows("ce"), str(out))
+    reproduce.Harness("distill", "kmnist", ("10",), 1, _rows("ce"), str(out))
 
 
 def test_the_paper_presets_give_every_column_one_full_pass_per_epoch():
