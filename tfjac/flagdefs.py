@@ -155,7 +155,7 @@ flags.DEFINE_enum("lr_schedule", "cosine", config.LR_SCHEDULES, "Learning-rate s
 flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which --lr_schedule=step multiplies the "
                   "learning rate by --lr_decay_factor.")
 flags.DEFINE_float("lr_decay_factor", 0.2, "Factor of --lr_schedule=step.")
-# Budget in optimizer steps (few-shot runs): issue 13.
+# Budget in optimizer steps (few-shot runs).
 flags.DEFINE_integer("train_steps", 0, "Student budget in optimizer steps; 0 (default): "
                      "--epochs epochs, so that a run on fewer images takes fewer steps (60 "
                      "epochs of 100 images at batch 32 are 240 steps). N > 0: exactly N steps "
@@ -182,14 +182,13 @@ flags.DEFINE_integer("backup_every_steps", 0, "Also back up within an epoch, eve
 flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_determinism(): "
                      "deterministic kernels, for bit-identical reruns and resumes on GPUs. Not "
                      "needed on CPU, where runs with the same thread count are bit-identical "
-                     "already; there it changes the numbers and was ~2x slower (see "
-                     "README, Reliability).")
+                     "already; there it changes the numbers and costs speed (README, "
+                     "Reliability).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step. Refused with "
                      "hints that take the student's Jacobian (jac, jac_ce, jacnorm, at_jac): "
-                     "XLA's second-order gradient through max-pooling was measured wrong. "
-                     "Default off: on this project's CPU it was also slower (README, Speed; "
-                     "tools/benchmark.py --jit_compile=false,true). Not measured on GPU here: "
-                     "measure before turning it on there. Refused with "
+                     "XLA's second-order gradient through max-pooling is wrong. Default off "
+                     "(measure with tools/benchmark.py --jit_compile=false,true before "
+                     "turning it on; README, Speed). Refused with "
                      "--strategy=mirrored or multi_worker (XLA cannot reach the other "
                      "replicas' variables); under --strategy=auto with several GPUs it is "
                      "turned off with a logged reason.")
@@ -210,9 +209,9 @@ flags.DEFINE_enum("mixed_precision", "float32", config.PRECISIONS,
                   "compute, no loss scaling (GPUs with bfloat16, TPUs, recent CPUs). The logits "
                   "layer, the variables, the inputs and so the Jacobians stay float32; the "
                   "input-gradient is computed through low-precision layers and can underflow "
-                  "in deep networks. Default float32: float16 on CPU is emulated and very "
-                  "slow; bfloat16 was 2x faster on a CPU with AMX-BF16 but changes the "
-                  "numbers (README, Speed); not measured on GPU here.")
+                  "in deep networks. Default float32: float16 on CPU is emulated and slow; "
+                  "bfloat16 pays off only on CPUs with bfloat16 units and changes the numbers "
+                  "(README, Speed).")
 
 # Cost of the Jacobian hints (student fit only).
 flags.DEFINE_integer("jac_every", 1, "Lazy Jacobian matching: the Jacobian hints (jac, jac_ce, "
