@@ -17,15 +17,14 @@ values are written to tuning.json and used for every seed.
 Interrupted and rerun with the same command, finished cells (those with a results.json) are
 skipped and an interrupted cell resumes inside tfjac.run. Writes <out>/results.md (mean +- std
 per cell, the best of each column in bold, the poster's numbers beside ours for CIFAR-100 / MIT
-Indoor 67), results.csv, results.png, tuning.json and the log of every cell.
+Indoor 67), results.csv, results.png (rendered by tools/results_tables.py), tuning.json and
+the log of every cell.
 Arguments after `--` are passed to every run (teacher included), after the table's own flags.
 """
 import collections
 import concurrent.futures
-import csv
 import itertools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -37,6 +36,8 @@ sys.path.insert(0, REPO)
 
 from absl import app, flags  # noqa: E402
 
+import results_tables  # noqa: E402  (tools/: results.md, .csv, .png)
+from results_tables import setting_name  # noqa: E402
 from tfjac import atomic  # noqa: E402
 
 Row = collections.namedtuple("Row", "key label args")
@@ -248,25 +249,12 @@ def setting_args(setting):
   return tuple(f"--{k}={v}" for k, v in sorted(setting.items()))
 
 
-def setting_name(setting):
-  return "_".join(f"{k}={v}" for k, v in sorted(setting.items())) or "default"
-
-
 def read_results(workdir):
   path = os.path.join(workdir, "results.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
-
-
-def mean_std(values):
-  if not values:
-    return None, None
-  m = sum(values) / len(values)
-  if len(values) < 2:
-    return m, 0.0
-  return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 class Progress:
@@ -450,149 +438,15 @@ class Harness:
         entry["val"].append(100 * res["student"]["best_val_accuracy"])
         entry["seconds"].append(res["total_seconds"])
         entry["steps"].append(res["student"].get("train_steps"))
-    poster = load_poster(self.table, self.dataset)
+    poster = results_tables.load_poster(self.table, self.dataset)
     teacher = read_results(os.path.join(self.out, "teacher")) if self.teacher is None else None
-    write_csv(os.path.join(self.out, "results.csv"), self.rows, self.sizes, stats, poster,
-              self.preset.poster_columns)
-    markdown = results_markdown(self, stats, poster, tuning, teacher)
+    results_tables.write_csv(os.path.join(self.out, "results.csv"), self.rows, self.sizes,
+                             stats, poster, self.preset.poster_columns)
+    markdown = results_tables.results_markdown(self, stats, poster, tuning, teacher)
     atomic.write_text(os.path.join(self.out, "results.md"), markdown)
-    plot(os.path.join(self.out, "results.png"), self.rows, self.sizes, stats,
-         f"{self.table} on {self.dataset}")
+    results_tables.plot(os.path.join(self.out, "results.png"), self.rows, self.sizes, stats,
+                        f"{self.table} on {self.dataset}")
     return markdown
-
-
-def load_poster(table, dataset):
-  with open(os.path.join(REPO, "tools", "poster_tables.json")) as f:
-    return json.load(f).get(table, {}).get(dataset)
-
-
-def poster_value(poster, row, size, columns):
-  if not poster:
-    return None
-  return poster.get(row, {}).get(columns.get(size, size))
-
-
-def column_label(size):
-  return "full" if size == "full" else f"{size}/class"
-
-
-def results_markdown(h, stats, poster, tuning, teacher):
-  lines = [f"# {h.table} table on {h.dataset}", "",
-           f"Test accuracy (%), mean +- std over {h.seeds} seed(s); the best mean of each column "
-           "in bold." + (" Settings chosen per cell on the validation split of seed 0 "
-                         "(tuning.json)." if h.tune else "")
-           + (" In brackets: the poster's number." if poster else ""), ""]
-  if teacher is not None:
-    lines += [f"Teacher ({teacher['teacher'].get('model', '')}): test accuracy "
-              f"{100 * teacher['teacher']['test_accuracy']:.2f}% on the test split of its own "
-              "training data.", ""]
-  lines.append("| row | " + " | ".join(column_label(s) for s in h.sizes) + " |")
-  lines.append("|---|" + "---|" * len(h.sizes))
-  best = {}
-  for size in h.sizes:  # ties: the first row in the table's order
-    top = None
-    for r in h.rows:
-      m = mean_std(stats[(r.key, size)]["test"])[0]
-      if m is not None and (top is None or m > top[0]):
-        top = (m, r.key)
-    if top:
-      best[size] = top[1]
-  for row in h.rows:
-    cells = []
-    for size in h.sizes:
-      values = stats[(row.key, size)]["test"]
-      m, s = mean_std(values)
-      text = "failed" if m is None else f"{m:.2f} +- {s:.2f}"
-      if m is not None and len(values) < h.seeds:
-        text += f" ({len(values)} of {h.seeds} seeds)"
-      if best.get(size) == row.key:
-        text = f"**{text}**"
-      p = poster_value(poster, row.key, size, h.preset.poster_columns)
-      if p is not None:
-        text += f" [{p:.2f}]"
-      cells.append(text)
-    lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-  lines += ["", budget_line(h, stats, tuning)]
-  if tuning:
-    lines += ["", "Chosen on validation (seed 0):", ""]
-    for key, t in sorted(tuning.items()):
-      tried = ", ".join(
-          f"{setting_name(x['setting'])}: "
-          + ("failed" if x["best_val_accuracy"] is None else
-             f"{100 * x['best_val_accuracy']:.1f}") for x in t["trials"])
-      lines.append(f"- {key}: **{setting_name(t['chosen'])}** (validation accuracy: {tried})")
-  seconds = sum(sum(v["seconds"]) for v in stats.values())
-  lines += ["", f"Runs' own time, summed: {seconds / 60:.1f} min (tuning trials other than the "
-            "chosen one not included)."]
-  if h.failures:
-    lines += ["", "Failed runs: " + "; ".join(f"{w} ({d}/log.txt)" for w, d in h.failures)]
-  return "\n".join(lines) + "\n"
-
-
-def budget_line(h, stats, tuning):
-  """What every cell was given: optimizer steps per column (as the runs' results.json report
-  them) and tuning trials per row (as tuning.json holds them)."""
-  steps = []
-  for size in h.sizes:
-    seen = sorted({s for r in h.rows for s in stats[(r.key, size)]["steps"] if s is not None})
-    steps.append(f"{column_label(size)}: {'/'.join(str(s) for s in seen) or 'unknown'}")
-  how = (f"--train_steps={h.train_steps} for every cell" if h.train_steps else
-         "each run's --epochs and --steps_per_epoch (the preset's flags)")
-  text = f"Budget: optimizer steps per student run ({how}): " + "; ".join(steps) + "."
-  if tuning:
-    counts = collections.Counter()
-    for key, t in tuning.items():
-      counts[key.split("/")[0]] = max(counts[key.split("/")[0]], len(t["trials"]))
-    per_row = sorted({n for n in counts.values()})
-    text += (f" Tuning: {per_row[0]} trial(s) per row and column on seed 0" if len(per_row) == 1
-             else " Tuning: unequal trials per row (--tune_space): " + ", ".join(
-                 f"{k} {n}" for k, n in sorted(counts.items())))
-    text += (", learning rates and weights by the built-in design (tools/reproduce.py)."
-             if not h.tune_override else ", the product of --tune_space.")
-  else:
-    text += " No tuning: one run per cell and seed with tfjac.run's defaults."
-  return text
-
-
-def write_csv(path, rows, sizes, stats, poster, columns):
-  def write(f):
-    w = csv.writer(f)
-    w.writerow(["row", "samples_per_class", "seeds", "test_mean", "test_std",
-                "val_mean", "test_values", "poster"])
-    for row in rows:
-      for size in sizes:
-        st = stats[(row.key, size)]
-        m, s = mean_std(st["test"])
-        vm, _ = mean_std(st["val"])
-        p = poster_value(poster, row.key, size, columns)
-        w.writerow([row.key, size, len(st["test"]),
-                    "" if m is None else f"{m:.4f}", "" if s is None else f"{s:.4f}",
-                    "" if vm is None else f"{vm:.4f}",
-                    " ".join(f"{v:.4f}" for v in st["test"]), "" if p is None else p])
-  atomic.write_with(path, write)
-
-
-def plot(path, rows, sizes, stats, title):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  xs = list(range(len(sizes)))
-  for row in rows:
-    points = [(x, *mean_std(stats[(row.key, s)]["test"])) for x, s in zip(xs, sizes)]
-    points = [p for p in points if p[1] is not None]
-    if points:
-      ax.errorbar([p[0] for p in points], [p[1] for p in points],
-                  yerr=[p[2] for p in points], marker="o", capsize=3, label=row.label)
-  ax.set_xticks(xs, [column_label(s) for s in sizes])
-  ax.set_xlabel("training samples per class")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  atomic.write_with(path, lambda f: fig.savefig(f, format="png", dpi=120), mode="wb")
-  plt.close(fig)
 
 
 def main(argv):

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 from absl import app, flags  # noqa: E402
 
-import reproduce  # noqa: E402  (mean_std, read_results)
+import reproduce  # noqa: E402  (read_results)
+import results_tables  # noqa: E402  (mean_std)
 from tfjac import atomic  # noqa: E402
 
 Row = collections.namedtuple("Row", "key label hints")
@@ -112,7 +113,7 @@ class Table:
                   if results[(row.key, s)] is not None]
       cells = []
       for j, column in enumerate(columns):
-        m, sd = reproduce.mean_std([v[j] for v in per_seed])
+        m, sd = results_tables.mean_std([v[j] for v in per_seed])
         cells.append("failed" if m is None else f"{m:.2f} +- {sd:.2f}")
         rows_csv.append([row.key, column, len(per_seed), "" if m is None else f"{m:.4f}",
                          "" if sd is None else f"{sd:.4f}",
