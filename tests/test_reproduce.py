@@ -252,3 +252,13 @@ def test_real_table_through_tfjac_run(tmp_path):
     assert res["config"]["hints"]["hints"] == (["ce"] if row == "ce" else ["act", "jac"])
   assert "| act + jac |" in proc.stdout and "[1/3] teacher" in proc.stderr
   assert "(--train_steps=3 for every cell): 5/class: 3." in proc.stdout
+
+
+def test_the_tables_render_without_the_scheduler():
+  """tools/results_tables.py (results.md, .csv, .png) imports neither reproduce.py nor absl."""
+  code = ("import sys; sys.path.insert(0, 'tools'); import results_tables; "
+          "assert 'reproduce' not in sys.modules and 'absl.flags' not in sys.modules, "
+          "sorted(sys.modules)")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 0, proc.stderr[-2000:]
