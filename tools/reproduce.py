@@ -40,6 +40,8 @@ import results_tables  # noqa: E402  (tools/: results.md, .csv, .png)
 from results_tables import setting_name  # noqa: E402
 from tfjac import atomic  # noqa: E402
 
+# The grid: TABLES x PRESETS x columns. tools/flagfiles.py writes the paper's flagfiles
+# (flags/*.cfg) from it: rerun it after a change here (tests/test_flagfiles.py checks).
 Row = collections.namedtuple("Row", "key label args")
 
 # The rows of the poster's two tables: key (used in directory names and the poster's data),
