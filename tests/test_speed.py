@@ -2,6 +2,7 @@
 and the checks of --teacher_cache, --jit_compile, --mixed_precision and TF_CONFIG."""
 import dataclasses
 import json
+import os
 
 import keras
 import numpy as np
@@ -189,6 +190,23 @@ def test_chief_is_the_chief_task_or_worker_zero():
   assert not runtime.is_chief({"worker": ["a:1", "b:1"]}, "worker", 1)
   assert not runtime.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0)
   assert runtime.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}},
+     ({"worker": ["a:1", "b:2"]}, "worker", 1)),
+    ({"cluster": {"chief": ["c:3"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+     ({"chief": ["c:3"], "worker": ["a:1"]}, "chief", 0)),
+])
+def test_a_valid_tf_config_reads_as_written(monkeypatch, tmp_path, value, expected):
+  """runtime.parse_tf_config's (cluster, task type, index), from TFConfigClusterResolver, are
+  the TF_CONFIG's own values; a non-chief worker then writes its own directory."""
+  monkeypatch.setenv("TF_CONFIG", json.dumps(value))
+  assert runtime.parse_tf_config() == expected
+  config = runtime.worker_config(_config(workdir=str(tmp_path), strategy="multi_worker"))
+  chief = runtime.is_chief(*expected)
+  assert config.workdir == (str(tmp_path) if chief else
+                            os.path.join(str(tmp_path), "workers", "worker_1"))
 
 
 def test_packed_teacher_outputs_round_trip_with_features_and_pixels():
