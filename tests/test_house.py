@@ -218,3 +218,41 @@ def test_nothing_tests_a_mode_by_its_name():
   assert not found, found
   planted = ast.parse("if config.mode in ('teacher', 'x'):\n  pass\nif f.mode == 'transfer': pass")
   assert list(_mode_name_comparisons(planted)) == [1, 3]
+
+
+def _results(mode, **parts):
+  return {"mode": mode, "config": {"hints": {"hints": ["ce", "lwf"]}}, "replicas": 1,
+          "dataset": {"name": "digits", "skipped_images": 0}, "total_seconds": 1.25,
+          "workdir": "/w", **parts}
+
+
+def test_the_summary_takes_each_modes_own_lines():
+  from tfjac import run  # pylint: disable=g-import-not-at-top
+  conditions = {"teacher": {"path": "t.keras", "source_classes": 5},
+                "source_loss": {"dataset": "src", "cross_entropy": 0.5, "accuracy": 0.875},
+                "lipschitz": {"jacobian_spectral_norm": {"max": 3.0, "p50": 1.0, "p99": 2.5},
+                              "top1_gradient_norm": {"max": 0.25}},
+                "target": {"examples": 40, "classes": 4},
+                "distance": {"feature_space": "penultimate", "source": "src", "frechet": 1.5,
+                             "frechet_source_halves": 0.5, "mmd2": 0.125,
+                             "mmd2_source_halves": 0.0625}}
+  assert run.summary(_results("conditions", conditions=conditions)).splitlines() == [
+      "tfjac conditions on digits (1 replica(s))",
+      "  teacher: t.keras (5 source classes)",
+      "  1. teacher's loss on its source data (src): cross-entropy 0.5, accuracy 87.50%",
+      "  2. teacher's Lipschitz estimate on 40 target images (4 classes, stratified): Jacobian "
+      "spectral norm max 3, p50 1, p99 2.5; top-1 gradient norm max 0.25",
+      "  3. source/target distance (penultimate features): Frechet 1.5 (source halves: 0.5), "
+      "MMD^2 0.125 (source halves: 0.0625)",
+      "  time: 1.2 s",
+      "  outputs: /w/results.json, /w/flags.cfg; tensorboard --logdir /w/tensorboard"]
+  student = {"model": "vgg4", "train_examples": 50, "test_accuracy": 0.5, "best_epoch": 2,
+             "epochs_run": 3, "saved_model": "/w/student/saved_model",
+             "test": {"accuracy_under_noise": {"0.1": 0.25}}}
+  teacher = {"path": "t.keras", "source_classes": 7}
+  assert run.summary(_results("transfer", teacher=teacher, student=student)).splitlines()[1:5] == [
+      "  teacher: t.keras (another label space: 7 classes)",
+      "  student vgg4 (ce,lwf; 50 training images): test accuracy 50.00% (best validation "
+      "epoch 2/3)",
+      "  student SavedModel: /w/student/saved_model",
+      "  student accuracy under input noise: sigma 0.1: 25.00%"]
