@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tfjac import models
-from tfjac.config import Config, TrainConfig, validate
+from tfjac.checks import validate
+from tfjac.config import Config, TrainConfig
 from tfjac.errors import ConfigError
 from tfjac.training import loop
 from tfjac.training.distiller import Distiller

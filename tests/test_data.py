@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tfjac import checks
 from tfjac import config as config_lib
 from tfjac import data
 from tfjac.config import DataConfig
@@ -243,9 +244,9 @@ def test_image_folder_faults_name_the_class_or_file(tmp_path):
 
 def test_image_size_and_skip_bad_images_need_a_folder_dataset():
   with pytest.raises(ConfigError, match="--image_size: applies to --dataset=folder:PATH and mit_indoor67 only"):
-    config_lib.validate(config_lib.Config(data=DataConfig(image_size=32)))
+    checks.validate(config_lib.Config(data=DataConfig(image_size=32)))
   with pytest.raises(ConfigError, match="--skip_bad_images: applies to --dataset=folder:PATH"):
-    config_lib.validate(config_lib.Config(data=DataConfig(skip_bad_images=True)))
+    checks.validate(config_lib.Config(data=DataConfig(skip_bad_images=True)))
 
 
 def _mock_labels_dataset(self, *args, **kwargs):

@@ -11,8 +11,7 @@ import sys
 import pytest
 from absl import flags
 
-from tfjac import config as config_lib
-from tfjac import run
+from tfjac import checks, modes, run
 from tfjac.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,13 +33,13 @@ def test_flagfile_parses_and_validates(path, tmp_path, monkeypatch):
   flags.FLAGS(argv)
   # The teacher a previous cell writes, or the one the user gives (the MIT Indoor rows): a
   # stand-in file, since the checks only ask that it exists.
-  if flags.FLAGS["teacher"].present or flags.FLAGS.mode in config_lib.TEACHER_MODES:
+  if flags.FLAGS["teacher"].present or modes.load(flags.FLAGS.mode).NEEDS_TEACHER:
     (tmp_path / "teacher.keras").write_text("")
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv + [f"--teacher={tmp_path / 'teacher.keras'}"])
   try:
     config = run.config_from_flags()
-    config_lib.validate(config)
+    checks.validate(config)
   finally:
     flags.FLAGS.unparse_flags()
   name = os.path.basename(path)
@@ -61,7 +60,7 @@ def test_a_broken_flagfile_is_caught(tmp_path, monkeypatch):
   flags.FLAGS(["tfjac", f"--flagfile={bad}", f"--workdir={tmp_path / 'run'}"])
   try:
     with pytest.raises(ConfigError, match="validation_fraction"):
-      config_lib.validate(run.config_from_flags())
+      checks.validate(run.config_from_flags())
   finally:
     flags.FLAGS.unparse_flags()
 

@@ -96,10 +96,11 @@ def test_jac_every_needs_a_hint_without_jacobians(digits_splits):
     (dict(val_jac_examples=-1), ("act", "jac", "ce"), "--val_jac_examples: must be >= 0"),
 ])
 def test_bad_speed_flags_are_clear_errors(tmp_path, train, hints, message):
+  from tfjac import checks
   from tfjac import config as config_lib
   from tfjac.errors import ConfigError
   cfg = config_lib.Config(workdir=str(tmp_path), train=config_lib.TrainConfig(**train),
                           hints=config_lib.HintConfig(hints=hints))
   with pytest.raises(ConfigError) as err:
-    config_lib.validate(cfg)
+    checks.validate(cfg)
   assert message in str(err.value)

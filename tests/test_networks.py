@@ -111,8 +111,8 @@ def test_a_probability_savedmodel_needs_the_flag_and_then_gives_exact_kd(tmp_pat
   with pytest.raises(ConfigError, match=r"--teacher_outputs: .*\['act'\] need"):
     teachers.load_teacher(cfg, _info())
   with pytest.raises(ConfigError, match="--teacher_outputs: probabilities: .*'act'.* act on log-probabilities is not act"):
-    from tfjac import config as config_lib  # pylint: disable=g-import-not-at-top
-    config_lib._validate_outside_teacher(cfg)  # pylint: disable=protected-access
+    from tfjac import checks  # pylint: disable=g-import-not-at-top
+    checks._validate_outside_teacher(cfg)  # pylint: disable=protected-access
 
 
 def test_logits_declared_for_a_softmax_teacher_is_refused(tmp_path):
@@ -264,9 +264,9 @@ def test_bad_networks_are_refused_clearly(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="--teacher: .* is not a KerasHub preset directory"):
     networks.kerashub_teacher(str(tmp_path))
   (tmp_path / "not_a_model.keras").write_text("hello")
-  from tfjac import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tfjac import checks  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"):  # no TF work
-    config_lib._check_network_name(  # pylint: disable=protected-access
+    checks._check_network_name(  # pylint: disable=protected-access
         "model", ModelConfig(str(tmp_path / "not_a_model.keras")))
   with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"):
     networks.build_student(str(tmp_path / "not_a_model.keras"), (6, 6, 3), 5, mean=(0,),

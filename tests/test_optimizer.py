@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from tfjac import config as config_lib
-from tfjac import run
+from tfjac import checks, run
 from tfjac.config import Config, TrainConfig
 from tfjac.errors import ConfigError
 from tfjac.training import loop
@@ -109,10 +108,10 @@ def test_default_optimizer_is_unchanged():
 
 def test_weight_decay_kind_is_checked():
   with pytest.raises(ConfigError, match="--weight_decay_kind: l2 with --optimizer=adamw"):
-    config_lib.validate(Config(train=TrainConfig(optimizer="adamw", weight_decay_kind="l2")))
+    checks.validate(Config(train=TrainConfig(optimizer="adamw", weight_decay_kind="l2")))
   with pytest.raises(ConfigError, match="--weight_decay_kind: unknown value 'l1'; valid: "
                      "decoupled, l2"):
-    config_lib.validate(Config(train=TrainConfig(weight_decay_kind="l1")))
+    checks.validate(Config(train=TrainConfig(weight_decay_kind="l1")))
 
 
 @contextlib.contextmanager

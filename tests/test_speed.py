@@ -2,13 +2,14 @@
 and the checks of --teacher_cache, --jit_compile, --mixed_precision and TF_CONFIG."""
 import dataclasses
 import json
+import os
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjac import config as config_lib
+from tfjac import checks, runtime
 from tfjac import data as data_lib
 from tfjac import models
 from tfjac.config import Config, DataConfig, HintConfig, TrainConfig
@@ -133,21 +134,21 @@ def _config(**kw):
 ])
 def test_teacher_cache_auto_turns_off_and_on_refuses(tmp_path, change, why):
   cfg = _config(workdir=str(tmp_path), **change)
-  use, reason = config_lib.use_teacher_cache(cfg)
+  use, reason = teacher_cache.use_teacher_cache(cfg)
   assert not use and why in reason
   with pytest.raises(ConfigError, match="--teacher_cache.*" + why.replace("-", "\\-")):
-    config_lib.validate(dataclasses.replace(cfg, teacher_cache="on"))
+    checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
 
 
 def test_teacher_cache_auto_is_on_for_the_default_distillation(tmp_path):
   cfg = _config(workdir=str(tmp_path))
-  assert config_lib.use_teacher_cache(cfg)[0]
-  assert not config_lib.use_teacher_cache(dataclasses.replace(cfg, teacher_cache="off"))[0]
-  config_lib.validate(dataclasses.replace(cfg, teacher_cache="on"))
+  assert teacher_cache.use_teacher_cache(cfg)[0]
+  assert not teacher_cache.use_teacher_cache(dataclasses.replace(cfg, teacher_cache="off"))[0]
+  checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
   # jac_target=random does not matter when no hint takes Jacobians
   cfg = _config(workdir=str(tmp_path), hints=HintConfig(hints=("act", "ce"),
                                                         jac_target="random"))
-  assert config_lib.use_teacher_cache(cfg)[0]
+  assert teacher_cache.use_teacher_cache(cfg)[0]
 
 
 @pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])
@@ -158,8 +159,8 @@ def test_jit_compile_with_several_replicas_is_refused(tmp_path, monkeypatch, str
   cfg = _config(workdir=str(tmp_path), strategy=strategy, train=TrainConfig(jit_compile=True),
                 hints=HintConfig(hints=("act", "ce")))
   with pytest.raises(ConfigError, match="--jit_compile.*XLA cannot compile a step under"):
-    config_lib.validate(cfg)
-  config_lib.validate(dataclasses.replace(cfg, train=TrainConfig()))
+    checks.validate(cfg)
+  checks.validate(dataclasses.replace(cfg, train=TrainConfig()))
 
 
 @pytest.mark.parametrize("tf_config,message", [
@@ -180,15 +181,32 @@ def test_malformed_tf_config_is_a_clear_error(tmp_path, monkeypatch, tf_config, 
   else:
     monkeypatch.setenv("TF_CONFIG", tf_config)
   with pytest.raises(ConfigError, match="TF_CONFIG") as err:
-    config_lib.validate(_config(workdir=str(tmp_path), strategy="multi_worker"))
+    checks.validate(_config(workdir=str(tmp_path), strategy="multi_worker"))
   assert message in str(err.value)
 
 
 def test_chief_is_the_chief_task_or_worker_zero():
-  assert config_lib.is_chief({"worker": ["a:1", "b:1"]}, "worker", 0)
-  assert not config_lib.is_chief({"worker": ["a:1", "b:1"]}, "worker", 1)
-  assert not config_lib.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0)
-  assert config_lib.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0)
+  assert runtime.is_chief({"worker": ["a:1", "b:1"]}, "worker", 0)
+  assert not runtime.is_chief({"worker": ["a:1", "b:1"]}, "worker", 1)
+  assert not runtime.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0)
+  assert runtime.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}},
+     ({"worker": ["a:1", "b:2"]}, "worker", 1)),
+    ({"cluster": {"chief": ["c:3"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+     ({"chief": ["c:3"], "worker": ["a:1"]}, "chief", 0)),
+])
+def test_a_valid_tf_config_reads_as_written(monkeypatch, tmp_path, value, expected):
+  """runtime.parse_tf_config's (cluster, task type, index), from TFConfigClusterResolver, are
+  the TF_CONFIG's own values; a non-chief worker then writes its own directory."""
+  monkeypatch.setenv("TF_CONFIG", json.dumps(value))
+  assert runtime.parse_tf_config() == expected
+  config = runtime.worker_config(_config(workdir=str(tmp_path), strategy="multi_worker"))
+  chief = runtime.is_chief(*expected)
+  assert config.workdir == (str(tmp_path) if chief else
+                            os.path.join(str(tmp_path), "workers", "worker_1"))
 
 
 def test_packed_teacher_outputs_round_trip_with_features_and_pixels():
@@ -211,8 +229,8 @@ def test_jit_compile_with_double_backprop_is_refused(tmp_path, hints):
   cfg = _config(workdir=str(tmp_path), mode=mode, hints=HintConfig(hints=hints),
                 train=TrainConfig(jit_compile=True))
   with pytest.raises(ConfigError, match="--jit_compile: refused .*max-pooling"):
-    config_lib.validate(cfg)
-  config_lib.validate(dataclasses.replace(cfg, train=TrainConfig()))
+    checks.validate(cfg)
+  checks.validate(dataclasses.replace(cfg, train=TrainConfig()))
 
 
 def test_jit_compiled_first_order_step_matches_the_graph_step(digits_splits):
@@ -248,10 +266,9 @@ def test_jit_compile_under_two_replicas_falls_back_with_a_logged_reason(caplog):
 
 
 def test_float16_without_a_gpu_logs_why_it_is_slow(tmp_path, caplog):
-  from tfjac.modes import common
   cfg = _config(workdir=str(tmp_path), mixed_precision="mixed_float16")
   with caplog.at_level("WARNING"):
-    common.check_precision(cfg, tf.distribute.get_strategy())
+    runtime.check_precision(cfg, tf.distribute.get_strategy())
   assert any("mixed_float16 without a GPU" in r.getMessage() for r in caplog.records)
 
 

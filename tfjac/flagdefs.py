@@ -3,10 +3,10 @@
 the embedded digits dataset; flagfiles under flags/ set the paper's experiments."""
 from absl import flags
 
-from tfjac import config, hints, models
+from tfjac import config, hints, models, modes
 
 # What to run.
-flags.DEFINE_enum("mode", "distill", config.MODES,
+flags.DEFINE_enum("mode", "distill", list(modes.MODES),
                   "teacher: train and export a teacher. distill: teacher -> student with --hints. "
                   "regularize: a student without teacher, with --hints among ce, jacnorm, "
                   "noisy_ce (default ce,jacnorm). transfer: Learning without Forgetting from a "

@@ -14,6 +14,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from tfjac import config as config_lib  # noqa: E402
 from tfjac import flagdefs  # noqa: E402,F401  (defines the flags)
+from tfjac import modes  # noqa: E402
 from tfjac.errors import ConfigError, TfjacError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -34,15 +35,14 @@ def _float_list(flag, values):
 
 
 def config_from_flags(f=FLAGS) -> config_lib.Config:
+  mode = modes.load(f.mode)  # the mode's defaults (modes/__init__.py)
   hints = tuple(f.hints)
-  if not f["hints"].present:
-    hints = {"teacher": ("ce",), "regularize": ("ce", "jacnorm"), "transfer": ("ce", "lwf"),
-             "finetune": ("ce",), "conditions": ("ce",)}.get(f.mode, hints)
-  if f.mode == "transfer" and "ce" not in hints:
-    hints = ("ce",) + hints  # LwF: CE on the target labels is always part of the loss
+  if not f["hints"].present and mode.DEFAULT_HINTS is not None:
+    hints = tuple(mode.DEFAULT_HINTS)
+  hints = tuple(h for h in mode.ALWAYS_HINTS if h not in hints) + hints
   jac_target = f.jac_target
-  if f.mode == "transfer" and not f["jac_target"].present:
-    jac_target = "teacher_top1"  # target labels are not in the teacher's label space
+  if mode.DEFAULT_JAC_TARGET is not None and not f["jac_target"].present:
+    jac_target = mode.DEFAULT_JAC_TARGET
   train_common = dict(batch_size=f.batch_size, steps_per_epoch=f.steps_per_epoch,
                       optimizer=f.optimizer, momentum=f.momentum, weight_decay=f.weight_decay,
                       lr_schedule=f.lr_schedule,
@@ -110,34 +110,29 @@ def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:
   return "\n".join(lines) + "\n"
 
 
-MODES = {name: f"tfjac.modes.{name}" for name in config_lib.MODES}
-
-
 def run(config: config_lib.Config, flagfile_text: str = ""):
   """Runs one configured job; returns the results dict (also written to results.json)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-
   import keras  # pylint: disable=g-import-not-at-top
 
-  from tfjac import data, export  # pylint: disable=g-import-not-at-top
+  from tfjac import checks, data, export, runtime  # pylint: disable=g-import-not-at-top
   from tfjac.modes import common  # pylint: disable=g-import-not-at-top
 
   start = time.time()
-  config_lib.validate(config)
-  config = common.worker_config(config)  # multi-worker: only the chief writes --workdir
+  checks.validate(config)
+  config = runtime.worker_config(config)  # multi-worker: only the chief writes --workdir
   if flagfile_text:
     export.atomic_write_text(os.path.join(config.workdir, "flags.cfg"), flagfile_text)
   # First TF work: MultiWorkerMirroredStrategy must be created before any op runs.
-  strategy = common.make_strategy(config.strategy)
+  strategy = runtime.make_strategy(config.strategy)
   if config.deterministic:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.data.seed)
   splits = data.prepare(config.data)
-  config_lib.validate_against_data(config, splits.info.num_classes)
-  common.check_precision(config, strategy)
+  checks.validate_against_data(config, splits.info.num_classes)
+  runtime.check_precision(config, strategy)
   common.check_student(config, splits, strategy)  # before a teacher is trained
-  mode = importlib.import_module(MODES[config.mode])
+  mode = modes.load(config.mode)
   previous_policy = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy(config.mixed_precision)
   try:
@@ -158,66 +153,11 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
   return results
 
 
-def _pct(v):
-  return f"{100 * v:.2f}%"
-
-
-def _conditions_lines(c):
-  lines = [f"  teacher: {c['teacher']['path']} ({c['teacher']['source_classes']} source classes)"]
-  src = c.get("source_loss")
-  if src and "error" not in src:
-    lines.append(f"  1. teacher's loss on its source data ({src['dataset']}): cross-entropy "
-                 f"{src['cross_entropy']:.4g}, accuracy {_pct(src['accuracy'])}")
-  else:
-    lines.append("  1. teacher's source loss: " + (src or {}).get(
-        "error", "not measured (give --source_dataset)"))
-  lip = c["lipschitz"]["jacobian_spectral_norm"]
-  top = c["lipschitz"]["top1_gradient_norm"]
-  lines.append(f"  2. teacher's Lipschitz estimate on {c['target']['examples']} target images "
-               f"({c['target']['classes']} classes, stratified): "
-               f"Jacobian spectral norm max {lip['max']:.4g}, p50 {lip['p50']:.4g}, p99 "
-               f"{lip['p99']:.4g}; top-1 gradient norm max {top['max']:.4g}")
-  d = c["distance"]
-  if d.get("source"):
-    lines.append(f"  3. source/target distance ({d['feature_space']} features): Frechet "
-                 f"{d['frechet']:.4g} (source halves: {d['frechet_source_halves']:.4g}), MMD^2 "
-                 f"{d['mmd2']:.4g} (source halves: {d['mmd2_source_halves']:.4g})")
-  else:
-    lines.append("  3. source/target distance: " + d["note"])
-  return lines
-
-
 def summary(results) -> str:
-  c = results["config"]
   wd = results["workdir"]
   lines = [f"tfjac {results['mode']} on {results['dataset']['name']} "
            f"({results['replicas']} replica(s))"]
-  if "conditions" in results:
-    lines.extend(_conditions_lines(results["conditions"]))
-  t = results.get("teacher")
-  if t and "test_accuracy" in t:
-    how = {"trained": f"trained here in {t.get('train_seconds', 0):.0f} s",
-           "reused": "reused from the run directory", "given": "from --teacher"}[t["source"]]
-    lines.append(f"  teacher: test accuracy {_pct(t['test_accuracy'])} ({how}; {t['path']})")
-  elif t:
-    lines.append(f"  teacher: {t['path']} (another label space: "
-                 f"{t.get('source_classes', '?')} classes)")
-  s = results.get("student")
-  if s:
-    lines.append(f"  student {s['model']} ({','.join(c['hints']['hints'])}; "
-                 f"{s['train_examples']} training images): test accuracy "
-                 f"{_pct(s['test_accuracy'])} (best validation epoch {s['best_epoch']}/"
-                 f"{s['epochs_run']})")
-    lines.append(f"  student SavedModel: {s['saved_model']}")
-  for role in ("teacher", "student"):
-    noisy = (results.get(role) or {}).get("test", {}).get("accuracy_under_noise")
-    if noisy:
-      lines.append(f"  {role} accuracy under input noise: " +
-                   ", ".join(f"sigma {k}: {_pct(v)}" for k, v in noisy.items()))
-    r = (results.get(role) or {}).get("resumed_from")
-    if r:
-      lines.append(f"  {role}: resumed after {r['epochs_done']} epoch(s) and "
-                   f"{r['steps_done']} step(s) of an interrupted run")
+  lines.extend(modes.load(results["mode"]).summary_lines(results))
   skipped = results["dataset"].get("skipped_images")
   if skipped:
     lines.append(f"  skipped {skipped} unreadable image(s) (--skip_bad_images; listed in "

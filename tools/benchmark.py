@@ -122,8 +122,8 @@ def _double_backprop(hints):
 
 def _cacheable(hints, target):
   """Where --teacher_cache can be on (the benchmark never augments)."""
-  from tfjac import config as config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.hints_blocker(hints.split(","), target) is None
+  from tfjac.training import teacher_cache  # pylint: disable=g-import-not-at-top
+  return teacher_cache.hints_blocker(hints.split(","), target) is None
 
 
 def _valid(cfg):

@@ -1,21 +1,21 @@
-"""Pieces the mode recipes share: strategy, building and training one network, teachers,
-and the resume bookkeeping (which settings a backup must match, discarding backups)."""
+"""Pieces the mode recipes share: building and training one network, teachers, the resume
+bookkeeping (which settings a backup must match, discarding backups) and the summary lines of
+the networks a run trains or evaluates."""
 import dataclasses
 import os
 from typing import Optional
 
 import keras
-import tensorflow as tf
 from absl import logging
 
-from tfjac import config as config_lib
-from tfjac import export, models, networks, teachers
+from tfjac import export, models, modes, networks, teachers
 from tfjac.config import Config, ModelConfig, TrainConfig
 from tfjac.data import Splits
 from tfjac.errors import ConfigError
 from tfjac.hints import HintParams
 from tfjac.training import loop
 from tfjac.training import resume as resume_lib
+from tfjac.training import teacher_cache
 from tfjac.training.distiller import Distiller
 
 TEACHER_DIR = "teacher"
@@ -25,47 +25,6 @@ CHECKPOINTS_DIR = "checkpoints"
 # seed and its role only, not on what ran before it in the process (a resumed run loads the
 # teacher instead of training it).
 _ROLE_SEED = {"teacher": 1, "student": 2}
-
-
-def make_strategy(name: str) -> tf.distribute.Strategy:
-  if name == "default":
-    return tf.distribute.get_strategy()
-  if name == "multi_worker":  # reads TF_CONFIG (checked by config.validate)
-    return tf.distribute.MultiWorkerMirroredStrategy()
-  gpus = tf.config.list_logical_devices("GPU")
-  if name == "mirrored" or (name == "auto" and len(gpus) > 1):
-    return tf.distribute.MirroredStrategy()
-  return tf.distribute.get_strategy()
-
-
-def worker_config(config: Config) -> Config:
-  """Under --strategy=multi_worker every worker runs the same command; the chief writes
-  --workdir, every other worker its own <workdir>/workers/<type>_<index> (its checkpoints,
-  resume backup and exports), so that no two processes write one file."""
-  if config.strategy != "multi_worker":
-    return config
-  cluster, kind, index = config_lib.parse_tf_config(os.environ.get("TF_CONFIG"))
-  if config_lib.is_chief(cluster, kind, index):
-    return config
-  workdir = os.path.join(config.workdir, "workers", f"{kind}_{index}")
-  logging.info("multi-worker: %s %d is not the chief; it writes to %s", kind, index, workdir)
-  return dataclasses.replace(config, workdir=workdir)
-
-
-def check_precision(config: Config, strategy):
-  """Device checks of --mixed_precision, logged: they run, but not as one might expect."""
-  del strategy
-  gpus = tf.config.list_physical_devices("GPU")
-  if config.mixed_precision == "mixed_float16" and not gpus:
-    logging.warning("--mixed_precision=mixed_float16 without a GPU: float16 is emulated on CPU "
-                    "and slower than float32 (README, Speed); it runs, for testing only")
-  if config.mixed_precision == "mixed_bfloat16" and gpus:
-    details = tf.config.experimental.get_device_details(gpus[0])
-    capability = details.get("compute_capability")
-    if capability and capability < (8, 0):
-      logging.warning("--mixed_precision=mixed_bfloat16 on %s (compute capability %s): "
-                      "bfloat16 needs 8.0 (Ampere) or newer to be fast; use mixed_float16",
-                      details.get("device_name", "this GPU"), capability)
 
 
 def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, seed=0):
@@ -80,14 +39,11 @@ def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, s
                       sync_bn=strategy.num_replicas_in_sync > 1)
 
 
-STUDENT_MODES = ("distill", "regularize", "transfer")  # modes that build config.student
-
-
 def check_student(config: Config, splits: Splits, strategy):
   """Builds an outside student (keras.applications:NAME, FILE.keras) once and throws it away,
   so that one that cannot take the dataset's images is a ConfigError naming --model before a
   teacher is trained. tfjac's own builders take any image size: nothing to check."""
-  if config.mode in STUDENT_MODES and networks.is_outside(config.student.name):
+  if modes.load(config.mode).BUILDS_STUDENT and networks.is_outside(config.student.name):
     build_network(config.student, splits, "student", strategy, seed=config.data.seed)
 
 
@@ -139,7 +95,7 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
   workdir = config.workdir
   use_cache = False
   if teacher is not None:
-    use_cache, reason = config_lib.use_teacher_cache(config)
+    use_cache, reason = teacher_cache.use_teacher_cache(config)
     logging.info("teacher cache %s for the %s: %s", "on" if use_cache else "off", role, reason)
   result = loop.fit(
       distiller, train_split, splits.validation, train_cfg, seed=config.data.seed,
@@ -247,3 +203,38 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     test["accuracy_under_noise"] = robustness(config, splits, teacher, config.train.batch_size)
   return teacher, {"source": source, "path": path, "test": test,
                    "test_accuracy": test["accuracy"], **loaded.summary()}
+
+
+def pct(v):
+  return f"{100 * v:.2f}%"
+
+
+def summary_lines(results):
+  """The summary lines of the teacher and the student in `results` (each when present)."""
+  c = results["config"]
+  lines = []
+  t = results.get("teacher")
+  if t and "test_accuracy" in t:
+    how = {"trained": f"trained here in {t.get('train_seconds', 0):.0f} s",
+           "reused": "reused from the run directory", "given": "from --teacher"}[t["source"]]
+    lines.append(f"  teacher: test accuracy {pct(t['test_accuracy'])} ({how}; {t['path']})")
+  elif t:
+    lines.append(f"  teacher: {t['path']} (another label space: "
+                 f"{t.get('source_classes', '?')} classes)")
+  s = results.get("student")
+  if s:
+    lines.append(f"  student {s['model']} ({','.join(c['hints']['hints'])}; "
+                 f"{s['train_examples']} training images): test accuracy "
+                 f"{pct(s['test_accuracy'])} (best validation epoch {s['best_epoch']}/"
+                 f"{s['epochs_run']})")
+    lines.append(f"  student SavedModel: {s['saved_model']}")
+  for role in ("teacher", "student"):
+    noisy = (results.get(role) or {}).get("test", {}).get("accuracy_under_noise")
+    if noisy:
+      lines.append(f"  {role} accuracy under input noise: " +
+                   ", ".join(f"sigma {k}: {pct(v)}" for k, v in noisy.items()))
+    r = (results.get(role) or {}).get("resumed_from")
+    if r:
+      lines.append(f"  {role}: resumed after {r['epochs_done']} epoch(s) and "
+                   f"{r['steps_done']} step(s) of an interrupted run")
+  return lines

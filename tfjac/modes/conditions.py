@@ -24,9 +24,18 @@ from absl import logging
 
 from tfjac import data, teachers
 from tfjac.models import views
+from tfjac.modes import common
 from tfjac.training import loop
 from tfjac.training.distiller import Distiller
 
+DEFAULT_HINTS = ("ce",)
+ALWAYS_HINTS = ()
+DEFAULT_JAC_TARGET = None
+NEEDS_TEACHER = True
+BUILDS_STUDENT = False
+TEACHER_CACHE = False  # measurements only: no fit
+HINTS_READ_TEACHER = False
+TOP_K_AMONG = "dataset"
 POWER_ITERATIONS = 30
 PERCENTILES = (50, 90, 99)
 
@@ -192,3 +201,34 @@ def run(config, splits, strategy):
         "frechet_source_halves": frechet_distance(f_a, f_b),
         "mmd2": m, "mmd2_source_halves": m_ref, "mmd_bandwidth": bw}
   return {"conditions": result}
+
+
+def check(config):
+  del config  # the checks of every mode are all conditions has
+
+
+def summary_lines(results):
+  pct = common.pct
+  c = results["conditions"]
+  lines = [f"  teacher: {c['teacher']['path']} ({c['teacher']['source_classes']} source classes)"]
+  src = c.get("source_loss")
+  if src and "error" not in src:
+    lines.append(f"  1. teacher's loss on its source data ({src['dataset']}): cross-entropy "
+                 f"{src['cross_entropy']:.4g}, accuracy {pct(src['accuracy'])}")
+  else:
+    lines.append("  1. teacher's source loss: " + (src or {}).get(
+        "error", "not measured (give --source_dataset)"))
+  lip = c["lipschitz"]["jacobian_spectral_norm"]
+  top = c["lipschitz"]["top1_gradient_norm"]
+  lines.append(f"  2. teacher's Lipschitz estimate on {c['target']['examples']} target images "
+               f"({c['target']['classes']} classes, stratified): "
+               f"Jacobian spectral norm max {lip['max']:.4g}, p50 {lip['p50']:.4g}, p99 "
+               f"{lip['p99']:.4g}; top-1 gradient norm max {top['max']:.4g}")
+  d = c["distance"]
+  if d.get("source"):
+    lines.append(f"  3. source/target distance ({d['feature_space']} features): Frechet "
+                 f"{d['frechet']:.4g} (source halves: {d['frechet_source_halves']:.4g}), MMD^2 "
+                 f"{d['mmd2']:.4g} (source halves: {d['mmd2_source_halves']:.4g})")
+  else:
+    lines.append("  3. source/target distance: " + d["note"])
+  return lines + common.summary_lines(results)

@@ -9,6 +9,27 @@ from tfjac.errors import ConfigError, TfjacError
 from tfjac.models import views
 from tfjac.modes import common
 
+DEFAULT_HINTS = ("ce",)
+ALWAYS_HINTS = ()
+DEFAULT_JAC_TARGET = None
+NEEDS_TEACHER = True
+BUILDS_STUDENT = False  # the oracle is the teacher's network with a new head
+# The oracle's fit has no teacher; with --hints=ce the cache is refused by the hints' rule
+# ("no hint in --hints reads the teacher").
+TEACHER_CACHE = True
+HINTS_READ_TEACHER = False
+TOP_K_AMONG = "dataset"
+
+
+def check(config):
+  if config.hints.hints != DEFAULT_HINTS:
+    raise ConfigError("hints", "--mode=finetune (the fine-tuning oracle) trains with CE alone: "
+                      "use --hints=ce")
+
+
+def summary_lines(results):
+  return common.summary_lines(results)
+
 
 def oracle_network(teacher: keras.Model, image_shape, num_classes, teacher_input, path,
                    adapt=None):

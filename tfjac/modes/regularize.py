@@ -2,7 +2,32 @@
 (--hints=ce,jacnorm: CE + sigma^2 ||dS/dx||^2) or CE on noisy inputs (--hints=noisy_ce). The
 poster's equivalence of the two is for squared error; for CE the noisy expectation is, to second
 order, CE + sigma^2/2 tr(Hessian_x CE), so the two are related losses, not the same one."""
+from tfjac import hints as hints_lib
+from tfjac.errors import ConfigError
 from tfjac.modes import common
+
+DEFAULT_HINTS = ("ce", "jacnorm")
+ALWAYS_HINTS = ()
+DEFAULT_JAC_TARGET = None
+NEEDS_TEACHER = False
+BUILDS_STUDENT = True
+TEACHER_CACHE = False  # no teacher
+HINTS_READ_TEACHER = False
+TOP_K_AMONG = "dataset"
+
+
+def check(config):
+  with_teacher = [name for name in config.hints.hints if hints_lib.HINTS[name].needs_teacher]
+  if with_teacher:
+    raise ConfigError("hints", f"--mode=regularize has no teacher, but {with_teacher} need "
+                      "one; valid: " + ", ".join(n for n, hint in hints_lib.HINTS.items()
+                                                  if not hint.needs_teacher))
+  if config.teacher_path:
+    raise ConfigError("teacher", "--mode=regularize trains without a teacher")
+
+
+def summary_lines(results):
+  return common.summary_lines(results)
 
 
 def run(config, splits, strategy):

@@ -9,12 +9,41 @@ the poster's no-transfer baseline. The exported student is the target network al
 import keras
 from absl import logging
 
-from tfjac import config as config_lib
-from tfjac import teachers
+from tfjac import checks, teachers
+from tfjac import hints as hints_lib
+from tfjac.errors import ConfigError
 from tfjac.models import views
 from tfjac.modes import common
 
+DEFAULT_HINTS = ("ce", "lwf")
+ALWAYS_HINTS = ("ce",)  # LwF: CE on the target labels is always part of the loss
+DEFAULT_JAC_TARGET = "teacher_top1"  # target labels are not in the teacher's label space
+NEEDS_TEACHER = True
+BUILDS_STUDENT = True
+TEACHER_CACHE = True
+HINTS_READ_TEACHER = True
+TOP_K_AMONG = "teacher"  # the student's second head has the teacher's shape
+
 NO_TEACHER_NEEDED = ("ce",)
+
+
+def check(config):
+  h = config.hints
+  uses_jac = [n for n in h.hints if checks.uses_jac_target(hints_lib.HINTS[n])]
+  if uses_jac and h.jac_target == "label":
+    raise ConfigError("jac_target", "target labels are not in the teacher's label space: "
+                      "use teacher_top1 (the default in --mode=transfer), top_k, all, random "
+                      "or projection")
+  # The transfer hints: CE on the labels and LwF, and the hints that read the teacher.
+  valid = DEFAULT_HINTS + tuple(n for n, hint in hints_lib.HINTS.items()
+                                if hint.needs_teacher and n not in DEFAULT_HINTS)
+  bad = [n for n in h.hints if n not in valid]
+  if bad:
+    raise ConfigError("hints", f"{bad} are not transfer hints; valid: {', '.join(valid)}")
+
+
+def summary_lines(results):
+  return common.summary_lines(results)
 
 
 def run(config, splits, strategy):
@@ -22,11 +51,11 @@ def run(config, splits, strategy):
   if config.hints.hints == NO_TEACHER_NEEDED:
     logging.info("--hints=ce: the no-transfer baseline; the teacher is not used")
     return {"student": common.train_student(config, splits, strategy, teacher=None)}
-  uses_features = any(h in ("at", "at_jac") for h in config.hints.hints)
+  uses_features = any(hints_lib.HINTS[h].needs_features for h in config.hints.hints)
   with strategy.scope():
     loaded = teachers.load_teacher(config, info)
     network, teacher, source_classes = loaded.network, loaded.adapted, loaded.num_outputs
-  config_lib.check_jac_top_k(config, source_classes, "the teacher's",
+  checks.check_jac_top_k(config, source_classes, "the teacher's",
                              f" ({config.teacher_path}; top-k picks among its outputs)")
   logging.info("teacher %s: %d source classes; target: %d classes", config.teacher_path,
                source_classes, info.num_classes)

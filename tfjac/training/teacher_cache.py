@@ -5,13 +5,17 @@ target that does not depend on the step, its logits, Jacobians and feature maps 
 of the example alone. They are computed here by the training step's own `Distiller.teacher_pass`
 and fed as a third element of each batch (data.training_batches(extras=...)); train_step then
 skips the teacher. The stream stays a pure function of (seed, epoch, step): resume is unchanged.
+The policy, when the cache can be used (`teacher_cache_blocker`, `use_teacher_cache`), is here
+too; it asks the mode (its TEACHER_CACHE) and the hints' declared needs.
 """
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from tfjac import data as data_lib
+from tfjac import hints, modes
+from tfjac.config import Config
 from tfjac.training.distiller import pack_teacher_outputs
 
 
@@ -19,7 +23,7 @@ def compute(distiller, split: data_lib.ArraySplit, batch_size: int) -> Dict[str,
   """{name: [len(split), ...]} of the packed TeacherOutputs of every example of `split`."""
   @tf.function(reduce_retracing=True)
   def teacher_batch(x, labels):
-    # Step 0: the targets allowed here (config.teacher_cache_blocker) do not read the seed.
+    # Step 0: the targets allowed here (teacher_cache_blocker) do not read the seed.
     return pack_teacher_outputs(distiller.teacher_pass(tf.cast(x, tf.float32), labels, 0))
 
   parts = [teacher_batch(x, y) for x, y in data_lib.pipeline(split, batch_size)]
@@ -28,3 +32,42 @@ def compute(distiller, split: data_lib.ArraySplit, batch_size: int) -> Dict[str,
 
 def size_mib(cache: Dict[str, np.ndarray]) -> float:
   return sum(v.nbytes for v in cache.values()) / 2**20
+
+
+def teacher_cache_blocker(config: Config) -> Optional[str]:
+  """Why the student's fit cannot use teacher outputs computed once per example, or None.
+  The teacher is frozen and runs in inference mode, so its outputs are a function of the
+  example alone unless the example or the outputs asked for change from step to step."""
+  if not modes.load(config.mode).TEACHER_CACHE:
+    return f"--mode={config.mode} fits no student against a teacher"
+  reads_teacher = any(hints.HINTS[name].needs_teacher for name in config.hints.hints)
+  if reads_teacher and config.data.augment:
+    return (f"--augment={','.join(config.data.augment)} changes every example at every step, "
+            "so the teacher must see each augmented batch")
+  return hints_blocker(config.hints.hints, config.hints.jac_target)
+
+
+def hints_blocker(hint_names, jac_target) -> Optional[str]:
+  """The part of teacher_cache_blocker that depends on the hints and the Jacobian target alone
+  (tools/benchmark.py asks it too)."""
+  chosen = {name: hints.HINTS[name] for name in hint_names}
+  if not any(hint.needs_teacher for hint in chosen.values()):
+    return "no hint in --hints reads the teacher"
+  per_step = [name for name, hint in chosen.items() if hint.runs_teacher_per_step]
+  if per_step:
+    return f"the hint(s) {','.join(per_step)} run the teacher on new noisy inputs at every step"
+  uses_target = any(h.student_jacobians or h.teacher_jacobians for h in chosen.values())
+  if uses_target and hints.JACOBIAN_TARGETS[jac_target].seeded_by_step:
+    return (f"--jac_target={jac_target} draws new outputs at every step (seeded "
+            "by the step)")
+  return None
+
+
+def use_teacher_cache(config: Config) -> Tuple[bool, str]:
+  """(whether the student's fit uses cached teacher outputs, the reason, for the log)."""
+  blocker = teacher_cache_blocker(config)
+  if config.teacher_cache == "off":
+    return False, "--teacher_cache=off"
+  if blocker:
+    return False, blocker
+  return True, f"--teacher_cache={config.teacher_cache}: no augmentation, deterministic targets"

@@ -1,0 +1,285 @@
+"""The checks of a Config: everything that can be checked before any work, and the few that
+need the dataset or the teacher. Each raises ConfigError naming the flag and what would be valid.
+
+The rules ask the registries: a mode's own rules and needs come from its module (modes/), a
+hint's needs from its declared fields (hints.HINTS), never from lists of names kept here.
+"""
+import os
+
+from tfjac import modes
+from tfjac.config import Config, ModelConfig, TrainConfig
+from tfjac.config import (AUGMENTATIONS, BN_POLICIES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
+                          STRATEGIES, TEACHER_CACHE, WEIGHT_DECAY_KINDS)
+from tfjac.errors import ConfigError
+
+_MULTI_REPLICA = ("mirrored", "multi_worker")
+
+
+def uses_jac_target(hint) -> bool:
+  """Whether a hints.Hint takes Jacobians of the outputs --jac_target selects (not of the
+  attention maps, whose rows are picked at the teacher's largest pixel)."""
+  from tfjac.hints import jacobians  # pylint: disable=g-import-not-at-top
+  return any(kind in jacobians.OUTPUTS for kind in hint.student_jacobians +
+             hint.teacher_jacobians)
+
+
+def _positive(flag, value, allow_zero=False):
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(flag, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _choice(flag, value, valid):
+  if value not in valid:
+    raise ConfigError(flag, f"unknown value {value!r}; valid: {', '.join(sorted(valid))}")
+
+
+def _validate_train(prefix, train: TrainConfig):
+  _positive(f"{prefix}epochs", train.epochs)
+  _positive("batch_size", train.batch_size)
+  _positive("steps_per_epoch", train.steps_per_epoch, allow_zero=True)
+  _choice("optimizer", train.optimizer, OPTIMIZERS)
+  _positive(f"{prefix}learning_rate", train.learning_rate)
+  _positive("momentum", train.momentum, allow_zero=True)
+  _positive("weight_decay", train.weight_decay, allow_zero=True)
+  _choice("lr_schedule", train.lr_schedule, LR_SCHEDULES)
+  _positive("train_steps", train.train_steps, allow_zero=True)
+  if train.lr_schedule == "step" and (train.lr_decay_steps or train.train_steps):
+    _validate_decay_steps(train)
+  elif train.lr_schedule == "step":
+    if not train.lr_decay_epochs:
+      raise ConfigError("lr_decay_epochs", "--lr_schedule=step needs at least one epoch")
+    if any(e <= 0 for e in train.lr_decay_epochs) or list(train.lr_decay_epochs) != sorted(
+        train.lr_decay_epochs):
+      raise ConfigError("lr_decay_epochs",
+                        f"must be increasing positive epochs, got {list(train.lr_decay_epochs)}")
+  _positive("lr_decay_factor", train.lr_decay_factor)
+  _positive("early_stopping_patience", train.early_stopping_patience, allow_zero=True)
+  _positive("backup_every_steps", train.backup_every_steps, allow_zero=True)
+  _choice("weight_decay_kind", train.weight_decay_kind, WEIGHT_DECAY_KINDS)
+  if train.optimizer == "adamw" and train.weight_decay_kind == "l2":
+    raise ConfigError("weight_decay_kind", "l2 with --optimizer=adamw: AdamW's decay is "
+                      "decoupled by definition; use --optimizer=adam with l2 (PyTorch Adam's "
+                      "weight_decay) or --weight_decay_kind=decoupled")
+
+
+def _validate_decay_steps(train: TrainConfig):
+  """--lr_schedule=step boundaries in optimizer steps (--lr_decay_steps): the only kind taken
+  with a --train_steps budget, where an epoch's length depends on the data size."""
+  if train.lr_decay_epochs:
+    what = ("with --train_steps the length of an epoch depends on the number of training "
+            "images" if train.train_steps else "--lr_decay_steps is given too")
+    raise ConfigError("lr_decay_epochs", f"not taken: {what}; give the boundaries in "
+                      "optimizer steps with --lr_decay_steps")
+  steps = list(train.lr_decay_steps)
+  if not steps:
+    raise ConfigError("lr_decay_steps", "--lr_schedule=step with --train_steps needs at least "
+                      "one boundary in optimizer steps")
+  if any(s <= 0 for s in steps) or steps != sorted(set(steps)):
+    raise ConfigError("lr_decay_steps", f"must be increasing positive steps, got {steps}")
+  if train.train_steps and steps[-1] >= train.train_steps:
+    raise ConfigError("lr_decay_steps", f"{steps[-1]} is not below --train_steps="
+                      f"{train.train_steps}: that boundary would never be reached")
+
+
+def validate(config: Config):
+  """Checks everything that can be checked without data; raises ConfigError."""
+  # Imported here so that this module stays importable without TensorFlow.
+  from tfjac import data, hints  # pylint: disable=g-import-not-at-top
+  from tfjac.training import teacher_cache  # pylint: disable=g-import-not-at-top
+
+  _choice("mode", config.mode, modes.MODES)
+  mode = modes.load(config.mode)
+  _choice("strategy", config.strategy, STRATEGIES)
+  data.check_dataset_name(config.data.dataset)
+  _positive("samples_per_class", config.data.samples_per_class, allow_zero=True)
+  if not 0.0 < config.data.validation_fraction < 1.0:
+    raise ConfigError("validation_fraction",
+                      f"must be in (0, 1), got {config.data.validation_fraction}")
+  for a in config.data.augment:
+    _choice("augment", a, AUGMENTATIONS)
+  _positive("crop_padding", config.data.crop_padding, allow_zero=True)
+  _positive("image_size", config.data.image_size, allow_zero=True)
+  if not data.is_folder_dataset(config.data.dataset):
+    if config.data.image_size:
+      raise ConfigError("image_size", f"applies to --dataset={data.FOLDER_PREFIX}PATH and "
+                        f"mit_indoor67 only; {config.data.dataset!r} has images of one size")
+    if config.data.skip_bad_images:
+      raise ConfigError("skip_bad_images", f"applies to --dataset={data.FOLDER_PREFIX}PATH "
+                        f"and mit_indoor67 only; {config.data.dataset!r} is not read from image "
+                        "files")
+  for flag, m in (("model", config.student), ("teacher_model", config.teacher)):
+    _check_network_name(flag, m)
+  _positive("width", config.student.width)
+  _positive("teacher_width", config.teacher.width)
+  _validate_train("", config.train)
+  _validate_train("teacher_", config.teacher_train)
+
+  h = config.hints
+  if not h.hints:
+    raise ConfigError("hints", f"needs at least one hint; valid: {', '.join(hints.HINTS)}")
+  for name in h.hints:
+    _choice("hints", name, hints.HINTS)
+  if len(set(h.hints)) != len(h.hints):
+    raise ConfigError("hints", f"lists a hint twice: {','.join(h.hints)}")
+  for name, w in h.weights:
+    _positive(f"{name}_weight", w)
+  _positive("kd_temperature", h.kd_temperature)
+  _choice("jac_target", h.jac_target, hints.JACOBIAN_TARGETS)
+  _choice("jac_bn_policy", h.jac_bn_policy, BN_POLICIES)
+  _positive("jac_top_k", h.jac_top_k)
+  _positive("jac_projections", h.jac_projections)
+  _positive("noise_samples", h.noise_samples)
+  chosen = {name: hints.HINTS[name] for name in h.hints}
+  noisy = [name for name, hint in chosen.items() if hint.uses_noise]
+  if noisy and not h.noise_sigma > 0:
+    raise ConfigError("noise_sigma", f"must be > 0 for the hint(s) {','.join(noisy)}, got "
+                      f"{h.noise_sigma}")
+  if any(hint.needs_class_targets for hint in chosen.values()) and not hints.JACOBIAN_TARGETS[
+      h.jac_target].one_hot:
+    raise ConfigError("jac_target", f"{h.jac_target!r} is not a class; jac_ce needs class "
+                      "targets: " + ", ".join(n for n, t in hints.JACOBIAN_TARGETS.items()
+                                              if t.one_hot))
+  for sigma in config.robustness_sigmas:
+    _positive("robustness_sigmas", sigma)
+  if len(set(config.data.classes)) != len(config.data.classes) or any(
+      c < 0 for c in config.data.classes):
+    raise ConfigError("classes", f"must be distinct class indices >= 0, got "
+                      f"{list(config.data.classes)}")
+  from tfjac.hints import LWF_MATCHES  # pylint: disable=g-import-not-at-top
+  _choice("lwf_match", h.lwf_match, LWF_MATCHES)
+  _positive("teacher_input_scale", config.teacher_input.scale)
+  _positive("conditions_examples", config.conditions_examples)
+  if mode.NEEDS_TEACHER and not config.teacher_path:
+    raise ConfigError("teacher", f"--mode={config.mode} needs --teacher (a .keras file or a "
+                      "SavedModel trained on the source data)")
+  mode.check(config)
+
+  _choice("teacher_cache", config.teacher_cache, TEACHER_CACHE)
+  if config.teacher_cache == "on":
+    blocker = teacher_cache.teacher_cache_blocker(config)
+    if blocker:
+      raise ConfigError("teacher_cache", f"on cannot be honoured: {blocker}. Use auto (it "
+                        "then computes the teacher per batch) or off.")
+  _choice("strategy", config.strategy, STRATEGIES)
+  _choice("mixed_precision", config.mixed_precision, PRECISIONS)
+  if config.strategy == "multi_worker":
+    from tfjac import runtime  # pylint: disable=g-import-not-at-top
+    runtime.parse_tf_config()
+  double_backprop = [name for name in config.hints.hints if hints.HINTS[name].student_jacobians]
+  jacobian_hints = [n for n in config.hints.hints if hints.HINTS[n].student_jacobians or
+                    hints.HINTS[n].teacher_jacobians]
+  _positive("jac_every", config.train.jac_every)
+  _positive("val_jac_examples", config.train.val_jac_examples, allow_zero=True)
+  _positive("val_jac_every", config.train.val_jac_every)
+  if config.train.jac_every > 1 and jacobian_hints and len(jacobian_hints) == len(
+      config.hints.hints):
+    raise ConfigError("jac_every", f"{config.train.jac_every} needs a hint without Jacobians "
+                      f"for the steps in between; --hints={','.join(config.hints.hints)} are "
+                      "all Jacobian hints. Add one (e.g. act or ce) or use --jac_every=1.")
+  if config.train.jit_compile and double_backprop:
+    raise ConfigError("jit_compile", f"refused with the hint(s) {','.join(double_backprop)}: "
+                      "their weight gradients come from double backprop, and XLA's "
+                      "second-order gradient through max-pooling was measured wrong on CPU "
+                      "(TF 2.21: 1-7% off the graph's gradient, which matches finite "
+                      "differences; README, Speed). Drop --jit_compile.")
+  if config.strategy in _MULTI_REPLICA and (config.train.jit_compile or
+                                            config.teacher_train.jit_compile):
+    raise ConfigError("jit_compile", f"XLA cannot compile a step under --strategy="
+                      f"{config.strategy}: the replicas' variables live on other devices "
+                      "(TF's XLA known issue 'tf.Variable on a different device'; Keras "
+                      "turns jit off under tf.distribute itself). Drop --jit_compile or use "
+                      "--strategy=default.")
+
+  _validate_outside_teacher(config)
+  if config.teacher_path is not None and not config.teacher_path.startswith(
+      ("keras.applications:", "kerashub:")) and not os.path.exists(config.teacher_path):
+    raise ConfigError("teacher", f"{config.teacher_path!r} does not exist; give a .keras file "
+                      "or a SavedModel directory written by --mode=teacher")
+  _check_writable(config.workdir)
+
+
+def _check_network_name(flag, m: ModelConfig):
+  """A builder's name, keras.applications:NAME (a known one) or an existing model file."""
+  from tfjac import models, networks  # pylint: disable=g-import-not-at-top
+  if m.name.startswith(networks.APPLICATIONS_PREFIX):
+    networks.check_application(flag, m.name)
+  elif networks.is_outside(m.name):
+    if not os.path.isfile(m.name):
+      raise ConfigError(flag, f"{m.name!r} is not a file; valid: {', '.join(models.MODELS)}, "
+                        f"{networks.APPLICATIONS_PREFIX}NAME or a .keras file")
+    import zipfile  # pylint: disable=g-import-not-at-top
+    if m.name.endswith(".keras") and not (zipfile.is_zipfile(m.name) and "config.json" in
+                                          zipfile.ZipFile(m.name).namelist()):
+      raise ConfigError(flag, f"{m.name!r} is not a Keras model file (a .keras file is a zip "
+                        "archive holding config.json)")
+  else:
+    _choice(flag, m.name, models.MODELS)
+    if m.weights:
+      raise ConfigError("student_weights" if flag == "model" else flag, f"applies to "
+                        f"keras.applications: or .keras students; {m.name} is built here")
+  if m.weights and not os.path.isfile(m.weights):
+    raise ConfigError("student_weights", f"{m.weights!r} is not a file")
+
+
+def _validate_outside_teacher(config: Config):
+  """--teacher_preprocessing/_outputs/_weights/_mean/_std, before any loading."""
+  from tfjac import networks  # pylint: disable=g-import-not-at-top
+  ti = config.teacher_input
+  _choice("teacher_preprocessing", ti.preprocessing, networks.PREPROCESSING)
+  _choice("teacher_outputs", ti.outputs, networks.OUTPUT_KINDS)
+  _positive("teacher_image_size", ti.image_size, allow_zero=True)
+  for flag, values in (("teacher_mean", ti.mean), ("teacher_std", ti.std)):
+    if values and len(values) not in (1, 3):
+      raise ConfigError(flag, f"one value or one per channel (3), got {list(values)}")
+  if any(s <= 0 for s in ti.std):
+    raise ConfigError("teacher_std", f"must be > 0, got {list(ti.std)}")
+  if (ti.mean or ti.std) and ti.preprocessing not in ("auto", "torch", "none"):
+    raise ConfigError("teacher_mean", "per-channel mean/std apply with "
+                      f"--teacher_preprocessing=torch or none, not {ti.preprocessing}")
+  path = config.teacher_path or ""
+  if path.startswith(networks.APPLICATIONS_PREFIX):
+    networks.check_application("teacher", path)
+    if ti.weights and ti.weights != networks.RANDOM_WEIGHTS and not os.path.isfile(ti.weights):
+      raise ConfigError("teacher_weights", f"{ti.weights!r} is not a file")
+  else:
+    if ti.weights:
+      raise ConfigError("teacher_weights", "applies to --teacher=keras.applications:NAME only")
+    if ti.image_size:
+      raise ConfigError("teacher_image_size", "applies to --teacher=keras.applications:NAME "
+                        "only")
+  if path.startswith(networks.KERASHUB_PREFIX) and not os.path.isdir(
+      path[len(networks.KERASHUB_PREFIX):]):
+    raise ConfigError("teacher", f"{path!r}: no such KerasHub preset directory")
+  if ti.outputs == "probabilities" and modes.load(config.mode).HINTS_READ_TEACHER:
+    networks.check_probability_hints(config.hints.hints, config.hints.lwf_match,
+                                     "probabilities")
+
+
+def validate_against_data(config: Config, num_classes: int):
+  """The checks that need the dataset: run once it is loaded, before any training."""
+  if modes.load(config.mode).TOP_K_AMONG == "dataset":  # transfer: the teacher's classes
+    check_jac_top_k(config, num_classes, "the dataset's")
+
+
+def check_jac_top_k(config: Config, num_classes: int, whose: str, note: str = ""):
+  """--jac_top_k against the classes the top-k picks among: the dataset's, or in
+  --mode=transfer the teacher's (the student's second head has the teacher's shape); transfer
+  checks it once the teacher is loaded."""
+  from tfjac import hints  # pylint: disable=g-import-not-at-top
+  h = config.hints
+  uses_jacobians = any(uses_jac_target(hints.HINTS[n]) for n in h.hints)
+  if uses_jacobians and h.jac_target == "top_k" and h.jac_top_k > num_classes:
+    raise ConfigError("jac_top_k", f"{h.jac_top_k} is more than {whose} {num_classes} "
+                      f"classes{note}; use 1..{num_classes}")
+
+
+def _check_writable(workdir):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    # Per process: workers of one multi-worker job may probe the same directory at once.
+    probe = os.path.join(workdir, f".tfjac_write_probe.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError("workdir", f"run directory {workdir!r} cannot be written: {e}") from e
