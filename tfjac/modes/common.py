@@ -14,7 +14,7 @@ from tfjac.config import Config, ModelConfig, TrainConfig
 from tfjac.data import Splits
 from tfjac.errors import ConfigError
 from tfjac.hints import HintParams
-from tfjac.training import loop
+from tfjac.training import callbacks, evaluation, loop
 from tfjac.training import resume as resume_lib
 from tfjac.training.distiller import Distiller
 
@@ -146,10 +146,10 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
       augment=config.data.augment, crop_padding=config.data.crop_padding,
       log_dir=os.path.join(workdir, "tensorboard", role),
       checkpoint_dir=os.path.join(workdir, CHECKPOINTS_DIR, role),
-      extra_callbacks=[loop.EpochLogger(role, train_cfg.epochs)],
+      extra_callbacks=[callbacks.EpochLogger(role, train_cfg.epochs)],
       resume=config.resume, settings=resume_settings(config, role), keep_backup=True,
       teacher_cache=use_cache)
-  test = loop.evaluate(distiller, splits.test, train_cfg.batch_size)
+  test = evaluation.evaluate(distiller, splits.test, train_cfg.batch_size)
   if config.robustness_sigmas:
     test["accuracy_under_noise"] = robustness(config, splits, network, train_cfg.batch_size)
   return result, test
@@ -157,7 +157,7 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
 
 def robustness(config: Config, splits: Splits, network, batch_size):
   """{sigma: test accuracy on Gaussian-noised test images}, seeded by --seed."""
-  return loop.accuracy_under_noise(network, splits.test, config.robustness_sigmas, batch_size,
+  return evaluation.accuracy_under_noise(network, splits.test, config.robustness_sigmas, batch_size,
                                    seed=config.data.seed)
 
 
@@ -242,7 +242,7 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     loaded = teachers.load_teacher(config, info, num_classes=info.num_classes, path=path)
     teacher = loaded.adapted
     evaluator = Distiller(teacher, None)
-  test = loop.evaluate(evaluator, splits.test, config.train.batch_size)
+  test = evaluation.evaluate(evaluator, splits.test, config.train.batch_size)
   if config.robustness_sigmas:
     test["accuracy_under_noise"] = robustness(config, splits, teacher, config.train.batch_size)
   return teacher, {"source": source, "path": path, "test": test,

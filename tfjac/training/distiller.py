@@ -460,7 +460,7 @@ class Distiller(keras.Model):
     return self._logs()
 
   def test_step(self, data):
-    # The validation split's teacher outputs may travel with it, computed once (loop.py).
+    # The validation split's teacher outputs may travel with it, computed once (evaluation.validation_pipeline).
     x, labels, cached = self._unpack(data)
     if cached is not None:
       cached = unpack_teacher_outputs(cached)
