@@ -71,7 +71,8 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     resume_lib.discard(backup_dir)
   jit = resolve_jit_compile(cfg.jit_compile, distiller.distribute_strategy.num_replicas_in_sync)
   with distiller.distribute_strategy.scope():  # the optimizer's variables are per replica
-    distiller.compile(optimizer=optimizers.make_optimizer(cfg, steps, plan.total_steps), jit_compile=jit)
+    distiller.compile(optimizer=optimizers.make_optimizer(cfg, steps, plan.total_steps),
+                      jit_compile=jit)
   extras = None
   if teacher_cache:
     from tfjac.training import teacher_cache as cache_lib  # pylint: disable=g-import-not-at-top
