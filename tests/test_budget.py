@@ -112,3 +112,24 @@ def test_a_few_shot_budget_validates_in_epochs_of_several_passes(fit, monkeypatc
   distiller, result = fit("passes", cfg=cfg)
   assert int(distiller.optimizer.iterations) == 60
   assert (result.epochs_run, result.steps_per_epoch, result.total_steps) == (4, 15, 60)
+
+
+def test_a_fit_call_that_finishes_an_epoch_counts_its_batches_from_where_it_starts():
+  """A resumed fit finishes an interrupted epoch in a fit() call of its own, whose batch 0 is
+  step `starts_at` of the epoch: the step budget stops at the budget's last step and the NaN
+  guard names the step of the epoch, not of the call."""
+  import types  # pylint: disable=g-import-not-at-top
+  from tfjac.errors import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  from tfjac.training import callbacks  # pylint: disable=g-import-not-at-top
+  for first_step, stops in ((1, True), (0, False)):  # budget 5 = epoch 1 (of 3 steps), step 2
+    model = types.SimpleNamespace(stop_training=False)
+    stopper = callbacks.StepBudget(5, 3).starts_at(first_step)
+    stopper.set_model(model)
+    stopper.on_epoch_begin(1)
+    stopper.on_train_batch_end(0)
+    assert model.stop_training is stops
+  guard = callbacks.NonFiniteGuard().starts_at(2)
+  guard.on_epoch_begin(0)
+  with pytest.raises(NonFiniteLossError) as broken:
+    guard.on_train_batch_end(0, {"loss": float("nan"), "jac_loss": float("nan")})
+  assert (broken.value.term, broken.value.epoch, broken.value.step) == ("jac_loss", 0, 2)
