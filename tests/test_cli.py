@@ -3,13 +3,15 @@ import contextlib
 import os
 import subprocess
 import sys
+import types
 
 import keras
 import numpy as np
 import pytest
 from absl import flags
 
-from tfjac import export, run
+from tfjac import export, run, teachers
+from tfjac.config import Config
 from tfjac.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -94,7 +96,9 @@ def test_savedmodel_teacher_is_loaded_and_differentiable(tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   model = _tiny_model((8, 8, 1), 10)
   export.export_model(model, str(tmp_path / "t"), np.zeros((2, 8, 8, 1), np.float32))
-  teacher = export.load_teacher(str(tmp_path / "t" / "saved_model"), (8, 8, 1), 10)
+  teacher = teachers.load_teacher(Config(teacher_path=str(tmp_path / "t" / "saved_model")),
+                                  types.SimpleNamespace(image_shape=(8, 8, 1)),
+                                  num_classes=10).adapted
   x = tf.constant(np.random.default_rng(0).random((2, 8, 8, 1), np.float32))
   with tf.GradientTape() as tape:
     tape.watch(x)

@@ -13,18 +13,26 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjac import data, export, hints, models, run
+from tfjac import data, export, hints, models, run, teachers
 from tfjac.config import Config, DataConfig, HintConfig, ModelConfig, TrainConfig
 from tfjac.errors import ConfigError, DataError, NonFiniteLossError
 from tfjac.training import loop
 from tfjac.training import resume as resume_lib
 from tfjac.training.distiller import Distiller
+
+
+def _load_teacher(path, shape, num_classes, safe_mode=True):
+  """The teacher at `path` as a run loads it (teachers.load_teacher), fed `shape` images."""
+  config = Config(teacher_path=path, unsafe_teacher_loading=not safe_mode)
+  return teachers.load_teacher(config, types.SimpleNamespace(image_shape=shape),
+                               num_classes=num_classes).adapted
 
 pytestmark = pytest.mark.faults
 
@@ -180,7 +188,7 @@ def test_kill_during_export_leaves_the_previous_export_loadable(tmp_path):
   # exporter puts it back (load_teacher, obtain_teacher and export_model all do).
   swap = directories["swap"]
   assert not os.path.exists(swap)
-  teacher = export.load_teacher(swap, (8, 8, 1), 10)
+  teacher = _load_teacher(swap, (8, 8, 1), 10)
   np.testing.assert_allclose(teacher(np.ones((1, 8, 8, 1), np.float32)).numpy(), 64.0, rtol=1e-6)
   _assert_holds_version(swap, 1.0)
   # The next export succeeds and clears every leftover.
@@ -331,12 +339,12 @@ def test_keras_teacher_with_lambda_code_is_refused_unless_allowed(tmp_path):
   marker.unlink()
 
   with pytest.raises(ConfigError) as refused:
-    export.load_teacher(path, (8, 8, 1), 10)
+    _load_teacher(path, (8, 8, 1), 10)
   assert path in str(refused.value) and "--unsafe_teacher_loading" in str(refused.value)
   assert str(refused.value).startswith("--teacher: ")
   assert not marker.exists()
 
-  teacher = export.load_teacher(path, (8, 8, 1), 10, safe_mode=False)
+  teacher = _load_teacher(path, (8, 8, 1), 10, safe_mode=False)
   assert marker.exists() and teacher.output_shape == (None, 10)
 
 
@@ -357,4 +365,4 @@ def test_savedmodel_teacher_without_a_serving_function_is_a_clear_error(tmp_path
   tf.saved_model.save(module, path)
   with pytest.raises(ConfigError, match=r"--teacher: SavedModel '.*no_serve' has no 'serve' "
                      r"function nor 'serving_default' signature"):
-    export.load_teacher(path, (8, 8, 1), 10)
+    _load_teacher(path, (8, 8, 1), 10)

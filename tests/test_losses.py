@@ -1,4 +1,6 @@
 """Each loss against a hand computation, and the Jacobian term reaching the student's weights."""
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -177,3 +179,50 @@ def test_attention_transfer_reaches_the_student_weights():
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9)
   finally:
     keras.backend.set_floatx("float32")
+
+
+def test_one_settings_object_reaches_the_distiller_as_the_keyword_form_does():
+  """A run's HintConfig (config.hints) and the Python API's {name: weight} plus keyword
+  overrides give the Distiller the same hints, weights, loss parameters, Jacobian target
+  options and BatchNorm policy; its twins (with_hints) keep every setting but the hints."""
+  from tfjac.config import HintConfig  # pylint: disable=g-import-not-at-top
+  from tfjac.hints.jacobians import TargetOptions  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  teacher = linear_model(rng.normal(size=(4, 3)), name="t")
+  student = linear_model(rng.normal(size=(4, 3)), name="s")
+  params = HintParams(kd_temperature=7.0, jac_normalize=False, lwf_match="act",
+                      noise_sigma=0.3, noise_samples=9)
+  settings = HintConfig(hints=("ce", "jac", "kd"), weights=(("jac", 0.5), ("kd", 2.0)),
+                        jac_target="top_k", jac_top_k=2, jac_projections=3,
+                        jac_bn_policy="inference", **{k: getattr(params, k) for k in (
+                            "kd_temperature", "jac_normalize", "lwf_match", "noise_sigma",
+                            "noise_samples")})
+  by_config = Distiller(student, teacher, hints=settings)
+  by_keywords = Distiller(student, teacher, hints={"ce": 1, "jac": 0.5, "kd": 2}, params=params,
+                          jac_target="top_k", jac_top_k=2, jac_projections=3,
+                          bn_policy="inference")
+  for d in (by_config, by_keywords):
+    assert d.hint_weights == (("ce", 1.0), ("jac", 0.5), ("kd", 2.0))
+    assert d.params == params
+    assert (d.jac_target, d._target_options, d.bn_policy) == (  # pylint: disable=protected-access
+        "top_k", TargetOptions(3, 2, 3), "inference")
+  assert by_config.settings == settings  # ce unlisted in its weights: weight 1
+  assert by_keywords.settings == dataclasses.replace(settings,
+                                                     weights=(("ce", 1.0),) + settings.weights)
+  # A keyword replaces that one setting of a HintConfig.
+  one = Distiller(student, teacher, hints=settings, jac_top_k=1)
+  assert one._target_options == TargetOptions(3, 1, 3)  # pylint: disable=protected-access
+  twin = by_config.with_hints([("kd", 4.0)])
+  assert twin.hint_weights == (("kd", 4.0),) and twin.params == params
+  assert twin.settings == dataclasses.replace(settings, hints=("kd",), weights=(("kd", 4.0),))
+  options = twin._target_options  # pylint: disable=protected-access
+  assert (twin.jac_target, options, twin.bn_policy) == ("top_k", TargetOptions(3, 2, 3),
+                                                        "inference")
+  # And the settings are what the losses compute with: jac_normalize=False is the raw form.
+  x, labels = tf.constant(rng.random((2, 2, 2, 1), np.float32)), tf.constant([0, 1])
+  terms = lambda d: d.per_example_terms(x, labels, training=False, step=0)[0]  # noqa: E731
+  raw = Distiller(student, teacher, hints=HintConfig(hints=("jac",), jac_normalize=False))
+  normalised = Distiller(student, teacher, hints=HintConfig(hints=("jac",)))
+  np.testing.assert_allclose(terms(raw)["jac"], terms(Distiller(
+      student, teacher, hints={"jac": 1}, params=HintParams(jac_normalize=False)))["jac"])
+  assert not np.allclose(terms(raw)["jac"], terms(normalised)["jac"])

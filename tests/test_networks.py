@@ -404,14 +404,14 @@ def test_export_of_a_trainable_network_behind_an_input_adapter_is_in_inference_m
 def test_progress_bar_on_a_terminal_one_log_line_per_epoch_otherwise(monkeypatch):
   import sys  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from tfjac.training import loop  # pylint: disable=g-import-not-at-top
+  from tfjac.training import callbacks  # pylint: disable=g-import-not-at-top
   lines = []
   monkeypatch.setattr(logging, "info", lambda *a: lines.append(a))
   for tty, verbosity, logged in ((True, 1, 0), (False, 0, 1)):
     monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty, raising=False)
-    assert loop.progress_verbosity() == verbosity
+    assert callbacks.progress_verbosity() == verbosity
     lines.clear()
-    loop.EpochLogger("student", 3).on_epoch_end(0, {"loss": 1.0})
+    callbacks.EpochLogger("student", 3).on_epoch_end(0, {"loss": 1.0})
     assert len(lines) == logged
 
 

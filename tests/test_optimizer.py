@@ -12,7 +12,7 @@ from absl import flags
 from tfjac import checks, run
 from tfjac.config import Config, TrainConfig
 from tfjac.errors import ConfigError
-from tfjac.training import loop
+from tfjac.training import optimizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W0 = np.array([1.0, -2.0, 0.5, 3.0])
@@ -22,7 +22,7 @@ GRADS = [np.array([0.3, -0.1, 0.2, 0.0]), np.array([-0.4, 0.5, 0.1, 0.2]),
 
 def _steps(cfg, steps_per_epoch=1):
   """The variable after each of len(GRADS) optimizer steps of make_optimizer(cfg)."""
-  opt = loop.make_optimizer(cfg, steps_per_epoch)
+  opt = optimizers.make_optimizer(cfg, steps_per_epoch)
   w = keras.Variable(W0.astype(np.float32))
   out = []
   for g in GRADS:
@@ -100,9 +100,9 @@ def test_l2_adam_adds_the_penalty_to_the_gradient():
 
 
 def test_default_optimizer_is_unchanged():
-  opt = loop.make_optimizer(TrainConfig(), 10)
+  opt = optimizers.make_optimizer(TrainConfig(), 10)
   assert type(opt) is keras.optimizers.Adam and opt.weight_decay is None
-  sgd = loop.make_optimizer(TrainConfig(optimizer="sgd", weight_decay=5e-4), 10)
+  sgd = optimizers.make_optimizer(TrainConfig(optimizer="sgd", weight_decay=5e-4), 10)
   assert type(sgd) is keras.optimizers.SGD and sgd.nesterov and sgd.weight_decay == 5e-4
 
 
@@ -131,6 +131,6 @@ def test_cifar100_flagfiles_follow_the_reference_they_cite(flagfile, monkeypatch
   for train in (cfg.train, cfg.teacher_train):
     assert (train.optimizer, train.learning_rate, train.momentum) == ("sgd", 0.1, 0.9)
     assert (train.weight_decay, train.weight_decay_kind, train.nesterov) == (5e-4, "l2", False)
-    opt = loop.make_optimizer(train, 352)
-    assert isinstance(opt, loop.SGDWithL2) and opt.l2 == 5e-4 and not opt.nesterov
+    opt = optimizers.make_optimizer(train, 352)
+    assert isinstance(opt, optimizers.SGDWithL2) and opt.l2 == 5e-4 and not opt.nesterov
     assert opt.weight_decay is None  # no second, decoupled decay on top

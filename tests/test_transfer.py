@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import linear_model
-from tfjac import export, models, run
+from tfjac import export, models, run, teachers
 from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherInput,
                           TrainConfig)
 from tfjac.errors import ConfigError
@@ -148,7 +148,7 @@ def test_oracle_starts_from_the_teachers_weights(tmp_path):
   teacher.set_weights([rng.normal(size=w.shape).astype(np.float32) ** 2
                        for w in teacher.get_weights()])  # distinct from any initialiser
   teacher.save(tmp_path / "t.keras")
-  loaded = export.load_network(str(tmp_path / "t.keras"), (8, 8, 1))
+  loaded = teachers.load_network(str(tmp_path / "t.keras"), (8, 8, 1))
   oracle = finetune.oracle_network(loaded, (8, 8, 1), 3, TeacherInput(), "t")
   assert oracle.output_shape == (None, 3)
   body = {w.path: w.numpy() for w in teacher.weights if not w.path.startswith("logits")}
@@ -192,7 +192,7 @@ def test_oracle_initialisation_is_checked_value_by_value(tmp_path, monkeypatch):
 
 def test_oracle_refuses_a_savedmodel_teacher(tmp_path):
   export.export_model(_net("vgg4", 5), str(tmp_path / "t"), np.zeros((2, 8, 8, 1), np.float32))
-  loaded = export.load_network(str(tmp_path / "t" / "saved_model"), (8, 8, 1))
+  loaded = teachers.load_network(str(tmp_path / "t" / "saved_model"), (8, 8, 1))
   with pytest.raises(ConfigError, match="needs its layers: .* is a SavedModel"):
     finetune.oracle_network(loaded, (8, 8, 1), 3, TeacherInput(), str(tmp_path / "t"))
 
@@ -267,10 +267,9 @@ def test_transfer_demo_end_to_end(tmp_path, rows):
 
 def test_every_hint_parameter_comes_from_the_config():
   from tfjac.hints import HintParams  # pylint: disable=g-import-not-at-top
-  from tfjac.modes import common  # pylint: disable=g-import-not-at-top
   h = HintConfig(kd_temperature=7.0, jac_normalize=False, noise_sigma=0.3, noise_samples=9,
                  lwf_match="act")
-  assert common.hint_params(h) == HintParams(kd_temperature=7.0, jac_normalize=False,
+  assert HintParams.from_config(h) == HintParams(kd_temperature=7.0, jac_normalize=False,
                                              noise_sigma=0.3, noise_samples=9, lwf_match="act")
 
 

@@ -7,7 +7,7 @@ import tensorflow as tf
 from tfjac import data as data_lib
 from tfjac import models
 from tfjac.config import TrainConfig
-from tfjac.training import loop
+from tfjac.training import callbacks, evaluation, loop
 from tfjac.training.distiller import Distiller
 from tests import helpers
 
@@ -25,23 +25,23 @@ def _distiller(info):
 
 def test_the_subset_is_fixed_seeded_and_distinct(digits_splits):
   val = digits_splits.validation
-  a, b = loop.validation_subset(val, 30, 1), loop.validation_subset(val, 30, 1)
+  a, b = evaluation.validation_subset(val, 30, 1), evaluation.validation_subset(val, 30, 1)
   np.testing.assert_array_equal(a.images, b.images)
   assert len(a) == 30 and len(np.unique(a.images.reshape(30, -1), axis=0)) == 30
-  assert not np.array_equal(loop.validation_subset(val, 30, 2).images, a.images)
-  assert loop.validation_subset(val, 0, 1) is val
-  assert loop.validation_subset(val, len(val) + 5, 1) is val
+  assert not np.array_equal(evaluation.validation_subset(val, 30, 2).images, a.images)
+  assert evaluation.validation_subset(val, 0, 1) is val
+  assert evaluation.validation_subset(val, len(val) + 5, 1) is val
 
 
 def test_accuracy_on_the_whole_split_jacobian_terms_on_the_subset(digits_splits):
   info, val = digits_splits.info, digits_splits.validation
   distiller = _distiller(info)
-  subset = loop.validation_subset(val, 24, 0)
+  subset = evaluation.validation_subset(val, 24, 0)
   full_ds = data_lib.pipeline(val, 32, training=False)
   sub_ds = data_lib.pipeline(subset, 32, training=False)
   cheap = distiller.with_hints([(n, w) for n, w in HINTS if n != "jac"])
   cheap.compile(jit_compile=False)
-  callback = loop.SplitValidation(distiller, cheap, full_ds, sub_ds, every=2, epochs=5,
+  callback = callbacks.SplitValidation(distiller, cheap, full_ds, sub_ds, every=2, epochs=5,
                                   jacobian_hints=("jac",))
   whole = distiller.evaluate(full_ds, verbose=0, return_dict=True)
   part = distiller.evaluate(sub_ds, verbose=0, return_dict=True)
@@ -85,7 +85,7 @@ def test_validation_teacher_outputs_are_computed_once(digits_splits, monkeypatch
   distiller = _distiller(digits_splits.info)
   val = digits_splits.validation
   plain = distiller.evaluate(data_lib.pipeline(val, 32), verbose=0, return_dict=True)
-  cached_ds = loop.validation_pipeline(distiller, val, 32)
+  cached_ds = evaluation.validation_pipeline(distiller, val, 32)
 
   helpers.forbid_teacher_calls(monkeypatch, distiller)
   cached = distiller.evaluate(cached_ds, verbose=0, return_dict=True)

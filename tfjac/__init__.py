@@ -9,6 +9,9 @@ The Python API (README, Python API):
     d.fit(dataset)      # (images, labels) batches; history: loss and <hint>_loss per term
     d.student.save(...)  # the trained student alone
 
+or with every hint setting in one object, as the command line's modes pass it:
+`tfjac.Distiller(student, teacher, hints=tfjac.HintConfig(hints=("act", "jac", "ce"), ...))`.
+
 Names are loaded on first use, so `import tfjac` alone does not import TensorFlow.
 """
 import importlib
@@ -19,6 +22,7 @@ _PUBLIC = {
     "Distiller": ("tfjac.training.distiller", "Distiller"),
     "HINTS": ("tfjac.hints", "HINTS"),
     "HintParams": ("tfjac.hints", "HintParams"),
+    "HintConfig": ("tfjac.config", "HintConfig"),
     "JACOBIAN_TARGETS": ("tfjac.hints", "JACOBIAN_TARGETS"),
     "build_model": ("tfjac.models", "build"),
     "MODELS": ("tfjac.models", "MODELS"),

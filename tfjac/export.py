@@ -1,4 +1,4 @@
-"""Writing a trained network (student or teacher) out, atomically, and loading a teacher back.
+"""Writing a trained network (student or teacher) out, atomically (teachers.py loads one back).
 
 `export_model` writes `<dir>/saved_model` (a SavedModel whose `serve` / `serving_default`
 signature maps a float32 [batch, H, W, C] image batch in [0, 1] to logits) and `<dir>/model.keras`
@@ -17,11 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfjac import atomic
-from tfjac.errors import ConfigError
 
 SAVED_MODEL = "saved_model"
 KERAS_FILE = "model.keras"
-UNSAFE_FLAG = "unsafe_teacher_loading"
 
 # Kept under these names for the callers that write run outputs (run.py).
 atomic_write_text = atomic.write_text
@@ -121,96 +119,3 @@ def export_model(model: keras.Model, directory: str, sample_images: np.ndarray,
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return os.path.join(directory, SAVED_MODEL)
-
-
-class _SavedModelTeacher(keras.layers.Layer):
-  """A SavedModel's serving function as a (frozen) Keras layer, differentiable w.r.t. input."""
-
-  def __init__(self, path, loaded, fn, **kwargs):
-    super().__init__(trainable=False, **kwargs)
-    self._path = path
-    self._loaded = loaded  # owns the variables that `fn` reads: keep it alive
-    self._fn = fn
-
-  def call(self, x):
-    out = self._fn(x)
-    if isinstance(out, dict):
-      out = next(iter(out.values()))
-    return out
-
-
-def _refused_by_safe_mode(e) -> bool:
-  return "safe_mode" in str(e) or "unsafe_deserialization" in str(e)
-
-
-def load_network(path: str, image_shape, *, safe_mode=True) -> keras.Model:
-  """A network from a .keras file (safe mode: no Lambda code), a SavedModel directory, or a
-  directory written by tfjac (holding model.keras). A SavedModel becomes a Keras model around
-  its serving function, on its own input signature if it has one, else on `image_shape`.
-
-  safe_mode: Keras safe mode, which refuses to deserialise Python code (Lambda layers); a
-  refused file is a ConfigError that names the file and --unsafe_teacher_loading."""
-  if not os.path.exists(path):
-    recover_export(path, remove_stale=False)  # an export cut mid-swap: put the previous back
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, KERAS_FILE)):
-    path = os.path.join(path, KERAS_FILE)
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, SAVED_MODEL)):
-    path = os.path.join(path, SAVED_MODEL)
-  try:
-    if path.endswith(".keras") or path.endswith(".h5"):
-      model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
-    elif os.path.exists(os.path.join(path, "saved_model.pb")):
-      loaded = tf.saved_model.load(path)
-      fn = getattr(loaded, "serve", None) or loaded.signatures.get("serving_default")
-      if fn is None:
-        raise ConfigError("teacher", f"SavedModel {path!r} has no 'serve' function nor "
-                          "'serving_default' signature to call")
-      shape = tuple(image_shape)
-      signature = getattr(fn, "input_signature", None)
-      if signature and len(signature[0].shape) == 4:
-        shape = tuple(d if d is not None else s for d, s in
-                      zip(signature[0].shape[1:], image_shape))
-      inputs = keras.Input(shape=shape, name="image")
-      model = keras.Model(inputs, _SavedModelTeacher(path, loaded, fn, name="saved_model")(inputs),
-                          name="teacher")
-    else:
-      raise ConfigError("teacher", f"{path!r} is neither a .keras file nor a SavedModel "
-                        "directory (no saved_model.pb)")
-  except ConfigError:
-    raise
-  except Exception as e:  # unreadable, corrupt, unsafe: say which file and why
-    if safe_mode and _refused_by_safe_mode(e):
-      raise ConfigError("teacher", f"{path!r} contains Python code (e.g. a Lambda layer) that "
-                        "Keras safe mode will not run: loading it could execute anything. If "
-                        f"you trust whoever wrote the file, pass --{UNSAFE_FLAG}") from e
-    raise ConfigError("teacher", f"cannot load a model from {path!r}: {e}") from e
-  model.trainable = False
-  return model
-
-
-def check_outputs(model: keras.Model, image_shape, num_classes=None, path="--teacher"):
-  """Calls `model` on one zero image of `image_shape`; returns its number of outputs."""
-  try:
-    out = model(np.zeros((1, *image_shape), np.float32), training=False)
-  except Exception as e:
-    raise ConfigError("teacher", f"teacher {path!r} cannot take the dataset's images of shape "
-                      f"{tuple(image_shape)}: {e}") from e
-  if isinstance(out, dict):
-    out = out["logits"]
-  if num_classes is not None and tuple(out.shape) != (1, num_classes):
-    raise ConfigError("teacher", f"teacher {path!r} gives outputs of shape {tuple(out.shape[1:])}"
-                      f" but the dataset has {num_classes} classes")
-  return int(out.shape[-1])
-
-
-def load_teacher(path: str, image_shape, num_classes=None, teacher_input=None, *,
-                 safe_mode=True) -> keras.Model:
-  """load_network, fed from the dataset's images as `teacher_input` (config.TeacherInput)
-  says, and checked to give `num_classes` outputs (any number when None)."""
-  from tfjac.models import views  # pylint: disable=g-import-not-at-top
-  model = load_network(path, image_shape, safe_mode=safe_mode)
-  if teacher_input is not None:
-    model = views.adapt_input(model, image_shape, resize=teacher_input.resize,
-                              scale=teacher_input.scale, offset=teacher_input.offset)
-  check_outputs(model, image_shape, num_classes, path)
-  return model

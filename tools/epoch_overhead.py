@@ -30,7 +30,7 @@ def main(argv):
   from tfjac import data as data_lib  # pylint: disable=g-import-not-at-top
   from tfjac import models  # pylint: disable=g-import-not-at-top
   from tfjac.config import DataConfig, TrainConfig  # pylint: disable=g-import-not-at-top
-  from tfjac.training import loop  # pylint: disable=g-import-not-at-top
+  from tfjac.training import callbacks, loop, resume  # pylint: disable=g-import-not-at-top
   from tfjac.training.distiller import Distiller  # pylint: disable=g-import-not-at-top
   splits = data_lib.prepare(DataConfig())
   info = splits.info
@@ -52,13 +52,13 @@ def main(argv):
     return wrapper
 
   originals = {}
-  for cls, method in ((loop.StudentCheckpoint, "on_epoch_end"),
-                      (loop.resume_lib.TrainingBackup, "on_epoch_end"),
+  for cls, method in ((callbacks.StudentCheckpoint, "on_epoch_end"),
+                      (resume.TrainingBackup, "on_epoch_end"),
                       (keras.callbacks.TensorBoard, "on_epoch_end"),
                       (keras.callbacks.TensorBoard, "on_train_begin"),
-                      (loop.EpochLogger, "on_epoch_end"),
+                      (callbacks.EpochLogger, "on_epoch_end"),
                       (Distiller, "evaluate"),
-                      (loop.data_lib, "training_batches")):
+                      (data_lib, "training_batches")):
     originals[(cls, method)] = getattr(cls, method)
     setattr(cls, method, timed(f"{getattr(cls, '__name__', cls)}.{method}",
                                getattr(cls, method)))
@@ -68,7 +68,7 @@ def main(argv):
     result = loop.fit(distiller, splits.sampled_train(FLAGS.samples_per_class, 0),
                       splits.validation, cfg, seed=0, log_dir=os.path.join(tmp, "tb"),
                       checkpoint_dir=os.path.join(tmp, "ck"), teacher_cache=True,
-                      extra_callbacks=[loop.EpochLogger("student", FLAGS.epochs)])
+                      extra_callbacks=[callbacks.EpochLogger("student", FLAGS.epochs)])
     wall = time.perf_counter() - start
   for (cls, method), fn in originals.items():
     setattr(cls, method, fn)

@@ -15,11 +15,19 @@ from tfjac.hints.jacobians import JACOBIAN_TARGETS, TargetOptions  # noqa: F401
 
 @dataclasses.dataclass(frozen=True)
 class HintParams:
+  """What the hint losses read besides their inputs: the loss-parameter fields of
+  config.HintConfig, under the same names and with the same defaults."""
   kd_temperature: float = 4.0
   jac_normalize: bool = True
   lwf_match: str = "kd"  # kd (soft targets, LwF's own) or act (squared error)
   noise_sigma: float = 0.1
   noise_samples: int = 4
+
+  @classmethod
+  def from_config(cls, settings) -> "HintParams":
+    """The parameters of a config.HintConfig (or anything with these fields), field by
+    field: a parameter cannot be silently dropped on the way."""
+    return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass

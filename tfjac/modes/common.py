@@ -9,11 +9,10 @@ import keras
 from absl import logging
 
 from tfjac import export, models, modes, networks, teachers
-from tfjac.config import Config, ModelConfig, TrainConfig
+from tfjac.config import Config, HintConfig, ModelConfig, TrainConfig
 from tfjac.data import Splits
 from tfjac.errors import ConfigError
-from tfjac.hints import HintParams
-from tfjac.training import loop
+from tfjac.training import callbacks, evaluation, loop
 from tfjac.training import resume as resume_lib
 from tfjac.training import teacher_cache
 from tfjac.training.distiller import Distiller
@@ -53,11 +52,6 @@ def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, rol
           "num_classes": splits.info.num_classes, "seed": config.data.seed}
 
 
-def hint_params(h) -> HintParams:
-  """HintParams from the config, field by field (a parameter cannot be silently dropped)."""
-  return HintParams(**{f.name: getattr(h, f.name) for f in dataclasses.fields(HintParams)})
-
-
 def resume_settings(config: Config, role: str):
   """What a backup of `role`'s fit must have been made with to be continued: everything that
   changes the numbers (not the run directory, resume or backup frequency, or trust flags)."""
@@ -81,17 +75,14 @@ def discard_backups(workdir):
 
 def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: keras.Model,
                        teacher: Optional[keras.Model], train_split, train_cfg: TrainConfig,
-                       hints, role: str, student_view=None, teacher_view=None):
-  """Fits `network` (in a Distiller with `hints`), returns (fit result, test metrics).
-  The views (models/views.py) add a second head / feature maps where hints need them."""
+                       hints: HintConfig, role: str, student_view=None, teacher_view=None):
+  """Fits `network` (in a Distiller with the hint settings `hints`), returns (fit result,
+  test metrics). The views (models/views.py) add a second head / feature maps where hints
+  need them."""
   with strategy.scope():
-    h = config.hints
-    distiller = Distiller(
-        network, teacher, hints=hints,
-        params=hint_params(h),
-        jac_target=h.jac_target, jac_top_k=h.jac_top_k, jac_projections=h.jac_projections,
-        bn_policy=h.jac_bn_policy, num_classes=splits.info.num_classes, seed=config.data.seed,
-        student_view=student_view, teacher_view=teacher_view, jac_every=train_cfg.jac_every)
+    distiller = Distiller(network, teacher, hints=hints, num_classes=splits.info.num_classes,
+                          seed=config.data.seed, student_view=student_view,
+                          teacher_view=teacher_view, jac_every=train_cfg.jac_every)
   workdir = config.workdir
   use_cache = False
   if teacher is not None:
@@ -102,10 +93,10 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
       augment=config.data.augment, crop_padding=config.data.crop_padding,
       log_dir=os.path.join(workdir, "tensorboard", role),
       checkpoint_dir=os.path.join(workdir, CHECKPOINTS_DIR, role),
-      extra_callbacks=[loop.EpochLogger(role, train_cfg.epochs)],
+      extra_callbacks=[callbacks.EpochLogger(role, train_cfg.epochs)],
       resume=config.resume, settings=resume_settings(config, role), keep_backup=True,
       teacher_cache=use_cache)
-  test = loop.evaluate(distiller, splits.test, train_cfg.batch_size)
+  test = evaluation.evaluate(distiller, splits.test, train_cfg.batch_size)
   if config.robustness_sigmas:
     test["accuracy_under_noise"] = robustness(config, splits, network, train_cfg.batch_size)
   return result, test
@@ -113,7 +104,7 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
 
 def robustness(config: Config, splits: Splits, network, batch_size):
   """{sigma: test accuracy on Gaussian-noised test images}, seeded by --seed."""
-  return loop.accuracy_under_noise(network, splits.test, config.robustness_sigmas, batch_size,
+  return evaluation.accuracy_under_noise(network, splits.test, config.robustness_sigmas, batch_size,
                                    seed=config.data.seed)
 
 
@@ -141,10 +132,9 @@ def train_student(config: Config, splits: Splits, strategy, teacher: Optional[ke
       student_view, teacher_view = make_views(student)
   logging.info("training student %s on %d images with hints %s", config.student.name,
                len(train_split), ",".join(config.hints.hints))
-  hints = tuple((h, config.hints.weight(h)) for h in config.hints.hints)
   result, test = train_and_evaluate(config, splits, strategy, network=student, teacher=teacher,
                                     train_split=train_split, train_cfg=config.train,
-                                    hints=hints, role="student", student_view=student_view,
+                                    hints=config.hints, role="student", student_view=student_view,
                                     teacher_view=teacher_view)
   directory = os.path.join(config.workdir, STUDENT_DIR)
   saved_model = export.export_model(
@@ -164,7 +154,8 @@ def train_teacher(config: Config, splits: Splits, strategy):
   logging.info("training teacher %s on %d images", config.teacher.name, len(splits.train))
   result, test = train_and_evaluate(config, splits, strategy, network=teacher, teacher=None,
                                     train_split=splits.train, train_cfg=config.teacher_train,
-                                    hints=(("ce", config.hints.weight("ce")),), role="teacher")
+                                    hints=dataclasses.replace(config.hints, hints=("ce",)),
+                                    role="teacher")
   directory = os.path.join(config.workdir, TEACHER_DIR)
   path = export.export_model(teacher, directory, splits.test.images[:8],
                              metadata=network_metadata(config, config.teacher, splits, "teacher"))
@@ -198,7 +189,7 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     loaded = teachers.load_teacher(config, info, num_classes=info.num_classes, path=path)
     teacher = loaded.adapted
     evaluator = Distiller(teacher, None)
-  test = loop.evaluate(evaluator, splits.test, config.train.batch_size)
+  test = evaluation.evaluate(evaluator, splits.test, config.train.batch_size)
   if config.robustness_sigmas:
     test["accuracy_under_noise"] = robustness(config, splits, teacher, config.train.batch_size)
   return teacher, {"source": source, "path": path, "test": test,

@@ -25,7 +25,7 @@ from absl import logging
 from tfjac import data, teachers
 from tfjac.models import views
 from tfjac.modes import common
-from tfjac.training import loop
+from tfjac.training import evaluation
 from tfjac.training.distiller import Distiller
 
 DEFAULT_HINTS = ("ce",)
@@ -179,7 +179,7 @@ def run(config, splits, strategy):
                                         f"classes, the teacher {source_classes}"}
     else:
       loss_idx = np.sort(np.concatenate(stratified_sample(source.test.labels, 4 * n, seed)))
-      metrics = loop.evaluate(Distiller(teacher, None), source.test.take(loss_idx),
+      metrics = evaluation.evaluate(Distiller(teacher, None), source.test.take(loss_idx),
                               config.train.batch_size)
       result["source_loss"] = {"dataset": source.info.name,
                                **_coverage(source.test.labels, loss_idx),

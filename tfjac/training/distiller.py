@@ -32,13 +32,15 @@ Random draws (`random`, `projection`, `noise`, `noisy_ce`) are seeded per step *
 the same estimator, with the same distribution, as 1 replica, but not the same numbers.
 """
 import collections
-from typing import Optional, Sequence, Tuple
+import dataclasses
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import keras
 import tensorflow as tf
 from absl import logging
 
 from tfjac import hints as hints_lib
+from tfjac.config import HintConfig
 from tfjac.hints import attention, jacobians
 from tfjac.models import views
 from tfjac.models.layers import (JacobianSafeBatchNorm, holding_batch_statistics, recording_batch_statistics,
@@ -48,6 +50,28 @@ TeacherOutputs = collections.namedtuple(
     "TeacherOutputs", "logits selection jacobians features pixels")
 NO_TEACHER = TeacherOutputs(None, None, {}, (), None)
 ATTENTION = "attention"
+
+
+def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
+                  jac_target: Optional[str] = None, jac_top_k: Optional[int] = None,
+                  jac_projections: Optional[int] = None,
+                  bn_policy: Optional[str] = None) -> HintConfig:
+  """The one settings object of a Distiller, a config.HintConfig. `hints`: a HintConfig (a
+  run's, config.hints), or the Python API's {name: weight} / (name, weight) pairs with every
+  other setting at HintConfig's defaults. The keyword arguments, where given, replace the
+  settings of the same name (`params`: its loss parameters; `bn_policy`: jac_bn_policy)."""
+  if isinstance(hints, HintConfig):
+    settings = hints
+  else:
+    pairs = tuple((name, float(w)) for name, w in (
+        hints.items() if isinstance(hints, Mapping) else hints))
+    settings = HintConfig(hints=tuple(name for name, _ in pairs), weights=pairs)
+  overrides = dataclasses.asdict(params) if params is not None else {}
+  for field, value in (("jac_target", jac_target), ("jac_top_k", jac_top_k),
+                       ("jac_projections", jac_projections), ("jac_bn_policy", bn_policy)):
+    if value is not None:
+      overrides[field] = value
+  return dataclasses.replace(settings, **overrides)
 
 
 def pack_teacher_outputs(t: TeacherOutputs):
@@ -76,21 +100,29 @@ class Distiller(keras.Model):
   """Trains `student` on the weighted sum of the named hints; `teacher` may be None when no
   hint needs one ('ce', 'jacnorm', 'noisy_ce').
 
+  `hints`: the hint settings as one object, a config.HintConfig (the hints, their weights,
+  the loss parameters, the Jacobian target and BatchNorm policy), or {name: weight} / (name,
+  weight) pairs; `params`, `jac_target`, `jac_top_k`, `jac_projections` and `bn_policy`
+  replace the settings of those names (hint_settings). The Distiller derives the losses'
+  HintParams and the targets' options from them itself.
+
   `student_view` / `teacher_view` (models/views.py) add what some hints read: a teacher-shaped
   second head (LwF) and feature maps (attention transfer). They share the networks' layers;
   the view's trainable variables are trained, and `student` alone is what gets exported.
   """
 
   def __init__(self, student: keras.Model, teacher: Optional[keras.Model] = None, *,
-               hints: Sequence[Tuple[str, float]] = (("ce", 1.0),),
-               params: hints_lib.HintParams = hints_lib.HintParams(),
-               jac_target: str = "label", jac_top_k: int = 5, jac_projections: int = 1,
-               bn_policy: str = "batch_stats", num_classes: Optional[int] = None, seed: int = 0,
+               hints: Union[HintConfig, Mapping[str, float],
+                            Sequence[Tuple[str, float]]] = (("ce", 1.0),),
+               num_classes: Optional[int] = None, seed: int = 0,
                student_view: Optional[keras.Model] = None,
-               teacher_view: Optional[keras.Model] = None, jac_every: int = 1, **kwargs):
+               teacher_view: Optional[keras.Model] = None, jac_every: int = 1,
+               params: Optional[hints_lib.HintParams] = None, jac_target: Optional[str] = None,
+               jac_top_k: Optional[int] = None, jac_projections: Optional[int] = None,
+               bn_policy: Optional[str] = None, **kwargs):
     super().__init__(**kwargs)
-    if isinstance(hints, dict):  # the Python API's form: {"ce": 1, "act": 0.1, "jac": 1}
-      hints = tuple(hints.items())
+    settings = hint_settings(hints, params=params, jac_target=jac_target, jac_top_k=jac_top_k,
+                             jac_projections=jac_projections, bn_policy=bn_policy)
     self.student = student
     self.teacher = teacher
     if teacher is not None:
@@ -100,9 +132,9 @@ class Distiller(keras.Model):
     if teacher is not None:
       self.teacher_view = teacher_view or views.make_view(teacher)
       self.teacher_view.trainable = False
-    self.hint_weights = tuple((name, float(w)) for name, w in hints)
+    self.hint_weights = tuple((name, float(settings.weight(name))) for name in settings.hints)
     self._hints = {name: hints_lib.HINTS[name] for name, _ in self.hint_weights}
-    self.params = params
+    self.params = hints_lib.HintParams.from_config(settings)
     needing_teacher = [n for n, h in self._hints.items() if h.needs_teacher]
     if needing_teacher and teacher is None:
       raise ValueError(f"hints {needing_teacher} need a teacher")
@@ -130,12 +162,16 @@ class Distiller(keras.Model):
       self._pair_sizes = attention.pair_sizes(t_shapes, s_shapes)
     self.num_classes = num_classes or int(student.output_shape[-1])
     matching_classes = int(self.student_view.output["matching_logits"].shape[-1])
-    self.jac_target = jac_target
-    self._target = jacobians.TARGETS[jac_target]
-    self._target_options = jacobians.TargetOptions(matching_classes, jac_top_k, jac_projections)
-    if self.student_outputs and jac_target == "top_k" and jac_top_k > matching_classes:
-      raise ValueError(f"jac_top_k={jac_top_k} is more than the {matching_classes} classes")
-    self.bn_policy = self._bn_policy_for(student, bn_policy)
+    self.jac_target = settings.jac_target
+    self._target = jacobians.TARGETS[settings.jac_target]
+    self._target_options = jacobians.TargetOptions(matching_classes, settings.jac_top_k,
+                                                   settings.jac_projections)
+    if (self.student_outputs and settings.jac_target == "top_k"
+        and settings.jac_top_k > matching_classes):
+      raise ValueError(f"jac_top_k={settings.jac_top_k} is more than the {matching_classes} "
+                       "classes")
+    self.bn_policy = self._bn_policy_for(student, settings.jac_bn_policy)
+    self.settings = settings  # as given (bn_policy: the policy the Jacobians do take)
     self.seed = seed
     self._trackers = {"loss": keras.metrics.Mean(name="loss")}
     for name, _ in self.hint_weights:
@@ -168,13 +204,14 @@ class Distiller(keras.Model):
 
   def with_hints(self, hints):
     """A Distiller on other hints that shares these networks, views and settings (the
-    lazy-Jacobian steps, validation without the Jacobian terms)."""
-    o = self._target_options
-    return Distiller(self.student, self.teacher, hints=hints, params=self.params,
-                     jac_target=self.jac_target, jac_top_k=o.top_k,
-                     jac_projections=o.projections, bn_policy=self.bn_policy,
-                     num_classes=self.num_classes, seed=self.seed,
-                     student_view=self.student_view, teacher_view=self.teacher_view)
+    lazy-Jacobian steps, validation without the Jacobian terms). `hints`: (name, weight)
+    pairs."""
+    pairs = tuple((name, float(w)) for name, w in hints)
+    settings = dataclasses.replace(self.settings, hints=tuple(name for name, _ in pairs),
+                                   weights=pairs, jac_bn_policy=self.bn_policy)
+    return Distiller(self.student, self.teacher, hints=settings, num_classes=self.num_classes,
+                     seed=self.seed, student_view=self.student_view,
+                     teacher_view=self.teacher_view)
 
   def _bn_policy_for(self, student, bn_policy):
     """A student with the standard keras.layers.BatchNormalization cannot hold its batch
@@ -460,7 +497,8 @@ class Distiller(keras.Model):
     return self._logs()
 
   def test_step(self, data):
-    # The validation split's teacher outputs may travel with it, computed once (loop.py).
+    # The validation split's teacher outputs may travel with it, computed once
+    # (evaluation.validation_pipeline).
     x, labels, cached = self._unpack(data)
     if cached is not None:
       cached = unpack_teacher_outputs(cached)

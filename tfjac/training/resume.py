@@ -126,7 +126,7 @@ class TrainingBackup(keras.callbacks.Callback):
   stopped a step whose loss is not finite, so a backup never holds NaN weights.
   `stateful`: name -> callback with get_state() / set_state(dict), and optionally
   backup_files() -> {key: path} / restore_files({key: path}) for files to keep with the state.
-  `batch_offset`: set by the caller when a fit() runs only the rest of an epoch.
+  `starts_at(step)`: before a fit() call that runs only the rest of an epoch, from `step`.
   """
 
   def __init__(self, directory, *, stateful, epochs, steps_per_epoch, every_steps, settings,
@@ -144,6 +144,11 @@ class TrainingBackup(keras.callbacks.Callback):
     self._arrays_to_load, self._metrics_to_load = None, None
     self._restore_metrics = False
     self._epoch = 0
+
+  def starts_at(self, step: int):
+    """The next fit() call's batch 0 is step `step` of its epoch (callbacks.EpochPosition)."""
+    self.batch_offset = int(step)
+    return self
 
   # --- restoring ------------------------------------------------------------------------
 
