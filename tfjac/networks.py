@@ -392,7 +392,6 @@ def build_student(name: str, image_shape, num_classes, *, mean, std, weights="",
     if weights:
       _load_weights(model, weights, "student_weights", f"the student {name}")
   else:
-    from tfjac import export  # pylint: disable=g-import-not-at-top
     if not os.path.exists(name):
       raise ConfigError("model", f"{name!r} does not exist; valid: a built-in name, "
                         f"{APPLICATIONS_PREFIX}NAME or a .keras file")

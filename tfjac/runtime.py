@@ -82,7 +82,7 @@ def parse_tf_config():
                       "MultiWorkerMirroredStrategy; use chief and worker")
   task = value.get("task")
   if not isinstance(task, dict) or "type" not in task or "index" not in task:
-    raise ConfigError("strategy", f"TF_CONFIG has no \"task\" with \"type\" and \"index\"; "
+    raise ConfigError("strategy", "TF_CONFIG has no \"task\" with \"type\" and \"index\"; "
                       + example)
   kind, index = task["type"], task["index"]
   if kind not in cluster:
