@@ -178,6 +178,27 @@ def test_table_schedules_tunes_on_validation_and_skips_finished_cells(tmp_path, 
   assert len(calls()) == before + 4  # only the failed act,jac trials (2 per column) run again
 
 
+def test_a_finished_cell_of_other_settings_is_refused_not_reused(tmp_path, fake_python):
+  """A rerun whose tuning chooses differently (a trial that failed before now finishes) must
+  not take a seed's results made with the old choice."""
+  python, calls = fake_python
+  out = tmp_path / "out"
+  harness = lambda: reproduce.Harness("distill", "digits", ("10",), 2, _rows("act_ce"),  # noqa: E731
+                                      str(out), tune=True, python=python)
+  harness().run()
+  log = out / "cells" / "act_ce" / "n10" / "seed1" / "log.txt"
+  text = log.read_text()
+  assert "--act_weight=1 " in text
+  log.write_text(text.replace("--act_weight=1 ", "--act_weight=0.1 "))
+  before = len(calls())
+  with pytest.raises(reproduce.ReproduceError, match="seed1 holds the results of another"):
+    harness().run()
+  assert len(calls()) == before
+  log.write_text(text)
+  harness().run()  # the same command: reused
+  assert len(calls()) == before
+
+
 def test_without_a_step_budget_results_md_shows_the_unequal_steps(tmp_path, fake_python):
   python, calls = fake_python
   out = tmp_path / "out"

@@ -286,6 +286,19 @@ class Progress:
         self.ran_seconds += seconds
 
 
+COMMAND_PREFIX = "$ python -m tfjac.run "
+
+
+def recorded_command(workdir):
+  """The tfjac.run arguments of the last command logged in `workdir`/log.txt, or None."""
+  try:
+    with open(os.path.join(workdir, "log.txt")) as f:
+      lines = [line for line in f if line.startswith(COMMAND_PREFIX)]
+  except FileNotFoundError:
+    return None
+  return lines[-1][len(COMMAND_PREFIX):].split() if lines else None
+
+
 class Harness:
   """Schedules the runs of one table into `out` and collects their results."""
 
@@ -342,6 +355,14 @@ class Harness:
     """Runs tfjac.run unless `workdir` holds its results already; returns results or None."""
     progress.begin(what)
     done = read_results(workdir)
+    if done is not None:
+      ran = recorded_command(workdir)
+      if ran is not None and ran != " ".join(args).split():
+        raise ReproduceError(
+            f"{workdir} holds the results of another command than this table's cell "
+            f"({what}): it ran `{' '.join(ran)}`, the cell is now `{' '.join(args)}` (e.g. a "
+            "tuning trial that failed before and chose differently on this rerun); remove "
+            "that directory to run the cell again")
     if done is not None or self.dry_run:
       if self.dry_run:
         print(" ".join(["python -m tfjac.run", *args]))
@@ -350,7 +371,7 @@ class Harness:
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
     with open(os.path.join(workdir, "log.txt"), "a") as log:
-      log.write("$ python -m tfjac.run " + " ".join(args) + "\n")
+      log.write(COMMAND_PREFIX + " ".join(args) + "\n")
       log.flush()
       code = subprocess.call([self.python, "-m", "tfjac.run", *args], cwd=REPO, stdout=log,
                              stderr=subprocess.STDOUT)
