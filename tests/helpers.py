@@ -1,6 +1,19 @@
-"""Small models whose Jacobians are known by hand."""
+"""The tests' shared kit: small models whose Jacobians are known by hand, the suite's tiny
+VGG, a runner of the command line, an image-folder writer, and the repository root."""
+import contextlib
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
+import tensorflow as tf
+from absl import flags
+
+from tfjac import flagdefs  # noqa: F401  (defines the flags parsed_flags parses)
+from tfjac import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def linear_model(weights, bias=None, input_shape=(2, 2, 1), name="linear"):
@@ -42,3 +55,77 @@ def forbid_teacher_calls(monkeypatch, distiller):
 
   monkeypatch.setattr(distiller.teacher_view, "call", explode)
   monkeypatch.setattr(distiller.teacher, "call", explode)
+
+
+def tiny_vgg(info, name=None, **options):
+  """The suite's tiny network: VGG-4 at width 0.25 for the dataset `info` describes (its
+  image shape, classes, mean and std). name: the model's name (default "vgg4"); options go to
+  models.build (sync_bn=True, ...). Seed with keras.utils.set_random_seed before building."""
+  return models.build("vgg4", info.image_shape, info.num_classes, mean=info.mean, std=info.std,
+                      width=0.25, model_name=name, **options)
+
+
+@contextlib.contextmanager
+def parsed_flags(*argv):
+  """The command line in this process: tfjac's flags parsed from argv inside the block (read
+  them with run.config_from_flags()), unparsed after it so the next test starts clean."""
+  flags.FLAGS(["tfjac", *argv])
+  try:
+    yield
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def cli_env(**extra):
+  """The environment of a child process: this one's, with this checkout first on PYTHONPATH
+  (the child imports the tfjac under test) and TensorFlow's C++ logs off; `extra` on top."""
+  env = dict(os.environ)
+  env.update(TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.update(extra)
+  return env
+
+
+def cli_command(*argv, tool=None):
+  """`python -m tfjac.run ARGV`, or `python tools/<tool>.py ARGV`."""
+  entry = ["-m", "tfjac.run"] if tool is None else [os.path.join(REPO, "tools", f"{tool}.py")]
+  return [sys.executable, *entry, *argv]
+
+
+def run_cli(*argv, tool=None, env=None, cwd=REPO, timeout=600, check=False):
+  """Runs the command line (see cli_command) to its end in a child process and returns the
+  subprocess.CompletedProcess, stdout and stderr as text. env: cli_env() unless given.
+  check: the run must exit 0 (else the assertion shows the end of its stderr)."""
+  result = subprocess.run(cli_command(*argv, tool=tool), cwd=cwd,
+                          env=cli_env() if env is None else env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+  if check:
+    assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def start_cli(*argv, env=None, cwd=REPO, stdout=None, stderr=None):
+  """Starts `python -m tfjac.run ARGV` in a child process and returns its subprocess.Popen
+  without waiting (give stdout/stderr files: a full pipe would block the child)."""
+  return subprocess.Popen(cli_command(*argv), cwd=cwd, env=cli_env() if env is None else env,
+                          stdout=stdout, stderr=stderr)
+
+
+def write_png(path, size=(8, 8), channels=3, seed=0):
+  """One random PNG image of `size` (height, width) at path, folders made as needed. seed: an
+  int or a numpy Generator (whose stream it draws from)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image = np.random.default_rng(seed).integers(0, 256, (*size, channels), dtype=np.uint8)
+  tf.io.write_file(path, tf.io.encode_png(image))
+
+
+def write_image_folder(root, classes=("ant", "bee", "cat"), per_class=(3, 1), size=(8, 8)):
+  """An image-folder dataset: root/{train,test}/<class>/<i>.png, per_class = (train, test)
+  random colour images of `size` per class, all different, the same on every call. Returns
+  str(root)."""
+  rng = np.random.default_rng(0)
+  for split, n in zip(("train", "test"), per_class):
+    for c in classes:
+      for i in range(n):
+        write_png(os.path.join(root, split, c, f"{i}.png"), size=size, seed=rng)
+  return str(root)

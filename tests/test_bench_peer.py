@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import helpers
+
 torch = pytest.importorskip("torch")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tools"))
+sys.path.insert(0, os.path.join(helpers.REPO, "tools"))
 import torch_peer  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from tfjac import models  # noqa: E402

@@ -5,12 +5,12 @@ import keras
 import numpy as np
 import pytest
 
-from tfjac import models
 from tfjac.checks import validate
 from tfjac.config import Config, TrainConfig
 from tfjac.errors import ConfigError
 from tfjac.training import loop, optimizers
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
 # 40 images at batch 16: 3 steps per epoch (one pass, last batch partial); 7 steps = 3 epochs,
 # the last one of a single step.
@@ -79,8 +79,7 @@ def fit(tmp_path, digits_splits):
 
   def run(name, *, extra=(), cfg=BUDGET):
     keras.utils.set_random_seed(7)
-    student, teacher = (models.build("vgg4", info.image_shape, 10, mean=info.mean,
-                                     std=info.std, width=0.25) for _ in range(2))
+    student, teacher = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
     distiller = Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)])
     result = loop.fit(distiller, train, digits_splits.validation, cfg, seed=1,
                       log_dir=str(tmp_path / name / "tb"), checkpoint_dir=str(tmp_path / name),

@@ -1,34 +1,17 @@
 """Bad input: a clear error naming the flag or file, before any long work."""
-import contextlib
-import os
-import subprocess
-import sys
 import types
 
 import keras
 import numpy as np
 import pytest
-from absl import flags
 
 from tfjac import export, run, teachers
 from tfjac.config import Config
 from tfjac.errors import ConfigError
-
-FLAGS = flags.FLAGS
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@contextlib.contextmanager
-def parsed(*argv):
-  FLAGS(["tfjac", *argv])
-  try:
-    yield
-  finally:
-    FLAGS.unparse_flags()
-
+from tests import helpers
 
 def _config_error(*argv):
-  with parsed(*argv):
+  with helpers.parsed_flags(*argv):
     with pytest.raises(ConfigError) as info:
       run.run(run.config_from_flags())
   return str(info.value)
@@ -107,12 +90,6 @@ def test_savedmodel_teacher_is_loaded_and_differentiable(tmp_path):
                              model.layers[-1].kernel.numpy()[:, 3], rtol=1e-5)
 
 
-def _cli(*argv, cwd=REPO):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, "-m", "tfjac.run", *argv], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("argv, expected", [
     (["--mode=finetun"], "flag --mode=finetun: value should be one of <teacher|distill|"
      "regularize|transfer|finetune|conditions>"),
@@ -122,7 +99,7 @@ def _cli(*argv, cwd=REPO):
      "tfjac: error: Dataset 'cifar100' is not prepared in /nonexistent"),
 ])
 def test_command_line_errors_are_one_message_not_a_trace(tmp_path, argv, expected):
-  result = _cli(f"--workdir={tmp_path}/run", *argv)
+  result = helpers.run_cli(f"--workdir={tmp_path}/run", *argv, timeout=300)
   assert result.returncode != 0
   assert expected in result.stderr
   assert "Traceback" not in result.stderr

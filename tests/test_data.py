@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tfjac import checks
@@ -13,6 +12,7 @@ from tfjac import data
 from tfjac.config import DataConfig
 from tfjac.data import sources
 from tfjac.errors import ConfigError, DataError
+from tests import helpers
 
 
 def test_embedded_dataset_is_real_and_fixed(digits_splits):
@@ -193,23 +193,9 @@ def test_a_class_without_training_examples_is_named(monkeypatch):
     data.prepare(DataConfig(dataset="fake"))
 
 
-def _write_png(path, size=(8, 8), channels=3, seed=0):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  image = np.random.default_rng(seed).integers(0, 256, (*size, channels), dtype=np.uint8)
-  tf.io.write_file(path, tf.io.encode_png(image))
-
-
-def _folder(root, classes=("ant", "bee", "cat"), per_class=3):
-  for split, n in (("train", per_class), ("test", 1)):
-    for c in classes:
-      for i in range(n):
-        _write_png(os.path.join(root, split, c, f"{i}.png"), seed=i)
-  return str(root)
-
-
 def test_image_folder_is_read_with_sorted_class_names(tmp_path):
-  root = _folder(tmp_path)
-  _write_png(os.path.join(root, "train", "ant", "grey.png"), channels=1)  # made colour
+  root = helpers.write_image_folder(tmp_path)
+  helpers.write_png(os.path.join(root, "train", "ant", "grey.png"), channels=1)  # made colour
   (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image: ignored")
   source = sources.load_folder(root)
   assert source.class_names == ("ant", "bee", "cat") and source.num_classes == 3
@@ -220,21 +206,21 @@ def test_image_folder_is_read_with_sorted_class_names(tmp_path):
 
 
 def test_image_folder_faults_name_the_class_or_file(tmp_path):
-  root = _folder(tmp_path / "a")
+  root = helpers.write_image_folder(tmp_path / "a")
   os.makedirs(os.path.join(root, "train", "dog"))
   with pytest.raises(DataError, match=r"class 'dog' has no images in .*train/dog"):
     sources.load_folder(root)
 
-  root = _folder(tmp_path / "b")
+  root = helpers.write_image_folder(tmp_path / "b")
   big = os.path.join(root, "train", "bee", "big.png")
-  _write_png(big, size=(12, 10))
+  helpers.write_png(big, size=(12, 10))
   with pytest.raises(ConfigError, match=rf"--image_size: images differ in size: {big} is 10x12"):
     sources.load_folder(root)
   resized = sources.load_folder(root, sources.SourceOptions(image_size=6))
   assert resized.train.images.shape == (10, 6, 6, 3)
 
-  root = _folder(tmp_path / "c")
-  _write_png(os.path.join(root, "test", "eel", "0.png"))
+  root = helpers.write_image_folder(tmp_path / "c")
+  helpers.write_png(os.path.join(root, "test", "eel", "0.png"))
   with pytest.raises(DataError, match=r"class folder\(s\) \['eel'\] that .*train lacks"):
     sources.load_folder(root)
 

@@ -1,21 +1,27 @@
-"""1 vs 2 replicas (2 logical CPU devices, see conftest.py): same loss, same gradients."""
+"""1 vs 2 replicas (2 logical CPU devices, see conftest.py): same loss, same gradients; the
+checks of TF_CONFIG and which worker is the chief (the two-process run: test_multi_worker.py)."""
+import json
+import os
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjac import models
+from tfjac import checks, runtime
+from tfjac.config import Config
+from tfjac.errors import ConfigError
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
 HINTS = (("act", 1.0), ("jac", 1.0), ("ce", 1.0))
 
 
 def _one_step(strategy, digits_splits, weights, teacher_weights, policy):
   info = digits_splits.info
-  build = lambda name: models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std,  # noqa: E731
-                                    width=0.25, sync_bn=True, model_name=name)
   with strategy.scope():
-    student, teacher = build("student"), build("teacher")
+    student = helpers.tiny_vgg(info, "student", sync_bn=True)
+    teacher = helpers.tiny_vgg(info, "teacher", sync_bn=True)
     student.set_weights(weights)
     teacher.set_weights(teacher_weights)
     d = Distiller(student, teacher, hints=HINTS, bn_policy=policy)
@@ -30,9 +36,9 @@ def _one_step(strategy, digits_splits, weights, teacher_weights, policy):
 def test_one_and_two_replicas_agree(digits_splits, policy):
   assert len(tf.config.list_logical_devices("CPU")) == 2
   info = digits_splits.info
-  init = models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std, width=0.25)
+  init = helpers.tiny_vgg(info)
   keras.utils.set_random_seed(5)
-  t_init = models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std, width=0.25)
+  t_init = helpers.tiny_vgg(info)
   one = tf.distribute.OneDeviceStrategy("/cpu:0")
   two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   assert two.num_replicas_in_sync == 2
@@ -75,3 +81,60 @@ def test_replicas_draw_their_own_classes_and_noise():
   assert np.abs(noise[0].numpy() - noise[1].numpy()).min() > 1e-6
   # One replica: the seed of before (the replica id is folded in only under several).
   np.testing.assert_array_equal(d._seed(3, 1), [0, 13])  # pylint: disable=protected-access
+
+
+# --- TF_CONFIG and the chief (--strategy=multi_worker) --------------------------------------
+
+@pytest.mark.parametrize("tf_config,message", [
+    (None, "needs the environment variable TF_CONFIG"),
+    ("{not json", "not valid JSON"),
+    ('{"task": {"type": "worker", "index": 0}}', "no \"cluster\""),
+    ('{"cluster": {"worker": ["localhost:1"]}}', "no \"task\""),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 1}}',
+     "index 1 is out of range"),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "chief", "index": 0}}',
+     "not a job of the cluster"),
+    ('{"cluster": {"worker": "localhost:1"}, "task": {"type": "worker", "index": 0}}',
+     "non-empty list"),
+])
+def test_malformed_tf_config_is_a_clear_error(tmp_path, monkeypatch, tf_config, message):
+  if tf_config is None:
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+  else:
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+  with pytest.raises(ConfigError, match="TF_CONFIG") as err:
+    checks.validate(Config(workdir=str(tmp_path), strategy="multi_worker"))
+  assert message in str(err.value)
+
+
+def test_chief_is_the_chief_task_or_worker_zero():
+  assert runtime.is_chief({"worker": ["a:1", "b:1"]}, "worker", 0)
+  assert not runtime.is_chief({"worker": ["a:1", "b:1"]}, "worker", 1)
+  assert not runtime.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0)
+  assert runtime.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0)
+
+
+def test_command_line_names_tf_config_when_it_is_malformed(tmp_path):
+  env = helpers.cli_env(TF_CONFIG="{not json", CUDA_VISIBLE_DEVICES="")
+  proc = helpers.run_cli("--strategy=multi_worker", f"--workdir={tmp_path}", env=env,
+                         timeout=120)
+  assert proc.returncode == 2
+  assert "tfjac: error: --strategy: TF_CONFIG is not valid JSON" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value, expected", [
+    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}},
+     ({"worker": ["a:1", "b:2"]}, "worker", 1)),
+    ({"cluster": {"chief": ["c:3"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+     ({"chief": ["c:3"], "worker": ["a:1"]}, "chief", 0)),
+])
+def test_a_valid_tf_config_reads_as_written(monkeypatch, tmp_path, value, expected):
+  """runtime.parse_tf_config's (cluster, task type, index), from TFConfigClusterResolver, are
+  the TF_CONFIG's own values; a non-chief worker then writes its own directory."""
+  monkeypatch.setenv("TF_CONFIG", json.dumps(value))
+  assert runtime.parse_tf_config() == expected
+  config = runtime.worker_config(Config(workdir=str(tmp_path), strategy="multi_worker"))
+  chief = runtime.is_chief(*expected)
+  assert config.workdir == (str(tmp_path) if chief else
+                            os.path.join(str(tmp_path), "workers", "worker_1"))

@@ -1,39 +1,28 @@
 """The main job on the embedded dataset, from the command line, and what it leaves behind."""
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 from tensorboard.backend.event_processing import event_accumulator
 
-from tfjac import data, export, models, run
+from tfjac import data, export, run
 from tfjac.config import DataConfig, TrainConfig
 from tfjac.errors import NonFiniteLossError
 from tfjac.training import loop
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--samples_per_class=5", "--epochs=3", "--teacher_epochs=2", "--width=0.25",
         "--teacher_width=0.25", "--batch_size=64"]
-
-
-def _cli(*argv):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  result = subprocess.run([sys.executable, "-m", "tfjac.run", *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  result = _cli("--mode=distill", f"--workdir={workdir}", *TINY)
+  result = helpers.run_cli("--mode=distill", f"--workdir={workdir}", *TINY, check=True)
   return workdir, result.stdout
 
 
@@ -91,14 +80,11 @@ def test_saved_model_serves_the_student_alone(run_dir):
 def test_rerun_from_flagfile_reuses_the_teacher(run_dir):
   workdir, _ = run_dir
   flagfile = os.path.join(workdir, "flags.cfg")
-  flags.FLAGS(["tfjac", f"--flagfile={flagfile}"])
-  try:
+  with helpers.parsed_flags(f"--flagfile={flagfile}"):
     config = run.config_from_flags()
-  finally:
-    flags.FLAGS.unparse_flags()
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.loads(json.dumps(config.to_dict())) == json.load(f)["config"]
-  _cli(f"--flagfile={flagfile}", "--hints=ce", "--epochs=1")
+  helpers.run_cli(f"--flagfile={flagfile}", "--hints=ce", "--epochs=1", check=True)
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   assert results["teacher"]["source"] == "reused"
@@ -107,9 +93,7 @@ def test_rerun_from_flagfile_reuses_the_teacher(run_dir):
 
 def test_nan_in_a_term_stops_naming_it_and_keeps_the_checkpoint(tmp_path, digits_splits):
   info = digits_splits.info
-  build = lambda: models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std,  # noqa: E731
-                               width=0.25)
-  student, teacher = build(), build()
+  student, teacher = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
   small = digits_splits.sampled_train(3, 0)
   kwargs = dict(seed=0, log_dir=str(tmp_path / "tb"), checkpoint_dir=str(tmp_path / "ck"))
   loop.fit(Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)]), small,

@@ -84,7 +84,6 @@ def test_jacnorm_on_a_linear_model_is_sigma2_times_squared_weights():
 
 
 def test_regularize_lowers_the_jacobian_norm(digits_splits):
-  from tfjac import models  # pylint: disable=g-import-not-at-top
   from tfjac.config import TrainConfig  # pylint: disable=g-import-not-at-top
   from tfjac.training import loop  # pylint: disable=g-import-not-at-top
   info = digits_splits.info
@@ -94,8 +93,7 @@ def test_regularize_lowers_the_jacobian_norm(digits_splits):
   norms = {}
   for hints in ((("ce", 1.0),), (("ce", 1.0), ("jacnorm", 1.0))):
     keras.utils.set_random_seed(0)
-    student = models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std,
-                           width=0.25)
+    student = helpers.tiny_vgg(info)
     d = Distiller(student, None, hints=hints, params=HintParams(noise_sigma=0.5))
     loop.fit(d, train, digits_splits.validation, TrainConfig(epochs=15), seed=0,
              log_dir="/tmp/tfjac-test-tb", checkpoint_dir=f"/tmp/tfjac-test-ck{len(hints)}")
@@ -108,18 +106,10 @@ def test_regularize_lowers_the_jacobian_norm(digits_splits):
 
 
 def test_noise_equivalence_tool(tmp_path):
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  tool = os.path.join(repo, "tools", "noise_equivalence.py")
-  bad = subprocess.run([sys.executable, tool, f"--run_dir={tmp_path}"], env=env,
-                       capture_output=True, text=True, timeout=300)
+  bad = helpers.run_cli(f"--run_dir={tmp_path}", tool="noise_equivalence", timeout=300)
   assert bad.returncode == 2 and "--run_dir:" in bad.stderr and "no results.json" in bad.stderr
-  ok = subprocess.run([sys.executable, tool, "--sigmas=0.1,0.5", "--samples=2000",
-                       f"--out={tmp_path}"], env=env, capture_output=True, text=True,
-                      timeout=300)
+  ok = helpers.run_cli("--sigmas=0.1,0.5", "--samples=2000", f"--out={tmp_path}",
+                       tool="noise_equivalence", timeout=300)
   assert ok.returncode == 0, ok.stderr[-2000:]
   import json  # pylint: disable=g-import-not-at-top
   with open(tmp_path / "equivalence.json") as f:

@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjac import data, export, hints, models, run, teachers
+from tfjac import data, export, hints, run, teachers
 from tfjac.config import Config, DataConfig, HintConfig, ModelConfig, TrainConfig
 from tfjac.errors import ConfigError, DataError, NonFiniteLossError
 from tfjac.training import loop
 from tfjac.training import resume as resume_lib
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
 
 def _load_teacher(path, shape, num_classes, safe_mode=True):
@@ -36,8 +37,6 @@ def _load_teacher(path, shape, num_classes, safe_mode=True):
 
 pytestmark = pytest.mark.faults
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
 # A run whose two fits (teacher: 2 x 36 steps, student: 3 x 7 steps) last a few seconds each,
 # with backups every 2 steps, augmentation on, so that order and augmentation are both tested.
 RUN = ["--samples_per_class=20", "--epochs=3", "--teacher_epochs=2", "--teacher_model=vgg4",
@@ -49,8 +48,7 @@ def _start(workdir, log):
   """The run in a child process; its output goes to files (a full pipe would block it)."""
   os.makedirs(os.path.dirname(log), exist_ok=True)
   with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-    return subprocess.Popen([sys.executable, "-m", "tfjac.run", f"--workdir={workdir}", *RUN],
-                            cwd=REPO, env=ENV, stdout=out, stderr=err)
+    return helpers.start_cli(f"--workdir={workdir}", *RUN, stdout=out, stderr=err)
 
 
 def _tail(log):
@@ -174,7 +172,8 @@ def test_kill_during_export_leaves_the_previous_export_loadable(tmp_path):
   for directory in directories.values():
     export.export_model(_exported_model(1.0), directory, np.zeros((2, 8, 8, 1), np.float32))
   children = {stage: subprocess.Popen([sys.executable, "-c", _EXPORT_CHILD, d, stage],
-                                      cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
+                                      cwd=helpers.REPO, env=helpers.cli_env(),
+                                      stderr=subprocess.PIPE, text=True)
               for stage, d in directories.items()}
   for stage, child in children.items():
     _, stderr = child.communicate(timeout=300)
@@ -248,8 +247,7 @@ def test_nan_in_one_term_names_it_keeps_the_last_good_state_and_resumes(tmp_path
 
   def distiller():
     keras.utils.set_random_seed(3)
-    student, teacher = (models.build("vgg4", info.image_shape, 10, mean=info.mean,
-                                     std=info.std, width=0.25) for _ in range(2))
+    student, teacher = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
     return Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)])
 
   small = digits_splits.sampled_train(5, 0)  # 50 images: 4 steps of 16
@@ -287,21 +285,8 @@ def test_nan_in_one_term_names_it_keeps_the_last_good_state_and_resumes(tmp_path
 
 # --- a corrupt image -------------------------------------------------------------------------
 
-def _image_folder(root, sizes=None, per_class=3):
-  """root/{train,test}/{ant,bee,cat}/i.png, 8x8 colour images."""
-  rng = np.random.default_rng(0)
-  for split, n in (("train", per_class), ("test", 1)):
-    for name in ("ant", "bee", "cat"):
-      os.makedirs(os.path.join(root, split, name), exist_ok=True)
-      for i in range(n):
-        size = (sizes or {}).get((split, name, i), (8, 8))
-        image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-        tf.io.write_file(os.path.join(root, split, name, f"{i}.png"), tf.io.encode_png(image))
-  return root
-
-
 def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
-  root = _image_folder(str(tmp_path / "images"))
+  root = helpers.write_image_folder(str(tmp_path / "images"))
   good = tf.io.encode_jpeg(np.zeros((8, 8, 3), np.uint8)).numpy()
   bad = os.path.join(root, "train", "bee", "truncated.jpg")
   with open(bad, "wb") as f:
@@ -349,13 +334,9 @@ def test_keras_teacher_with_lambda_code_is_refused_unless_allowed(tmp_path):
 
 
 def test_unsafe_teacher_loading_flag_reaches_the_loader(tmp_path):
-  from absl import flags  # pylint: disable=g-import-not-at-top
   for argv, expected in (([], False), (["--unsafe_teacher_loading"], True)):
-    flags.FLAGS(["tfjac", *argv])
-    try:
+    with helpers.parsed_flags(*argv):
       assert run.config_from_flags().unsafe_teacher_loading is expected
-    finally:
-      flags.FLAGS.unparse_flags()
 
 
 def test_savedmodel_teacher_without_a_serving_function_is_a_clear_error(tmp_path):

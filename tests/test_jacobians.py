@@ -1,20 +1,19 @@
 """Per-example Jacobians under BatchNorm, and the Jacobian targets."""
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjac import models
 from tfjac.hints import jacobians
 from tfjac.models import holding_batch_statistics
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
 B = 6
 
 
 def _net(digits_splits):
   info = digits_splits.info
-  return models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std, width=0.25)
+  return helpers.tiny_vgg(info)
 
 
 def _batch(digits_splits, start=0):

@@ -5,18 +5,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjac import models
 from tfjac.hints import jacobians
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
 HINTS = (("act", 1.0), ("jac", 0.5), ("ce", 1.0))
 
 
 def _distiller(info, hints=HINTS, **kw):
   keras.utils.set_random_seed(3)
-  build = lambda name: models.build("vgg4", info.image_shape, 10, mean=info.mean,  # noqa: E731
-                                    std=info.std, width=0.25, model_name=name)
-  student, teacher = build("student"), build("teacher")
+  student, teacher = helpers.tiny_vgg(info, "student"), helpers.tiny_vgg(info, "teacher")
   distiller = Distiller(student, teacher, hints=hints, **kw)
   distiller.compile(optimizer=keras.optimizers.SGD(0.1))
   return distiller

@@ -122,13 +122,11 @@ def test_jacobian_term_reaches_student_weights_by_double_backprop():
 
 
 def test_jacobian_term_changes_weight_gradients_of_a_conv_student(digits_splits):
-  from tfjac import models
   info = digits_splits.info
   x = tf.constant(digits_splits.train.images[:16])
   y = tf.constant(digits_splits.train.labels[:16])
   keras.utils.set_random_seed(1)
-  teacher = models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std, width=0.25)
-  student = models.build("vgg4", info.image_shape, 10, mean=info.mean, std=info.std, width=0.25)
+  teacher, student = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
   grads = {}
   for hints in ((("act", 1.0), ("ce", 1.0)), (("act", 1.0), ("jac", 1.0), ("ce", 1.0))):
     d = Distiller(student, teacher, hints=hints)

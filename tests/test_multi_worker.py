@@ -2,15 +2,14 @@
 same tiny distillation command and end with the same student weights; only the chief writes
 --workdir, the other worker writes under <workdir>/workers/worker_1."""
 import json
-import os
 import socket
 import subprocess
-import sys
 
 import h5py
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
+
 FLAGS = ["--strategy=multi_worker", "--mode=distill", "--hints=act,jac,ce", "--model=vgg4",
          "--width=0.25", "--teacher_model=vgg4", "--teacher_width=0.25", "--epochs=1",
          "--teacher_epochs=1", "--steps_per_epoch=2", "--batch_size=16",
@@ -40,14 +39,12 @@ def test_two_workers_end_with_the_same_weights(tmp_path):
   addresses = [f"localhost:{p}" for p in _free_ports(2)]
   procs = []
   for index in range(2):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TF_CONFIG=json.dumps({"cluster": {"worker": addresses},
-                                     "task": {"type": "worker", "index": index}}))
+    env = helpers.cli_env(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+                          TF_CONFIG=json.dumps({"cluster": {"worker": addresses},
+                                                "task": {"type": "worker", "index": index}}))
     log = open(tmp_path / f"worker_{index}.log", "w")
-    procs.append((subprocess.Popen([sys.executable, "-m", "tfjac.run", *FLAGS,
-                                    f"--workdir={workdir}"], env=env, cwd=ROOT, stdout=log,
-                                   stderr=subprocess.STDOUT), log))
+    procs.append((helpers.start_cli(*FLAGS, f"--workdir={workdir}", env=env, stdout=log,
+                                    stderr=subprocess.STDOUT), log))
   try:
     for proc, _ in procs:
       proc.wait(timeout=300)  # ~30 s on a quiet 2-core machine; generous under load

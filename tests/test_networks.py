@@ -18,8 +18,9 @@ from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherIn
 from tfjac.errors import ConfigError
 from tfjac.modes import finetune
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+README = os.path.join(helpers.REPO, "README.md")
 
 
 def _body(shape=(6, 6, 3), name="body"):
@@ -302,15 +303,9 @@ def test_a_user_keras_student_file_is_converted_and_trained(tmp_path):
 
 # --- real architectures (random weights, tiny inputs) ---------------------------------------
 
-def _folder_dataset(root, size=32, classes=("a", "b"), per_class=(6, 2)):
-  rng = np.random.default_rng(0)
-  for split, n in zip(("train", "test"), per_class):
-    for c in classes:
-      os.makedirs(root / split / c, exist_ok=True)
-      for i in range(n):
-        image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-        tf.io.write_file(str(root / split / c / f"{i}.png"), tf.io.encode_png(image))
-  return f"folder:{root}"
+def _folder_dataset(root):
+  return "folder:" + helpers.write_image_folder(root, classes=("a", "b"), per_class=(6, 2),
+                                                size=(32, 32))
 
 
 @pytest.mark.slow

@@ -1,20 +1,16 @@
 """The optimizer factory against hand computations: the L2 penalty (PyTorch SGD's weight_decay,
 the attention-transfer reference) and Keras's decoupled decay, momentum with and without
 Nesterov, and what the CIFAR-100 flagfiles ask for."""
-import contextlib
-import os
-
 import keras
 import numpy as np
 import pytest
-from absl import flags
 
 from tfjac import checks, run
 from tfjac.config import Config, TrainConfig
 from tfjac.errors import ConfigError
 from tfjac.training import optimizers
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W0 = np.array([1.0, -2.0, 0.5, 3.0])
 GRADS = [np.array([0.3, -0.1, 0.2, 0.0]), np.array([-0.4, 0.5, 0.1, 0.2]),
          np.array([0.2, 0.2, -0.3, -0.1])]
@@ -114,19 +110,10 @@ def test_weight_decay_kind_is_checked():
     checks.validate(Config(train=TrainConfig(weight_decay_kind="l1")))
 
 
-@contextlib.contextmanager
-def _parsed(*argv):
-  flags.FLAGS(["tfjac", *argv])
-  try:
-    yield
-  finally:
-    flags.FLAGS.unparse_flags()
-
-
 @pytest.mark.parametrize("flagfile", ["cifar100_teacher.cfg", "cifar100_distill_act_jac_ce_n10.cfg"])
 def test_cifar100_flagfiles_follow_the_reference_they_cite(flagfile, monkeypatch):
-  monkeypatch.chdir(REPO)
-  with _parsed(f"--flagfile=flags/{flagfile}"):
+  monkeypatch.chdir(helpers.REPO)
+  with helpers.parsed_flags(f"--flagfile=flags/{flagfile}"):
     cfg = run.config_from_flags()
   for train in (cfg.train, cfg.teacher_train):
     assert (train.optimizer, train.learning_rate, train.momentum) == ("sgd", 0.1, 0.9)

@@ -8,12 +8,12 @@ import keras
 import numpy as np
 import pytest
 
-from tfjac import models
 from tfjac.config import TrainConfig
 from tfjac.errors import ConfigError, NonFiniteWeightsError
 from tfjac.training import loop
 from tfjac.training import resume as resume_lib
 from tfjac.training.distiller import Distiller
+from tests import helpers
 
 CFG = TrainConfig(epochs=3, batch_size=16, steps_per_epoch=3, backup_every_steps=1,
                   early_stopping_patience=2)
@@ -41,8 +41,7 @@ def fit(tmp_path, digits_splits):
 
   def run(name, *, settings=None, extra=(), resume=True, cfg=CFG):
     keras.utils.set_random_seed(7)
-    student, teacher = (models.build("vgg4", info.image_shape, 10, mean=info.mean,
-                                     std=info.std, width=0.25) for _ in range(2))
+    student, teacher = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
     # act and ce only, to keep this quick: the Jacobian term is resumed in test_faults.py.
     distiller = Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)])
     result = loop.fit(distiller, train, digits_splits.validation, cfg, seed=1,

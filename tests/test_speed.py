@@ -1,19 +1,14 @@
 """Speed without changing the numbers: the teacher cache, mixed precision with double backprop,
-and the checks of --teacher_cache, --jit_compile, --mixed_precision and TF_CONFIG."""
-import dataclasses
-import json
-import os
-
+XLA where it is exact. (The checks of --teacher_cache and --jit_compile: test_config.py; of
+TF_CONFIG: test_distribute.py.)"""
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjac import checks, runtime
 from tfjac import data as data_lib
-from tfjac import models
-from tfjac.config import Config, DataConfig, HintConfig, TrainConfig
-from tfjac.errors import ConfigError
+from tfjac import runtime
+from tfjac.config import Config, TrainConfig
 from tfjac.training import loop, teacher_cache
 from tfjac.training.distiller import Distiller
 from tests import helpers
@@ -24,9 +19,7 @@ CFG = TrainConfig(epochs=1, batch_size=16, steps_per_epoch=4, learning_rate=1e-2
 
 def _networks(info, seed=3):
   keras.utils.set_random_seed(seed)
-  build = lambda name: models.build("vgg4", info.image_shape, 10, mean=info.mean,  # noqa: E731
-                                    std=info.std, width=0.25, model_name=name)
-  return build("student"), build("teacher")
+  return helpers.tiny_vgg(info, "student"), helpers.tiny_vgg(info, "teacher")
 
 
 def _fit(tmp_path, digits_splits, name, *, use_cache, hints=HINTS):
@@ -120,95 +113,6 @@ def test_mixed_precision_double_backprop_reaches_the_weights(digits_splits, poli
   assert norm > 0 and diff / norm < 0.1, (diff, norm)
 
 
-def _config(**kw):
-  hints = kw.pop("hints", HintConfig())
-  data = kw.pop("data", DataConfig())
-  return Config(hints=hints, data=data, **kw)
-
-
-@pytest.mark.parametrize("change,why", [
-    (dict(data=DataConfig(augment=("flip",))), "--augment=flip"),
-    (dict(hints=HintConfig(jac_target="random")), "--jac_target=random"),
-    (dict(hints=HintConfig(jac_target="projection")), "--jac_target=projection"),
-    (dict(hints=HintConfig(hints=("noise", "ce"))), "noise"),
-])
-def test_teacher_cache_auto_turns_off_and_on_refuses(tmp_path, change, why):
-  cfg = _config(workdir=str(tmp_path), **change)
-  use, reason = teacher_cache.use_teacher_cache(cfg)
-  assert not use and why in reason
-  with pytest.raises(ConfigError, match="--teacher_cache.*" + why.replace("-", "\\-")):
-    checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
-
-
-def test_teacher_cache_auto_is_on_for_the_default_distillation(tmp_path):
-  cfg = _config(workdir=str(tmp_path))
-  assert teacher_cache.use_teacher_cache(cfg)[0]
-  assert not teacher_cache.use_teacher_cache(dataclasses.replace(cfg, teacher_cache="off"))[0]
-  checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
-  # jac_target=random does not matter when no hint takes Jacobians
-  cfg = _config(workdir=str(tmp_path), hints=HintConfig(hints=("act", "ce"),
-                                                        jac_target="random"))
-  assert teacher_cache.use_teacher_cache(cfg)[0]
-
-
-@pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])
-def test_jit_compile_with_several_replicas_is_refused(tmp_path, monkeypatch, strategy):
-  monkeypatch.setenv("TF_CONFIG", json.dumps(
-      {"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker",
-                                                                        "index": 0}}))
-  cfg = _config(workdir=str(tmp_path), strategy=strategy, train=TrainConfig(jit_compile=True),
-                hints=HintConfig(hints=("act", "ce")))
-  with pytest.raises(ConfigError, match="--jit_compile.*XLA cannot compile a step under"):
-    checks.validate(cfg)
-  checks.validate(dataclasses.replace(cfg, train=TrainConfig()))
-
-
-@pytest.mark.parametrize("tf_config,message", [
-    (None, "needs the environment variable TF_CONFIG"),
-    ("{not json", "not valid JSON"),
-    ('{"task": {"type": "worker", "index": 0}}', "no \"cluster\""),
-    ('{"cluster": {"worker": ["localhost:1"]}}', "no \"task\""),
-    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 1}}',
-     "index 1 is out of range"),
-    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "chief", "index": 0}}',
-     "not a job of the cluster"),
-    ('{"cluster": {"worker": "localhost:1"}, "task": {"type": "worker", "index": 0}}',
-     "non-empty list"),
-])
-def test_malformed_tf_config_is_a_clear_error(tmp_path, monkeypatch, tf_config, message):
-  if tf_config is None:
-    monkeypatch.delenv("TF_CONFIG", raising=False)
-  else:
-    monkeypatch.setenv("TF_CONFIG", tf_config)
-  with pytest.raises(ConfigError, match="TF_CONFIG") as err:
-    checks.validate(_config(workdir=str(tmp_path), strategy="multi_worker"))
-  assert message in str(err.value)
-
-
-def test_chief_is_the_chief_task_or_worker_zero():
-  assert runtime.is_chief({"worker": ["a:1", "b:1"]}, "worker", 0)
-  assert not runtime.is_chief({"worker": ["a:1", "b:1"]}, "worker", 1)
-  assert not runtime.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "worker", 0)
-  assert runtime.is_chief({"chief": ["c:1"], "worker": ["a:1"]}, "chief", 0)
-
-
-@pytest.mark.parametrize("value, expected", [
-    ({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}},
-     ({"worker": ["a:1", "b:2"]}, "worker", 1)),
-    ({"cluster": {"chief": ["c:3"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
-     ({"chief": ["c:3"], "worker": ["a:1"]}, "chief", 0)),
-])
-def test_a_valid_tf_config_reads_as_written(monkeypatch, tmp_path, value, expected):
-  """runtime.parse_tf_config's (cluster, task type, index), from TFConfigClusterResolver, are
-  the TF_CONFIG's own values; a non-chief worker then writes its own directory."""
-  monkeypatch.setenv("TF_CONFIG", json.dumps(value))
-  assert runtime.parse_tf_config() == expected
-  config = runtime.worker_config(_config(workdir=str(tmp_path), strategy="multi_worker"))
-  chief = runtime.is_chief(*expected)
-  assert config.workdir == (str(tmp_path) if chief else
-                            os.path.join(str(tmp_path), "workers", "worker_1"))
-
-
 def test_packed_teacher_outputs_round_trip_with_features_and_pixels():
   from tfjac.training.distiller import (TeacherOutputs, pack_teacher_outputs,
                                         unpack_teacher_outputs)
@@ -221,16 +125,6 @@ def test_packed_teacher_outputs_round_trip_with_features_and_pixels():
   assert [int(f.shape[-1]) for f in back.features] == list(range(1, 12))  # order kept past 9
   np.testing.assert_array_equal(back.pixels, t.pixels)
   np.testing.assert_array_equal(back.selection, t.selection)
-
-
-@pytest.mark.parametrize("hints", [("act", "jac", "ce"), ("ce", "jacnorm"), ("jac_ce",)])
-def test_jit_compile_with_double_backprop_is_refused(tmp_path, hints):
-  mode = "regularize" if "jacnorm" in hints else "distill"
-  cfg = _config(workdir=str(tmp_path), mode=mode, hints=HintConfig(hints=hints),
-                train=TrainConfig(jit_compile=True))
-  with pytest.raises(ConfigError, match="--jit_compile: refused .*max-pooling"):
-    checks.validate(cfg)
-  checks.validate(dataclasses.replace(cfg, train=TrainConfig()))
 
 
 def test_jit_compiled_first_order_step_matches_the_graph_step(digits_splits):
@@ -266,22 +160,7 @@ def test_jit_compile_under_two_replicas_falls_back_with_a_logged_reason(caplog):
 
 
 def test_float16_without_a_gpu_logs_why_it_is_slow(tmp_path, caplog):
-  cfg = _config(workdir=str(tmp_path), mixed_precision="mixed_float16")
+  cfg = Config(workdir=str(tmp_path), mixed_precision="mixed_float16")
   with caplog.at_level("WARNING"):
     runtime.check_precision(cfg, tf.distribute.get_strategy())
   assert any("mixed_float16 without a GPU" in r.getMessage() for r in caplog.records)
-
-
-def test_command_line_names_tf_config_when_it_is_malformed(tmp_path):
-  import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, TF_CONFIG="{not json", CUDA_VISIBLE_DEVICES="",
-             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-m", "tfjac.run", "--strategy=multi_worker",
-                         f"--workdir={tmp_path}"], env=env, cwd=root, capture_output=True,
-                        text=True, timeout=120, check=False)
-  assert proc.returncode == 2
-  assert "tfjac: error: --strategy: TF_CONFIG is not valid JSON" in proc.stderr
-  assert "Traceback" not in proc.stderr

@@ -232,8 +232,34 @@ ALL_DEMO_ROWS = {"none": ("ce",), "lwf": ("ce", "lwf"), "lwf_jac": ("ce", "lwf",
                  "lwf_at_jac": ("ce", "lwf", "at", "jac", "at_jac")}
 
 
-@pytest.mark.parametrize("rows", [
-    DEMO_ROWS, pytest.param(ALL_DEMO_ROWS, marks=pytest.mark.slow)], ids=["ends", "all_rows"])
+def test_transfer_every_hint_and_the_oracle_on_a_saved_tiny_teacher(tmp_path):
+  """The demo's pipeline below in seconds: an untrained 5-class VGG-4 file as the teacher (in
+  place of a trained ResNet-20), the transfer row with every hint, exported; the oracle."""
+  _net("vgg4", 5).save(tmp_path / "t.keras")
+  teacher = str(tmp_path / "t.keras")
+  one_epoch = TrainConfig(epochs=1, batch_size=32)
+  cfg = _demo_config(tmp_path / "lwf_at_jac", "transfer", teacher_path=teacher, train=one_epoch,
+                     hints=HintConfig(hints=DEMO_ROWS["lwf_at_jac"], jac_target="teacher_top1",
+                                      weights=(("at", 1000.0),)))
+  results = run.run(cfg)
+  assert 0 <= results["student"]["test_accuracy"] <= 1
+  assert results["dataset"]["num_classes"] == 5
+  served = tf.saved_model.load(os.path.join(tmp_path, "lwf_at_jac", "student", "saved_model"))
+  assert served.serve(tf.zeros([2, 8, 8, 1])).shape == (2, 5)
+  final = results["student"]["final_epoch_metrics"]
+  for key in ("ce_loss", "lwf_loss", "at_loss", "jac_loss", "at_jac_loss"):
+    assert np.isfinite(final[key]) and final[key] > 0, key
+  oracle = run.run(_demo_config(tmp_path / "oracle", "finetune", teacher_path=teacher,
+                                train=one_epoch, hints=HintConfig(hints=("ce",))))
+  assert oracle["student"]["model"].startswith("oracle")
+
+
+# slow: a trained ResNet-20 teacher (--mode=teacher) then every mode on it, minutes on 2 cores.
+# Faster default tests cover its parts: test_transfer_every_hint_and_the_oracle_on_a_saved_tiny_
+# teacher (transfer with every hint, export, the oracle), test_conditions_measures_every_class_
+# of_class_sorted_splits (--mode=conditions), and test_end_to_end.py trains a teacher first.
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [DEMO_ROWS, ALL_DEMO_ROWS], ids=["ends", "all_rows"])
 def test_transfer_demo_end_to_end(tmp_path, rows):
   teacher_cfg = Config(mode="teacher", workdir=str(tmp_path / "teacher"),
                        data=DataConfig(classes=(0, 1, 2, 3, 4)),

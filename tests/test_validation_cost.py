@@ -5,7 +5,6 @@ import numpy as np
 import tensorflow as tf
 
 from tfjac import data as data_lib
-from tfjac import models
 from tfjac.config import TrainConfig
 from tfjac.training import callbacks, evaluation, loop
 from tfjac.training.distiller import Distiller
@@ -16,9 +15,8 @@ HINTS = (("act", 1.0), ("jac", 2.0), ("ce", 1.0))
 
 def _distiller(info):
   keras.utils.set_random_seed(3)
-  build = lambda name: models.build("vgg4", info.image_shape, 10, mean=info.mean,  # noqa: E731
-                                    std=info.std, width=0.25, model_name=name)
-  distiller = Distiller(build("student"), build("teacher"), hints=HINTS)
+  distiller = Distiller(helpers.tiny_vgg(info, "student"), helpers.tiny_vgg(info, "teacher"),
+                        hints=HINTS)
   distiller.compile(optimizer=keras.optimizers.SGD(0.1))
   return distiller
 

@@ -1,0 +1,64 @@
+"""The checks of a run's settings that need no data: when the teacher cache turns itself off
+(and --teacher_cache=on is refused), and when --jit_compile is refused."""
+import dataclasses
+import json
+
+import pytest
+
+from tfjac import checks
+from tfjac.config import Config, DataConfig, HintConfig, TrainConfig
+from tfjac.errors import ConfigError
+from tfjac.training import teacher_cache
+
+
+def _config(**kw):
+  hints = kw.pop("hints", HintConfig())
+  data = kw.pop("data", DataConfig())
+  return Config(hints=hints, data=data, **kw)
+
+
+@pytest.mark.parametrize("change,why", [
+    (dict(data=DataConfig(augment=("flip",))), "--augment=flip"),
+    (dict(hints=HintConfig(jac_target="random")), "--jac_target=random"),
+    (dict(hints=HintConfig(jac_target="projection")), "--jac_target=projection"),
+    (dict(hints=HintConfig(hints=("noise", "ce"))), "noise"),
+])
+def test_teacher_cache_auto_turns_off_and_on_refuses(tmp_path, change, why):
+  cfg = _config(workdir=str(tmp_path), **change)
+  use, reason = teacher_cache.use_teacher_cache(cfg)
+  assert not use and why in reason
+  with pytest.raises(ConfigError, match="--teacher_cache.*" + why.replace("-", "\\-")):
+    checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
+
+
+def test_teacher_cache_auto_is_on_for_the_default_distillation(tmp_path):
+  cfg = _config(workdir=str(tmp_path))
+  assert teacher_cache.use_teacher_cache(cfg)[0]
+  assert not teacher_cache.use_teacher_cache(dataclasses.replace(cfg, teacher_cache="off"))[0]
+  checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
+  # jac_target=random does not matter when no hint takes Jacobians
+  cfg = _config(workdir=str(tmp_path), hints=HintConfig(hints=("act", "ce"),
+                                                        jac_target="random"))
+  assert teacher_cache.use_teacher_cache(cfg)[0]
+
+
+@pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])
+def test_jit_compile_with_several_replicas_is_refused(tmp_path, monkeypatch, strategy):
+  monkeypatch.setenv("TF_CONFIG", json.dumps(
+      {"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker",
+                                                                        "index": 0}}))
+  cfg = _config(workdir=str(tmp_path), strategy=strategy, train=TrainConfig(jit_compile=True),
+                hints=HintConfig(hints=("act", "ce")))
+  with pytest.raises(ConfigError, match="--jit_compile.*XLA cannot compile a step under"):
+    checks.validate(cfg)
+  checks.validate(dataclasses.replace(cfg, train=TrainConfig()))
+
+
+@pytest.mark.parametrize("hints", [("act", "jac", "ce"), ("ce", "jacnorm"), ("jac_ce",)])
+def test_jit_compile_with_double_backprop_is_refused(tmp_path, hints):
+  mode = "regularize" if "jacnorm" in hints else "distill"
+  cfg = _config(workdir=str(tmp_path), mode=mode, hints=HintConfig(hints=hints),
+                train=TrainConfig(jit_compile=True))
+  with pytest.raises(ConfigError, match="--jit_compile: refused .*max-pooling"):
+    checks.validate(cfg)
+  checks.validate(dataclasses.replace(cfg, train=TrainConfig()))
