@@ -401,7 +401,6 @@ def build_student(name: str, image_shape, num_classes, *, mean, std, weights="",
       raise ConfigError("model", f"{name!r} is not a Keras model file: {e}") from e
     if not isinstance(model, keras.Model) or not getattr(model, "outputs", None):
       raise ConfigError("model", f"{name!r} is not a Functional Keras model")
-    del export
     if weights:
       _load_weights(model, weights, "student_weights", f"the student {name}")
     try:
