@@ -11,7 +11,7 @@ One difference, in the plain PyTorch way: in training mode the student's Jacobia
 the batch statistics of BatchNorm (cross-example terms of order 1/batch size), where tfjac's
 default --jac_bn_policy=batch_stats holds them constant for the input gradient. The passes and
 so the cost are the same; the values differ by those terms. In eval mode (moving statistics)
-the two compute the same numbers (tests/test_speed.py checks it on tiny shared weights).
+the two compute the same numbers (tests/test_bench_peer.py checks it on tiny shared weights).
 
 Only tools/benchmark.py (--peer=torch) and that test import this; torch is the optional extra
 `pip install -e .[bench]`, never needed by the package.
