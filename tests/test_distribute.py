@@ -17,17 +17,18 @@ from tests import helpers
 HINTS = (("act", 1.0), ("jac", 1.0), ("ce", 1.0))
 
 
-def _one_step(strategy, digits_splits, weights, teacher_weights, policy):
+def _one_step(strategy, digits_splits, weights, teacher_weights, policy, jac_every=1,
+              steps=1, learning_rate=0.5):
   info = digits_splits.info
   with strategy.scope():
     student = helpers.tiny_vgg(info, "student", sync_bn=True)
     teacher = helpers.tiny_vgg(info, "teacher", sync_bn=True)
     student.set_weights(weights)
     teacher.set_weights(teacher_weights)
-    d = Distiller(student, teacher, hints=HINTS, bn_policy=policy)
-    d.compile(optimizer=keras.optimizers.SGD(0.5))
+    d = Distiller(student, teacher, hints=HINTS, bn_policy=policy, jac_every=jac_every)
+    d.compile(optimizer=keras.optimizers.SGD(learning_rate))
   ds = tf.data.Dataset.from_tensor_slices(
-      (digits_splits.train.images[:16], digits_splits.train.labels[:16])).batch(16)
+      (digits_splits.train.images[:16 * steps], digits_splits.train.labels[:16 * steps])).batch(16)
   logs = d.fit(ds, epochs=1, verbose=0).history
   return {k: v[0] for k, v in logs.items()}, student.get_weights()
 
@@ -50,6 +51,27 @@ def test_one_and_two_replicas_agree(digits_splits, policy):
   assert moved > 1e-3
   for a, b in zip(w1, w2):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_lazy_jacobians_agree_on_one_and_two_replicas(digits_splits):
+  """--jac_every=2 under MirroredStrategy: every replica takes the Jacobian step on the same
+  optimizer steps (0 and 2 of 3), so 1 and 2 replicas end with the same weights, and those
+  differ from the every-step run's (the schedule is live, not ignored)."""
+  info = digits_splits.info
+  init = helpers.tiny_vgg(info)
+  keras.utils.set_random_seed(5)
+  t_init = helpers.tiny_vgg(info)
+  one = tf.distribute.OneDeviceStrategy("/cpu:0")
+  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  args = (digits_splits, init.get_weights(), t_init.get_weights(), "batch_stats")
+  kw = dict(steps=3, learning_rate=0.02)
+  _, w1 = _one_step(one, *args, jac_every=2, **kw)
+  _, w2 = _one_step(two, *args, jac_every=2, **kw)
+  for a, b in zip(w1, w2):  # float32 sums in another order over 3 steps
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+  moved = max(np.abs(a - b).max() for a, b in zip(w1, init.get_weights()))
+  _, every = _one_step(one, *args, jac_every=1, **kw)
+  assert max(np.abs(a - b).max() for a, b in zip(w1, every)) > 1e-2 * moved
 
 
 def test_replicas_draw_their_own_classes_and_noise():

@@ -439,14 +439,15 @@ class Distiller(keras.Model):
       scaled = optimizer.scale_loss(loss)
     return tape.gradient(scaled, self.trained_variables), terms, total, s_logits, inputs
 
-  def step_gradients(self, data, step):
+  def step_gradients(self, data, step, jac_step=None):
     """What one training step applies and reports: (gradients, student logits,
     {term tracker: (per-example values, per-example sample weights)}).
 
     jac_every=K > 1: step % K == 0 takes every hint with the Jacobian hints' weights times K;
     the other steps take only the hints without Jacobians (tf.cond: the branch not taken, and
-    so every Jacobian pass of it, does not run). The Jacobian trackers count only the steps
-    that computed them; 'loss' is the weighted sum (unscaled weights) of the terms computed.
+    so every Jacobian pass of it, does not run; `jac_step` True/False: that branch, no cond).
+    The Jacobian trackers count only the steps that computed them; 'loss' is the weighted sum
+    (unscaled weights) of the terms computed.
     """
     x, labels, cached = self._unpack(data)
     lazy = getattr(self, "_without_jacobians", None) is not None
@@ -473,7 +474,9 @@ class Distiller(keras.Model):
         return grads, s_logits, values, weights
       return fn
 
-    if lazy:
+    if lazy and jac_step is not None:
+      grads, s_logits, values, weights = branch(models[0] if jac_step else models[1])()
+    elif lazy:
       is_jac_step = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.jac_every), 0)
       grads, s_logits, values, weights = tf.cond(is_jac_step, branch(models[0]),
                                                  branch(models[1]))
@@ -481,7 +484,7 @@ class Distiller(keras.Model):
       grads, s_logits, values, weights = branch(self)()
     return grads, s_logits, {n: (v, w) for n, v, w in zip(names, values, weights)}
 
-  def train_step(self, data):
+  def train_step(self, data, jac_step=None):
     variables = self.trained_variables
     if getattr(self, "_without_jacobians", None) is None:  # every step takes every hint
       x, labels, cached = self._unpack(data)
@@ -489,12 +492,41 @@ class Distiller(keras.Model):
           x, labels, self.optimizer.iterations, cached, self.optimizer)
       self.optimizer.apply(grads, variables)
       return self._update_metrics(labels, terms, total, s_logits, inputs)
-    grads, s_logits, updates = self.step_gradients(data, self.optimizer.iterations)
+    grads, s_logits, updates = self.step_gradients(data, self.optimizer.iterations, jac_step)
     self.optimizer.apply(grads, variables)
     for name, (values, weights) in updates.items():
       self._trackers[name].update_state(values, sample_weight=weights)
     self._trackers["accuracy"].update_state(data[1], s_logits)
     return self._logs()
+
+  def make_train_function(self, force=False):
+    """Lazy Jacobian matching on several replicas: tf.cond cannot hold a cross-replica sum
+    (synchronized BatchNorm's, in the Jacobian pass), so the step is two compiled functions,
+    the Jacobian step and the one without, chosen in Python by the optimizer's step (read
+    once per step; one replica keeps the tf.cond inside one function)."""
+    lazy = getattr(self, "_without_jacobians", None) is not None
+    if not lazy or self.distribute_strategy.num_replicas_in_sync == 1:
+      return super().make_train_function(force)
+    if self.train_function is not None and not force:
+      return self.train_function
+    if getattr(self, "steps_per_execution", 1) not in (None, 1):
+      raise ValueError("jac_every > 1 on several replicas needs steps_per_execution=1")
+
+    def jacobian_step(data):
+      return self.train_step(data, jac_step=True)
+
+    def step_without_jacobians(data):
+      return self.train_step(data, jac_step=False)
+
+    full = self._make_function(jacobian_step)
+    cheap = self._make_function(step_without_jacobians)
+
+    def train_function(iterator):
+      step = int(self.optimizer.iterations.numpy())
+      return (full if step % self.jac_every == 0 else cheap)(iterator)
+
+    self.train_function = train_function
+    return train_function
 
   def test_step(self, data):
     # The validation split's teacher outputs may travel with it, computed once
