@@ -62,3 +62,18 @@ def test_jit_compile_with_double_backprop_is_refused(tmp_path, hints):
   with pytest.raises(ConfigError, match="--jit_compile: refused .*max-pooling"):
     checks.validate(cfg)
   checks.validate(dataclasses.replace(cfg, train=TrainConfig()))
+
+
+@pytest.mark.parametrize("argv,width", [
+    ((), 0.25),  # the default command: a VGG-9 sized for the 8x8 digits
+    (("--teacher_width=1",), 1.0),  # given: kept
+    (("--teacher_model=resnet20",), 1.0),  # another architecture: not resized
+    (("--dataset=cifar100",), 1.0),  # 32x32 images: the paper's width
+    (("--flagfile=flags/cifar100_base.cfg",), 1.0),
+])
+def test_teacher_width_default_is_sized_for_the_dataset(argv, width, monkeypatch):
+  from tests.helpers import REPO, parsed_flags  # pylint: disable=g-import-not-at-top
+  from tfjac import run  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO)
+  with parsed_flags(*argv):
+    assert run.config_from_flags().teacher.width == width

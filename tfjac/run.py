@@ -62,7 +62,10 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           crop_padding=f.crop_padding, seed=f.seed, image_size=f.image_size,
           skip_bad_images=f.skip_bad_images, classes=_int_list("classes", f.classes)),
       student=config_lib.ModelConfig(name=f.model, width=f.width, weights=f.student_weights),
-      teacher=config_lib.ModelConfig(name=f.teacher_model, width=f.teacher_width),
+      teacher=config_lib.ModelConfig(
+          name=f.teacher_model,
+          width=(f.teacher_width if f.teacher_width is not None else
+                 config_lib.default_teacher_width(f.dataset, f.teacher_model))),
       train=config_lib.TrainConfig(epochs=f.epochs, learning_rate=f.learning_rate,
                                    train_steps=f.train_steps, jac_every=f.jac_every,
                                    val_jac_examples=f.val_jac_examples,
