@@ -164,3 +164,18 @@ def test_float16_without_a_gpu_logs_why_it_is_slow(tmp_path, caplog):
   with caplog.at_level("WARNING"):
     runtime.check_precision(cfg, tf.distribute.get_strategy())
   assert any("mixed_float16 without a GPU" in r.getMessage() for r in caplog.records)
+
+
+def test_multiply_accumulates_by_hand():
+  """Conv 3x3, 2 -> 4 channels, 'same' on 5x5: 5*5 * 3*3*2*4 = 1800; stride 2 on that (3x3
+  out), 4 -> 6 with a 1x1 kernel: 9 * 24 = 216; Dense 6 -> 3 after global pooling: 18."""
+  import keras  # pylint: disable=g-import-not-at-top
+  from tfjac import models  # pylint: disable=g-import-not-at-top
+  inputs = keras.Input((5, 5, 2))
+  x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+  x = keras.layers.Conv2D(6, 1, strides=2, padding="same")(x)
+  x = keras.layers.GlobalAveragePooling2D()(x)
+  inner = keras.Model(inputs, keras.layers.Dense(3)(x))
+  assert models.multiply_accumulates(inner) == 1800 + 216 + 18
+  outer_in = keras.Input((5, 5, 2))
+  assert models.multiply_accumulates(keras.Model(outer_in, inner(outer_in))) == 2034

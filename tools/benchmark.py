@@ -206,6 +206,8 @@ def run_single(cfg):
     raise RuntimeError(f"non-finite loss {loss} for {cfg}")
   ms = 1000 * (statistics.median(times) if every == 1 else statistics.mean(times))
   result = dict(cfg, ms_per_step=ms, images_per_s=cfg["batch_size"] / ms * 1000,
+                teacher_macs=models.multiply_accumulates(teacher),
+                student_macs=models.multiply_accumulates(student),
                 ms_per_step_all=[1000 * t for t in times],
                 peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 step_peak_mib=(_proc_status_kib("VmHWM") - rss_before) / 1024,
@@ -374,6 +376,13 @@ def main(argv):
         f"{first['num_classes']} classes; median of {first['steps']} steps after "
         f"{first['warmup']} warm-up steps\n")
   print(table(results))
+  t_macs, s_macs = first["teacher_macs"], first["student_macs"]
+  print(f"\nMultiply-accumulates per image (tfjac.models.multiply_accumulates): teacher "
+        f"{t_macs / 1e6:.1f} M, student {s_macs / 1e6:.1f} M. By arithmetic a ce step is about "
+        f"3 x student and act,jac,ce with the teacher every step about 2 x teacher + 6 x student"
+        f" (teacher forward and input-gradient; student forward, input-gradient and the "
+        f"backward of both): {(2 * t_macs + 6 * s_macs) / (3 * s_macs):.1f}x ce; cached, "
+        f"2.0x.")
   if any(r["jit_compile"] and _double_backprop(r["hints"]) for r in results):
     print("\nXLA rows with a double-backprop hint measure speed only: tfjac.run refuses that "
           "combination (XLA's second-order gradient through max-pooling is wrong; README, "

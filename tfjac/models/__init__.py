@@ -30,3 +30,21 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, *, mean, std,
                                  name="standardize")(inputs)
   logits = MODELS[name](x, num_classes, width=width, sync_bn=sync_bn, **options)
   return keras.Model(inputs, logits, name=model_name or name)
+
+
+def multiply_accumulates(model: keras.Model) -> int:
+  """Multiply-accumulates of one image's forward pass through the Conv2D and Dense layers of
+  `model` (nested models included): each kernel's size times its output's spatial size. What a
+  step's cost follows where convolutions dominate: a plain step (forward, input and weight
+  gradients) is about 3x this, and the double-backprop step about 2x the teacher's plus 6x
+  the student's (tools/benchmark.py prints both)."""
+  total = 0
+  for layer in model.layers:
+    if isinstance(layer, keras.Model):
+      total += multiply_accumulates(layer)
+    elif isinstance(layer, keras.layers.Conv2D):  # DepthwiseConv2D is not one: skipped
+      spatial = int(np.prod(layer.output.shape[1:-1]))
+      total += spatial * int(np.prod(layer.kernel.shape))
+    elif isinstance(layer, keras.layers.Dense):
+      total += int(np.prod(layer.output.shape[1:-1] or [1])) * int(np.prod(layer.kernel.shape))
+  return total
