@@ -34,6 +34,7 @@ FAKE_RUN = textwrap.dedent("""
     results = {"total_seconds": 1.0,
                "teacher": {"test_accuracy": 0.9, "model": "vgg9"},
                "student": {"best_val_accuracy": 0.5 + 0.1 * w + lr, "train_steps": steps,
+                           "fit_phases_seconds": {"training": 2.0 + seed},
                            "test_accuracy": 0.5 - 0.1 * w - lr + 0.01 * seed
                                             + (0.05 if args.get("hints") == "ce" else 0)}}
     if "robustness_sigmas" in args:  # tools/robustness.py: accuracy 1 - sigma + seed / 100
@@ -75,7 +76,7 @@ def _weights(row, setting):
 @pytest.mark.parametrize("table", list(reproduce.TABLES))
 def test_every_row_gets_the_same_trials_and_none_is_a_reroll(table):
   trials = reproduce.trials_per_row(table)
-  assert trials == {"distill": 4, "transfer": 8}[table]
+  assert trials == {"distill": 4, "lazy": 4, "transfer": 8}[table]
   shared = {"0.001", "0.003"}
   for row in reproduce.TABLES[table]:
     got = reproduce.candidates(row, trials=trials)
@@ -165,6 +166,8 @@ def test_table_schedules_tunes_on_validation_and_skips_finished_cells(tmp_path, 
   # act,ce at act_weight=1, lr 0.003: test 0.35 (seed 0) and 0.36 (seed 1): 35.50 +- 0.71
   assert "| act + CE | 35.50 +- 0.71 | 35.50 +- 0.71 |" in md
   assert "| CE | **40.50 +- 0.71** | **40.50 +- 0.71** |" in md
+  # Cost per run: training steps (2 s at seed 0, 3 s at seed 1) / the whole run (1 s).
+  assert "| act + CE | 2.5 / 1.0 | 2.5 / 1.0 |" in md
   assert ("Budget: optimizer steps per student run (--train_steps=2160 for every cell): "
           "10/class: 2160; full: 2160. Tuning: 4 trial(s) per row and column on seed 0") in md
   with open(out / "results.csv") as f:
@@ -283,3 +286,15 @@ def test_the_tables_render_without_the_scheduler():
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                         timeout=60)
   assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_lazy_table_gives_each_period_its_flag_and_the_same_budget(tmp_path, fake_python):
+  python, calls = fake_python
+  reproduce.Harness("lazy", "digits", ("3",), 1, list(reproduce.TABLES["lazy"]),
+                    str(tmp_path / "out"), python=python).run()
+  cells = [c for c in calls() if c.get("mode") == "distill"]
+  assert sorted((c["hints"], c.get("jac_every", "1")) for c in cells) == [
+      ("act,ce", "1"), ("act,jac,ce", "1"), ("act,jac,ce", "16"), ("act,jac,ce", "4"),
+      ("ce", "1")]
+  assert {c["train_steps"] for c in cells} == {"2160"}
+  assert {c["samples_per_class"] for c in cells} == {"3"}

@@ -3,6 +3,7 @@
 
   python tools/reproduce.py --table=distill --samples_per_class=10,50,full --seeds=3 --tune
   python tools/reproduce.py --table=transfer --seeds=3
+  python tools/reproduce.py --table=lazy --seeds=3 --tune     # --jac_every=K at 3 and 10/class
   python tools/reproduce.py --table=distill --dataset=cifar100 --data_dir=DIR -- --epochs=100
 
 One teacher serves the whole table (trained first in <out>/teacher unless --teacher is given).
@@ -54,6 +55,17 @@ TABLES = {
         Row("act", "act", ("--mode=distill", "--hints=act")),
         Row("act_jac", "act + jac", ("--mode=distill", "--hints=act,jac")),
     ),
+    # Lazy Jacobian matching (issue 15): the distill rows that show the poster's ordering, and
+    # act + jac + CE with the Jacobian terms on every K-th step (weight x K), at equal budgets.
+    "lazy": (
+        Row("ce", "CE", ("--mode=distill", "--hints=ce")),
+        Row("act_ce", "act + CE", ("--mode=distill", "--hints=act,ce")),
+        Row("act_jac_ce", "act + jac + CE (every step)", ("--mode=distill", "--hints=act,jac,ce")),
+        Row("act_jac_ce_k4", "act + jac + CE, jac every 4th step",
+            ("--mode=distill", "--hints=act,jac,ce", "--jac_every=4")),
+        Row("act_jac_ce_k16", "act + jac + CE, jac every 16th step",
+            ("--mode=distill", "--hints=act,jac,ce", "--jac_every=16")),
+    ),
     "transfer": (
         Row("none", "no transfer", ("--mode=transfer", "--hints=ce")),
         Row("oracle", "fine-tuning oracle", ("--mode=finetune", "--hints=ce")),
@@ -94,6 +106,7 @@ PRESETS = {
         ("--mode=teacher", "--validation_fraction=0.02", "--teacher_model=vgg4",
          "--teacher_width=0.5", "--teacher_epochs=3", "--batch_size=128"),
         ("10", "50", "full"), {}, {}, 500, 0.001),
+    ("lazy", "digits"): Preset((), ("--mode=teacher",), ("3", "10"), {}, {}, 2160, 0.001),
     ("transfer", "digits"): Preset(
         ("--flagfile=flags/digits_transfer_base.cfg",),
         ("--flagfile=flags/digits_transfer_teacher.cfg",), ("10", "50", "full"), {}, {}, 1080,
@@ -138,8 +151,8 @@ def define_flags():
                     "training split. Default: the dataset's preset (digits: 10,50,full).")
   flags.DEFINE_integer("seeds", 3, "Seeds 0..seeds-1 of every cell.")
   flags.DEFINE_list("rows", [], "Rows to run (default: all of --table). Keys: distill: "
-                    + ",".join(r.key for r in TABLES["distill"]) + "; transfer: "
-                    + ",".join(r.key for r in TABLES["transfer"]) + ".")
+                    + "; ".join(f"{t}: " + ",".join(r.key for r in rows)
+                                for t, rows in TABLES.items()) + ".")
   flags.DEFINE_string("teacher", None, "A trained teacher for every cell; default: train one "
                       "in <out>/teacher with the preset's teacher flags (required for a transfer "
                       "table on a dataset without a preset).")
@@ -455,12 +468,15 @@ class Harness:
     stats = {}
     for (row, size, seed), res in cells.items():
       entry = stats.setdefault((row, size), {"test": [], "val": [], "seconds": [],
-                                             "steps": []})
+                                             "steps": [], "train_seconds": []})
       if res is not None:
         entry["test"].append(100 * res["student"]["test_accuracy"])
         entry["val"].append(100 * res["student"]["best_val_accuracy"])
         entry["seconds"].append(res["total_seconds"])
         entry["steps"].append(res["student"].get("train_steps"))
+        phases = res["student"].get("fit_phases_seconds") or {}
+        if "training" in phases:
+          entry["train_seconds"].append(phases["training"])
     poster = results_tables.load_poster(self.table, self.dataset)
     teacher = read_results(os.path.join(self.out, "teacher")) if self.teacher is None else None
     results_tables.write_csv(os.path.join(self.out, "results.csv"), self.rows, self.sizes,

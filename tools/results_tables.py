@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +84,7 @@ def results_markdown(h, stats, poster, tuning, teacher):
       cells.append(text)
     lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
   lines += ["", budget_line(h, stats, tuning)]
+  lines += cost_lines(h, stats)
   if tuning:
     lines += ["", "Chosen on validation (seed 0):", ""]
     for key, t in sorted(tuning.items()):
@@ -97,6 +99,24 @@ def results_markdown(h, stats, poster, tuning, teacher):
   if h.failures:
     lines += ["", "Failed runs: " + "; ".join(f"{w} ({d}/log.txt)" for w, d in h.failures)]
   return "\n".join(lines) + "\n"
+
+
+def cost_lines(h, stats):
+  """What each cell cost: the student's training steps and the whole run (seconds per run,
+  mean over its seeds; results.json's fit_phases_seconds and total_seconds), when every run
+  reported them."""
+  if not all(stats[(r.key, s)]["train_seconds"] for r in h.rows for s in h.sizes):
+    return []
+  lines = ["", "Cost per run, seconds (mean over seeds): the student's training steps / the "
+           "whole run (start-up, teacher cache, validation, test and export included; runs "
+           f"{h.jobs} at a time).", "",
+           "| row | " + " | ".join(column_label(s) for s in h.sizes) + " |",
+           "|---|" + "---|" * len(h.sizes)]
+  for row in h.rows:
+    cells = [f"{statistics.mean(stats[(row.key, s)]['train_seconds']):.1f} / "
+             f"{statistics.mean(stats[(row.key, s)]['seconds']):.1f}" for s in h.sizes]
+    lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def budget_line(h, stats, tuning):
