@@ -33,15 +33,19 @@ def _one_step(strategy, digits_splits, weights, teacher_weights, policy, jac_eve
   return {k: v[0] for k, v in logs.items()}, student.get_weights()
 
 
-@pytest.mark.parametrize("policy", ["batch_stats", "inference"])
-def test_one_and_two_replicas_agree(digits_splits, policy):
-  assert len(tf.config.list_logical_devices("CPU")) == 2
-  info = digits_splits.info
+def _start(info):
+  """Initial student and teacher, and the 1- and 2-replica strategies to compare."""
   init = helpers.tiny_vgg(info)
   keras.utils.set_random_seed(5)
   t_init = helpers.tiny_vgg(info)
-  one = tf.distribute.OneDeviceStrategy("/cpu:0")
-  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  return (init, t_init, tf.distribute.OneDeviceStrategy("/cpu:0"),
+          tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+
+
+@pytest.mark.parametrize("policy", ["batch_stats", "inference"])
+def test_one_and_two_replicas_agree(digits_splits, policy):
+  assert len(tf.config.list_logical_devices("CPU")) == 2
+  init, t_init, one, two = _start(digits_splits.info)
   assert two.num_replicas_in_sync == 2
   logs1, w1 = _one_step(one, digits_splits, init.get_weights(), t_init.get_weights(), policy)
   logs2, w2 = _one_step(two, digits_splits, init.get_weights(), t_init.get_weights(), policy)
@@ -57,12 +61,7 @@ def test_lazy_jacobians_agree_on_one_and_two_replicas(digits_splits):
   """--jac_every=2 under MirroredStrategy: every replica takes the Jacobian step on the same
   optimizer steps (0 and 2 of 3), so 1 and 2 replicas end with the same weights, and those
   differ from the every-step run's (the schedule is live, not ignored)."""
-  info = digits_splits.info
-  init = helpers.tiny_vgg(info)
-  keras.utils.set_random_seed(5)
-  t_init = helpers.tiny_vgg(info)
-  one = tf.distribute.OneDeviceStrategy("/cpu:0")
-  two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  init, t_init, one, two = _start(digits_splits.info)
   args = (digits_splits, init.get_weights(), t_init.get_weights(), "batch_stats")
   kw = dict(steps=3, learning_rate=0.02)
   _, w1 = _one_step(one, *args, jac_every=2, **kw)

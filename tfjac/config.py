@@ -29,7 +29,6 @@ def default_teacher_width(dataset: str, model: str) -> float:
   return DEFAULT_TEACHER_WIDTHS.get((dataset, model), 1.0)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   dataset: str = "digits"

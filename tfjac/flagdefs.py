@@ -65,8 +65,9 @@ flags.DEFINE_string("model", "vgg4", "Student architecture: one of " + ", ".join
 flags.DEFINE_float("width", 1.0, "Student channel-width multiplier.")
 flags.DEFINE_string("teacher_model", "vgg9", "Teacher architecture when the teacher is "
                     "trained here: the names of --model.")
-flags.DEFINE_float("teacher_width", None, "Teacher channel-width multiplier. Default: sized for the data's images (config.DEFAULT_TEACHER_WIDTHS): 0.25 for the default vgg9 on the "
-                   "embedded 8x8 digits, 1 otherwise.")
+flags.DEFINE_float("teacher_width", None, "Teacher channel-width multiplier. Default: sized for "
+                   "the data's images (config.DEFAULT_TEACHER_WIDTHS): 0.25 for the default "
+                   "vgg9 on the embedded 8x8 digits, 1 otherwise.")
 flags.DEFINE_string("teacher", None, "Pre-trained teacher: a .keras file, a SavedModel directory, "
                     "a directory written by --mode=teacher, keras.applications:NAME (weights "
                     "from --teacher_weights) or kerashub:DIR (a KerasHub preset directory; "

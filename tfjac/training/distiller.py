@@ -439,6 +439,11 @@ class Distiller(keras.Model):
       scaled = optimizer.scale_loss(loss)
     return tape.gradient(scaled, self.trained_variables), terms, total, s_logits, inputs
 
+  def is_jacobian_step(self, step):
+    """Whether optimizer step `step` (a Python int or an int64 tensor) takes the Jacobian
+    hints under jac_every."""
+    return step % self.jac_every == 0
+
   def step_gradients(self, data, step, jac_step=None):
     """What one training step applies and reports: (gradients, student logits,
     {term tracker: (per-example values, per-example sample weights)}).
@@ -477,7 +482,7 @@ class Distiller(keras.Model):
     if lazy and jac_step is not None:
       grads, s_logits, values, weights = branch(models[0] if jac_step else models[1])()
     elif lazy:
-      is_jac_step = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), self.jac_every), 0)
+      is_jac_step = self.is_jacobian_step(tf.cast(step, tf.int64))
       grads, s_logits, values, weights = tf.cond(is_jac_step, branch(models[0]),
                                                  branch(models[1]))
     else:
@@ -523,7 +528,7 @@ class Distiller(keras.Model):
 
     def train_function(iterator):
       step = int(self.optimizer.iterations.numpy())
-      return (full if step % self.jac_every == 0 else cheap)(iterator)
+      return (full if self.is_jacobian_step(step) else cheap)(iterator)
 
     self.train_function = train_function
     return train_function
