@@ -8,8 +8,8 @@ import os
 
 from tfjac import modes
 from tfjac.config import Config, ModelConfig, TrainConfig
-from tfjac.config import (AUGMENTATIONS, BN_POLICIES, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
-                          STRATEGIES, TEACHER_CACHE, WEIGHT_DECAY_KINDS)
+from tfjac.config import (AUGMENTATIONS, BN_POLICIES, LOSS_SCALINGS, LR_SCHEDULES, OPTIMIZERS,
+                          PRECISIONS, STRATEGIES, TEACHER_CACHE, WEIGHT_DECAY_KINDS)
 from tfjac.errors import ConfigError
 
 _MULTI_REPLICA = ("mirrored", "multi_worker")
@@ -126,6 +126,7 @@ def validate(config: Config):
   _positive("kd_temperature", h.kd_temperature)
   _choice("jac_target", h.jac_target, hints.JACOBIAN_TARGETS)
   _choice("jac_bn_policy", h.jac_bn_policy, BN_POLICIES)
+  _choice("loss_scaling", h.loss_scaling, LOSS_SCALINGS)
   _positive("jac_top_k", h.jac_top_k)
   _positive("jac_projections", h.jac_projections)
   _positive("noise_samples", h.noise_samples)

@@ -16,6 +16,7 @@ WEIGHT_DECAY_KINDS = ("decoupled", "l2")
 LR_SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("crop", "flip")
 BN_POLICIES = ("batch_stats", "inference")
+LOSS_SCALINGS = ("none", "initial", "running")  # training/term_scales.SCALINGS
 
 # --teacher_width when it is not given, by (dataset, teacher model); 1 for every other pair.
 # A width-1 VGG-9 has 4.7 M parameters, sized for 32x32 images; on the 64 pixels of the
@@ -85,6 +86,10 @@ class HintConfig:
   lwf_match: str = "kd"
   teacher_layers: Tuple[str, ...] = ()  # attention transfer; empty: the defaults
   student_layers: Tuple[str, ...] = ()
+  # How the terms are brought to one scale before weighting (training/term_scales.py):
+  # none (raw w * term), initial (each term over its own mean of the first training steps),
+  # running (over a running mean of its own).
+  loss_scaling: str = "none"
 
   def weight(self, hint):
     return dict(self.weights).get(hint, 1.0)

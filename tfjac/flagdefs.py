@@ -86,6 +86,15 @@ _DEFAULT_WEIGHTS = {"at": 1000.0}  # attention transfer's reference weight (its 
 for _name in hints.HINTS:
   flags.DEFINE_float(f"{_name}_weight", _DEFAULT_WEIGHTS.get(_name, 1.0),
                      f"Weight of the '{_name}' hint.")
+flags.DEFINE_enum("loss_scaling", config.HintConfig().loss_scaling, config.LOSS_SCALINGS,
+                  "How the hints' terms are put on one scale before their weights apply. "
+                  "initial: each term divided by its own mean over the first 10 training steps "
+                  "(detached), so every term starts at its --<hint>_weight and a weight means "
+                  "relative importance, whatever the term's units (act sums over the classes, "
+                  "the normalised jac is at most 4). running: divided by a running mean of its "
+                  "own instead (each keeps its weight's share as it shrinks). none: the raw "
+                  "w * term, where the right weight depends on the dataset. With one hint "
+                  "nothing is scaled.")
 flags.DEFINE_float("kd_temperature", 4.0, "Softmax temperature of the 'kd' hint and of "
                    "--lwf_match=kd; both multiply the KL by tau^2 (Hinton et al.).")
 flags.DEFINE_enum("jac_target", "label", list(hints.JACOBIAN_TARGETS),

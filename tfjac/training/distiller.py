@@ -45,6 +45,7 @@ from tfjac.hints import attention, jacobians
 from tfjac.models import views
 from tfjac.models.layers import (JacobianSafeBatchNorm, holding_batch_statistics, recording_batch_statistics,
                                  reusing_batch_statistics)
+from tfjac.training.term_scales import TermScales
 
 TeacherOutputs = collections.namedtuple(
     "TeacherOutputs", "logits selection jacobians features pixels")
@@ -55,7 +56,8 @@ ATTENTION = "attention"
 def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
                   jac_target: Optional[str] = None, jac_top_k: Optional[int] = None,
                   jac_projections: Optional[int] = None,
-                  bn_policy: Optional[str] = None) -> HintConfig:
+                  bn_policy: Optional[str] = None,
+                  loss_scaling: Optional[str] = None) -> HintConfig:
   """The one settings object of a Distiller, a config.HintConfig. `hints`: a HintConfig (a
   run's, config.hints), or the Python API's {name: weight} / (name, weight) pairs with every
   other setting at HintConfig's defaults. The keyword arguments, where given, replace the
@@ -68,7 +70,8 @@ def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
     settings = HintConfig(hints=tuple(name for name, _ in pairs), weights=pairs)
   overrides = dataclasses.asdict(params) if params is not None else {}
   for field, value in (("jac_target", jac_target), ("jac_top_k", jac_top_k),
-                       ("jac_projections", jac_projections), ("jac_bn_policy", bn_policy)):
+                       ("jac_projections", jac_projections), ("jac_bn_policy", bn_policy),
+                       ("loss_scaling", loss_scaling)):
     if value is not None:
       overrides[field] = value
   return dataclasses.replace(settings, **overrides)
@@ -119,10 +122,12 @@ class Distiller(keras.Model):
                teacher_view: Optional[keras.Model] = None, jac_every: int = 1,
                params: Optional[hints_lib.HintParams] = None, jac_target: Optional[str] = None,
                jac_top_k: Optional[int] = None, jac_projections: Optional[int] = None,
-               bn_policy: Optional[str] = None, **kwargs):
+               bn_policy: Optional[str] = None, loss_scaling: Optional[str] = None,
+               term_scales: Optional[TermScales] = None, **kwargs):
     super().__init__(**kwargs)
     settings = hint_settings(hints, params=params, jac_target=jac_target, jac_top_k=jac_top_k,
-                             jac_projections=jac_projections, bn_policy=bn_policy)
+                             jac_projections=jac_projections, bn_policy=bn_policy,
+                             loss_scaling=loss_scaling)
     self.student = student
     self.teacher = teacher
     if teacher is not None:
@@ -134,6 +139,9 @@ class Distiller(keras.Model):
       self.teacher_view.trainable = False
     self.hint_weights = tuple((name, float(settings.weight(name))) for name in settings.hints)
     self._hints = {name: hints_lib.HINTS[name] for name, _ in self.hint_weights}
+    # A twin (with_hints) shares its parent's scales: one set per training run.
+    self.term_scales = term_scales or TermScales(
+        self, (name for name, _ in self.hint_weights), settings.loss_scaling)
     self.params = hints_lib.HintParams.from_config(settings)
     needing_teacher = [n for n, h in self._hints.items() if h.needs_teacher]
     if needing_teacher and teacher is None:
@@ -211,7 +219,7 @@ class Distiller(keras.Model):
                                    weights=pairs, jac_bn_policy=self.bn_policy)
     return Distiller(self.student, self.teacher, hints=settings, num_classes=self.num_classes,
                      seed=self.seed, student_view=self.student_view,
-                     teacher_view=self.teacher_view)
+                     teacher_view=self.teacher_view, term_scales=self.term_scales)
 
   def _bn_policy_for(self, student, bn_policy):
     """A student with the standard keras.layers.BatchNormalization cannot hold its batch
@@ -347,8 +355,22 @@ class Distiller(keras.Model):
         selection=selection, student_jacobians=s_jacs, teacher_jacobians=t.jacobians,
         student_features=tuple(views.features_of(out)), teacher_features=t.features)
     terms = {name: self._hints[name].loss(inputs, self.params) for name, _ in self.hint_weights}
-    total = tf.add_n([w * terms[name] for name, w in self.hint_weights])
-    return terms, total, out["logits"], inputs
+    return terms, self.weighted_total(terms), out["logits"], inputs
+
+  def weighted_total(self, terms):
+    """sum_h w_h * term_h / s_h over the hints in `terms` ([batch] each); s_h: the term's
+    scale (training/term_scales.py; 1 under loss_scaling='none')."""
+    return tf.add_n([(w / self.term_scales.scale(name)) * terms[name]
+                     for name, w in self.hint_weights if name in terms])
+
+  @classmethod
+  def global_batch_mean(cls, per_example):
+    """The mean over the global batch, the same value on every replica."""
+    mean = cls.global_mean(per_example)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+      mean = ctx.all_reduce(tf.distribute.ReduceOp.SUM, mean)
+    return mean
 
   def _noisy_student(self, z, training, clean_statistics):
     """The student view on noisy copies z of the batch: in training, BatchNorm normalises them
@@ -370,6 +392,10 @@ class Distiller(keras.Model):
   def compute_total_loss(self, x, labels, *, training, step, teacher_outputs=None):
     terms, total, s_logits, inputs = self.per_example_terms(
         x, labels, training=training, step=step, teacher_outputs=teacher_outputs)
+    if training and self.term_scales.kind != "none":  # this batch's sizes, then the total
+      for name, value in terms.items():
+        self.term_scales.update(name, self.global_batch_mean(tf.stop_gradient(value)))
+      total = self.weighted_total(terms)
     loss = self.global_mean(total)
     if self.student.losses:  # regularisers declared on layers; summed, so split over replicas
       loss += tf.add_n(self.student.losses) / tf.distribute.get_strategy().num_replicas_in_sync
@@ -399,7 +425,7 @@ class Distiller(keras.Model):
     jac = jacs.get("logits", next(iter(jacs.values())))
     return tf.sqrt(tf.reduce_sum(tf.square(jac), axis=[1, 2]))
 
-  def _update_metrics(self, labels, terms, total, s_logits, inputs):
+  def _update_metrics(self, labels, terms, total, s_logits, inputs, training=False):
     self._trackers["loss"].update_state(total)
     for name, value in terms.items():
       self._trackers[name].update_state(value)
@@ -408,10 +434,12 @@ class Distiller(keras.Model):
                       ("student", inputs.student_jacobians)):
       if jacs:
         self._trackers[f"{who}_jac_norm"].update_state(self._jacobian_norm(jacs))
-    return self._logs()
+    return self._logs(training)
 
-  def _logs(self):
+  def _logs(self, training=False):
     results = {m.name: m.result() for m in self.metrics}
+    if training:  # the scales in use (training/term_scales.py); validation only reads them
+      results.update(self.term_scales.logs())
     if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
       # Keras 3.15 averages the logs over workers with strategy.reduce(MEAN, v, axis=0),
       # which fails on a scalar: give each a batch axis of one, reduced away there.
@@ -467,7 +495,7 @@ class Distiller(keras.Model):
         batch = tf.shape(labels)[0]
         ones, zeros = tf.ones([batch]), tf.zeros([batch])
         found = {n: terms[n] for n in terms}
-        found["loss"] = tf.add_n([w * terms[n] for n, w in self.hint_weights if n in terms])
+        found["loss"] = self.weighted_total(terms)
         for who, jacs in (("teacher", inputs.teacher_jacobians),
                           ("student", inputs.student_jacobians)):
           if jacs:
@@ -496,13 +524,13 @@ class Distiller(keras.Model):
       grads, terms, total, s_logits, inputs = self._gradients(
           x, labels, self.optimizer.iterations, cached, self.optimizer)
       self.optimizer.apply(grads, variables)
-      return self._update_metrics(labels, terms, total, s_logits, inputs)
+      return self._update_metrics(labels, terms, total, s_logits, inputs, training=True)
     grads, s_logits, updates = self.step_gradients(data, self.optimizer.iterations, jac_step)
     self.optimizer.apply(grads, variables)
     for name, (values, weights) in updates.items():
       self._trackers[name].update_state(values, sample_weight=weights)
     self._trackers["accuracy"].update_state(data[1], s_logits)
-    return self._logs()
+    return self._logs(training=True)
 
   def make_train_function(self, force=False):
     """Lazy Jacobian matching on several replicas: tf.cond cannot hold a cross-replica sum

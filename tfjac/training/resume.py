@@ -103,7 +103,8 @@ def discard(directory):
 def _variable_groups(distiller) -> Dict[str, list]:
   return {"student": list(distiller.student.weights),
           "optimizer": list(distiller.optimizer.variables),
-          "metrics": [v for m in distiller.metrics for v in m.variables]}
+          "metrics": [v for m in distiller.metrics for v in m.variables],
+          "scales": list(distiller.term_scales.variables)}
 
 
 def _assign(variables, arrays, group, source):
@@ -180,9 +181,11 @@ class TrainingBackup(keras.callbacks.Callback):
         distiller.optimizer.build(distiller.student.trainable_variables)
     with np.load(path) as f:
       arrays = {g: [f[f"{g}.{i}"] for i in range(int(f[f"{g}.count"]))]
-                for g in ("student", "optimizer", "metrics")}
+                for g in ("student", "optimizer", "metrics", "scales")
+                if f"{g}.count" in f}
+    arrays.setdefault("scales", [])  # a backup written before loss scaling existed
     groups = _variable_groups(distiller)
-    for group in ("student", "optimizer"):
+    for group in ("student", "optimizer", "scales"):
       _assign(groups[group], arrays[group], group, path)
     self._metrics_to_load = arrays["metrics"] if self._restore_metrics else None
 
