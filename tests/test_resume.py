@@ -39,11 +39,12 @@ def fit(tmp_path, digits_splits):
   info = digits_splits.info
   train = digits_splits.sampled_train(4, 0)
 
-  def run(name, *, settings=None, extra=(), resume=True, cfg=CFG):
+  def run(name, *, settings=None, extra=(), resume=True, cfg=CFG, loss_scaling=None):
     keras.utils.set_random_seed(7)
     student, teacher = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
     # act and ce only, to keep this quick: the Jacobian term is resumed in test_faults.py.
-    distiller = Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)])
+    distiller = Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)],
+                          loss_scaling=loss_scaling)
     result = loop.fit(distiller, train, digits_splits.validation, cfg, seed=1,
                       augment=("flip",), log_dir=str(tmp_path / name / "tb"),
                       checkpoint_dir=str(tmp_path / name), extra_callbacks=extra,
@@ -70,6 +71,20 @@ def test_interrupted_fit_resumes_to_the_same_weights_and_history(fit, tmp_path):
                                                      expected.best_val_accuracy)
   best = json.loads((tmp_path / "interrupted" / "best.json").read_text())
   assert best["epoch"] == expected.best_epoch
+
+
+@pytest.mark.parametrize("scaling", ["initial", "running"])
+def test_an_interrupted_fit_resumes_with_the_loss_scales_it_had(fit, scaling):
+  # Resumed from epoch 0, step 1: inside the first 10 steps that 'initial' averages over.
+  reference, _ = fit("reference", loss_scaling=scaling)
+  with pytest.raises(KeyboardInterrupt):
+    fit("interrupted", extra=[_Interrupt(epoch=0, batch=1)], loss_scaling=scaling)
+  resumed, got = fit("interrupted", loss_scaling=scaling)
+  assert got.resumed_from == {"epochs_done": 0, "steps_done": 1}
+  for a, b in zip(reference.term_scales.variables, resumed.term_scales.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  for a, b in zip(reference.student.get_weights(), resumed.student.get_weights()):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_a_finished_fit_is_not_trained_again(fit):
