@@ -64,10 +64,10 @@ def _student(classes=5, shape=(6, 6, 3), bn=keras.layers.BatchNormalization):
   return keras.Model(inputs, keras.layers.Dense(classes, name="logits")(x), name="user_student")
 
 
-def _terms(teacher, hints, x, labels, jac_target="teacher_top1", student=None):
+def _terms(teacher, hints, x, labels, jac_target="teacher_top1", student=None, **kwargs):
   keras.utils.set_random_seed(1)
   student = student or _student(bn=tfjac.JacobianSafeBatchNorm)
-  d = Distiller(student, teacher, hints=hints, jac_target=jac_target)
+  d = Distiller(student, teacher, hints=hints, jac_target=jac_target, **kwargs)
   terms, _, _, _ = d.per_example_terms(tf.constant(x), tf.constant(labels), training=False,
                                        step=0)
   return {k: v.numpy() for k, v in terms.items()}
@@ -87,9 +87,56 @@ def test_a_softmax_headed_teacher_gives_the_hints_of_its_logits_twin(tmp_path, k
   want = _terms(reference, hints, x, labels)
   for name in ("act", "kd", "jac", "lwf"):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
-  # Taken as it comes, the softmax teacher would give other hint values (the bug of issue 14).
-  wrong = _terms(with_softmax, hints, x, labels)
-  assert not np.allclose(wrong["act"], want["act"], rtol=1e-2)
+  # The Python API takes the softmax teacher itself under the same rule (issue 20): the same
+  # hints as its logits twin, though what the teacher returns are probabilities.
+  probs = with_softmax(x).numpy()
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  assert not np.allclose(probs, reference(x), atol=1e-2)
+  api = _terms(with_softmax, hints, x, labels)
+  for name in ("act", "kd", "jac", "lwf"):
+    np.testing.assert_allclose(api[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+class _HiddenSoftmax(keras.layers.Layer):
+  """A softmax no structure check can see (like a SavedModel's or a subclassed model's)."""
+
+  def call(self, x):
+    return keras.ops.softmax(x)
+
+
+def test_the_python_api_settles_what_its_teacher_outputs_in_its_own_terms():
+  reference, with_softmax = _softmax_teacher("dense")
+  student = _student(bn=tfjac.JacobianSafeBatchNorm)
+  d = Distiller(student, with_softmax, hints={"ce": 1, "act": 1})
+  assert d.teacher_info["outputs"] == "logits" and "softmax" in d.teacher_info["how"]
+  x = np.random.default_rng(3).uniform(size=(4, 6, 6, 3)).astype(np.float32)
+  np.testing.assert_allclose(d.teacher(x), reference(x), atol=1e-5)  # logits, not probs
+  assert Distiller(student, reference, hints={"act": 1}).teacher_info["outputs"] == "logits"
+
+  inputs = keras.Input((6, 6, 3))
+  opaque = keras.Model(inputs, _HiddenSoftmax()(reference(inputs)), name="opaque")
+  for kwargs, message in [
+      ({}, "cannot tell what the teacher outputs.*teacher_outputs='probabilities' or "
+           "teacher_outputs='logits'"),
+      (dict(teacher_outputs="probabilities"), r"\['act'\] need the teacher's logits"),
+      (dict(teacher_outputs="proba"), "unknown value 'proba'"),
+  ]:
+    with pytest.raises(ValueError, match=message) as e:
+      Distiller(student, opaque, hints={"ce": 1, "act": 1}, **kwargs)
+    assert "--" not in str(e.value), str(e.value)  # the Python API's words, not the flags'
+  with pytest.raises(ValueError, match="ends in a softmax.*drop teacher_outputs='logits'") as e:
+    Distiller(student, with_softmax, hints={"act": 1}, teacher_outputs="logits")
+  assert "--" not in str(e.value)
+  # Declared probabilities: log-probabilities stand in; kd is exact on them.
+  d = Distiller(student, opaque, hints={"kd": 1}, teacher_outputs="probabilities")
+  assert d.teacher_info["outputs"] == "probabilities"
+  labels = np.array([0, 1, 2, 3])
+  got = _terms(opaque, (("kd", 1.0),), x, labels, teacher_outputs="probabilities")
+  want = _terms(reference, (("kd", 1.0),), x, labels)
+  np.testing.assert_allclose(got["kd"], want["kd"], rtol=1e-3, atol=1e-5)
+  # NaN weights are refused by argument too.
+  with pytest.raises(ValueError, match="hints: the weight of 'act' must be a finite number"):
+    Distiller(student, reference, hints={"act": float("nan"), "ce": 1})
 
 
 def test_a_probability_savedmodel_needs_the_flag_and_then_gives_exact_kd(tmp_path):
