@@ -433,6 +433,22 @@ class Distiller(keras.Model):
         self._trackers[f"{who}_jac_norm"].update_state(self._jacobian_norm(jacs))
     return self._logs()
 
+  def unmeasured_metrics(self):
+    """The names of the term trackers (Means) that no step since the last reset updated: under
+    jac_every the Jacobian terms of an epoch without a Jacobian step. Keras would log them as 0
+    (a Mean of nothing); callbacks.DropUnmeasured removes them from the epoch's logs."""
+    return [m.name for m in self._trackers.values()
+            if isinstance(m, keras.metrics.Mean) and float(m.count.numpy()) == 0.0]
+
+  def fit(self, *args, callbacks=None, **kwargs):
+    """keras.Model.fit, with callbacks.DropUnmeasured first: an epoch logs only the terms
+    that its steps computed (lazy Jacobian matching), in TensorBoard and the history too."""
+    from tfjac.training import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
+    callbacks = list(callbacks or [])
+    if not any(isinstance(c, callbacks_lib.DropUnmeasured) for c in callbacks):
+      callbacks.insert(0, callbacks_lib.DropUnmeasured())
+    return super().fit(*args, callbacks=callbacks, **kwargs)
+
   def _logs(self):
     results = {m.name: m.result() for m in self.metrics}
     if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
