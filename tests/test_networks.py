@@ -473,3 +473,90 @@ def test_a_student_too_big_for_the_images_is_refused_before_the_teacher_trains(t
                           student=config_lib.ModelConfig("keras.applications:MobileNetV3Small"))
   with pytest.raises(ConfigError, match="--model"):
     run.run(cfg)
+
+
+# --- every keras.applications family, as a student and as a teacher (issue 20) --------------
+
+# One model per family, at 32x32 (or refused there, with the reason, and built at its least).
+FAMILY_MODELS = {
+    "ResNet": "ResNet50", "ResNetV2": "ResNet50V2", "VGG": "VGG16",
+    "DenseNet": "DenseNet121", "MobileNet": "MobileNet", "MobileNetV2": "MobileNetV2",
+    "MobileNetV3": "MobileNetV3Small", "EfficientNet": "EfficientNetB0",
+    "EfficientNetV2": "EfficientNetV2B0", "ConvNeXt": "ConvNeXtTiny",
+    "NASNet": "NASNetMobile", "InceptionV3": "InceptionV3",
+    "InceptionResNetV2": "InceptionResNetV2", "Xception": "Xception",
+}
+
+
+_FAMILY_OF = ((r"ResNet\d+$", "ResNet"), (r"ResNet\d+V2$", "ResNetV2"), (r"VGG\d+$", "VGG"),
+              (r"DenseNet\d+$", "DenseNet"), (r"MobileNet$", "MobileNet"),
+              (r"MobileNetV2$", "MobileNetV2"), (r"MobileNetV3(Small|Large)$", "MobileNetV3"),
+              (r"EfficientNetB\d$", "EfficientNet"), (r"EfficientNetV2(B\d|[SML])$",
+                                                       "EfficientNetV2"),
+              (r"ConvNeXt(Tiny|Small|Base|Large|XLarge)$", "ConvNeXt"),
+              (r"NASNet(Mobile|Large)$", "NASNet"), (r"InceptionV3$", "InceptionV3"),
+              (r"InceptionResNetV2$", "InceptionResNetV2"), (r"Xception$", "Xception"))
+
+
+def _family(app):
+  return next((family for pattern, family in _FAMILY_OF if re.match(pattern, app)), None)
+
+
+def test_every_keras_applications_name_is_in_a_tested_family():
+  """A family Keras adds later must join FAMILY_MODELS (and the slow test) to be claimed."""
+  assert {f: _family(m) for f, m in FAMILY_MODELS.items()} == {f: f for f in FAMILY_MODELS}
+  missing = [n for n in networks.application_names() if _family(n) not in FAMILY_MODELS]
+  assert not missing, missing
+
+
+def test_an_efficientnet_student_builds_and_gets_its_0_255_pixels():
+  """EfficientNet B0-B7 have no include_preprocessing argument (they rescale inside): the
+  student builder used to pass it and crash with a TypeError."""
+  model = networks.build_student("keras.applications:EfficientNetB0", (32, 32, 3), 10,
+                                 mean=(0.5,), std=(0.25,))
+  assert model.output_shape == (None, 10)
+  assert networks.own_preprocessing("EfficientNetB0") == "always"
+  assert networks.own_preprocessing("EfficientNetV2B0") == "switch"
+  assert networks.own_preprocessing("ResNet50") == "none"
+  assert model.get_layer("pixels255") is not None
+
+
+def _one_step(student, teacher, size):
+  x = np.random.default_rng(0).uniform(size=(2, size, size, 3)).astype(np.float32)
+  d = Distiller(student, teacher, hints={"act": 1, "jac": 1, "ce": 1})
+  d.compile(optimizer=keras.optimizers.SGD(1e-3))
+  before = [w.numpy().copy() for w in d.student.trainable_weights]
+  logs = d.train_on_batch(x, np.array([0, 1]), return_dict=True)
+  assert all(np.isfinite(float(logs[k])) for k in ("act_loss", "jac_loss", "ce_loss")), logs
+  assert any(not np.allclose(a, b.numpy()) for a, b in zip(before, d.student.trainable_weights))
+  return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("app", sorted(FAMILY_MODELS.values()))
+def test_every_keras_applications_family_as_student_and_teacher(app):
+  """Random weights: the command line's student builder and teacher loader, and the Python
+  API with the family's softmax-headed classifier as teacher; one training step with
+  act + jac + ce. Families too small at 32x32 are refused there, naming the setting and
+  the size they need, and are then taken at that size."""
+  size = networks.MIN_IMAGE_SIZE.get(app, 32)
+  if size > 32:
+    with pytest.raises(ConfigError, match=f"--model: .*at least {size}x{size}"):
+      networks.build_student(f"keras.applications:{app}", (32, 32, 3), 10, mean=(0.5,),
+                             std=(0.25,))
+    with pytest.raises(ConfigError, match=f"--teacher_image_size: .*at least {size}x{size}"):
+      networks.application_teacher(app, weights=None, image_size=32)
+  keras.utils.set_random_seed(0)
+  student = networks.build_student(f"keras.applications:{app}", (size, size, 3), 10,
+                                   mean=(0.5,), std=(0.25,))
+  teacher = getattr(keras.applications, app)(weights=None, input_shape=(size, size, 3),
+                                             classes=10)
+  d = _one_step(student, teacher, size)
+  assert d.teacher_info["outputs"] == "logits" and "softmax" in d.teacher_info["how"]
+  # The command line's loader of --teacher=keras.applications:APP (ImageNet's 1000 classes).
+  cfg = Config(mode="transfer", teacher_path=f"keras.applications:{app}",
+               hints=HintConfig(hints=("ce", "lwf"), jac_target="teacher_top1"),
+               teacher_input=TeacherInput(weights="none", image_size=size))
+  loaded = teachers.load_teacher(cfg, _info((size, size, 3)))
+  assert loaded.outputs == "logits" and "softmax" in loaded.outputs_how
+  assert loaded.num_outputs == 1000

@@ -6,6 +6,7 @@ Nothing here downloads: keras.applications are built with weights=None and given
 file (or the file Keras keeps in its cache after a download elsewhere).
 """
 import glob
+import inspect
 import os
 import re
 from typing import List, Optional, Sequence, Tuple
@@ -60,6 +61,26 @@ def check_application(flag: str, name: str) -> str:
     raise ConfigError(flag, f"unknown keras.applications model {app!r}; valid: "
                       f"{', '.join(application_names())}")
   return app
+
+
+# The smallest square input of the families that take less than 32x32 badly (Keras' own
+# minimum sizes: their strided stems leave no pixel for a later 3x3 valid convolution).
+MIN_IMAGE_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
+
+
+def _needs_size(app):
+  n = MIN_IMAGE_SIZE.get(app)
+  return f" (it needs images of at least {n}x{n})" if n else ""
+
+
+def own_preprocessing(app: str) -> str:
+  """How keras.applications.<app> preprocesses inside itself: 'switch' (it does unless
+  include_preprocessing=False: EfficientNetV2, ConvNeXt, MobileNetV3), 'always' (it always
+  does, no such argument: EfficientNet B0-B7), 'none' (it takes preprocessed input)."""
+  if family_preprocessing(app) != "pixels255":
+    return "none"
+  parameters = inspect.signature(getattr(keras.applications, app)).parameters
+  return "switch" if "include_preprocessing" in parameters else "always"
 
 
 def family_preprocessing(app: str) -> str:
@@ -323,7 +344,7 @@ def application_teacher(app: str, *, weights: Optional[str], image_size: int = 0
     model = fn(**kwargs)
   except ValueError as e:
     raise ConfigError("teacher_image_size", f"keras.applications.{app} cannot be built at "
-                      f"{image_size}x{image_size}: {e}") from e
+                      f"{image_size}x{image_size}{_needs_size(app)}: {e}") from e
   if weights:
     _load_weights(model, weights, "teacher_weights", f"keras.applications.{app}")
   return model
@@ -409,20 +430,26 @@ def build_student(name: str, image_shape, num_classes, *, mean, std, weights="",
   if name.startswith(APPLICATIONS_PREFIX):
     app = check_application("model", name)
     inputs = keras.Input(shape=tuple(image_shape), name="image")
-    x = keras.layers.Normalization(mean=np.asarray(mean, np.float32),
-                                   variance=np.square(np.asarray(std, np.float32)),
-                                   name="standardize")(inputs)
+    kwargs = {}
+    if own_preprocessing(app) == "always":
+      # EfficientNet (B0-B7) rescales and normalises inside, with no switch to turn it off:
+      # it gets the 0-255 pixels it expects (standardised pixels would reach its first
+      # convolution as a near-constant image after its own /255 and ImageNet normalisation).
+      x = keras.layers.Rescaling(255.0, name="pixels255")(inputs)
+    else:
+      x = keras.layers.Normalization(mean=np.asarray(mean, np.float32),
+                                     variance=np.square(np.asarray(std, np.float32)),
+                                     name="standardize")(inputs)
+      if own_preprocessing(app) == "switch":
+        kwargs["include_preprocessing"] = False  # fed standardised pixels already
     if image_shape[-1] == 1:
       x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
-    kwargs = {}
-    if family_preprocessing(app) == "pixels255":
-      kwargs["include_preprocessing"] = False  # fed standardised pixels already
     try:
       body = getattr(keras.applications, app)(include_top=False, weights=None, input_tensor=x,
                                               pooling="avg", **kwargs)
     except ValueError as e:
       raise ConfigError("model", f"keras.applications.{app} cannot take the dataset's "
-                        f"{tuple(image_shape)} images: {e}") from e
+                        f"{tuple(image_shape)} images{_needs_size(app)}: {e}") from e
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(body.output)
     model = keras.Model(inputs, logits, name=model_name)
     if weights:
