@@ -63,8 +63,9 @@ def check_application(flag: str, name: str) -> str:
   return app
 
 
-# The smallest square input of the families that take less than 32x32 badly (Keras' own
-# minimum sizes: their strided stems leave no pixel for a later 3x3 valid convolution).
+# The smallest square input Keras builds these classifiers at (its own check; teachers). The
+# headless bodies (students) of the two Inceptions need it too (their strided stems leave no
+# pixel for a later valid convolution); Xception's body takes 32x32.
 MIN_IMAGE_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
 
 
