@@ -123,6 +123,17 @@ def test_an_epoch_without_a_jacobian_step_logs_no_jacobian_terms(tmp_path, digit
   ea.Reload()
   assert [e.step for e in ea.Tensors("epoch_jac_loss")] == [0, 2]
   assert [e.step for e in ea.Tensors("epoch_act_loss")] == [0, 1, 2]
+  assert "jac_loss" in result.final_metrics
+  # A last epoch without a Jacobian step: results.json's final_epoch_metrics have no jac_loss
+  # (not the previous epoch's, nor 0).
+  from tfjac.modes import common
+  short = loop.fit(_distiller(info, jac_every=4), digits_splits.sampled_train(4, 0),
+                   digits_splits.validation,
+                   TrainConfig(epochs=2, batch_size=16, steps_per_epoch=2, jac_every=4),
+                   seed=0, log_dir=str(tmp_path / "tb2"), checkpoint_dir=str(tmp_path / "ck2"))
+  final = common.fit_summary(short, {})["final_epoch_metrics"]
+  assert "jac_loss" not in final and "student_jac_norm" not in final
+  assert "act_loss" in final and "val_jac_loss" in final
   # The Python API's own fit, with Keras' validation (which resets the metrics first).
   ds = tf.data.Dataset.from_tensors(_batch(digits_splits)).repeat()
   history = _distiller(info, jac_every=4).fit(ds, epochs=3, steps_per_epoch=2, verbose=0,

@@ -136,7 +136,9 @@ def robustness(config: Config, splits: Splits, network, batch_size):
 
 
 def fit_summary(result: loop.FitResult, test):
-  final = {k: v[-1] for k, v in result.history.items()}
+  final = result.final_metrics
+  if final is None:
+    final = {k: v[-1] for k, v in result.history.items()}
   return {"test": test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
           "best_val_accuracy": result.best_val_accuracy, "final_epoch_metrics": final,
           "train_seconds": round(result.seconds, 2), "steps_per_epoch": result.steps_per_epoch,

@@ -142,8 +142,7 @@ class Distiller(keras.Model):
       teacher, info = networks.resolve_teacher(teacher, teacher_outputs, settings.hints,
                                                settings.lwf_match,
                                                input_shape=student.input_shape[1:])
-      if info["how"] != "no final softmax; outputs not probabilities" and (
-          teacher_outputs != "logits"):
+      if info["outputs"] == "probabilities" or "softmax" in info["how"]:
         logging.info("teacher %s: %s (%s)", teacher.name, info["outputs"], info["how"])
       self.teacher_info = info
     self.student = student
