@@ -77,3 +77,61 @@ def test_teacher_width_default_is_sized_for_the_dataset(argv, width, monkeypatch
   monkeypatch.chdir(REPO)
   with parsed_flags(*argv):
     assert run.config_from_flags().teacher.width == width
+
+
+def _float_settings(settings, path=()):
+  """(path, a copy of `settings` with that float field (or one entry of a float tuple, or one
+  hint weight) set to `bad`) for every float setting of a Config, found by walking it."""
+  def cases(obj, path):
+    for field in dataclasses.fields(obj):
+      value, where = getattr(obj, field.name), path + (field.name,)
+      if dataclasses.is_dataclass(value):
+        for p, make in cases(value, where):
+          yield p, (lambda bad, make=make, name=field.name, obj=obj: dataclasses.replace(
+              obj, **{name: make(bad)}))
+      elif field.type in (float, "float"):
+        yield where, lambda bad, obj=obj, name=field.name: dataclasses.replace(
+            obj, **{name: bad})
+      elif field.name == "weights" and isinstance(obj, HintConfig):
+        yield where + ("act",), lambda bad, obj=obj: dataclasses.replace(
+            obj, weights=(("act", bad),))
+      elif "float" in str(field.type) and "Tuple" in str(field.type):
+        yield where, lambda bad, obj=obj, name=field.name: dataclasses.replace(
+            obj, **{name: (bad,)})
+  return list(cases(settings, path))
+
+
+_FLOAT_CASES = _float_settings(Config(source=DataConfig()))
+
+
+def test_every_float_setting_is_found():
+  # The walk must see the float settings one can name, or the refusal below tests nothing.
+  paths = {p for p, _ in _FLOAT_CASES}
+  for path in [("train", "learning_rate"), ("teacher_train", "learning_rate"),
+               ("hints", "weights", "act"), ("teacher_input", "mean"),
+               ("robustness_sigmas",), ("student", "width"), ("data", "validation_fraction")]:
+    assert path in paths, path
+  assert len(paths) >= 20
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("path,make", _FLOAT_CASES, ids=[".".join(p) for p, _ in _FLOAT_CASES])
+def test_nan_and_infinity_are_refused_by_flag_before_any_work(tmp_path, path, make, bad):
+  from absl import flags
+  from tfjac import flagdefs  # noqa: F401  (defines the flags)
+  config = dataclasses.replace(make(bad), workdir=str(tmp_path / "never"))
+  with pytest.raises(ConfigError) as e:
+    checks.validate(config)
+  flag = checks.flag_of(path)
+  assert e.value.flag == flag and "finite" in str(e.value), (path, str(e.value))
+  assert flag in flags.FLAGS, flag  # a flag the user can actually pass
+  assert not (tmp_path / "never").exists()  # refused before the run directory was made
+
+
+def test_learning_rate_nan_from_the_command_line_is_refused(tmp_path):
+  from tests import helpers
+  from tfjac import run
+  with helpers.parsed_flags("--learning_rate=nan", f"--workdir={tmp_path}"):
+    config = run.config_from_flags()
+  with pytest.raises(ConfigError, match="--learning_rate: must be a finite number, got nan"):
+    checks.validate(config)

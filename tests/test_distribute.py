@@ -55,6 +55,16 @@ def test_one_and_two_replicas_agree(digits_splits, policy):
   assert moved > 1e-3
   for a, b in zip(w1, w2):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+  # The tolerance tells a wrong 2-replica run apart: one that averaged each replica's loss
+  # over its own 8 examples (the gradients, summed over replicas, twice as large) ends where
+  # one replica does with twice the learning rate.
+  _, wrong = _one_step(one, digits_splits, init.get_weights(), t_init.get_weights(), policy,
+                       learning_rate=1.0)
+  assert not all(np.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(w1, wrong))
+
+
+def _differ(a, b, rtol, atol):
+  return not all(np.allclose(x, y, rtol=rtol, atol=atol) for x, y in zip(a, b))
 
 
 def test_lazy_jacobians_agree_on_one_and_two_replicas(digits_splits):
@@ -71,6 +81,16 @@ def test_lazy_jacobians_agree_on_one_and_two_replicas(digits_splits):
   moved = max(np.abs(a - b).max() for a, b in zip(w1, init.get_weights()))
   _, every = _one_step(one, *args, jac_every=1, **kw)
   assert max(np.abs(a - b).max() for a, b in zip(w1, every)) > 1e-2 * moved
+  # The tolerance above tells wrong schedules apart: the Jacobian term on every step, and
+  # the Jacobian steps shifted by one (steps 1 of 3, as a replica off by one step would).
+  assert _differ(w1, every, 1e-3, 1e-4)
+  original = Distiller.is_jacobian_step
+  try:
+    Distiller.is_jacobian_step = lambda self, step: step % self.jac_every == 1
+    _, shifted = _one_step(one, *args, jac_every=2, **kw)
+  finally:
+    Distiller.is_jacobian_step = original
+  assert _differ(w1, shifted, 1e-3, 1e-4)
 
 
 def test_replicas_draw_their_own_classes_and_noise():

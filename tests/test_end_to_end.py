@@ -107,3 +107,47 @@ def test_nan_in_a_term_stops_naming_it_and_keeps_the_checkpoint(tmp_path, digits
   student.load_weights(str(tmp_path / "ck" / "last.weights.h5"))
   for a, b in zip(student.get_weights(), good):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_teacher_made_with_other_settings_is_not_reused(tmp_path):
+  """The run directory's teacher is reused only under the teacher settings its model.json
+  records; each differing one is named with both values, with the two ways out."""
+  import dataclasses
+  import types
+  from tfjac.config import Config, HintConfig, ModelConfig
+  from tfjac.errors import ConfigError
+  from tfjac.modes import common
+  splits = types.SimpleNamespace(info=types.SimpleNamespace(
+      name="digits", image_shape=(8, 8, 1), num_classes=10))
+  base = Config(teacher=ModelConfig("vgg9", 0.25), data=DataConfig(samples_per_class=5),
+                teacher_train=TrainConfig(epochs=2))
+  meta = json.loads(json.dumps(common.network_metadata(base, base.teacher, splits, "teacher")))
+  # What the student alone uses does not matter.
+  for same in (dataclasses.replace(base, data=DataConfig(samples_per_class=50)),
+               dataclasses.replace(base, train=TrainConfig(epochs=7, learning_rate=0.1),
+                                   hints=HintConfig(hints=("ce",)))):
+    common.check_reusable_teacher(same, meta, "w/teacher")
+  for changed, named in [
+      (dataclasses.replace(base, teacher=ModelConfig("vgg4", 0.25)), "--teacher_model='vgg4'"),
+      (dataclasses.replace(base, teacher=ModelConfig("vgg9", 1.0)),
+       "--teacher_width=1.0 here, 0.25 for the teacher"),
+      (dataclasses.replace(base, teacher_train=TrainConfig(epochs=3)),
+       "--teacher_epochs=3 here, 2 for the teacher"),
+      (dataclasses.replace(base, data=DataConfig(samples_per_class=5, seed=1)),
+       "--seed=1 here, 0 for the teacher"),
+  ]:
+    with pytest.raises(ConfigError, match="--workdir: .* made with other settings") as e:
+      common.check_reusable_teacher(changed, meta, "w/teacher")
+    assert named in str(e.value) and "another --workdir" in str(e.value), str(e.value)
+    assert "--teacher=w/teacher" in str(e.value)
+  old = {k: v for k, v in meta.items() if k != "teacher_settings"}  # an older tfjac's
+  with pytest.raises(ConfigError, match="records no teacher settings"):
+    common.check_reusable_teacher(base, old, "w/teacher")
+
+
+def test_a_rerun_with_another_teacher_width_is_refused(run_dir):
+  workdir, _ = run_dir
+  result = helpers.run_cli("--mode=distill", f"--workdir={workdir}", *TINY[:-2],
+                           "--teacher_width=0.5", "--batch_size=64")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "--teacher_width=0.5 here, 0.25 for the teacher" in result.stderr

@@ -41,19 +41,105 @@ def _assert_same(a, b, what):
 def test_lazy_steps_have_the_gradients_of_their_hints(digits_splits):
   info, data = digits_splits.info, _batch(digits_splits)
   lazy = _distiller(info, jac_every=2)
-  every = _distiller(info)
   doubled = _distiller(info, hints=(("act", 1.0), ("jac", 1.0), ("ce", 1.0)))
   without = _distiller(info, hints=(("act", 1.0), ("ce", 1.0)))
-  for step in (0, 1):  # jac_every=1: the step of today, at every step
-    _assert_same(_grads(every, data, step),
-                 [None if g is None else g.numpy() for g in every._gradients(  # pylint: disable=protected-access
-                     data[0], data[1], step, None, every.optimizer)[0]], "jac_every=1")
   _assert_same(_grads(lazy, data, 0), _grads(doubled, data, 0), "step 0: jac weight x 2")
   _assert_same(_grads(lazy, data, 1), _grads(without, data, 1), "step 1: no jac")
   _assert_same(_grads(lazy, data, 4), _grads(doubled, data, 4), "step 4: jac weight x 2")
   diff = max(np.abs(a - b).max() for a, b in zip(_grads(doubled, data, 0),
                                                  _grads(without, data, 0)))
   assert diff > 1e-4  # the jac term changes the gradient: the comparison can fail
+
+
+def _by_hand(W, b, V, c, x, y, jac_weight):
+  """Gradients of mean(act + jac_weight * raw jac + ce) of the linear student S = x W + b
+  against the linear teacher T = x V + c, Jacobian target the label, in numpy (float64):
+  act = ||T - S||^2, raw jac = ||V[:, y] - W[:, y]||^2 (the Jacobian of a linear model is its
+  weight column), ce = -log softmax(S)[y]."""
+  n = len(y)
+  xf = x.reshape(n, -1).astype(np.float64)
+  S, T = xf @ W + b, xf @ V + c
+  p = np.exp(S - S.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  dS = (-2 * (T - S) + p - np.eye(W.shape[1])[y]) / n  # act and ce through the logits
+  gW, gb = xf.T @ dS, dS.sum(0)
+  for i, k in enumerate(y):
+    gW[:, k] += jac_weight * -2 * (V[:, k] - W[:, k]) / n
+  return gW, gb
+
+
+def test_lazy_training_applies_the_gradients_computed_by_hand():
+  """Independent of the Distiller's code paths: two SGD steps of fit() with jac_every=2 on
+  linear networks (step 0: act + 2 x 0.5 jac + ce; step 1: act + ce) against numpy."""
+  from tfjac.config import HintConfig
+  rng = np.random.default_rng(0)
+  shape, classes, lr = (2, 2, 1), 3, 0.1
+  W, V = rng.normal(size=(4, classes)), rng.normal(size=(4, classes))
+  b, c = rng.normal(size=classes), rng.normal(size=classes)
+  x = rng.uniform(size=(6, *shape)).astype(np.float32)
+  y = np.array([0, 1, 2, 0, 1, 2])
+  student = helpers.linear_model(W, b, shape, "student")
+  teacher = helpers.linear_model(V, c, shape, "teacher")
+  settings = HintConfig(hints=("act", "jac", "ce"), jac_normalize=False,
+                        weights=(("act", 1.0), ("jac", 0.5), ("ce", 1.0)))
+  d = Distiller(student, teacher, hints=settings, jac_every=2)
+  d.compile(optimizer=keras.optimizers.SGD(lr))
+  ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+  d.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
+  W64, b64 = W.copy(), b.copy()
+  for jac_weight in (2 * 0.5, 0.0):  # the Jacobian step (weight x K), then the one without
+    gW, gb = _by_hand(W64, b64, V, c, x, y, jac_weight)
+    W64, b64 = W64 - lr * gW, b64 - lr * gb
+  kernel, bias = student.get_layer("logits").get_weights()
+  np.testing.assert_allclose(kernel, W64, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(bias, b64, rtol=1e-4, atol=1e-5)
+  # The same two steps with the Jacobian term on both or on neither end elsewhere.
+  for weights in ((1.0, 1.0), (0.0, 0.0), (0.0, 1.0)):
+    W2, b2 = W.copy(), b.copy()
+    for jac_weight in weights:
+      gW, gb = _by_hand(W2, b2, V, c, x, y, jac_weight)
+      W2, b2 = W2 - lr * gW, b2 - lr * gb
+    assert np.abs(W2 - W64).max() > 1e-3, weights
+
+
+def test_an_epoch_without_a_jacobian_step_logs_no_jacobian_terms(tmp_path, digits_splits):
+  """jac_every=4, 2 steps per epoch: Jacobian steps 0 and 4, in epochs 1 and 3; epoch 2 logs
+  no jac_loss and no Jacobian norms (not Keras' Mean of nothing, 0), in the history
+  (results.json's) and TensorBoard, through fit() of the Python API and of the command line."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tfjac.config import TrainConfig
+  from tfjac.training import loop
+  info = digits_splits.info
+  result = loop.fit(_distiller(info, jac_every=4), digits_splits.sampled_train(4, 0),
+                    digits_splits.validation,
+                    TrainConfig(epochs=3, batch_size=16, steps_per_epoch=2, jac_every=4),
+                    seed=0, log_dir=str(tmp_path / "tb"), checkpoint_dir=str(tmp_path / "ck"))
+  h = result.history
+  assert len(h["act_loss"]) == len(h["val_jac_loss"]) == 3
+  for key in ("jac_loss", "student_jac_norm", "teacher_jac_norm"):
+    assert len(h[key]) == 2 and min(h[key]) > 0, (key, h[key])
+  ea = event_accumulator.EventAccumulator(str(tmp_path / "tb" / "train"),
+                                          size_guidance={event_accumulator.TENSORS: 0})
+  ea.Reload()
+  assert [e.step for e in ea.Tensors("epoch_jac_loss")] == [0, 2]
+  assert [e.step for e in ea.Tensors("epoch_act_loss")] == [0, 1, 2]
+  assert "jac_loss" in result.final_metrics
+  # A last epoch without a Jacobian step: results.json's final_epoch_metrics have no jac_loss
+  # (not the previous epoch's, nor 0).
+  from tfjac.modes import common
+  short = loop.fit(_distiller(info, jac_every=4), digits_splits.sampled_train(4, 0),
+                   digits_splits.validation,
+                   TrainConfig(epochs=2, batch_size=16, steps_per_epoch=2, jac_every=4),
+                   seed=0, log_dir=str(tmp_path / "tb2"), checkpoint_dir=str(tmp_path / "ck2"))
+  final = common.fit_summary(short, {})["final_epoch_metrics"]
+  assert "jac_loss" not in final and "student_jac_norm" not in final
+  assert "act_loss" in final and "val_jac_loss" in final
+  # The Python API's own fit, with Keras' validation (which resets the metrics first).
+  ds = tf.data.Dataset.from_tensors(_batch(digits_splits)).repeat()
+  history = _distiller(info, jac_every=4).fit(ds, epochs=3, steps_per_epoch=2, verbose=0,
+                                              validation_data=ds.take(1)).history
+  assert len(history["jac_loss"]) == 2 and min(history["jac_loss"]) > 0
+  assert len(history["val_jac_loss"]) == len(history["act_loss"]) == 3
 
 
 def test_skipped_steps_run_no_jacobian_pass(digits_splits, monkeypatch):

@@ -64,10 +64,10 @@ def _student(classes=5, shape=(6, 6, 3), bn=keras.layers.BatchNormalization):
   return keras.Model(inputs, keras.layers.Dense(classes, name="logits")(x), name="user_student")
 
 
-def _terms(teacher, hints, x, labels, jac_target="teacher_top1", student=None):
+def _terms(teacher, hints, x, labels, jac_target="teacher_top1", student=None, **kwargs):
   keras.utils.set_random_seed(1)
   student = student or _student(bn=tfjac.JacobianSafeBatchNorm)
-  d = Distiller(student, teacher, hints=hints, jac_target=jac_target)
+  d = Distiller(student, teacher, hints=hints, jac_target=jac_target, **kwargs)
   terms, _, _, _ = d.per_example_terms(tf.constant(x), tf.constant(labels), training=False,
                                        step=0)
   return {k: v.numpy() for k, v in terms.items()}
@@ -87,9 +87,56 @@ def test_a_softmax_headed_teacher_gives_the_hints_of_its_logits_twin(tmp_path, k
   want = _terms(reference, hints, x, labels)
   for name in ("act", "kd", "jac", "lwf"):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
-  # Taken as it comes, the softmax teacher would give other hint values (the bug of issue 14).
-  wrong = _terms(with_softmax, hints, x, labels)
-  assert not np.allclose(wrong["act"], want["act"], rtol=1e-2)
+  # The Python API takes the softmax teacher itself under the same rule (issue 20): the same
+  # hints as its logits twin, though what the teacher returns are probabilities.
+  probs = with_softmax(x).numpy()
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  assert not np.allclose(probs, reference(x), atol=1e-2)
+  api = _terms(with_softmax, hints, x, labels)
+  for name in ("act", "kd", "jac", "lwf"):
+    np.testing.assert_allclose(api[name], want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+class _HiddenSoftmax(keras.layers.Layer):
+  """A softmax no structure check can see (like a SavedModel's or a subclassed model's)."""
+
+  def call(self, x):
+    return keras.ops.softmax(x)
+
+
+def test_the_python_api_settles_what_its_teacher_outputs_in_its_own_terms():
+  reference, with_softmax = _softmax_teacher("dense")
+  student = _student(bn=tfjac.JacobianSafeBatchNorm)
+  d = Distiller(student, with_softmax, hints={"ce": 1, "act": 1})
+  assert d.teacher_info["outputs"] == "logits" and "softmax" in d.teacher_info["how"]
+  x = np.random.default_rng(3).uniform(size=(4, 6, 6, 3)).astype(np.float32)
+  np.testing.assert_allclose(d.teacher(x), reference(x), atol=1e-5)  # logits, not probs
+  assert Distiller(student, reference, hints={"act": 1}).teacher_info["outputs"] == "logits"
+
+  inputs = keras.Input((6, 6, 3))
+  opaque = keras.Model(inputs, _HiddenSoftmax()(reference(inputs)), name="opaque")
+  for kwargs, message in [
+      ({}, "cannot tell what the teacher outputs.*teacher_outputs='probabilities' or "
+           "teacher_outputs='logits'"),
+      (dict(teacher_outputs="probabilities"), r"\['act'\] need the teacher's logits"),
+      (dict(teacher_outputs="proba"), "unknown value 'proba'"),
+  ]:
+    with pytest.raises(ValueError, match=message) as e:
+      Distiller(student, opaque, hints={"ce": 1, "act": 1}, **kwargs)
+    assert "--" not in str(e.value), str(e.value)  # the Python API's words, not the flags'
+  with pytest.raises(ValueError, match="ends in a softmax.*drop teacher_outputs='logits'") as e:
+    Distiller(student, with_softmax, hints={"act": 1}, teacher_outputs="logits")
+  assert "--" not in str(e.value)
+  # Declared probabilities: log-probabilities stand in; kd is exact on them.
+  d = Distiller(student, opaque, hints={"kd": 1}, teacher_outputs="probabilities")
+  assert d.teacher_info["outputs"] == "probabilities"
+  labels = np.array([0, 1, 2, 3])
+  got = _terms(opaque, (("kd", 1.0),), x, labels, teacher_outputs="probabilities")
+  want = _terms(reference, (("kd", 1.0),), x, labels)
+  np.testing.assert_allclose(got["kd"], want["kd"], rtol=1e-3, atol=1e-5)
+  # NaN weights are refused by argument too.
+  with pytest.raises(ValueError, match="hints: the weight of 'act' must be a finite number"):
+    Distiller(student, reference, hints={"act": float("nan"), "ce": 1})
 
 
 def test_a_probability_savedmodel_needs_the_flag_and_then_gives_exact_kd(tmp_path):
@@ -426,3 +473,94 @@ def test_a_student_too_big_for_the_images_is_refused_before_the_teacher_trains(t
                           student=config_lib.ModelConfig("keras.applications:MobileNetV3Small"))
   with pytest.raises(ConfigError, match="--model"):
     run.run(cfg)
+
+
+# --- every keras.applications family, as a student and as a teacher (issue 20) --------------
+
+# One model per family, at 32x32 (or refused there, with the reason, and built at its least).
+FAMILY_MODELS = {
+    "ResNet": "ResNet50", "ResNetV2": "ResNet50V2", "VGG": "VGG16",
+    "DenseNet": "DenseNet121", "MobileNet": "MobileNet", "MobileNetV2": "MobileNetV2",
+    "MobileNetV3": "MobileNetV3Small", "EfficientNet": "EfficientNetB0",
+    "EfficientNetV2": "EfficientNetV2B0", "ConvNeXt": "ConvNeXtTiny",
+    "NASNet": "NASNetMobile", "InceptionV3": "InceptionV3",
+    "InceptionResNetV2": "InceptionResNetV2", "Xception": "Xception",
+}
+
+
+_FAMILY_OF = ((r"ResNet\d+$", "ResNet"), (r"ResNet\d+V2$", "ResNetV2"), (r"VGG\d+$", "VGG"),
+              (r"DenseNet\d+$", "DenseNet"), (r"MobileNet$", "MobileNet"),
+              (r"MobileNetV2$", "MobileNetV2"), (r"MobileNetV3(Small|Large)$", "MobileNetV3"),
+              (r"EfficientNetB\d$", "EfficientNet"), (r"EfficientNetV2(B\d|[SML])$",
+                                                       "EfficientNetV2"),
+              (r"ConvNeXt(Tiny|Small|Base|Large|XLarge)$", "ConvNeXt"),
+              (r"NASNet(Mobile|Large)$", "NASNet"), (r"InceptionV3$", "InceptionV3"),
+              (r"InceptionResNetV2$", "InceptionResNetV2"), (r"Xception$", "Xception"))
+
+
+def _family(app):
+  return next((family for pattern, family in _FAMILY_OF if re.match(pattern, app)), None)
+
+
+def test_every_keras_applications_name_is_in_a_tested_family():
+  """A family Keras adds later must join FAMILY_MODELS (and the slow test) to be claimed."""
+  assert {f: _family(m) for f, m in FAMILY_MODELS.items()} == {f: f for f in FAMILY_MODELS}
+  missing = [n for n in networks.application_names() if _family(n) not in FAMILY_MODELS]
+  assert not missing, missing
+
+
+def test_an_efficientnet_student_builds_and_gets_its_0_255_pixels():
+  """EfficientNet B0-B7 have no include_preprocessing argument (they rescale inside): the
+  student builder used to pass it and crash with a TypeError."""
+  model = networks.build_student("keras.applications:EfficientNetB0", (32, 32, 3), 10,
+                                 mean=(0.5,), std=(0.25,))
+  assert model.output_shape == (None, 10)
+  assert networks.own_preprocessing("EfficientNetB0") == "always"
+  assert networks.own_preprocessing("EfficientNetV2B0") == "switch"
+  assert networks.own_preprocessing("ResNet50") == "none"
+  assert model.get_layer("pixels255") is not None
+
+
+def _one_step(student, teacher, size):
+  x = np.random.default_rng(0).uniform(size=(2, size, size, 3)).astype(np.float32)
+  d = Distiller(student, teacher, hints={"act": 1, "jac": 1, "ce": 1})
+  d.compile(optimizer=keras.optimizers.SGD(1e-3))
+  before = [w.numpy().copy() for w in d.student.trainable_weights]
+  logs = d.train_on_batch(x, np.array([0, 1]), return_dict=True)
+  assert all(np.isfinite(float(logs[k])) for k in ("act_loss", "jac_loss", "ce_loss")), logs
+  assert any(not np.allclose(a, b.numpy()) for a, b in zip(before, d.student.trainable_weights))
+  return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("app", sorted(FAMILY_MODELS.values()))
+def test_every_keras_applications_family_as_student_and_teacher(app):
+  """Random weights: the command line's student builder and teacher loader, and the Python
+  API with the family's softmax-headed classifier as teacher; one training step with
+  act + jac + ce. Families too small at 32x32 are refused there, naming the setting and
+  the size they need, and are then taken at that size."""
+  size = networks.MIN_IMAGE_SIZE.get(app, 32)
+  if size > 32:
+    if app.startswith("Inception"):
+      with pytest.raises(ConfigError, match=f"--model: .*at least {size}x{size}"):
+        networks.build_student(f"keras.applications:{app}", (32, 32, 3), 10, mean=(0.5,),
+                               std=(0.25,))
+    else:  # Xception's body takes 32x32; its classifier does not
+      networks.build_student(f"keras.applications:{app}", (32, 32, 3), 10, mean=(0.5,),
+                             std=(0.25,))
+    with pytest.raises(ConfigError, match=f"--teacher_image_size: .*at least {size}x{size}"):
+      networks.application_teacher(app, weights=None, image_size=32)
+  keras.utils.set_random_seed(0)
+  student = networks.build_student(f"keras.applications:{app}", (size, size, 3), 10,
+                                   mean=(0.5,), std=(0.25,))
+  teacher = getattr(keras.applications, app)(weights=None, input_shape=(size, size, 3),
+                                             classes=10)
+  d = _one_step(student, teacher, size)
+  assert d.teacher_info["outputs"] == "logits" and "softmax" in d.teacher_info["how"]
+  # The command line's loader of --teacher=keras.applications:APP (ImageNet's 1000 classes).
+  cfg = Config(mode="transfer", teacher_path=f"keras.applications:{app}",
+               hints=HintConfig(hints=("ce", "lwf"), jac_target="teacher_top1"),
+               teacher_input=TeacherInput(weights="none", image_size=size))
+  loaded = teachers.load_teacher(cfg, _info((size, size, 3)))
+  assert loaded.outputs == "logits" and "softmax" in loaded.outputs_how
+  assert loaded.num_outputs == 1000

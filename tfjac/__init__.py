@@ -9,6 +9,11 @@ The Python API (README, Python API):
     d.fit(dataset)      # (images, labels) batches; history: loss and <hint>_loss per term
     d.student.save(...)  # the trained student alone
 
+A teacher ending in a softmax (keras.applications' classifiers) is taken by its logits: the
+softmax is removed (d.teacher_info says how). A teacher whose softmax cannot be seen and whose
+outputs look like probabilities is refused until `teacher_outputs='logits'` or
+`'probabilities'` says what it returns.
+
 or with every hint setting in one object, as the command line's modes pass it:
 `tfjac.Distiller(student, teacher, hints=tfjac.HintConfig(hints=("act", "jac", "ce"), ...))`.
 

@@ -23,6 +23,33 @@ def uses_jac_target(hint) -> bool:
              hint.teacher_jacobians)
 
 
+# The flags of the float settings whose flag is not the field's own name (config.non_finite's
+# paths); a weight's flag is <hint>_weight.
+_FLAG_OF_PATH = {("train", "learning_rate"): "learning_rate",
+                 ("teacher_train", "learning_rate"): "teacher_learning_rate",
+                 ("student", "width"): "width", ("teacher", "width"): "teacher_width",
+                 ("teacher_input", "scale"): "teacher_input_scale",
+                 ("teacher_input", "offset"): "teacher_input_offset",
+                 ("teacher_input", "mean"): "teacher_mean",
+                 ("teacher_input", "std"): "teacher_std"}
+
+
+def flag_of(path) -> str:
+  """The flag that sets the Config field at `path` (a config.non_finite path)."""
+  if path[:2] == ("hints", "weights"):
+    return f"{path[2]}_weight"
+  return _FLAG_OF_PATH.get(tuple(path[:2]), path[-1])
+
+
+def check_finite(config: Config):
+  """NaN and infinity refused in every float setting, by flag, before anything else: a NaN
+  compares False with everything, so it passes every range check (--learning_rate=nan used to
+  start training)."""
+  from tfjac.config import non_finite  # pylint: disable=g-import-not-at-top
+  for path, value in non_finite(config):
+    raise ConfigError(flag_of(path), f"must be a finite number, got {value}")
+
+
 def _positive(flag, value, allow_zero=False):
   if value < 0 or (value == 0 and not allow_zero):
     raise ConfigError(flag, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -87,6 +114,7 @@ def validate(config: Config):
   from tfjac import data, hints  # pylint: disable=g-import-not-at-top
   from tfjac.training import teacher_cache  # pylint: disable=g-import-not-at-top
 
+  check_finite(config)
   _choice("mode", config.mode, modes.MODES)
   mode = modes.load(config.mode)
   _choice("strategy", config.strategy, STRATEGIES)

@@ -6,7 +6,8 @@ checks are in `checks.py` (`validate` runs before any data is read or any model 
 the modes' names in `modes/__init__.py`, runtime set-up (strategy, TF_CONFIG) in `runtime.py`.
 """
 import dataclasses
-from typing import Optional, Tuple
+import math
+from typing import List, Optional, Tuple
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 TEACHER_CACHE = ("auto", "on", "off")
@@ -24,6 +25,31 @@ LOSS_SCALINGS = ("none", "initial", "running")  # training/term_scales.SCALINGS
 # only (docs/results/run_profile.md) and keeps the poster's ordering
 # (docs/results/lazy_digits.md).
 DEFAULT_TEACHER_WIDTHS = {("digits", "vgg9"): 0.25}
+
+
+def non_finite(settings, path=()) -> List[Tuple[Tuple[str, ...], float]]:
+  """(path, value) of every NaN or infinite float in the (nested) dataclass `settings`: a
+  field's path is its names from the top, a weight's ends in its hint ('weights', 'act'), a
+  tuple's entries share their field's path. What checks.validate refuses by flag name and the
+  Distiller by argument name, before any work."""
+  found = []
+  for field in dataclasses.fields(settings):
+    value = getattr(settings, field.name)
+    where = path + (field.name,)
+    if dataclasses.is_dataclass(value):
+      found.extend(non_finite(value, where))
+    elif isinstance(value, float):
+      if not math.isfinite(value):
+        found.append((where, value))
+    elif isinstance(value, tuple):
+      for item in value:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+          name, item = item  # (hint, weight)
+          if isinstance(item, float) and not math.isfinite(item):
+            found.append((where + (name,), item))
+        elif isinstance(item, float) and not math.isfinite(item):
+          found.append((where, item))
+  return found
 
 
 def default_teacher_width(dataset: str, model: str) -> float:

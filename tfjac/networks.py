@@ -6,6 +6,7 @@ Nothing here downloads: keras.applications are built with weights=None and given
 file (or the file Keras keeps in its cache after a download elsewhere).
 """
 import glob
+import inspect
 import os
 import re
 from typing import List, Optional, Sequence, Tuple
@@ -60,6 +61,27 @@ def check_application(flag: str, name: str) -> str:
     raise ConfigError(flag, f"unknown keras.applications model {app!r}; valid: "
                       f"{', '.join(application_names())}")
   return app
+
+
+# The smallest square input Keras builds these classifiers at (its own check; teachers). The
+# headless bodies (students) of the two Inceptions need it too (their strided stems leave no
+# pixel for a later valid convolution); Xception's body takes 32x32.
+MIN_IMAGE_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
+
+
+def _needs_size(app):
+  n = MIN_IMAGE_SIZE.get(app)
+  return f" (it needs images of at least {n}x{n})" if n else ""
+
+
+def own_preprocessing(app: str) -> str:
+  """How keras.applications.<app> preprocesses inside itself: 'switch' (it does unless
+  include_preprocessing=False: EfficientNetV2, ConvNeXt, MobileNetV3), 'always' (it always
+  does, no such argument: EfficientNet B0-B7), 'none' (it takes preprocessed input)."""
+  if family_preprocessing(app) != "pixels255":
+    return "none"
+  parameters = inspect.signature(getattr(keras.applications, app)).parameters
+  return "switch" if "include_preprocessing" in parameters else "always"
 
 
 def family_preprocessing(app: str) -> str:
@@ -185,32 +207,68 @@ class LogOf(keras.layers.Layer):
     return keras.ops.log(keras.ops.maximum(p, 1e-30))
 
 
+def _say(value, api):
+  """The setting that settles what a teacher outputs, as its caller writes it."""
+  return f"teacher_outputs={value!r}" if api else f"--teacher_outputs={value}"
+
+
+def _refuse(message, api):
+  """The Python API's error (a ValueError naming its argument) or the command line's."""
+  return ValueError(message) if api else ConfigError("teacher_outputs", message)
+
+
 def teacher_logits(model: keras.Model, declared: str, probe: keras.Model, probe_shape, *,
-                   path="--teacher"):
-  """(model returning logits, or log-probabilities when the teacher outputs probabilities,
-  the output kind seen: 'logits' | 'probabilities', how it was settled). `probe` (the model
-  fed from inputs of `probe_shape`) is tried on random inputs when the structure is silent."""
+                   path="--teacher", api=False):
+  """The one rule for what a teacher outputs, for the command line and the Python API (`api`:
+  errors name the argument teacher_outputs= instead of the flag). Returns (model returning
+  logits, or log-probabilities when the teacher outputs probabilities, the output kind seen:
+  'logits' | 'probabilities', how it was settled). A final softmax seen in the structure is
+  removed; `probe` (the model fed from inputs of `probe_shape`) is tried on random inputs when
+  the structure is silent, and outputs that look like probabilities are refused unless
+  `declared` says what they are."""
+  if declared not in OUTPUT_KINDS:
+    raise _refuse(f"unknown value {declared!r}; valid: {', '.join(OUTPUT_KINDS)}", api)
   if declared == "probabilities":
     stripped, how = without_softmax(model)
-    if how:  # the structure says more than the flag: use the true logits
-      return stripped, "logits", how + " (--teacher_outputs=probabilities not needed)"
+    if how:  # the structure says more than the setting: use the true logits
+      return stripped, "logits", how + f" ({_say('probabilities', api)} not needed)"
     out = LogOf(name="log_probabilities")(model.outputs[0])
     return (keras.Model(model.inputs, out, name=model.name), "probabilities",
-            "--teacher_outputs=probabilities: log-probabilities stand for the logits")
+            f"{_say('probabilities', api)}: log-probabilities stand for the logits")
   stripped, how = without_softmax(model)
   if how:
     if declared == "logits":
-      raise ConfigError("teacher_outputs", f"{path} ends in a softmax ({how}); it outputs "
-                        "probabilities, not logits: drop --teacher_outputs=logits")
+      raise _refuse(f"{path} ends in a softmax ({how}); it outputs probabilities, not "
+                    f"logits: drop {_say('logits', api)}", api)
     return stripped, "logits", how
   if declared == "logits":
-    return model, "logits", "--teacher_outputs=logits"
+    return model, "logits", _say("logits", api)
   if looks_like_probabilities(probe, probe_shape):
-    raise ConfigError("teacher_outputs", f"cannot tell what {path} outputs: no softmax layer "
-                      "can be seen (e.g. a SavedModel) and its outputs are non-negative and sum "
-                      "to 1 like probabilities. Say it: --teacher_outputs=probabilities or "
-                      "--teacher_outputs=logits")
+    raise _refuse(f"cannot tell what {path} outputs: no softmax layer can be seen (e.g. a "
+                  "SavedModel or a subclassed model) and its outputs are non-negative and sum "
+                  f"to 1 like probabilities. Say it: {_say('probabilities', api)} or "
+                  f"{_say('logits', api)}", api)
   return model, "logits", "no final softmax; outputs not probabilities"
+
+
+def resolve_teacher(teacher: keras.Model, declared: str, hint_names, lwf_match, *,
+                    input_shape=None):
+  """The Python API's teacher (tfjac.Distiller(teacher_outputs=...)) under teacher_logits'
+  rule: (the teacher returning logits, {"outputs": kind, "how": how}). `input_shape` (one
+  example's, e.g. the student's) is used to probe a teacher whose own is not fully known.
+  ValueErrors name the argument teacher_outputs."""
+  shape = tuple(getattr(teacher, "input_shape", None) or ())[1:]
+  if not shape or any(d is None for d in shape):
+    shape = tuple(input_shape or ())
+  if not shape or any(d is None for d in shape):
+    raise ValueError(f"cannot probe what the teacher {teacher.name!r} outputs: its input shape "
+                     f"is not known; pass teacher_outputs='logits' or 'probabilities'")
+  model, kind, how = teacher_logits(teacher, declared, teacher, shape, path="the teacher",
+                                    api=True)
+  if kind == "probabilities":
+    check_probability_hints(hint_names, lwf_match, "the teacher outputs probabilities",
+                            api=True)
+  return model, {"outputs": kind, "how": how}
 
 
 def probability_blockers(hint_names, lwf_match) -> List[str]:
@@ -220,19 +278,19 @@ def probability_blockers(hint_names, lwf_match) -> List[str]:
   from tfjac import hints  # pylint: disable=g-import-not-at-top
   bad = [n for n in hint_names if hints.HINTS[n].reads_teacher_logits]
   if "lwf" in hint_names and lwf_match == "act":
-    bad.append("lwf (--lwf_match=act)")
+    bad.append("lwf (lwf_match=act)")
   return bad
 
 
-def check_probability_hints(hint_names, lwf_match, what: str):
-  """ConfigError naming --teacher_outputs if a hint needs logits that a teacher outputting
-  probabilities (`what`: how that is known) cannot give."""
+def check_probability_hints(hint_names, lwf_match, what: str, api=False):
+  """An error naming teacher_outputs (the flag, or the argument when `api`) if a hint needs
+  logits that a teacher outputting probabilities (`what`: how that is known) cannot give."""
   bad = probability_blockers(hint_names, lwf_match)
   if bad:
-    raise ConfigError("teacher_outputs", f"{what}: {bad} need the teacher's logits "
-                      "(log-probabilities differ from them by a per-example constant, which "
-                      "these hints do not ignore: act on log-probabilities is not act on "
-                      "logits); valid with probabilities: ce, kd, lwf (kd), jac_ce, at, at_jac")
+    raise _refuse(f"{what}: {bad} need the teacher's logits (log-probabilities differ from "
+                  "them by a per-example constant, which these hints do not ignore: act on "
+                  "log-probabilities is not act on logits); valid with probabilities: ce, kd, "
+                  "lwf (kd), jac_ce, at, at_jac", api)
 
 
 # --- keras.applications and KerasHub --------------------------------------------------------
@@ -287,7 +345,7 @@ def application_teacher(app: str, *, weights: Optional[str], image_size: int = 0
     model = fn(**kwargs)
   except ValueError as e:
     raise ConfigError("teacher_image_size", f"keras.applications.{app} cannot be built at "
-                      f"{image_size}x{image_size}: {e}") from e
+                      f"{image_size}x{image_size}{_needs_size(app)}: {e}") from e
   if weights:
     _load_weights(model, weights, "teacher_weights", f"keras.applications.{app}")
   return model
@@ -373,20 +431,26 @@ def build_student(name: str, image_shape, num_classes, *, mean, std, weights="",
   if name.startswith(APPLICATIONS_PREFIX):
     app = check_application("model", name)
     inputs = keras.Input(shape=tuple(image_shape), name="image")
-    x = keras.layers.Normalization(mean=np.asarray(mean, np.float32),
-                                   variance=np.square(np.asarray(std, np.float32)),
-                                   name="standardize")(inputs)
+    kwargs = {}
+    if own_preprocessing(app) == "always":
+      # EfficientNet (B0-B7) rescales and normalises inside, with no switch to turn it off:
+      # it gets the 0-255 pixels it expects (standardised pixels would reach its first
+      # convolution as a near-constant image after its own /255 and ImageNet normalisation).
+      x = keras.layers.Rescaling(255.0, name="pixels255")(inputs)
+    else:
+      x = keras.layers.Normalization(mean=np.asarray(mean, np.float32),
+                                     variance=np.square(np.asarray(std, np.float32)),
+                                     name="standardize")(inputs)
+      if own_preprocessing(app) == "switch":
+        kwargs["include_preprocessing"] = False  # fed standardised pixels already
     if image_shape[-1] == 1:
       x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
-    kwargs = {}
-    if family_preprocessing(app) == "pixels255":
-      kwargs["include_preprocessing"] = False  # fed standardised pixels already
     try:
       body = getattr(keras.applications, app)(include_top=False, weights=None, input_tensor=x,
                                               pooling="avg", **kwargs)
     except ValueError as e:
       raise ConfigError("model", f"keras.applications.{app} cannot take the dataset's "
-                        f"{tuple(image_shape)} images: {e}") from e
+                        f"{tuple(image_shape)} images{_needs_size(app)}: {e}") from e
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(body.output)
     model = keras.Model(inputs, logits, name=model_name)
     if weights:

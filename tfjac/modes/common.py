@@ -2,6 +2,7 @@
 bookkeeping (which settings a backup must match, discarding backups) and the summary lines of
 the networks a run trains or evaluates."""
 import dataclasses
+import json
 import os
 from typing import Optional
 
@@ -47,9 +48,33 @@ def check_student(config: Config, splits: Splits, strategy):
 
 
 def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, role: str):
-  return {"role": role, "model": model_cfg.name, "width": model_cfg.width,
+  meta = {"role": role, "model": model_cfg.name, "width": model_cfg.width,
           "dataset": splits.info.name, "image_shape": list(splits.info.image_shape),
           "num_classes": splits.info.num_classes, "seed": config.data.seed}
+  if role == "teacher":
+    meta["teacher_settings"] = teacher_settings(config)
+  return meta
+
+
+# Settings that never change the teacher's numbers: where the data lives, the student's
+# sampling (the teacher trains on the whole training split), the backup frequency.
+_NOT_TEACHER = {"data_dir", "samples_per_class", "backup_every_steps"}
+
+
+def teacher_settings(config: Config):
+  """{flag: value} of every setting that makes the teacher trained in a run directory: a
+  teacher found there is reused only if it was made with the same (obtain_teacher)."""
+  c = resume_settings(config, "teacher")
+  flat = {"teacher_model": c["teacher"]["name"], "teacher_width": c["teacher"]["width"],
+          "ce_weight": c["ce_weight"], "mixed_precision": c["mixed_precision"]}
+  for key, value in c["data"].items():
+    flat[key] = value
+  for key, value in c["teacher_train"].items():
+    flat[{"epochs": "teacher_epochs", "learning_rate": "teacher_learning_rate"}.get(key, key)] = (
+        value)
+  flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()
+          if k not in _NOT_TEACHER}
+  return json.loads(json.dumps(flat))  # as it reads back from model.json
 
 
 def resume_settings(config: Config, role: str):
@@ -82,7 +107,9 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
   with strategy.scope():
     distiller = Distiller(network, teacher, hints=hints, num_classes=splits.info.num_classes,
                           seed=config.data.seed, student_view=student_view,
-                          teacher_view=teacher_view, jac_every=train_cfg.jac_every)
+                          teacher_view=teacher_view, jac_every=train_cfg.jac_every,
+                          # settled by teachers.load_teacher (or trained here: logits)
+                          teacher_outputs="logits")
   workdir = config.workdir
   use_cache = False
   if teacher is not None:
@@ -109,7 +136,9 @@ def robustness(config: Config, splits: Splits, network, batch_size):
 
 
 def fit_summary(result: loop.FitResult, test):
-  final = {k: v[-1] for k, v in result.history.items()}
+  final = result.final_metrics
+  if final is None:
+    final = {k: v[-1] for k, v in result.history.items()}
   return {"test": test, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
           "best_val_accuracy": result.best_val_accuracy, "final_epoch_metrics": final,
           "train_seconds": round(result.seconds, 2), "steps_per_epoch": result.steps_per_epoch,
@@ -165,6 +194,26 @@ def train_teacher(config: Config, splits: Splits, strategy):
   return teacher, summary
 
 
+def check_reusable_teacher(config: Config, meta, existing):
+  """A teacher found in the run directory is reused only if its metadata records the teacher
+  settings of this run; else a ConfigError naming the settings that differ and the two ways
+  out. Before, only the dataset and class count were compared: another --teacher_model,
+  --teacher_width, --teacher_epochs or --seed distilled from the old teacher in silence."""
+  ways_out = (f"use another --workdir to train a teacher with these settings, or pass "
+              f"--teacher={existing} to distil from this one on purpose")
+  recorded = meta.get("teacher_settings")
+  if recorded is None:
+    raise ConfigError("workdir", f"{existing} holds a teacher whose metadata (model.json) "
+                      "records no teacher settings (written by an older tfjac), so it cannot "
+                      f"be shown to match this run's; {ways_out}")
+  wanted = teacher_settings(config)
+  differing = [f"--{k}={wanted.get(k)!r} here, {recorded.get(k)!r} for the teacher"
+               for k in sorted(set(wanted) | set(recorded)) if wanted.get(k) != recorded.get(k)]
+  if differing:
+    raise ConfigError("workdir", f"{existing} holds a teacher made with other settings: "
+                      f"{'; '.join(differing)}. {ways_out[0].upper()}{ways_out[1:]}")
+
+
 def obtain_teacher(config: Config, splits: Splits, strategy):
   """--teacher if given; else the teacher already in the run directory; else train one."""
   info = splits.info
@@ -176,13 +225,9 @@ def obtain_teacher(config: Config, splits: Splits, strategy):
     meta_path = os.path.join(existing, "model.json")
     if not os.path.exists(os.path.join(existing, export.KERAS_FILE)):
       return train_teacher(config, splits, strategy)
-    import json  # pylint: disable=g-import-not-at-top
     with open(meta_path) as f:
       meta = json.load(f)
-    if meta.get("dataset") != info.name or meta.get("num_classes") != info.num_classes:
-      raise ConfigError("workdir", f"{existing} holds a teacher for dataset "
-                        f"{meta.get('dataset')!r}, not {info.name!r}; use another --workdir or "
-                        "pass --teacher")
+    check_reusable_teacher(config, meta, existing)
     path, source = existing, "reused"
     logging.info("reusing the teacher in %s", existing)
   with strategy.scope():

@@ -191,6 +191,30 @@ class SplitValidation(keras.callbacks.Callback):
         logs[f"val_{name}"] = float(np.asarray(value))
 
 
+class DropUnmeasured(keras.callbacks.Callback):
+  """Removes from an epoch's logs the training terms that no step of the epoch computed (lazy
+  Jacobian matching: an epoch without a Jacobian step), so that TensorBoard, the history and
+  results.json get no value for them instead of Keras' Mean of nothing, 0. The model's
+  `unmeasured_metrics()` is read before validation resets the metrics (on_test_begin) and
+  again at the epoch's end when Keras does not validate; it must be the first callback, before
+  any that reads or writes the logs (Distiller.fit puts it first)."""
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._unmeasured = None
+
+  def on_test_begin(self, logs=None):
+    if getattr(self, "_unmeasured", False) is None:  # inside a training epoch
+      self._unmeasured = self.model.unmeasured_metrics()
+
+  def on_epoch_end(self, epoch, logs=None):
+    unmeasured = self._unmeasured
+    if unmeasured is None:
+      unmeasured = self.model.unmeasured_metrics()
+    self._unmeasured = False
+    for name in unmeasured:
+      (logs or {}).pop(name, None)
+
+
 class PhaseTimer(keras.callbacks.Callback):
   """Wall seconds of a fit split into training steps (first batch begin to last batch end of
   each epoch), validation (Keras' own, and SplitValidation's) and the rest ('other': graph

@@ -40,7 +40,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfjac import hints as hints_lib
-from tfjac.config import HintConfig
+from tfjac.config import HintConfig, non_finite
 from tfjac.hints import attention, jacobians
 from tfjac.models import views
 from tfjac.models.layers import (JacobianSafeBatchNorm, holding_batch_statistics, recording_batch_statistics,
@@ -74,7 +74,12 @@ def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
                        ("loss_scaling", loss_scaling)):
     if value is not None:
       overrides[field] = value
-  return dataclasses.replace(settings, **overrides)
+  settings = dataclasses.replace(settings, **overrides)
+  for path, value in non_finite(settings):  # a NaN passes every range check: refuse it here
+    where = (f"hints: the weight of {path[1]!r}" if path[0] == "weights" else
+             f"{path[0]} (in params= or hints=)")
+    raise ValueError(f"{where} must be a finite number, got {value}")
+  return settings
 
 
 def pack_teacher_outputs(t: TeacherOutputs):
@@ -112,6 +117,14 @@ class Distiller(keras.Model):
   `student_view` / `teacher_view` (models/views.py) add what some hints read: a teacher-shaped
   second head (LwF) and feature maps (attention transfer). They share the networks' layers;
   the view's trainable variables are trained, and `student` alone is what gets exported.
+
+  `teacher_outputs`: what the teacher returns, under the command line's rule
+  (networks.teacher_logits): 'auto' removes a final softmax seen in its structure (logged;
+  `teacher_info` says what was found) and refuses a teacher whose outputs look like
+  probabilities with no softmax to see; 'logits' says it returns logits (refused if it ends in
+  a softmax); 'probabilities' uses log-probabilities in place of logits (refused with the
+  hints that need true logits: act, jac, noise). `self.teacher` is the teacher so settled.
+  A `teacher_view` given is used as it is.
   """
 
   def __init__(self, student: keras.Model, teacher: Optional[keras.Model] = None, *,
@@ -122,12 +135,22 @@ class Distiller(keras.Model):
                teacher_view: Optional[keras.Model] = None, jac_every: int = 1,
                params: Optional[hints_lib.HintParams] = None, jac_target: Optional[str] = None,
                jac_top_k: Optional[int] = None, jac_projections: Optional[int] = None,
-               bn_policy: Optional[str] = None, loss_scaling: Optional[str] = None,
+               bn_policy: Optional[str] = None, teacher_outputs: str = "auto",
+               loss_scaling: Optional[str] = None,
                term_scales: Optional[TermScales] = None, **kwargs):
     super().__init__(**kwargs)
     settings = hint_settings(hints, params=params, jac_target=jac_target, jac_top_k=jac_top_k,
                              jac_projections=jac_projections, bn_policy=bn_policy,
                              loss_scaling=loss_scaling)
+    self.teacher_info = None  # what the teacher outputs and how that was settled
+    if teacher is not None:
+      from tfjac import networks  # pylint: disable=g-import-not-at-top
+      teacher, info = networks.resolve_teacher(teacher, teacher_outputs, settings.hints,
+                                               settings.lwf_match,
+                                               input_shape=student.input_shape[1:])
+      if info["outputs"] == "probabilities" or "softmax" in info["how"]:
+        logging.info("teacher %s: %s (%s)", teacher.name, info["outputs"], info["how"])
+      self.teacher_info = info
     self.student = student
     self.teacher = teacher
     if teacher is not None:
@@ -219,7 +242,8 @@ class Distiller(keras.Model):
                                    weights=pairs, jac_bn_policy=self.bn_policy)
     return Distiller(self.student, self.teacher, hints=settings, num_classes=self.num_classes,
                      seed=self.seed, student_view=self.student_view,
-                     teacher_view=self.teacher_view, term_scales=self.term_scales)
+                     teacher_view=self.teacher_view, teacher_outputs="logits",  # settled here
+                     term_scales=self.term_scales)
 
   def _bn_policy_for(self, student, bn_policy):
     """A student with the standard keras.layers.BatchNormalization cannot hold its batch
@@ -435,6 +459,22 @@ class Distiller(keras.Model):
       if jacs:
         self._trackers[f"{who}_jac_norm"].update_state(self._jacobian_norm(jacs))
     return self._logs(training)
+
+  def unmeasured_metrics(self):
+    """The names of the term trackers (Means) that no step since the last reset updated: under
+    jac_every the Jacobian terms of an epoch without a Jacobian step. Keras would log them as 0
+    (a Mean of nothing); callbacks.DropUnmeasured removes them from the epoch's logs."""
+    return [m.name for m in self._trackers.values()
+            if isinstance(m, keras.metrics.Mean) and float(m.count.numpy()) == 0.0]
+
+  def fit(self, *args, callbacks=None, **kwargs):
+    """keras.Model.fit, with callbacks.DropUnmeasured first: an epoch logs only the terms
+    that its steps computed (lazy Jacobian matching), in TensorBoard and the history too."""
+    from tfjac.training import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
+    callbacks = list(callbacks or [])
+    if not any(isinstance(c, callbacks_lib.DropUnmeasured) for c in callbacks):
+      callbacks.insert(0, callbacks_lib.DropUnmeasured())
+    return super().fit(*args, callbacks=callbacks, **kwargs)
 
   def _logs(self, training=False):
     results = {m.name: m.result() for m in self.metrics}

@@ -33,6 +33,9 @@ class FitResult:
   phases: Optional[Dict[str, float]] = None
   resumed_from: Optional[Dict[str, int]] = None  # {"epochs_done", "steps_done"} of the backup
   total_steps: int = 0  # the budget in optimizer steps (fewer if early stopping stopped it)
+  # The last epoch's logs: only the terms that epoch computed (history's lists hold the
+  # epochs that logged each term, so a lazy Jacobian term's last entry may be older).
+  final_metrics: Optional[Dict[str, float]] = None
 
 
 def resolve_jit_compile(jit_compile: bool, replicas: int) -> bool:
@@ -162,4 +165,4 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
                    steps_per_epoch=steps, phases=timer.summary(fit_seconds),
                    resumed_from=({"epochs_done": restored.epoch, "steps_done": restored.step}
                                  if restored else None),
-                   total_steps=plan.total_steps)
+                   total_steps=plan.total_steps, final_metrics=dict(backup.last_logs))

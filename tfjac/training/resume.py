@@ -141,6 +141,9 @@ class TrainingBackup(keras.callbacks.Callback):
     self.settings = settings
     self.batch_offset = 0
     self.history: Dict[str, list] = {}
+    # The last epoch's logs as they were: a term no step of it computed (lazy Jacobian
+    # matching) is absent, where history's list would show an earlier epoch's value last.
+    self.last_logs: Dict[str, float] = {}
     self._seconds_before, self._started = 0.0, None
     self._arrays_to_load, self._metrics_to_load = None, None
     self._restore_metrics = False
@@ -163,6 +166,7 @@ class TrainingBackup(keras.callbacks.Callback):
         callback.restore_files({k: restored.path(v) for k, v in state["files"].items()
                                 if k.startswith(f"{name}.")})
     self.history = {k: list(v) for k, v in state["history"].items()}
+    self.last_logs = dict(state.get("last_logs", {}))
     self._seconds_before = float(state["seconds"])
     self._arrays_to_load = restored.path(state["arrays"])
     # Metric totals carry over only into the rest of an interrupted epoch: a backup at an
@@ -211,6 +215,7 @@ class TrainingBackup(keras.callbacks.Callback):
   def on_epoch_end(self, epoch, logs=None):
     for k, v in (logs or {}).items():
       self.history.setdefault(k, []).append(float(v))
+    self.last_logs = {k: float(v) for k, v in (logs or {}).items()}
     self.save(epoch + 1, 0, done=bool(self.model.stop_training) or epoch + 1 >= self.epochs)
 
   def save(self, epoch, step, *, done):
@@ -237,7 +242,7 @@ class TrainingBackup(keras.callbacks.Callback):
           atomic.copy_file(path, os.path.join(self.directory, files[f"{name}.{key}"]))
     state = {"format": FORMAT, "epoch": epoch, "step": step, "done": done,
              "settings": self.settings, "seconds": self.seconds, "arrays": arrays_name,
-             "files": files, "history": self.history,
+             "files": files, "history": self.history, "last_logs": self.last_logs,
              "callbacks": {n: c.get_state() for n, c in self.stateful.items()}}
     atomic.write_json(os.path.join(self.directory, STATE_FILE), state)
     keep = {STATE_FILE, arrays_name, *files.values()}
