@@ -52,7 +52,7 @@ def test_xla_double_backprop_is_exact_with_window_max_pool():
   window = _net(WindowMaxPool)
   graph = _double_backprop_gradients(window, jit=False)
   assert _relative_difference(_double_backprop_gradients(window, jit=True), graph) < 1e-5
-  # MaxPooling2D's XLA gradient differs from its graph gradient at ties (README, Speed): the
+  # MaxPooling2D's XLA gradient differs from its graph gradient at ties (docs/speed.md): the
   # same check fails there.
   keras_pool = _net(lambda: keras.layers.MaxPooling2D(2))
   keras_pool.set_weights(window.get_weights())

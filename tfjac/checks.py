@@ -210,7 +210,7 @@ def validate(config: Config):
                       "their weight gradients come from double backprop, and XLA's "
                       "second-order gradient through max-pooling was measured wrong on CPU "
                       "(TF 2.21: 1-7% off the graph's gradient, which matches finite "
-                      "differences; README, Speed). Drop --jit_compile.")
+                      "differences; docs/speed.md). Drop --jit_compile.")
   if config.strategy in _MULTI_REPLICA and (config.train.jit_compile or
                                             config.teacher_train.jit_compile):
     raise ConfigError("jit_compile", f"XLA cannot compile a step under --strategy="

@@ -61,7 +61,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the validation split, the N-per-class s
 # Networks.
 flags.DEFINE_string("model", "vgg4", "Student architecture: one of " + ", ".join(models.MODELS)
                     + ", keras.applications:NAME (its body and a new Dense head, random init "
-                    "or --student_weights), or a .keras file (README, Your own networks).")
+                    "or --student_weights), or a .keras file (docs/networks.md).")
 flags.DEFINE_float("width", 1.0, "Student channel-width multiplier.")
 flags.DEFINE_string("teacher_model", "vgg9", "Teacher architecture when the teacher is "
                     "trained here: the names of --model.")
@@ -114,7 +114,7 @@ flags.DEFINE_enum("lwf_match", "kd", list(hints.LWF_MATCHES), "How the lwf hint 
                   "--lwf_weight=0.25) or act (squared error of logits).")
 flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
                   "name; default: the layer that ends each block/stage, one per resolution "
-                  "(never padding; deepest ones paired; README, Transfer learning).")
+                  "(never padding; deepest ones paired; docs/transfer.md).")
 flags.DEFINE_list("student_layers", [], "Student layers paired one to one with "
                   "--teacher_layers; default: the layer that ends each block/stage.")
 flags.DEFINE_boolean("teacher_resize", False, "Resize target images to the teacher's input "
@@ -136,7 +136,7 @@ flags.DEFINE_enum("jac_bn_policy", "batch_stats", config.BN_POLICIES,
                   "BatchNorm in the student's Jacobian pass during training. batch_stats: one "
                   "pass, batch statistics held constant for the input gradient. inference: a "
                   "second pass with moving statistics. Both give per-example Jacobians; "
-                  "batch_stats was the cheaper (README, Speed).")
+                  "batch_stats is the cheaper: no second pass (docs/hints.md).")
 
 # Optimisation.
 flags.DEFINE_integer("epochs", 60, "Student epochs.")
@@ -193,13 +193,13 @@ flags.DEFINE_integer("backup_every_steps", 0, "Also back up within an epoch, eve
 flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_determinism(): "
                      "deterministic kernels, for bit-identical reruns and resumes on GPUs. Not "
                      "needed on CPU, where runs with the same thread count are bit-identical "
-                     "already; there it changes the numbers and costs speed (README, "
-                     "Reliability).")
+                     "already; there it changes the numbers and costs speed (docs/"
+                     "reliability.md).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step. Refused with "
                      "hints that take the student's Jacobian (jac, jac_ce, jacnorm, at_jac): "
                      "XLA's second-order gradient through max-pooling is wrong. Default off "
                      "(measure with tools/benchmark.py --jit_compile=false,true before "
-                     "turning it on; README, Speed). Refused with "
+                     "turning it on; docs/speed.md). Refused with "
                      "--strategy=mirrored or multi_worker (XLA cannot reach the other "
                      "replicas' variables); under --strategy=auto with several GPUs it is "
                      "turned off with a logged reason.")
@@ -222,7 +222,7 @@ flags.DEFINE_enum("mixed_precision", "float32", config.PRECISIONS,
                   "input-gradient is computed through low-precision layers and can underflow "
                   "in deep networks. Default float32: float16 on CPU is emulated and slow; "
                   "bfloat16 pays off only on CPUs with bfloat16 units and changes the numbers "
-                  "(README, Speed).")
+                  "(docs/speed.md).")
 
 # Cost of the Jacobian hints (student fit only).
 flags.DEFINE_integer("jac_every", 1, "Lazy Jacobian matching: the Jacobian hints (jac, jac_ce, "
@@ -236,7 +236,7 @@ flags.DEFINE_integer("val_jac_examples", 1000, "Validation computes accuracy and
                      "selection uses validation accuracy, which is always on the whole split.")
 flags.DEFINE_integer("val_jac_every", 1, "Validation's Jacobian terms every this many epochs "
                      "(the first, every N-th, and the last); 1: every epoch.")
-# Your own networks (networks.py, teachers.py; README, Your own networks).
+# Your own networks (networks.py, teachers.py; docs/networks.md).
 flags.DEFINE_enum("teacher_preprocessing", "auto", ["auto", "caffe", "torch", "tf", "pixels255",
                                                     "none"],
                   "How the dataset's [0, 1] pixels are prepared for the teacher, inside the "

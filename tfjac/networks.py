@@ -365,7 +365,7 @@ def kerashub_teacher(directory: str):
     import keras_hub  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConfigError("teacher", "kerashub: teachers need the optional keras-hub package: "
-                      "pip install -e .[hub] (README, Your own networks)") from e
+                      "pip install -e .[hub] (docs/networks.md)") from e
   try:
     model = keras_hub.models.ImageClassifier.from_preset(directory)
   except Exception as e:

@@ -41,7 +41,7 @@ def check_precision(config: Config, strategy):
   gpus = tf.config.list_physical_devices("GPU")
   if config.mixed_precision == "mixed_float16" and not gpus:
     logging.warning("--mixed_precision=mixed_float16 without a GPU: float16 is emulated on CPU "
-                    "and slower than float32 (README, Speed); it runs, for testing only")
+                    "and slower than float32 (docs/speed.md); it runs, for testing only")
   if config.mixed_precision == "mixed_bfloat16" and gpus:
     details = tf.config.experimental.get_device_details(gpus[0])
     capability = details.get("compute_capability")

@@ -385,8 +385,8 @@ def main(argv):
         f"2.0x.")
   if any(r["jit_compile"] and _double_backprop(r["hints"]) for r in results):
     print("\nXLA rows with a double-backprop hint measure speed only: tfjac.run refuses that "
-          "combination (XLA's second-order gradient through max-pooling is wrong; README, "
-          "Speed).")
+          "combination (XLA's second-order gradient through max-pooling is wrong; docs/"
+          "speed.md).")
   if FLAGS.json:
     keys = ("device", "tensorflow", "keras", "teacher_model", "model", "width", "image_size",
             "channels", "num_classes", "steps", "warmup")

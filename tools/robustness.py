@@ -1,6 +1,7 @@
-"""The README's robustness table: test accuracy under Gaussian input noise of students trained
-without a teacher (--mode=regularize) with CE, CE + Jacobian-norm penalty and CE on noisy inputs,
-over several seeds, as mean +- std. Every cell is an ordinary `python -m tfjac.run`.
+"""The robustness table of docs/results-noise.md: test accuracy under Gaussian input noise of
+students trained without a teacher (--mode=regularize) with CE, CE + Jacobian-norm penalty and
+CE on noisy inputs, over several seeds, as mean +- std. Every cell is an ordinary
+`python -m tfjac.run`.
 
   python tools/robustness.py --seeds=3 --docs=docs/results/robustness_digits.md
 

@@ -109,7 +109,7 @@ HINTS: Dict[str, Hint] = {
                    "truncation: the noisy soft-target CE's curvature terms of the same order "
                    "are dropped. Unbounded below: the student lowers it without limit by "
                    "growing its input gradient along the teacher's, so use it beside ce with a "
-                   "small sigma^2 * weight (README, jac_ce: what kept it bounded)",
+                   "small sigma^2 * weight (docs/results-noise.md)",
                    needs_teacher=True, student_jacobians=("log_probabilities",),
                    teacher_jacobians=("probabilities",), uses_noise=True,
                    needs_class_targets=True),

@@ -67,7 +67,8 @@ def jacobian_cross_entropy(*, teacher_probabilities, student_log_probabilities,
   student lowers -sigma^2 grad T_s . grad log S_s without limit by growing its input gradient
   along the teacher's, and the dropped -sigma^2/2 T_s lap log S_s (>= 0 summed over classes for
   a linear student) is what would bound the real noisy cross-entropy. In practice ce beside it
-  and a small sigma^2 * weight keep it bounded (README, docs/results/jac_ce_boundedness.json).
+  and a small sigma^2 * weight keep it bounded (docs/results-noise.md,
+  docs/results/jac_ce_boundedness.json).
   """
   first = -tf.reduce_sum(teacher_probabilities * student_log_probabilities, axis=-1)
   second = tf.reduce_sum(teacher_probability_jacobian * student_log_probability_jacobian,
