@@ -41,7 +41,7 @@ from absl import logging
 
 from tfjac import hints as hints_lib
 from tfjac.config import HintConfig
-from tfjac.hints import attention, jacobians
+from tfjac.hints import attention, estimators, jacobians
 from tfjac.models import views
 from tfjac.models.layers import (JacobianSafeBatchNorm, holding_batch_statistics, recording_batch_statistics,
                                  reusing_batch_statistics)
@@ -55,7 +55,9 @@ ATTENTION = "attention"
 def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
                   jac_target: Optional[str] = None, jac_top_k: Optional[int] = None,
                   jac_projections: Optional[int] = None,
-                  bn_policy: Optional[str] = None) -> HintConfig:
+                  bn_policy: Optional[str] = None, jac_estimator: Optional[str] = None,
+                  jac_probes: Optional[int] = None,
+                  jac_fd_eps: Optional[float] = None) -> HintConfig:
   """The one settings object of a Distiller, a config.HintConfig. `hints`: a HintConfig (a
   run's, config.hints), or the Python API's {name: weight} / (name, weight) pairs with every
   other setting at HintConfig's defaults. The keyword arguments, where given, replace the
@@ -68,7 +70,9 @@ def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
     settings = HintConfig(hints=tuple(name for name, _ in pairs), weights=pairs)
   overrides = dataclasses.asdict(params) if params is not None else {}
   for field, value in (("jac_target", jac_target), ("jac_top_k", jac_top_k),
-                       ("jac_projections", jac_projections), ("jac_bn_policy", bn_policy)):
+                       ("jac_projections", jac_projections), ("jac_bn_policy", bn_policy),
+                       ("jac_estimator", jac_estimator), ("jac_probes", jac_probes),
+                       ("jac_fd_eps", jac_fd_eps)):
     if value is not None:
       overrides[field] = value
   return dataclasses.replace(settings, **overrides)
@@ -119,10 +123,13 @@ class Distiller(keras.Model):
                teacher_view: Optional[keras.Model] = None, jac_every: int = 1,
                params: Optional[hints_lib.HintParams] = None, jac_target: Optional[str] = None,
                jac_top_k: Optional[int] = None, jac_projections: Optional[int] = None,
-               bn_policy: Optional[str] = None, **kwargs):
+               bn_policy: Optional[str] = None, jac_estimator: Optional[str] = None,
+               jac_probes: Optional[int] = None, jac_fd_eps: Optional[float] = None, **kwargs):
     super().__init__(**kwargs)
     settings = hint_settings(hints, params=params, jac_target=jac_target, jac_top_k=jac_top_k,
-                             jac_projections=jac_projections, bn_policy=bn_policy)
+                             jac_projections=jac_projections, bn_policy=bn_policy,
+                             jac_estimator=jac_estimator, jac_probes=jac_probes,
+                             jac_fd_eps=jac_fd_eps)
     self.student = student
     self.teacher = teacher
     if teacher is not None:
@@ -171,6 +178,8 @@ class Distiller(keras.Model):
       raise ValueError(f"jac_top_k={settings.jac_top_k} is more than the {matching_classes} "
                        "classes")
     self.bn_policy = self._bn_policy_for(student, settings.jac_bn_policy)
+    self.estimator = settings.jac_estimator
+    self._check_estimator(settings)
     self.settings = settings  # as given (bn_policy: the policy the Jacobians do take)
     self.seed = seed
     self._trackers = {"loss": keras.metrics.Mean(name="loss")}
@@ -269,6 +278,8 @@ class Distiller(keras.Model):
     the attention peak pixels, all constants."""
     if self.teacher is None:
       return NO_TEACHER
+    if self.estimator != "backprop" and self.teacher_outputs:
+      return self._teacher_sketches(x, labels, step)
     if not (self.teacher_outputs or self.attention_jacobians):
       out = self.teacher_view(x, training=False)
       logits = tf.stop_gradient(out["matching_logits"])
@@ -306,6 +317,8 @@ class Distiller(keras.Model):
     made from the student's own (constant) outputs."""
     if not (self.student_outputs or self.attention_jacobians):
       return self.student_view(x, training=training), selection, {}
+    if self.estimator != "backprop":
+      return self._student_sketches(x, labels, selection, step, training=training)
     if training and self.bn_policy == "batch_stats":
       with tf.GradientTape(persistent=True) as inner:
         inner.watch(x)
@@ -326,6 +339,74 @@ class Distiller(keras.Model):
     if not training:
       return out, selection, jacs
     return self.student_view(x, training=True), selection, jacs
+
+  # --- the Jacobian estimators (hints/estimators.py) ------------------------------------
+
+  def _check_estimator(self, settings):
+    if settings.jac_estimator not in estimators.ESTIMATORS:
+      raise ValueError(f"jac_estimator={settings.jac_estimator!r}; valid: "
+                       f"{', '.join(estimators.ESTIMATORS)}")
+    if settings.jac_estimator == "backprop":
+      return
+    if self.attention_jacobians:
+      raise ValueError(f"jac_estimator={settings.jac_estimator}: at_jac takes its Jacobians "
+                       "by backprop only")
+    if settings.jac_probes < 1 or settings.jac_fd_eps <= 0:
+      raise ValueError(f"jac_probes must be >= 1 and jac_fd_eps > 0, got "
+                       f"{settings.jac_probes}, {settings.jac_fd_eps}")
+    rows = self._target.count(self._target_options) * settings.jac_probes
+    if "jac" in self._hints and settings.jac_normalize and rows == 1:
+      raise ValueError(f"the normalised jac term with jac_estimator={settings.jac_estimator}, "
+                       f"one output (jac_target={settings.jac_target}) and one probe compares "
+                       "two scalars' signs (0 or 4, no gradient): take jac_probes >= 2, "
+                       "jac_target=all, or jac_normalize=False")
+
+  def _probe_directions(self, x, step):
+    """The step's probes, the same for teacher and student (stream 2 of Distiller._seed)."""
+    return estimators.probe_directions(x, probes=self.settings.jac_probes,
+                                       kind=self.settings.jac_probe, seed=self._seed(step, 2))
+
+  def _teacher_sketches(self, x, labels, step) -> TeacherOutputs:
+    """teacher_pass under an estimator: the teacher's sketches, outside the weight tape, from
+    one call on the clean batch and its probed copies."""
+    sketches, selection, logits, clean = estimators.directional_rows(
+        lambda z: self.teacher_view(z, training=False), x, self._probe_directions(x, step),
+        estimator=self.estimator, eps=self.settings.jac_fd_eps, outputs=self.teacher_outputs,
+        select=lambda reference: self._selection(labels, reference, step))
+    return TeacherOutputs(tf.stop_gradient(logits), selection,
+                          {k: tf.stop_gradient(v) for k, v in sketches.items()},
+                          tuple(tf.stop_gradient(f) for f in views.features_of(clean)), None)
+
+  def _student_sketches(self, x, labels, selection, step, *, training):
+    """student_pass under an estimator: the clean pass (which alone updates the moving
+    statistics), then the probes' pass inside the same weight tape, per example (module doc
+    of hints/estimators.py): with the clean batch's statistics under batch_stats, in
+    inference mode otherwise."""
+    directions = self._probe_directions(x, step)
+
+    def select(reference):
+      return selection if selection is not None else self._selection(labels, reference, step)
+
+    kw = dict(estimator=self.estimator, eps=self.settings.jac_fd_eps,
+              outputs=self.student_outputs, select=select)
+    if training and self.bn_policy != "batch_stats":
+      # Inference pass first: after the training pass the moving statistics would already
+      # hold this batch's moments (student_pass says the same).
+      sketches, selection, _, _ = estimators.directional_rows(
+          lambda z: self.student_view(z, training=False), x, directions, **kw)
+      return self.student_view(x, training=True), selection, sketches
+    with recording_batch_statistics() as clean_statistics:
+      out = self.student_view(x, training=training)
+
+    def probed(z):
+      if not training:
+        return self.student_view(z, training=False)
+      with reusing_batch_statistics(clean_statistics):
+        return self.student_view(z, training=True)
+
+    sketches, selection, _, _ = estimators.directional_rows(
+        probed, x, directions, clean_logits=out["matching_logits"], **kw)
+    return out, selection, sketches
 
   def per_example_terms(self, x, labels, *, training, step, teacher_outputs=None):
     """({hint: [batch] loss}, weighted per-example total, student logits, HintInputs).
