@@ -289,11 +289,13 @@ def test_fit_takes_a_compiled_step(digits_splits, estimator):
 
 def test_fd_step_is_the_same_under_xla(digits_splits):
   """fd needs first-order gradients only: XLA's step gradients equal the graph's on a
-  max-pooling network (where backprop's second-order max-pool gradient differs)."""
+  max-pooling network (where backprop's second-order max-pool gradient differs). Up to float32
+  rounding, which fd's differences amplify by 1/(2 eps): at eps 1e-2 the two agree to 1e-3;
+  at the default 1e-3 a few elements differ by 0.5% (XLA fuses, so it rounds otherwise)."""
   info = digits_splits.info
   d = Distiller(helpers.tiny_vgg(info, "s"), helpers.tiny_vgg(info, "t"),
                 hints=[("act", 1.0), ("jac", 1.0), ("ce", 1.0)], jac_estimator="fd",
-                jac_target="all")
+                jac_target="all", jac_fd_eps=1e-2)
   x = tf.constant(digits_splits.train.images[:16])
   y = tf.constant(digits_splits.train.labels[:16])
   graph, xla = _step_gradients(d, x, y, False), _step_gradients(d, x, y, True)

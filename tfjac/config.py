@@ -88,11 +88,12 @@ class HintConfig:
   jac_projections: int = 1
   # How the Jacobian terms are computed (hints/estimators.py): backprop (the rows themselves,
   # double backprop), jvp (forward mode) or fd (central differences) along jac_probes random
-  # probes of kind jac_probe; fd steps eps * u in [0, 1] pixel units.
+  # probes of kind jac_probe; fd steps eps * u in [0, 1] pixel units (1e-3: the raw term within
+  # 1.5% of jvp's on the digits' VGGs; 1e-2: 9%, kinks of ReLU and max-pool crossed).
   jac_estimator: str = "backprop"
   jac_probes: int = 1
   jac_probe: str = "rademacher"
-  jac_fd_eps: float = 1e-2
+  jac_fd_eps: float = 1e-3
   noise_sigma: float = 0.1
   noise_samples: int = 4
   lwf_match: str = "kd"

@@ -109,8 +109,10 @@ flags.DEFINE_enum("jac_estimator", "backprop", list(config.JAC_ESTIMATORS),
 flags.DEFINE_integer("jac_probes", 1, "Random probes per example of --jac_estimator=jvp|fd.")
 flags.DEFINE_enum("jac_probe", "rademacher", list(config.JAC_PROBES), "Distribution of the "
                   "probes' entries: rademacher (+-1) or gaussian (N(0, 1)); both E[u u^T] = I.")
-flags.DEFINE_float("jac_fd_eps", 1e-2, "Step of --jac_estimator=fd in [0, 1] pixel units "
-                   "(each pixel moves by eps times its probe entry).")
+flags.DEFINE_float("jac_fd_eps", 1e-3, "Step of --jac_estimator=fd in [0, 1] pixel units "
+                   "(each pixel moves by eps times its probe entry). Smaller: less smoothing "
+                   "over ReLU and max-pool kinks, more float32 rounding (1/eps); on the digits' "
+                   "VGGs 1e-3 put the raw term within 1.5% of jvp's, 1e-2 within 9%.")
 flags.DEFINE_float("noise_sigma", 0.1, "Std of the Gaussian input noise (in [0, 1] pixel units) "
                    "of the hints noise, noisy_ce, and the sigma of jac_ce and jacnorm.")
 flags.DEFINE_integer("noise_samples", 4, "Noisy copies per example for noise and noisy_ce.")

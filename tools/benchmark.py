@@ -75,7 +75,7 @@ flags.DEFINE_list("jac_estimators", ["backprop"], "How the Jacobian terms are co
                   "(backprop, jvp, fd; --jac_estimator of tfjac.run); only hint sets with "
                   "Jacobians use them. The first is the base.")
 flags.DEFINE_integer("jac_probes", 1, "Probes of the jvp and fd estimators.")
-flags.DEFINE_float("jac_fd_eps", 1e-2, "Step of the fd estimator.")
+flags.DEFINE_float("jac_fd_eps", 1e-3, "Step of the fd estimator.")
 flags.DEFINE_boolean("matmul_peak", True, "Also measure the device's float32 and bfloat16 "
                      "matmul rates (--matmul_size square matrices) and report each row's share.")
 flags.DEFINE_integer("matmul_size", 4096, "Side of the square matrices of --matmul_peak.")
@@ -203,7 +203,7 @@ def run_single(cfg):
                           jac_every=cfg.get("jac_every", 1),
                           jac_estimator=cfg.get("jac_estimator", "backprop"),
                           jac_probes=cfg.get("jac_probes", 1),
-                          jac_fd_eps=cfg.get("jac_fd_eps", 1e-2))
+                          jac_fd_eps=cfg.get("jac_fd_eps", 1e-3))
     distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                       jit_compile=cfg["jit_compile"])
   rng = np.random.default_rng(0)
@@ -404,7 +404,7 @@ def table(results, peaks=None):
     estimator = r.get("jac_estimator", "backprop")
     if estimator != "backprop":
       estimator += f" x{r.get('jac_probes', 1)}" + (
-          f" eps {r.get('jac_fd_eps', 1e-2):g}" if estimator == "fd" else "")
+          f" eps {r.get('jac_fd_eps', 1e-3):g}" if estimator == "fd" else "")
     cells = [r["hints"], target if jac else "-", estimator if jac else "-",
              r["bn_policy"] if jac else "-",
              "on" if r["teacher_cache"] else "off", str(r.get("jac_every", 1)),
