@@ -330,3 +330,18 @@ def test_checks(tmp_path):
   settings = dataclasses.replace(HintConfig(), jac_estimator="fd")
   from tfjac.training import teacher_cache  # pylint: disable=g-import-not-at-top
   assert "probe" in teacher_cache.hints_blocker(settings.hints, "label", "fd")
+
+
+def test_flags_reach_the_config_and_the_distiller():
+  from tfjac import run  # pylint: disable=g-import-not-at-top
+  with helpers.parsed_flags("--jac_estimator=fd", "--jac_probes=3", "--jac_probe=gaussian",
+                            "--jac_fd_eps=0.005", "--mixed_precision=auto"):
+    config = run.config_from_flags()
+  h = config.hints
+  assert (h.jac_estimator, h.jac_probes, h.jac_probe, h.jac_fd_eps) == ("fd", 3, "gaussian",
+                                                                        0.005)
+  assert config.mixed_precision == "auto"
+  d = Distiller(_net("s", 1), _net("t", 2), hints=h)
+  assert d.estimator == "fd" and d.settings.jac_probes == 3
+  twin = d.with_hints([("jac", 1.0)])  # the lazy and validation twins keep the estimator
+  assert twin.estimator == "fd" and twin.settings.jac_fd_eps == 0.005
