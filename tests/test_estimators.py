@@ -345,3 +345,20 @@ def test_flags_reach_the_config_and_the_distiller():
   assert d.estimator == "fd" and d.settings.jac_probes == 3
   twin = d.with_hints([("jac", 1.0)])  # the lazy and validation twins keep the estimator
   assert twin.estimator == "fd" and twin.settings.jac_fd_eps == 0.005
+
+
+def test_validation_runs_the_teacher_beside_the_student_under_an_estimator(digits_splits):
+  """Cached validation teacher outputs would carry other probes than test_step draws (per
+  batch and replica): under an estimator the Jacobian validation runs the teacher per batch;
+  the validation without Jacobians keeps its cache."""
+  from tfjac.training import evaluation  # pylint: disable=g-import-not-at-top
+  info = digits_splits.info
+  d = Distiller(helpers.tiny_vgg(info, "s"), helpers.tiny_vgg(info, "t"),
+                hints=[("act", 1.0), ("jac", 1.0)], jac_estimator="jvp", jac_target="all")
+  split = digits_splits.validation
+  with_jac = evaluation.validation_pipeline(d, split, 16)
+  cheap = evaluation.validation_pipeline(d.with_hints([("act", 1.0)]), split, 16)
+  assert len(next(iter(with_jac))) == 2 and len(next(iter(cheap))) == 3
+  d.compile()
+  logs = d.evaluate(with_jac, verbose=0, return_dict=True)
+  assert np.isfinite(logs["jac_loss"]) and logs["jac_loss"] > 0

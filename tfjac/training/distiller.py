@@ -106,8 +106,10 @@ class Distiller(keras.Model):
 
   `hints`: the hint settings as one object, a config.HintConfig (the hints, their weights,
   the loss parameters, the Jacobian target and BatchNorm policy), or {name: weight} / (name,
-  weight) pairs; `params`, `jac_target`, `jac_top_k`, `jac_projections` and `bn_policy`
-  replace the settings of those names (hint_settings). The Distiller derives the losses'
+  weight) pairs; `params`, `jac_target`, `jac_top_k`, `jac_projections`, `bn_policy`,
+  `jac_estimator`, `jac_probes` and `jac_fd_eps` replace the settings of those names
+  (hint_settings). `jac_estimator`: backprop (the Jacobian rows, double backprop), jvp or fd
+  (directional derivatives along random probes, hints/estimators.py). The Distiller derives the losses'
   HintParams and the targets' options from them itself.
 
   `student_view` / `teacher_view` (models/views.py) add what some hints read: a teacher-shaped
