@@ -362,3 +362,22 @@ def test_validation_runs_the_teacher_beside_the_student_under_an_estimator(digit
   d.compile()
   logs = d.evaluate(with_jac, verbose=0, return_dict=True)
   assert np.isfinite(logs["jac_loss"]) and logs["jac_loss"] > 0
+
+
+@pytest.mark.parametrize("hint", ["jacnorm", "jac_ce"])
+def test_jacnorm_and_jac_ce_are_unbiased_too(float64, hint):
+  """Their Jacobian parts are bilinear in the Jacobians: the mean over probes of the
+  estimators' terms is backprop's term over every output."""
+  from tfjac.hints import HintParams  # pylint: disable=g-import-not-at-top
+  x, y = _batch()
+  d = _distiller("jvp", probes=200, hints=(hint,))
+  exact = Distiller(d.student, d.teacher if hint == "jac_ce" else None,
+                    hints=dataclasses.replace(d.settings, jac_estimator="backprop"))
+  p = HintParams(noise_sigma=1.0)
+  want = exact._hints[hint].loss(  # pylint: disable=protected-access
+      exact.per_example_terms(x, y, training=True, step=0)[3], p).numpy()
+  draws = np.stack([d._hints[hint].loss(  # pylint: disable=protected-access
+      d.per_example_terms(x, y, training=True, step=s)[3], p).numpy() for s in range(12)])
+  mean, error = draws.mean(0), draws.std(0, ddof=1) / np.sqrt(len(draws))
+  assert np.all(np.abs(mean - want) < 5 * error + 1e-9), (mean, want, error)
+  assert draws.std(0).min() > 0
