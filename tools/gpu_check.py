@@ -280,7 +280,10 @@ def exactness(smoke):
       student = models.build("vgg4", (side, side, 3), classes, width=width, **stats)
       teacher = models.build("vgg9", (side, side, 3), classes, width=width / 4, **stats)
       d = Distiller(student, teacher, hints=[("act", 1.0), ("jac", 1.0), ("ce", 1.0)],
-                    jac_estimator=estimator, jac_target=target, jac_probes=2)
+                    jac_estimator=estimator, jac_target=target, jac_probes=2,
+                    # fd at 1e-2: at the default 1e-3 float32 rounding (XLA fuses, so rounds
+                    # otherwise) amplified by 1/(2 eps) moves some elements by ~0.5%.
+                    jac_fd_eps=1e-2)
 
       @tf.function(jit_compile=jit)
       def step():
@@ -302,7 +305,8 @@ def exactness(smoke):
       _, xla = gradients("float32", estimator, target, True)
       error = rel(xla, graph)
       verdict = "exact" if error < 1e-3 else "differs"
-      allowed = "allowed by tfjac.run" if estimator == "fd" else "refused by tfjac.run"
+      allowed = ("allowed by tfjac.run; eps 1e-2" if estimator == "fd" else
+                 "refused by tfjac.run")
       rows.append(["exactness", f"XLA vs graph, {estimator} ({target}), {where}", verdict,
                    f"relative gradient error {error:.2e}; {allowed}"])
     except Exception as e:  # pylint: disable=broad-except
