@@ -409,3 +409,16 @@ def test_jac_ce_sketches_are_those_of_its_outputs(float64, estimator):
   for got, want in ((inputs.student_jacobians["log_probabilities"], want_s),
                     (inputs.teacher_jacobians["probabilities"], want_t)):
     np.testing.assert_allclose(got.numpy(), want, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("estimator", ["jvp", "fd"])
+def test_noise_beside_an_estimator_reuses_the_clean_statistics(float64, estimator):
+  """The estimators' clean pass records the batch statistics in its own block; they reach the
+  step's block, where the noise hint's copies read them (models/layers.py, nested blocks)."""
+  from tfjac.hints import HintParams  # pylint: disable=g-import-not-at-top
+  x, y = _batch()
+  d = _distiller(estimator, probes=2, hints=("jac", "noise"))
+  d.params = HintParams(noise_sigma=0.1, noise_samples=2, jac_estimator=estimator,
+                        jac_normalize=False)
+  terms = d.per_example_terms(x, y, training=True, step=0)[0]
+  assert np.all(np.isfinite(terms["noise"].numpy())) and np.all(terms["noise"].numpy() > 0)
