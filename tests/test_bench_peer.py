@@ -57,3 +57,33 @@ def test_torch_peer_computes_tfjacs_terms(training):
     np.testing.assert_allclose(peer[h].detach().numpy(), terms[h].numpy(), rtol=2e-4,
                                atol=1e-5, err_msg=h)
   assert float(tf.reduce_min(terms["jac"])) > 1e-3  # the Jacobians are not trivially equal
+
+
+def test_torch_peer_autocast_bfloat16_is_close_and_does_round():
+  """The peer's mixed_bfloat16 (torch.autocast) computes the float32 terms up to bfloat16
+  rounding (the tolerances of tests/test_precision.py's loss and jac term), and differs."""
+  _, t_teacher = _pair("vgg9", 0.1, 1)
+  _, t_student = _pair("vgg4", 0.1, 2)
+  rng = np.random.default_rng(0)
+  x = torch.from_numpy(np.transpose(rng.random((6, *SHAPE), np.float32), (0, 3, 1, 2)).copy())
+  y = torch.from_numpy(np.array([0, 1, 2, 3, 4, 0]))
+  hints = ("ce", "act", "jac")
+  full = torch_peer.per_example_terms(t_student, t_teacher, x, y, hints, training=True)
+  low = torch_peer.per_example_terms(t_student, t_teacher, x, y, hints, training=True,
+                                     precision=torch.bfloat16)
+  for h in hints:
+    assert low[h].dtype == torch.float32
+    a, b = low[h].detach().numpy(), full[h].detach().numpy()
+    np.testing.assert_allclose(a.mean(), b.mean(), rtol=5e-2, err_msg=h)
+  assert any(not np.array_equal(low[h].detach().numpy(), full[h].detach().numpy())
+             for h in hints)
+
+
+def test_torch_peer_times_a_bfloat16_step():
+  cfg = dict(hints="act,jac,ce", jac_target="label", teacher_model="vgg9", model="vgg4",
+             width=0.1, image_size=8, channels=3, num_classes=5, batch_size=4, steps=1,
+             warmup=1, mixed_precision="mixed_bfloat16")
+  result = torch_peer.time_step(cfg)
+  assert result["precision"] == "mixed_bfloat16" and result["images_per_s"] > 0
+  assert result["device"] == torch_peer.device()
+  assert "skipped" in torch_peer.time_step(dict(cfg, jac_estimator="jvp"))

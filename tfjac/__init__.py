@@ -14,7 +14,9 @@ softmax is removed (d.teacher_info says how). A teacher whose softmax cannot be 
 outputs look like probabilities is refused until `teacher_outputs='logits'` or
 `'probabilities'` says what it returns.
 
-or with every hint setting in one object, as the command line's modes pass it:
+`jac_estimator="jvp"` or `"fd"` (with `jac_probes`, `jac_fd_eps`) estimates the Jacobian terms
+from directional derivatives instead of double backprop (tfjac/hints/estimators.py); or with
+every hint setting in one object, as the command line's modes pass it:
 `tfjac.Distiller(student, teacher, hints=tfjac.HintConfig(hints=("act", "jac", "ce"), ...))`.
 
 Names are loaded on first use, so `import tfjac` alone does not import TensorFlow.
@@ -29,6 +31,7 @@ _PUBLIC = {
     "HintParams": ("tfjac.hints", "HintParams"),
     "HintConfig": ("tfjac.config", "HintConfig"),
     "JACOBIAN_TARGETS": ("tfjac.hints", "JACOBIAN_TARGETS"),
+    "JAC_ESTIMATORS": ("tfjac.hints.estimators", "ESTIMATORS"),
     "build_model": ("tfjac.models", "build"),
     "MODELS": ("tfjac.models", "MODELS"),
     "JacobianSafeBatchNorm": ("tfjac.models.layers", "JacobianSafeBatchNorm"),

@@ -8,8 +8,9 @@ import os
 
 from tfjac import modes
 from tfjac.config import Config, ModelConfig, TrainConfig
-from tfjac.config import (AUGMENTATIONS, BN_POLICIES, LOSS_SCALINGS, LR_SCHEDULES, OPTIMIZERS,
-                          PRECISIONS, STRATEGIES, TEACHER_CACHE, WEIGHT_DECAY_KINDS)
+from tfjac.config import (AUGMENTATIONS, BN_POLICIES, JAC_ESTIMATORS, JAC_PROBES, LOSS_SCALINGS,
+                          LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TEACHER_CACHE,
+                          WEIGHT_DECAY_KINDS)
 from tfjac.errors import ConfigError
 
 _MULTI_REPLICA = ("mirrored", "multi_worker")
@@ -159,6 +160,7 @@ def validate(config: Config):
   _positive("jac_projections", h.jac_projections)
   _positive("noise_samples", h.noise_samples)
   chosen = {name: hints.HINTS[name] for name in h.hints}
+  _validate_estimator(config, chosen)
   noisy = [name for name, hint in chosen.items() if hint.uses_noise]
   if noisy and not h.noise_sigma > 0:
     raise ConfigError("noise_sigma", f"must be > 0 for the hint(s) {','.join(noisy)}, got "
@@ -194,7 +196,10 @@ def validate(config: Config):
   if config.strategy == "multi_worker":
     from tfjac import runtime  # pylint: disable=g-import-not-at-top
     runtime.parse_tf_config()
-  double_backprop = [name for name in config.hints.hints if hints.HINTS[name].student_jacobians]
+  # fd needs first-order gradients only; jvp runs forward mode through max-pooling, whose
+  # tangent is the same second-order op (MaxPoolGradGrad) that XLA gets wrong.
+  double_backprop = [name for name in config.hints.hints if hints.HINTS[name].student_jacobians
+                     and (config.hints.jac_estimator != "fd" or name == "at_jac")]
   jacobian_hints = [n for n in config.hints.hints if hints.HINTS[n].student_jacobians or
                     hints.HINTS[n].teacher_jacobians]
   _positive("jac_every", config.train.jac_every)
@@ -210,7 +215,9 @@ def validate(config: Config):
                       "their weight gradients come from double backprop, and XLA's "
                       "second-order gradient through max-pooling was measured wrong on CPU "
                       "(TF 2.21: 1-7% off the graph's gradient, which matches finite "
-                      "differences; docs/speed.md). Drop --jit_compile.")
+                      "differences; docs/speed.md); --jac_estimator=jvp runs through the same "
+                      "op. Drop --jit_compile, or use --jac_estimator=fd (first-order "
+                      "gradients only).")
   if config.strategy in _MULTI_REPLICA and (config.train.jit_compile or
                                             config.teacher_train.jit_compile):
     raise ConfigError("jit_compile", f"XLA cannot compile a step under --strategy="
@@ -225,6 +232,32 @@ def validate(config: Config):
     raise ConfigError("teacher", f"{config.teacher_path!r} does not exist; give a .keras file "
                       "or a SavedModel directory written by --mode=teacher")
   _check_writable(config.workdir)
+
+
+def _validate_estimator(config: Config, chosen):
+  """--jac_estimator, --jac_probes, --jac_probe, --jac_fd_eps (hints/estimators.py)."""
+  from tfjac import hints  # pylint: disable=g-import-not-at-top
+  h = config.hints
+  _choice("jac_estimator", h.jac_estimator, JAC_ESTIMATORS)
+  _choice("jac_probe", h.jac_probe, JAC_PROBES)
+  _positive("jac_probes", h.jac_probes)
+  _positive("jac_fd_eps", h.jac_fd_eps)
+  if h.jac_estimator == "backprop":
+    return
+  if "at_jac" in chosen:
+    raise ConfigError("jac_estimator", f"{h.jac_estimator}: at_jac takes its Jacobians by "
+                      "backprop only; use --jac_estimator=backprop")
+  if h.jac_estimator == "fd" and config.mixed_precision not in ("float32", "auto"):
+    raise ConfigError("mixed_precision", f"{config.mixed_precision} with --jac_estimator=fd: "
+                      "the differences f(x + eps u) - f(x - eps u) are lost in low-precision "
+                      "rounding; use float32 (auto picks it with fd) or --jac_estimator=jvp")
+  target = hints.JACOBIAN_TARGETS[h.jac_target]
+  rows = target.count(hints.TargetOptions(2, h.jac_top_k, h.jac_projections))  # all: >= 2
+  if rows * h.jac_probes == 1 and "jac" in chosen and h.jac_normalize:
+    raise ConfigError("jac_probes", f"1 with --jac_target={h.jac_target} and the normalised "
+                      "jac term: one output along one probe is a scalar, and normalised "
+                      "scalars only compare signs (0 or 4, no gradient). Use --jac_probes>=2, "
+                      "--jac_target=all, or --nojac_normalize")
 
 
 def _check_network_name(flag, m: ModelConfig):

@@ -11,13 +11,19 @@ from typing import List, Optional, Tuple
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 TEACHER_CACHE = ("auto", "on", "off")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WEIGHT_DECAY_KINDS = ("decoupled", "l2")
 LR_SCHEDULES = ("constant", "cosine", "step")
 AUGMENTATIONS = ("crop", "flip")
 BN_POLICIES = ("batch_stats", "inference")
 LOSS_SCALINGS = ("none", "initial", "running")  # training/term_scales.SCALINGS
+JAC_ESTIMATORS = ("backprop", "jvp", "fd")  # hints/estimators.py
+JAC_PROBES = ("rademacher", "gaussian")
+# --mixed_precision's default. "auto" picks mixed_bfloat16 where the CPU has bfloat16 units
+# (runtime.cpu_has_bfloat16) and float32 elsewhere; it stays float32 until the bfloat16
+# numbers (accuracy over seeds, speed) are measured on a quiet machine (issue 22).
+DEFAULT_MIXED_PRECISION = "float32"
 
 # --teacher_width when it is not given, by (dataset, teacher model); 1 for every other pair.
 # A width-1 VGG-9 has 4.7 M parameters, sized for 32x32 images; on the 64 pixels of the
@@ -107,6 +113,14 @@ class HintConfig:
   jac_bn_policy: str = "batch_stats"
   jac_top_k: int = 5
   jac_projections: int = 1
+  # How the Jacobian terms are computed (hints/estimators.py): backprop (the rows themselves,
+  # double backprop), jvp (forward mode) or fd (central differences) along jac_probes random
+  # probes of kind jac_probe; fd steps eps * u in [0, 1] pixel units (1e-3: the raw term within
+  # 1.5% of jvp's on the digits' VGGs; 1e-2: 9%, kinks of ReLU and max-pool crossed).
+  jac_estimator: str = "backprop"
+  jac_probes: int = 1
+  jac_probe: str = "rademacher"
+  jac_fd_eps: float = 1e-3
   noise_sigma: float = 0.1
   noise_samples: int = 4
   lwf_match: str = "kd"
@@ -164,7 +178,8 @@ class Config:
   deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
   unsafe_teacher_loading: bool = False  # let a .keras teacher run its Lambda code
   teacher_cache: str = "auto"  # teacher outputs computed once per example: auto, on, off
-  mixed_precision: str = "float32"  # keras dtype policy of the networks built here
+  # keras dtype policy of the networks built here; auto: runtime.resolve_precision
+  mixed_precision: str = DEFAULT_MIXED_PRECISION
 
   def to_dict(self):
     return dataclasses.asdict(self)

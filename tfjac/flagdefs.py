@@ -103,6 +103,25 @@ flags.DEFINE_enum("jac_target", "label", list(hints.JACOBIAN_TARGETS),
 flags.DEFINE_integer("jac_top_k", 5, "k of --jac_target=top_k.")
 flags.DEFINE_integer("jac_projections", 1, "Number of random projections of "
                      "--jac_target=projection.")
+flags.DEFINE_enum("jac_estimator", "backprop", list(config.JAC_ESTIMATORS),
+                  "How the Jacobian hints (jac, jac_ce, jacnorm) are computed. backprop: the "
+                  "--jac_target rows of the input Jacobian by reverse mode, the student's by "
+                  "double backprop. jvp: their directional derivatives J u along --jac_probes "
+                  "random probes u by forward mode (tf.autodiff.ForwardAccumulator). fd: the "
+                  "same by central differences (f(x + eps u) - f(x - eps u)) / (2 eps), eps = "
+                  "--jac_fd_eps: forward passes and first-order gradients only, bias O(eps^2) "
+                  "(exact inside a ReLU network's linear region); allowed with --jit_compile. "
+                  "Raw terms (--nojac_normalize) are unbiased estimates of backprop's; with "
+                  "--jac_target=all, of ||J_T - J_S||_F^2 over every output. The normalised "
+                  "jac term normalises each example's whole sketch (its rows and probes): "
+                  "consistent as probes grow, biased for few (README, Jacobian estimators).")
+flags.DEFINE_integer("jac_probes", 1, "Random probes per example of --jac_estimator=jvp|fd.")
+flags.DEFINE_enum("jac_probe", "rademacher", list(config.JAC_PROBES), "Distribution of the "
+                  "probes' entries: rademacher (+-1) or gaussian (N(0, 1)); both E[u u^T] = I.")
+flags.DEFINE_float("jac_fd_eps", 1e-3, "Step of --jac_estimator=fd in [0, 1] pixel units "
+                   "(each pixel moves by eps times its probe entry). Smaller: less smoothing "
+                   "over ReLU and max-pool kinks, more float32 rounding (1/eps); on the digits' "
+                   "VGGs 1e-3 put the raw term within 1.5% of jvp's, 1e-2 within 9%.")
 flags.DEFINE_float("noise_sigma", 0.1, "Std of the Gaussian input noise (in [0, 1] pixel units) "
                    "of the hints noise, noisy_ce, and the sigma of jac_ce and jacnorm.")
 flags.DEFINE_integer("noise_samples", 4, "Noisy copies per example for noise and noisy_ce.")
@@ -196,8 +215,10 @@ flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_d
                      "already; there it changes the numbers and costs speed (docs/"
                      "reliability.md).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step. Refused with "
-                     "hints that take the student's Jacobian (jac, jac_ce, jacnorm, at_jac): "
-                     "XLA's second-order gradient through max-pooling is wrong. Default off "
+                     "hints that take the student's Jacobian (jac, jac_ce, jacnorm, at_jac) by "
+                     "--jac_estimator=backprop or jvp: XLA's second-order gradient through "
+                     "max-pooling is wrong (forward mode runs through it too); allowed with fd, "
+                     "which needs first-order gradients only. Default off "
                      "(measure with tools/benchmark.py --jit_compile=false,true before "
                      "turning it on; docs/speed.md). Refused with "
                      "--strategy=mirrored or multi_worker (XLA cannot reach the other "
@@ -214,8 +235,10 @@ flags.DEFINE_enum("teacher_cache", "auto", config.TEACHER_CACHE,
                   "projection) or with the noise hint (the log says which); on: insist (an "
                   "error when it cannot be honoured); off: run the teacher at every step. "
                   "Memory: the Jacobians take K x image size floats per example.")
-flags.DEFINE_enum("mixed_precision", "float32", config.PRECISIONS,
-                  "Keras dtype policy of the networks built here. mixed_float16: float16 "
+flags.DEFINE_enum("mixed_precision", config.DEFAULT_MIXED_PRECISION, config.PRECISIONS,
+                  "Keras dtype policy of the networks built here. auto: mixed_bfloat16 where "
+                  "the CPU has bfloat16 units (avx512_bf16 or amx_bf16 in /proc/cpuinfo) and no "
+                  "GPU is visible, float32 elsewhere, logged. mixed_float16: float16 "
                   "compute with dynamic loss scaling (for GPUs); mixed_bfloat16: bfloat16 "
                   "compute, no loss scaling (GPUs with bfloat16, TPUs, recent CPUs). The logits "
                   "layer, the variables, the inputs and so the Jacobians stay float32; the "

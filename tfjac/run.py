@@ -4,6 +4,7 @@ The only module that reads flags: it builds a frozen Config, checks it before an
 writes the resolved flags to <workdir>/flags.cfg, runs the mode, writes results.json and
 prints a summary.
 """
+import dataclasses
 import os
 import sys
 import time
@@ -79,6 +80,8 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           kd_temperature=f.kd_temperature, jac_target=jac_target,
           jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy,
           jac_top_k=f.jac_top_k, jac_projections=f.jac_projections,
+          jac_estimator=f.jac_estimator, jac_probes=f.jac_probes, jac_probe=f.jac_probe,
+          jac_fd_eps=f.jac_fd_eps,
           noise_sigma=f.noise_sigma, noise_samples=f.noise_samples, lwf_match=f.lwf_match,
           teacher_layers=tuple(f.teacher_layers), student_layers=tuple(f.student_layers),
           loss_scaling=f.loss_scaling),
@@ -134,6 +137,10 @@ def run(config: config_lib.Config, flagfile_text: str = ""):
   keras.utils.set_random_seed(config.data.seed)
   splits = data.prepare(config.data)
   checks.validate_against_data(config, splits.info.num_classes)
+  policy, why = runtime.resolve_precision(config.mixed_precision,
+                                          estimator=config.hints.jac_estimator)
+  logging.info("mixed precision: %s (%s)", policy, why)
+  config = dataclasses.replace(config, mixed_precision=policy)
   runtime.check_precision(config, strategy)
   common.check_student(config, splits, strategy)  # before a teacher is trained
   mode = modes.load(config.mode)

@@ -3,6 +3,8 @@ multi-worker job (who writes --workdir), and the device checks of --mixed_precis
 import dataclasses
 import json
 import os
+from typing import Optional, Tuple
+
 import tensorflow as tf
 from absl import logging
 
@@ -33,6 +35,48 @@ def worker_config(config: Config) -> Config:
   workdir = os.path.join(config.workdir, "workers", f"{kind}_{index}")
   logging.info("multi-worker: %s %d is not the chief; it writes to %s", kind, index, workdir)
   return dataclasses.replace(config, workdir=workdir)
+
+
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 /proc/cpuinfo "flags"; aarch64: "bf16"
+
+
+def cpu_has_bfloat16(cpuinfo: Optional[str] = None) -> bool:
+  """Whether this CPU has bfloat16 arithmetic units, from /proc/cpuinfo (Linux; `cpuinfo`: its
+  text, for tests): avx512_bf16 or amx_bf16 among x86 "flags", bf16 among aarch64
+  "Features". False where the file cannot be read (other systems): float32 is the safe side."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return False
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(":")
+    words = set(value.split())
+    if key.strip() == "flags" and words.intersection(BFLOAT16_CPU_FLAGS):
+      return True
+    if key.strip() == "Features" and "bf16" in words:
+      return True
+  return False
+
+
+def resolve_precision(name: str, *, estimator: str = "backprop", gpus: Optional[int] = None,
+                      cpuinfo: Optional[str] = None) -> Tuple[str, str]:
+  """(the keras dtype policy for --mixed_precision=`name`, why). auto: mixed_bfloat16 on a
+  CPU with bfloat16 units and no GPU visible, float32 elsewhere (GPUs: not measured yet), and
+  float32 with --jac_estimator=fd, whose differences f(x + eps u) - f(x - eps u) are lost in
+  bfloat16's 8-bit mantissa. Other names are returned as they are."""
+  if name != "auto":
+    return name, f"--mixed_precision={name}"
+  if estimator == "fd":
+    return "float32", "auto: float32, as --jac_estimator=fd's differences need it"
+  if gpus is None:
+    gpus = len(tf.config.list_physical_devices("GPU"))
+  if gpus:
+    return "float32", "auto: float32 on GPUs (bfloat16 there is not measured yet)"
+  if cpu_has_bfloat16(cpuinfo):
+    return "mixed_bfloat16", "auto: mixed_bfloat16, this CPU has bfloat16 units"
+  return "float32", "auto: float32, this CPU has no bfloat16 units"
 
 
 def check_precision(config: Config, strategy):

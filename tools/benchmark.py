@@ -21,7 +21,15 @@ first step (graph tracing included). GPU: the allocator's peak over the steps. R
 this measures speed, not accuracy.
 
 --peer=torch: the same step written plainly in PyTorch eager (tools/torch_peer.py), timed in
-the same run, one subprocess per hint set, with tfjac's images/s over torch's.
+the same run, one subprocess per hint set and precision (torch.autocast for the mixed ones),
+with tfjac's images/s over torch's.
+
+--jac_estimators: how the Jacobian terms are computed (backprop, jvp, fd; hints/estimators.py),
+with --jac_probes and --jac_fd_eps; with --jac_targets=label,all the column 'ratio to label
+backprop' gives each row's cost against today's default (the label row by backprop, all else
+equal). --matmul_peak (default on): the float32 and bfloat16 square-matmul rates of this
+device, measured in their own subprocesses, and each row's arithmetic rate (the hand count
+below) as a share of the peak of its precision.
 """
 import itertools
 import json
@@ -63,6 +71,14 @@ flags.DEFINE_list("jac_targets", ["label", "teacher_top1", "random", "top_k", "p
                   "Jacobian targets to measure (label, teacher_top1, random, top_k, all, "
                   "projection; 'all' takes one backward pass per class: slow); only hint sets "
                   "with Jacobians use them.")
+flags.DEFINE_list("jac_estimators", ["backprop"], "How the Jacobian terms are computed "
+                  "(backprop, jvp, fd; --jac_estimator of tfjac.run); only hint sets with "
+                  "Jacobians use them. The first is the base.")
+flags.DEFINE_integer("jac_probes", 1, "Probes of the jvp and fd estimators.")
+flags.DEFINE_float("jac_fd_eps", 1e-3, "Step of the fd estimator.")
+flags.DEFINE_boolean("matmul_peak", True, "Also measure the device's float32 and bfloat16 "
+                     "matmul rates (--matmul_size square matrices) and report each row's share.")
+flags.DEFINE_integer("matmul_size", 4096, "Side of the square matrices of --matmul_peak.")
 flags.DEFINE_integer("jac_top_k", 5, "k of the top_k target.")
 flags.DEFINE_integer("jac_projections", 1, "Projections of the projection target.")
 flags.DEFINE_list("teacher_cache", ["off", "on"], "Teacher outputs per batch (off) or cached "
@@ -76,14 +92,17 @@ flags.DEFINE_list("mixed_precision", ["float32"], "Keras dtype policies to measu
                   "mixed_float16, mixed_bfloat16 (float16 is emulated on CPU: slow).")
 flags.DEFINE_enum("peer", "none", ["none", "torch"], "torch: also time the same step written "
                   "plainly in PyTorch eager (tools/torch_peer.py: same networks, losses, "
-                  "label-class Jacobians, optimizer, batch; the teacher runs every step), in "
-                  "this run, for every hint set it has (ce, act, kd, jac) at replicas 1, "
-                  "float32; adds its images/s and tfjac's ratio to it. Needs torch "
-                  "(pip install -e .[bench]).")
+                  "label-class Jacobians by backprop, optimizer, batch; the teacher runs every "
+                  "step), in this run, for every hint set it has (ce, act, kd, jac) at replicas "
+                  "1, in the row's precision (torch.autocast for mixed_bfloat16 / "
+                  "mixed_float16), on CUDA when torch sees a GPU, else the CPU; adds its "
+                  "images/s and tfjac's ratio to it. Needs torch (pip install -e .[bench]).")
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 flags.DEFINE_string("single", None, "Internal: run one configuration (JSON) and print it.")
 flags.DEFINE_string("single_peer", None, "Internal: time one configuration (JSON) with the "
                     "torch peer and print it.")
+flags.DEFINE_string("single_matmul", None, "Internal: measure the matmul rate of one dtype "
+                    "(JSON {dtype, size, steps}) and print it.")
 FLAGS = flags.FLAGS
 
 MARKER = "BENCHMARK_RESULT "
@@ -120,10 +139,10 @@ def _double_backprop(hints):
   return any(hints_lib.HINTS[h].student_jacobians for h in hints.split(","))
 
 
-def _cacheable(hints, target):
+def _cacheable(hints, target, estimator="backprop"):
   """Where --teacher_cache can be on (the benchmark never augments)."""
   from tfjac.training import teacher_cache  # pylint: disable=g-import-not-at-top
-  return teacher_cache.hints_blocker(hints.split(","), target) is None
+  return teacher_cache.hints_blocker(hints.split(","), target, estimator) is None
 
 
 def _valid(cfg):
@@ -132,7 +151,15 @@ def _valid(cfg):
   if any(h.needs_class_targets for h in chosen) and not hints_lib.JACOBIAN_TARGETS[
       cfg["jac_target"]].one_hot:
     return False
-  return not cfg["teacher_cache"] or _cacheable(cfg["hints"], cfg["jac_target"])
+  estimator = cfg.get("jac_estimator", "backprop")
+  if estimator != "backprop" and "jac" in cfg["hints"].split(","):
+    rows = hints_lib.JACOBIAN_TARGETS[cfg["jac_target"]].count(hints_lib.TargetOptions(
+        cfg["num_classes"], cfg["jac_top_k"], cfg["jac_projections"]))
+    if rows * cfg.get("jac_probes", 1) == 1:  # the normalised term of a scalar: refused
+      return False
+  if estimator == "fd" and cfg["mixed_precision"] != "float32":
+    return False  # refused by tfjac.run (the differences are lost in low precision)
+  return not cfg["teacher_cache"] or _cacheable(cfg["hints"], cfg["jac_target"], estimator)
 
 
 def run_single(cfg):
@@ -173,7 +200,10 @@ def run_single(cfg):
     distiller = Distiller(student, teacher, hints=hints, bn_policy=cfg["bn_policy"],
                           num_classes=cfg["num_classes"], jac_target=cfg["jac_target"],
                           jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"],
-                          jac_every=cfg.get("jac_every", 1))
+                          jac_every=cfg.get("jac_every", 1),
+                          jac_estimator=cfg.get("jac_estimator", "backprop"),
+                          jac_probes=cfg.get("jac_probes", 1),
+                          jac_fd_eps=cfg.get("jac_fd_eps", 1e-3))
     distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                       jit_compile=cfg["jit_compile"])
   rng = np.random.default_rng(0)
@@ -226,7 +256,8 @@ def _lists():
       jit_compile=list(dict.fromkeys(truthy(v) for v in FLAGS.jit_compile)),
       batch_size=[int(v) for v in FLAGS.batch_sizes], replicas=[int(v) for v in FLAGS.replicas],
       mixed_precision=list(FLAGS.mixed_precision),
-      jac_every=[int(v) for v in FLAGS.jac_every])
+      jac_every=[int(v) for v in FLAGS.jac_every],
+      jac_estimator=list(FLAGS.jac_estimators))
 
 
 _RATIO_KEYS = ("batch_size", "jit_compile", "replicas", "mixed_precision")
@@ -236,7 +267,8 @@ def configurations():
   common = dict(teacher_model=FLAGS.teacher_model, model=FLAGS.model, width=FLAGS.width,
                 image_size=FLAGS.image_size, channels=FLAGS.channels,
                 num_classes=FLAGS.num_classes, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                jac_top_k=FLAGS.jac_top_k, jac_projections=FLAGS.jac_projections)
+                jac_top_k=FLAGS.jac_top_k, jac_projections=FLAGS.jac_projections,
+                jac_probes=FLAGS.jac_probes, jac_fd_eps=FLAGS.jac_fd_eps)
   lists = _lists()
   if FLAGS.grid == "product":
     chosen = [dict(zip(lists, values)) for values in itertools.product(*lists.values())]
@@ -256,7 +288,8 @@ def configurations():
   for cfg in chosen:
     jac = _uses_jacobians(cfg["hints"])  # target and policy only matter with Jacobians
     if not jac:
-      cfg = dict(cfg, jac_target=lists["jac_target"][0], bn_policy=lists["bn_policy"][0])
+      cfg = dict(cfg, jac_target=lists["jac_target"][0], bn_policy=lists["bn_policy"][0],
+                 jac_estimator=lists["jac_estimator"][0])
     from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
     names = cfg["hints"].split(",")
     lazy_ok = any(hints_lib.HINTS[h].student_jacobians or hints_lib.HINTS[h].teacher_jacobians
@@ -274,12 +307,13 @@ def configurations():
       yield cfg
 
 
-def _peer_row(cfg):  # the rows the torch peer is compared with
-  return cfg["replicas"] == 1 and cfg["mixed_precision"] == "float32"
+def _peer_row(cfg):  # the rows the torch peer is compared with (autocast for mixed ones)
+  return cfg["replicas"] == 1
 
 
 def _peer_key(cfg):
-  return cfg["hints"], cfg["jac_target"], cfg["batch_size"]
+  return (cfg["hints"], cfg["jac_target"], cfg["batch_size"], cfg["mixed_precision"],
+          cfg.get("jac_estimator", "backprop"))
 
 
 def run_in_subprocess(cfg, flag="single"):
@@ -293,17 +327,71 @@ def run_in_subprocess(cfg, flag="single"):
   return json.loads(lines[-1][len(MARKER):])
 
 
+def run_matmul(spec):
+  """{dtype, size, gflops}: the median rate of a size x size matmul chain in `dtype`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  n, dtype = spec["size"], getattr(tf, spec["dtype"])
+  a = tf.random.stateless_uniform([n, n], seed=[0, 1], dtype=tf.float32)
+  a, b = tf.cast(a, dtype), tf.cast(tf.transpose(a), dtype)
+
+  @tf.function
+  def chain():
+    c = a
+    for _ in range(4):
+      c = tf.matmul(c, b) * tf.constant(1e-3, dtype)
+    return tf.reduce_sum(tf.cast(c, tf.float32))
+
+  chain()
+  times = []
+  for _ in range(spec.get("steps", 5)):
+    start = time.perf_counter()
+    float(chain())
+    times.append(time.perf_counter() - start)
+  return dict(spec, gflops=4 * 2 * n ** 3 / statistics.median(times) / 1e9, device=_device(tf))
+
+
+_PEAK_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+def arithmetic_macs(r):
+  """Multiply-accumulates per image of the row's step by the hand count of main()'s note, or
+  None where it has none (other targets and estimators, noise, attention, lazy steps)."""
+  hints = set(r["hints"].split(","))
+  t = 0 if r["teacher_cache"] else r["teacher_macs"]
+  s = r["student_macs"]
+  if r.get("jac_every", 1) != 1:
+    return None
+  if hints == {"ce"}:
+    return 3 * s
+  if hints in ({"act", "ce"}, {"kd", "ce"}, {"act"}):
+    return t + 3 * s
+  if hints in ({"act", "jac", "ce"}, {"act", "jac"}) and r["jac_target"] in (
+      "label", "teacher_top1", "random") and r.get("jac_estimator", "backprop") == "backprop":
+    return 2 * t + 6 * s
+  return None
+
+
+def _label_backprop_of(r, results):
+  keys = _RATIO_KEYS + ("hints", "bn_policy", "teacher_cache", "jac_every")
+  return next((c for c in results if "skipped" not in c and c["jac_target"] == "label" and
+               c.get("jac_estimator", "backprop") == "backprop" and
+               all(c.get(k) == r.get(k) for k in keys)), None)
+
+
 def _ce_of(r, results):
   return next((c for c in results if c["hints"] == "ce" and "skipped" not in c and
                all(c[k] == r[k] for k in _RATIO_KEYS)), None)
 
 
-def table(results):
+def table(results, peaks=None):
+  """The markdown table; `peaks`: {dtype: matmul GFLOP/s} (--matmul_peak)."""
   gpu = any("gpu_peak_mib" in r for r in results)
-  head = ["hints", "jac_target", "bn_policy", "teacher cache", "jac_every", "jit", "batch",
-          "replicas",
-          "precision", "ms/step", "images/s", "ratio to ce", "peak RSS MiB",
-          "step peak MiB"] + (["GPU peak MiB"] if gpu else [])
+  head = ["hints", "jac_target", "estimator", "bn_policy", "teacher cache", "jac_every", "jit",
+          "batch", "replicas",
+          "precision", "ms/step", "images/s", "ratio to ce", "ratio to label backprop",
+          "peak RSS MiB", "step peak MiB"] + (["GPU peak MiB"] if gpu else [])
+  if peaks:
+    head += ["GFLOP/s (count)", "% of matmul peak"]
   peer = any("peer" in r for r in results)
   if peer:
     head += ["torch images/s", "tfjac / torch"]
@@ -313,7 +401,12 @@ def table(results):
     target = {"top_k": f"top_{r['jac_top_k']}",
               "projection": f"projection x{r['jac_projections']}"}.get(r["jac_target"],
                                                                       r["jac_target"])
-    cells = [r["hints"], target if jac else "-", r["bn_policy"] if jac else "-",
+    estimator = r.get("jac_estimator", "backprop")
+    if estimator != "backprop":
+      estimator += f" x{r.get('jac_probes', 1)}" + (
+          f" eps {r.get('jac_fd_eps', 1e-3):g}" if estimator == "fd" else "")
+    cells = [r["hints"], target if jac else "-", estimator if jac else "-",
+             r["bn_policy"] if jac else "-",
              "on" if r["teacher_cache"] else "off", str(r.get("jac_every", 1)),
              str(r["jit_compile"]).lower(),
              str(r["batch_size"]), str(r["replicas"]), r["mixed_precision"]]
@@ -323,12 +416,21 @@ def table(results):
       continue
     ce = _ce_of(r, results)
     ratio = f"{r['ms_per_step'] / ce['ms_per_step']:.2f}" if ce else "n/a"
-    cells += [f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}", ratio,
+    label = _label_backprop_of(r, results) if jac else None
+    to_label = f"{r['ms_per_step'] / label['ms_per_step']:.2f}" if label else "-"
+    cells += [f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}", ratio, to_label,
               f"{r['peak_rss_mib']:.0f}", f"{r['step_peak_mib']:.0f}"] + (
                   [f"{r.get('gpu_peak_mib', 0):.0f}"] if gpu else [])
+    if peaks:
+      macs = arithmetic_macs(r)
+      peak = peaks.get(_PEAK_DTYPE.get(r["mixed_precision"]))
+      rate = None if macs is None else 2 * macs * r["images_per_s"] / 1e9
+      cells += ["-" if rate is None else f"{rate:.0f}",
+                "-" if rate is None or not peak else f"{100 * rate / peak:.0f}%"]
     if peer:
       p = r.get("peer") or {}
-      cells += ([f"{p['images_per_s']:.0f}", f"{r['images_per_s'] / p['images_per_s']:.2f}"]
+      cells += ([f"{p['images_per_s']:.0f} ({p.get('device', 'cpu')})",
+                 f"{r['images_per_s'] / p['images_per_s']:.2f}"]
                 if "images_per_s" in p else [p.get("skipped", "-"), "-"])
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
@@ -344,6 +446,9 @@ def main(argv):
     import torch_peer  # pylint: disable=g-import-not-at-top
     print(MARKER + json.dumps(torch_peer.time_step(json.loads(FLAGS.single_peer))), flush=True)
     return
+  if FLAGS.single_matmul:
+    print(MARKER + json.dumps(run_matmul(json.loads(FLAGS.single_matmul))), flush=True)
+    return
   if FLAGS.peer == "torch":
     try:
       import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
@@ -355,7 +460,8 @@ def main(argv):
     print(f"[{i + 1}/{len(configs)}] hints={cfg['hints']} jac_target={cfg['jac_target']} "
           f"bn_policy={cfg['bn_policy']} teacher_cache={cfg['teacher_cache']} "
           f"jit_compile={cfg['jit_compile']} batch={cfg['batch_size']} "
-          f"replicas={cfg['replicas']} precision={cfg['mixed_precision']} ...",
+          f"replicas={cfg['replicas']} precision={cfg['mixed_precision']} "
+          f"estimator={cfg.get('jac_estimator', 'backprop')} ...",
           file=sys.stderr, flush=True)
     results.append(run_in_subprocess(cfg))
     if FLAGS.peer == "torch" and _peer_row(cfg):
@@ -369,13 +475,25 @@ def main(argv):
     ce = _ce_of(r, results)
     if ce and "skipped" not in r:
       r["ratio_to_ce"] = r["ms_per_step"] / ce["ms_per_step"]
+  peaks = {}
+  if FLAGS.matmul_peak:
+    for dtype in sorted({_PEAK_DTYPE[r["mixed_precision"]] for r in results} |
+                        {"float32", "bfloat16"}):
+      print(f"matmul peak: {dtype} ...", file=sys.stderr, flush=True)
+      peaks[dtype] = run_in_subprocess({"dtype": dtype, "size": FLAGS.matmul_size},
+                                       flag="single_matmul")["gflops"]
   first = next(r for r in results if "skipped" not in r)
   print(f"{first['device']}; TensorFlow {first['tensorflow']}, Keras {first['keras']}; "
         f"{first['teacher_model']} teacher -> {first['model']} student (width {first['width']}), "
         f"input {first['image_size']}x{first['image_size']}x{first['channels']}, "
         f"{first['num_classes']} classes; median of {first['steps']} steps after "
         f"{first['warmup']} warm-up steps\n")
-  print(table(results))
+  print(table(results, peaks))
+  if peaks:
+    print(f"\nMatmul peak ({FLAGS.matmul_size} x {FLAGS.matmul_size}, tf.matmul): " +
+          ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in sorted(peaks.items())) +
+          ". 'GFLOP/s (count)': 2 x the hand-counted multiply-accumulates below x images/s, "
+          "against the peak of the row's precision.")
   t_macs, s_macs = first["teacher_macs"], first["student_macs"]
   print(f"\nMultiply-accumulates per image (tfjac.models.multiply_accumulates): teacher "
         f"{t_macs / 1e6:.1f} M, student {s_macs / 1e6:.1f} M. By arithmetic a ce step is about "
@@ -383,16 +501,17 @@ def main(argv):
         f" (teacher forward and input-gradient; student forward, input-gradient and the "
         f"backward of both): {(2 * t_macs + 6 * s_macs) / (3 * s_macs):.1f}x ce; cached, "
         f"2.0x.")
-  if any(r["jit_compile"] and _double_backprop(r["hints"]) for r in results):
-    print("\nXLA rows with a double-backprop hint measure speed only: tfjac.run refuses that "
-          "combination (XLA's second-order gradient through max-pooling is wrong; docs/"
-          "speed.md).")
+  if any(r["jit_compile"] and _double_backprop(r["hints"]) and
+         r.get("jac_estimator", "backprop") != "fd" for r in results):
+    print("\nXLA rows with a double-backprop hint (backprop or jvp) measure speed only: "
+          "tfjac.run refuses that combination (XLA's second-order gradient through max-pooling "
+          "is wrong; docs/speed.md); fd rows are allowed (first-order gradients only).")
   if FLAGS.json:
     keys = ("device", "tensorflow", "keras", "teacher_model", "model", "width", "image_size",
             "channels", "num_classes", "steps", "warmup")
     with open(FLAGS.json, "w") as f:
-      json.dump({**{k: first[k] for k in keys}, "grid": FLAGS.grid, "results": results}, f,
-                indent=2)
+      json.dump({**{k: first[k] for k in keys}, "grid": FLAGS.grid, "matmul_peaks": peaks,
+                 "results": results}, f, indent=2)
       f.write("\n")
 
 

@@ -13,9 +13,16 @@ default --jac_bn_policy=batch_stats holds them constant for the input gradient. 
 so the cost are the same; the values differ by those terms. In eval mode (moving statistics)
 the two compute the same numbers (tests/test_bench_peer.py checks it on tiny shared weights).
 
+Precision: the configuration's mixed_precision is matched with torch.autocast (mixed_bfloat16:
+bfloat16, mixed_float16: float16 with a GradScaler), the logits taken back to float32 as
+tfjac's float32 logits layer, so tfjac / torch compares like with like. Device: CUDA when torch
+sees a GPU, else the CPU (a CPU-only torch on a GPU machine times the CPU: the benchmark says
+which device the peer ran on).
+
 Only tools/benchmark.py (--peer=torch) and that test import this; torch is the optional extra
 `pip install -e .[bench]`, never needed by the package.
 """
+import contextlib
 import time
 
 import numpy as np
@@ -25,6 +32,18 @@ import torch.nn.functional as F
 JACOBIAN_EPS = 1e-12  # tfjac/hints/losses.py
 BN_EPS = 1e-3  # keras.layers.BatchNormalization's default
 HINTS = ("ce", "act", "kd", "jac")
+AUTOCAST = {"float32": None, "mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}
+
+
+def device():
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast(dtype, device_type="cpu"):
+  """tfjac's mixed precision in torch: autocast to `dtype` (None: float32, no autocast)."""
+  if dtype is None:
+    return contextlib.nullcontext()
+  return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 class VGG(torch.nn.Module):
@@ -78,21 +97,28 @@ def _unit(j):
   return j / torch.sqrt(torch.sum(j * j, dim=1, keepdim=True) + JACOBIAN_EPS)
 
 
-def per_example_terms(student, teacher, x, y, hints, *, training, kd_temperature=4.0):
+def per_example_terms(student, teacher, x, y, hints, *, training, kd_temperature=4.0,
+                      precision=None):
   """{hint: [batch] loss} of tfjac's hints; `training`: the student's mode (the teacher is
-  always in eval mode)."""
+  always in eval mode); `precision`: the autocast dtype (None: float32)."""
+  with autocast(precision, x.device.type):
+    return _terms(student, teacher, x, y, hints, training=training,
+                  kd_temperature=kd_temperature)
+
+
+def _terms(student, teacher, x, y, hints, *, training, kd_temperature):
   teacher.eval()
   student.train(training)
   need_jac = "jac" in hints
   batch = torch.arange(x.shape[0])
   xt = x.detach().requires_grad_(need_jac)
-  t = teacher(xt)
+  t = teacher(xt).float()
   t_jac = None
   if need_jac:
     t_jac = torch.autograd.grad(t[batch, y].sum(), xt)[0].flatten(1)
   t = t.detach()
   xs = x.detach().requires_grad_(need_jac)
-  s = student(xs)
+  s = student(xs).float()
   terms = {}
   if "ce" in hints:
     terms["ce"] = F.cross_entropy(s, y, reduction="none")
@@ -118,27 +144,38 @@ def time_step(cfg):
     return {"skipped": f"the torch peer has no {','.join(unknown)}"}
   if cfg["jac_target"] != "label" and "jac" in hints:
     return {"skipped": "the torch peer takes Jacobians at the label only"}
+  if cfg.get("jac_estimator", "backprop") != "backprop" and "jac" in hints:
+    return {"skipped": "the torch peer takes Jacobians by backprop only"}
+  precision = AUTOCAST.get(cfg.get("mixed_precision", "float32"), "unknown")
+  if precision == "unknown":
+    return {"skipped": f"the torch peer has no {cfg['mixed_precision']}"}
+  where = device()
   torch.manual_seed(0)
   stats = dict(mean=[0.5] * cfg["channels"], std=[0.25] * cfg["channels"])
   shape = (cfg["image_size"], cfg["channels"], cfg["num_classes"])
   teacher = VGG(LAYOUTS[cfg["teacher_model"]], *shape, **stats)
   student = VGG(LAYOUTS[cfg["model"]], *shape, width=cfg["width"], **stats)
+  teacher, student = teacher.to(where), student.to(where)
   for p in teacher.parameters():
     p.requires_grad_(False)
   opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+  # float16: dynamic loss scaling, as Keras' LossScaleOptimizer does for tfjac.
+  scaler = torch.amp.GradScaler(where, enabled=precision == torch.float16)
   rng = np.random.default_rng(0)
   x = torch.from_numpy(rng.random((cfg["batch_size"], cfg["channels"], cfg["image_size"],
-                                   cfg["image_size"]), np.float32))
-  y = torch.from_numpy(rng.integers(0, cfg["num_classes"], cfg["batch_size"]))
+                                   cfg["image_size"]), np.float32)).to(where)
+  y = torch.from_numpy(rng.integers(0, cfg["num_classes"], cfg["batch_size"])).to(where)
   weights = {h: 1.0 for h in hints}
 
   def step():
     opt.zero_grad(set_to_none=True)
-    terms = per_example_terms(student, teacher, x, y, hints, training=True)
+    terms = per_example_terms(student, teacher, x, y, hints, training=True,
+                              precision=precision)
     loss = sum(weights[h] * terms[h] for h in hints).mean()
-    loss.backward()
-    opt.step()
-    return float(loss)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return float(loss.detach())  # to the host: synchronised
 
   for _ in range(cfg["warmup"]):
     step()
@@ -152,4 +189,5 @@ def time_step(cfg):
   ms = 1000 * float(np.median(times))
   return {"ms_per_step": ms, "images_per_s": cfg["batch_size"] / ms * 1000,
           "ms_per_step_all": [1000 * t for t in times], "torch": torch.__version__,
-          "threads": torch.get_num_threads()}
+          "threads": torch.get_num_threads(), "device": where,
+          "precision": cfg.get("mixed_precision", "float32")}

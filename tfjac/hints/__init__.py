@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import tensorflow as tf
 
-from tfjac.hints import attention, jacobians, losses
+from tfjac.hints import attention, estimators, jacobians, losses
 from tfjac.hints.jacobians import JACOBIAN_TARGETS, TargetOptions  # noqa: F401
 
 
@@ -22,6 +22,7 @@ class HintParams:
   lwf_match: str = "kd"  # kd (soft targets, LwF's own) or act (squared error)
   noise_sigma: float = 0.1
   noise_samples: int = 4
+  jac_estimator: str = "backprop"  # hints/estimators.py: the Jacobians are sketches unless backprop
 
   @classmethod
   def from_config(cls, settings) -> "HintParams":
@@ -74,6 +75,15 @@ class Hint:
   reads_teacher_logits: bool = False
 
 
+def _jac(i: HintInputs, p: HintParams):
+  teacher, student = i.teacher_jacobians["logits"], i.student_jacobians["logits"]
+  if p.jac_normalize and p.jac_estimator != "backprop":
+    # Sketches [B, K, P]: each example's whole sketch normalised (hints/estimators.py).
+    teacher, student = estimators.whole_sketch(teacher), estimators.whole_sketch(student)
+  return losses.jacobian_matching(teacher_jacobian=teacher, student_jacobian=student,
+                                  normalize=p.jac_normalize)
+
+
 def _jac_ce(i: HintInputs, p: HintParams):
   t_prob = jacobians.select(tf.nn.softmax(i.teacher_logits), i.selection)
   s_logp = jacobians.select(tf.nn.log_softmax(i.student_matching_logits), i.selection)
@@ -97,11 +107,10 @@ HINTS: Dict[str, Hint] = {
         temperature=p.kd_temperature),
                help="Hinton soft targets: KL at temperature --kd_temperature, times tau^2",
                needs_teacher=True),
-    "jac": Hint(lambda i, p: losses.jacobian_matching(
-        teacher_jacobian=i.teacher_jacobians["logits"],
-        student_jacobian=i.student_jacobians["logits"], normalize=p.jac_normalize),
+    "jac": Hint(_jac,
                 help="Jacobian matching of the --jac_target outputs, L2-normalised per example "
-                "unless --nojac_normalize", needs_teacher=True,
+                "unless --nojac_normalize (--jac_estimator: how it is computed)",
+                needs_teacher=True,
                 student_jacobians=("logits",), teacher_jacobians=("logits",),
                 reads_teacher_logits=True),
     "jac_ce": Hint(_jac_ce, help="the poster's CE form: -T_s log S_s - sigma^2 grad T_s . grad "

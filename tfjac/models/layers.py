@@ -41,12 +41,16 @@ def holding_batch_statistics(tape):
 @contextlib.contextmanager
 def recording_batch_statistics():
   """Yields a dict {layer id: (mean, variance)} filled by the JacobianSafeBatchNorm layers
-  called in training mode within the block (the last call of a layer wins)."""
+  called in training mode within the block (the last call of a layer wins). Blocks nest: an
+  inner block's record also reaches the enclosing one (the Jacobian estimators record the
+  student's clean pass inside the step's own recording block)."""
   previous = getattr(_state, "record", None)
   record = _state.record = {}
   try:
     yield record
   finally:
+    if previous is not None:
+      previous.update(record)
     _state.record = previous
 
 

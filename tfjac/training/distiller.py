@@ -41,7 +41,7 @@ from absl import logging
 
 from tfjac import hints as hints_lib
 from tfjac.config import HintConfig, non_finite
-from tfjac.hints import attention, jacobians
+from tfjac.hints import attention, estimators, jacobians
 from tfjac.models import views
 from tfjac.models.layers import (JacobianSafeBatchNorm, holding_batch_statistics, recording_batch_statistics,
                                  reusing_batch_statistics)
@@ -56,7 +56,8 @@ ATTENTION = "attention"
 def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
                   jac_target: Optional[str] = None, jac_top_k: Optional[int] = None,
                   jac_projections: Optional[int] = None,
-                  bn_policy: Optional[str] = None,
+                  bn_policy: Optional[str] = None, jac_estimator: Optional[str] = None,
+                  jac_probes: Optional[int] = None, jac_fd_eps: Optional[float] = None,
                   loss_scaling: Optional[str] = None) -> HintConfig:
   """The one settings object of a Distiller, a config.HintConfig. `hints`: a HintConfig (a
   run's, config.hints), or the Python API's {name: weight} / (name, weight) pairs with every
@@ -71,7 +72,8 @@ def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
   overrides = dataclasses.asdict(params) if params is not None else {}
   for field, value in (("jac_target", jac_target), ("jac_top_k", jac_top_k),
                        ("jac_projections", jac_projections), ("jac_bn_policy", bn_policy),
-                       ("loss_scaling", loss_scaling)):
+                       ("jac_estimator", jac_estimator), ("jac_probes", jac_probes),
+                       ("jac_fd_eps", jac_fd_eps), ("loss_scaling", loss_scaling)):
     if value is not None:
       overrides[field] = value
   settings = dataclasses.replace(settings, **overrides)
@@ -110,8 +112,10 @@ class Distiller(keras.Model):
 
   `hints`: the hint settings as one object, a config.HintConfig (the hints, their weights,
   the loss parameters, the Jacobian target and BatchNorm policy), or {name: weight} / (name,
-  weight) pairs; `params`, `jac_target`, `jac_top_k`, `jac_projections` and `bn_policy`
-  replace the settings of those names (hint_settings). The Distiller derives the losses'
+  weight) pairs; `params`, `jac_target`, `jac_top_k`, `jac_projections`, `bn_policy`,
+  `jac_estimator`, `jac_probes` and `jac_fd_eps` replace the settings of those names
+  (hint_settings). `jac_estimator`: backprop (the Jacobian rows, double backprop), jvp or fd
+  (directional derivatives along random probes, hints/estimators.py). The Distiller derives the losses'
   HintParams and the targets' options from them itself.
 
   `student_view` / `teacher_view` (models/views.py) add what some hints read: a teacher-shaped
@@ -136,12 +140,14 @@ class Distiller(keras.Model):
                params: Optional[hints_lib.HintParams] = None, jac_target: Optional[str] = None,
                jac_top_k: Optional[int] = None, jac_projections: Optional[int] = None,
                bn_policy: Optional[str] = None, teacher_outputs: str = "auto",
-               loss_scaling: Optional[str] = None,
+               jac_estimator: Optional[str] = None, jac_probes: Optional[int] = None,
+               jac_fd_eps: Optional[float] = None, loss_scaling: Optional[str] = None,
                term_scales: Optional[TermScales] = None, **kwargs):
     super().__init__(**kwargs)
     settings = hint_settings(hints, params=params, jac_target=jac_target, jac_top_k=jac_top_k,
                              jac_projections=jac_projections, bn_policy=bn_policy,
-                             loss_scaling=loss_scaling)
+                             jac_estimator=jac_estimator, jac_probes=jac_probes,
+                             jac_fd_eps=jac_fd_eps, loss_scaling=loss_scaling)
     self.teacher_info = None  # what the teacher outputs and how that was settled
     if teacher is not None:
       from tfjac import networks  # pylint: disable=g-import-not-at-top
@@ -202,6 +208,8 @@ class Distiller(keras.Model):
       raise ValueError(f"jac_top_k={settings.jac_top_k} is more than the {matching_classes} "
                        "classes")
     self.bn_policy = self._bn_policy_for(student, settings.jac_bn_policy)
+    self.estimator = settings.jac_estimator
+    self._check_estimator(settings)
     self.settings = settings  # as given (bn_policy: the policy the Jacobians do take)
     self.seed = seed
     self._trackers = {"loss": keras.metrics.Mean(name="loss")}
@@ -301,6 +309,8 @@ class Distiller(keras.Model):
     the attention peak pixels, all constants."""
     if self.teacher is None:
       return NO_TEACHER
+    if self.estimator != "backprop" and self.teacher_outputs:
+      return self._teacher_sketches(x, labels, step)
     if not (self.teacher_outputs or self.attention_jacobians):
       out = self.teacher_view(x, training=False)
       logits = tf.stop_gradient(out["matching_logits"])
@@ -338,6 +348,8 @@ class Distiller(keras.Model):
     made from the student's own (constant) outputs."""
     if not (self.student_outputs or self.attention_jacobians):
       return self.student_view(x, training=training), selection, {}
+    if self.estimator != "backprop":
+      return self._student_sketches(x, labels, selection, step, training=training)
     if training and self.bn_policy == "batch_stats":
       with tf.GradientTape(persistent=True) as inner:
         inner.watch(x)
@@ -358,6 +370,74 @@ class Distiller(keras.Model):
     if not training:
       return out, selection, jacs
     return self.student_view(x, training=True), selection, jacs
+
+  # --- the Jacobian estimators (hints/estimators.py) ------------------------------------
+
+  def _check_estimator(self, settings):
+    if settings.jac_estimator not in estimators.ESTIMATORS:
+      raise ValueError(f"jac_estimator={settings.jac_estimator!r}; valid: "
+                       f"{', '.join(estimators.ESTIMATORS)}")
+    if settings.jac_estimator == "backprop":
+      return
+    if self.attention_jacobians:
+      raise ValueError(f"jac_estimator={settings.jac_estimator}: at_jac takes its Jacobians "
+                       "by backprop only")
+    if settings.jac_probes < 1 or settings.jac_fd_eps <= 0:
+      raise ValueError(f"jac_probes must be >= 1 and jac_fd_eps > 0, got "
+                       f"{settings.jac_probes}, {settings.jac_fd_eps}")
+    rows = self._target.count(self._target_options) * settings.jac_probes
+    if "jac" in self._hints and settings.jac_normalize and rows == 1:
+      raise ValueError(f"the normalised jac term with jac_estimator={settings.jac_estimator}, "
+                       f"one output (jac_target={settings.jac_target}) and one probe compares "
+                       "two scalars' signs (0 or 4, no gradient): take jac_probes >= 2, "
+                       "jac_target=all, or jac_normalize=False")
+
+  def _probe_directions(self, x, step):
+    """The step's probes, the same for teacher and student (stream 2 of Distiller._seed)."""
+    return estimators.probe_directions(x, probes=self.settings.jac_probes,
+                                       kind=self.settings.jac_probe, seed=self._seed(step, 2))
+
+  def _teacher_sketches(self, x, labels, step) -> TeacherOutputs:
+    """teacher_pass under an estimator: the teacher's sketches, outside the weight tape, from
+    one call on the clean batch and its probed copies."""
+    sketches, selection, logits, clean = estimators.directional_rows(
+        lambda z: self.teacher_view(z, training=False), x, self._probe_directions(x, step),
+        estimator=self.estimator, eps=self.settings.jac_fd_eps, outputs=self.teacher_outputs,
+        select=lambda reference: self._selection(labels, reference, step))
+    return TeacherOutputs(tf.stop_gradient(logits), selection,
+                          {k: tf.stop_gradient(v) for k, v in sketches.items()},
+                          tuple(tf.stop_gradient(f) for f in views.features_of(clean)), None)
+
+  def _student_sketches(self, x, labels, selection, step, *, training):
+    """student_pass under an estimator: the clean pass (which alone updates the moving
+    statistics), then the probes' pass inside the same weight tape, per example (module doc
+    of hints/estimators.py): with the clean batch's statistics under batch_stats, in
+    inference mode otherwise."""
+    directions = self._probe_directions(x, step)
+
+    def select(reference):
+      return selection if selection is not None else self._selection(labels, reference, step)
+
+    kw = dict(estimator=self.estimator, eps=self.settings.jac_fd_eps,
+              outputs=self.student_outputs, select=select)
+    if training and self.bn_policy != "batch_stats":
+      # Inference pass first: after the training pass the moving statistics would already
+      # hold this batch's moments (student_pass says the same).
+      sketches, selection, _, _ = estimators.directional_rows(
+          lambda z: self.student_view(z, training=False), x, directions, **kw)
+      return self.student_view(x, training=True), selection, sketches
+    with recording_batch_statistics() as clean_statistics:
+      out = self.student_view(x, training=training)
+
+    def probed(z):
+      if not training:
+        return self.student_view(z, training=False)
+      with reusing_batch_statistics(clean_statistics):
+        return self.student_view(z, training=True)
+
+    sketches, selection, _, _ = estimators.directional_rows(
+        probed, x, directions, clean_logits=out["matching_logits"], **kw)
+    return out, selection, sketches
 
   def per_example_terms(self, x, labels, *, training, step, teacher_outputs=None):
     """({hint: [batch] loss}, weighted per-example total, student logits, HintInputs).
@@ -384,7 +464,7 @@ class Distiller(keras.Model):
   def weighted_total(self, terms):
     """sum_h w_h * term_h / s_h over the hints in `terms` ([batch] each); s_h: the term's
     scale (training/term_scales.py; 1 under loss_scaling='none')."""
-    return tf.add_n([(w / self.term_scales.scale(name)) * terms[name]
+    return tf.add_n([tf.cast(w / self.term_scales.scale(name), terms[name].dtype) * terms[name]
                      for name, w in self.hint_weights if name in terms])
 
   @classmethod

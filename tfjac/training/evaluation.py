@@ -12,7 +12,9 @@ def validation_pipeline(model, split, batch_size):
   """Validation batches; with a teacher, each carries the teacher's outputs for `model`'s
   hints (teacher_pass at step 0, what test_step would compute), computed once here: the
   teacher is frozen and validation never augments, so they are the same every epoch."""
-  if model.teacher is None:
+  if model.teacher is None or (model.estimator != "backprop" and model.jacobian_hints):
+    # The Jacobian estimators' probes are drawn per batch and replica (Distiller._seed): the
+    # teacher's sketches must be taken in test_step beside the student's, with the same draws.
     return data_lib.pipeline(split, batch_size, training=False)
   from tfjac.training import teacher_cache as cache_lib  # pylint: disable=g-import-not-at-top
   extras = cache_lib.compute(model, split, batch_size)

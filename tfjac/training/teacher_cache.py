@@ -44,10 +44,11 @@ def teacher_cache_blocker(config: Config) -> Optional[str]:
   if reads_teacher and config.data.augment:
     return (f"--augment={','.join(config.data.augment)} changes every example at every step, "
             "so the teacher must see each augmented batch")
-  return hints_blocker(config.hints.hints, config.hints.jac_target)
+  return hints_blocker(config.hints.hints, config.hints.jac_target,
+                       config.hints.jac_estimator)
 
 
-def hints_blocker(hint_names, jac_target) -> Optional[str]:
+def hints_blocker(hint_names, jac_target, jac_estimator="backprop") -> Optional[str]:
   """The part of teacher_cache_blocker that depends on the hints and the Jacobian target alone
   (tools/benchmark.py asks it too)."""
   chosen = {name: hints.HINTS[name] for name in hint_names}
@@ -60,6 +61,9 @@ def hints_blocker(hint_names, jac_target) -> Optional[str]:
   if uses_target and hints.JACOBIAN_TARGETS[jac_target].seeded_by_step:
     return (f"--jac_target={jac_target} draws new outputs at every step (seeded "
             "by the step)")
+  if uses_target and jac_estimator != "backprop":
+    return (f"--jac_estimator={jac_estimator} draws new probe directions at every step "
+            "(seeded by the step)")
   return None
 
 
