@@ -1,6 +1,6 @@
 """tfjac: knowledge transfer with Jacobian matching (Srinivas & Fleuret, ICML 2018) in Keras 3.
 
-The Python API (README, Python API):
+The Python API (README.md, Python API; docs/networks.md):
 
     import tfjac
     d = tfjac.Distiller(student=student, teacher=teacher,

@@ -114,7 +114,7 @@ flags.DEFINE_enum("jac_estimator", "backprop", list(config.JAC_ESTIMATORS),
                   "Raw terms (--nojac_normalize) are unbiased estimates of backprop's; with "
                   "--jac_target=all, of ||J_T - J_S||_F^2 over every output. The normalised "
                   "jac term normalises each example's whole sketch (its rows and probes): "
-                  "consistent as probes grow, biased for few (README, Jacobian estimators).")
+                  "consistent as probes grow, biased for few (docs/hints.md, Jacobian estimators).")
 flags.DEFINE_integer("jac_probes", 1, "Random probes per example of --jac_estimator=jvp|fd.")
 flags.DEFINE_enum("jac_probe", "rademacher", list(config.JAC_PROBES), "Distribution of the "
                   "probes' entries: rademacher (+-1) or gaussian (N(0, 1)); both E[u u^T] = I.")
