@@ -112,30 +112,56 @@ def test_lazy_jacobian_steps_update_the_jacobian_scale_only_when_they_compute_it
   np.testing.assert_allclose(history["scale_jac"], [float(d.term_scales.scale("jac"))])
 
 
-def test_one_and_two_replicas_measure_the_same_global_batch_mean(digits_splits):
-  assert len(tf.config.list_logical_devices("CPU")) == 2
-  info = digits_splits.info
-  keras.utils.set_random_seed(5)
-  init, t_init = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
-  x, y = digits_splits.train.images[:32], digits_splits.train.labels[:32]
-  got = {}
-  for name, strategy in (("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
-                         ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))):
-    with strategy.scope():
-      student = helpers.tiny_vgg(info, "student", sync_bn=True)
-      teacher = helpers.tiny_vgg(info, "teacher", sync_bn=True)
-      student.set_weights(init.get_weights())
-      teacher.set_weights(t_init.get_weights())
-      d = Distiller(student, teacher, hints={"act": 1.0, "ce": 1.0}, loss_scaling="initial")
-      d.compile(optimizer=keras.optimizers.SGD(0.1))
-    d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1, verbose=0)
-    got[name] = ({n: float(d.term_scales.scale(n)) for n in ("act", "ce")},
-                 student.get_weights())
+_REPLICAS_SCRIPT = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+from tfjac import data
+from tfjac.config import DataConfig
+from tfjac.training.distiller import Distiller
+from tests import helpers
+splits = data.prepare(DataConfig())
+info = splits.info
+keras.utils.set_random_seed(5)
+init, t_init = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
+x, y = splits.train.images[:32], splits.train.labels[:32]
+out = {}
+for name, devices in (("one", ["/cpu:0"]), ("two", ["/cpu:0", "/cpu:1"])):
+  strategy = tf.distribute.MirroredStrategy(devices)
+  with strategy.scope():
+    student = helpers.tiny_vgg(info, "student", sync_bn=True)
+    teacher = helpers.tiny_vgg(info, "teacher", sync_bn=True)
+    student.set_weights(init.get_weights())
+    teacher.set_weights(t_init.get_weights())
+    d = Distiller(student, teacher, hints={"act": 1.0, "ce": 1.0}, loss_scaling="initial")
+    d.compile(optimizer=keras.optimizers.SGD(0.1))
+  d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1, verbose=0)
+  out[name] = {"scales": {n: float(d.term_scales.scale(n)) for n in ("act", "ce")},
+               "weights": [w.tolist() for w in student.get_weights()]}
+probe = Distiller(init, t_init, hints={"act": 1.0, "ce": 1.0}, loss_scaling="none")
+raw = probe.per_example_terms(tf.constant(x), tf.constant(y), training=True, step=0)[0]
+out["hand"] = {n: float(np.mean(raw[n].numpy())) for n in ("act", "ce")}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_one_and_two_replicas_measure_the_same_global_batch_mean():
+  # In a process of its own: strategies made earlier in the test process share collective
+  # instance keys with this one's (TF caches their shapes), which aborts its all-reduces.
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, "-c", _REPLICAS_SCRIPT], cwd=helpers.REPO,
+                        capture_output=True, text=True, timeout=600, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert lines, proc.stderr[-3000:]
+  got = json.loads(lines[-1][len("RESULT "):])
   # By hand: the mean over all 32 examples of the untrained pair's terms.
-  probe = Distiller(init, t_init, hints={"act": 1.0, "ce": 1.0}, loss_scaling="none")
-  raw = probe.per_example_terms(tf.constant(x), tf.constant(y), training=True, step=0)[0]
   for name in ("act", "ce"):
-    np.testing.assert_allclose(got["one"][0][name], raw[name].numpy().mean(), rtol=1e-4)
-    np.testing.assert_allclose(got["two"][0][name], raw[name].numpy().mean(), rtol=1e-4)
-  for a, b in zip(got["one"][1], got["two"][1]):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(got["one"]["scales"][name], got["hand"][name], rtol=1e-4)
+    np.testing.assert_allclose(got["two"]["scales"][name], got["hand"][name], rtol=1e-4)
+  for a, b in zip(got["one"]["weights"], got["two"]["weights"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
