@@ -81,7 +81,8 @@ def test_lazy_training_applies_the_gradients_computed_by_hand():
   student = helpers.linear_model(W, b, shape, "student")
   teacher = helpers.linear_model(V, c, shape, "teacher")
   settings = HintConfig(hints=("act", "jac", "ce"), jac_normalize=False,
-                        weights=(("act", 1.0), ("jac", 0.5), ("ce", 1.0)))
+                        weights=(("act", 1.0), ("jac", 0.5), ("ce", 1.0)),
+                        loss_scaling="none")  # raw weights: the hand computation's
   d = Distiller(student, teacher, hints=settings, jac_every=2)
   d.compile(optimizer=keras.optimizers.SGD(lr))
   ds = tf.data.Dataset.from_tensors((x, y)).repeat()

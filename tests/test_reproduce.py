@@ -117,6 +117,17 @@ def test_the_learning_rate_grid_follows_the_preset_and_an_override_replaces_the_
   assert len(reproduce.candidates(row, override)) == 4
 
 
+def test_tuning_searches_relative_weights_unless_the_runs_are_raw():
+  row = _rows("act_jac_ce")[0]
+  assert reproduce.weight_levels(()) is reproduce.SCALED_WEIGHT_LEVELS
+  assert reproduce.weight_levels(("--loss_scaling=initial",)) is reproduce.SCALED_WEIGHT_LEVELS
+  assert reproduce.weight_levels(("--loss_scaling=none",)) is reproduce.WEIGHT_LEVELS
+  scaled = reproduce.candidates(row, trials=4,
+                                level_table=reproduce.weight_levels(("--seeds=1",)))
+  assert [(c["act_weight"], c["jac_weight"]) for c in scaled] == [
+      ("0.3", "1"), ("1", "3"), ("0.3", "3"), ("1", "1")]
+
+
 def test_bad_arguments_are_named():
   with pytest.raises(reproduce.ReproduceError, match="--samples_per_class"):
     reproduce.parse_sizes(["10", "ten"])
@@ -134,8 +145,9 @@ def test_bad_arguments_are_named():
 def test_table_schedules_tunes_on_validation_and_skips_finished_cells(tmp_path, fake_python):
   python, calls = fake_python
   out = tmp_path / "out"
+  # Raw runs: the raw weight levels (WEIGHT_LEVELS), which the fake run's choices below follow.
   h = reproduce.Harness("distill", "digits", ("10", "full"), 2, _rows("ce", "act_ce", "act_jac"),
-                        str(out), tune=True, python=python)
+                        str(out), tune=True, python=python, extra_args=("--loss_scaling=none",))
   h.run()
   runs = calls()
   teacher = [c for c in runs if c.get("mode") == "teacher"]
@@ -177,7 +189,8 @@ def test_table_schedules_tunes_on_validation_and_skips_finished_cells(tmp_path, 
   # Rerun: everything is finished, nothing runs again.
   before = len(calls())
   reproduce.Harness("distill", "digits", ("10", "full"), 2, _rows("ce", "act_ce", "act_jac"),
-                    str(out), tune=True, python=python).run()
+                    str(out), tune=True, python=python,
+                    extra_args=("--loss_scaling=none",)).run()
   assert len(calls()) == before + 4  # only the failed act,jac trials (2 per column) run again
 
 

@@ -82,10 +82,14 @@ flags.DEFINE_boolean("unsafe_teacher_loading", False, "Let a .keras teacher run 
 flags.DEFINE_list("hints", ["act", "jac", "ce"], "Loss terms of the student, summed with their "
                   "weights: " + "; ".join(f"{k}: {h.help}" for k, h in hints.HINTS.items()) +
                   ". The poster's rows: ce | act,ce | act,jac,ce | act | act,jac.")
-_DEFAULT_WEIGHTS = {"at": 1000.0}  # attention transfer's reference weight (its authors')
 for _name in hints.HINTS:
-  flags.DEFINE_float(f"{_name}_weight", _DEFAULT_WEIGHTS.get(_name, 1.0),
-                     f"Weight of the '{_name}' hint.")
+  flags.DEFINE_float(f"{_name}_weight", config.HintConfig().weight(_name),
+                     f"Weight of the '{_name}' hint: its importance relative to the other "
+                     "hints' under the default --loss_scaling=initial (1: the same share of "
+                     "the loss at the start as every other hint of weight 1); a raw multiplier "
+                     "under --loss_scaling=none" + (
+                         " (attention transfer's reference weight in raw units: 1e3)"
+                         if _name == "at" else "") + ".")
 flags.DEFINE_enum("loss_scaling", config.HintConfig().loss_scaling, config.LOSS_SCALINGS,
                   "How the hints' terms are put on one scale before their weights apply. "
                   "initial: each term divided by its own mean over the first 10 training steps "

@@ -119,6 +119,11 @@ def cell_file(e, row, size=None):
     steps = ",".join(a.split("=", 1)[1] for a in column_args if a.startswith("--steps_per_epoch="))
     args += ["#" + e.column_note(size, steps),
              f"--samples_per_class={reproduce.size_arg(size)}", *column_args]
+  if "jac" in reproduce.row_hints(row):
+    args.insert(0, "#--jac_weight is not set: under the default --loss_scaling=initial each "
+                "term is divided by its own mean over the first 10 training steps, so weight 1 "
+                "gives the Jacobian term the same share of the loss at the start as every other "
+                "hint (docs/hints.md, Loss-term scaling).")
   name = f"{e.prefix}_{cell}.cfg"
   if e.teacher is not None:
     teacher_file, generated = e.teacher

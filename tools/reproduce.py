@@ -133,6 +133,19 @@ WEIGHT_LEVELS = {
     "lwf": ("0.3", "1"),
     "at": ("100", "1000"),
 }
+# The levels under a loss scaling (tfjac's default --loss_scaling=initial), where a weight is
+# relative to the other hints' (1: the same share at the start): around the default 1. The
+# raw levels above serve tables run with `-- --loss_scaling=none`.
+SCALED_WEIGHT_LEVELS = {"act": ("0.3", "1"), "jac": ("1", "3"), "lwf": ("0.3", "1"),
+                        "at": ("0.3", "1")}
+
+
+def weight_levels(extra_args):
+  """The weight levels --tune searches for runs given `extra_args`: raw or scaled."""
+  raw = any(a.replace("-", "").replace("_", "") == "lossscaling=none" for a in extra_args)
+  return WEIGHT_LEVELS if raw else SCALED_WEIGHT_LEVELS
+
+
 LEARNING_RATES = {  # multiples of the preset's learning rate, by number of levels; each
     2: (1, 3),        # contains the shared grid (1 and 3 times the preset's rate)
     4: (0.3, 1, 3, 10),
@@ -228,7 +241,7 @@ def trials_per_row(table):
   return 2 ** max(len(tuned_weights(r)) for r in TABLES[table])
 
 
-def candidates(row, override=None, trials=4, learning_rate=0.001):
+def candidates(row, override=None, trials=4, learning_rate=0.001, level_table=None):
   """The settings --tune tries for `row`: a list of {flag: value}, `trials` of them for the
   built-in design (see WEIGHT_LEVELS; learning rates as multiples of `learning_rate`); with
   `override` ({flag: values}), the product of the override's flags that apply to the row (one
@@ -239,6 +252,7 @@ def candidates(row, override=None, trials=4, learning_rate=0.001):
              if not flag.endswith("_weight") or flag[:-len("_weight")] in hints}
     names = sorted(space)
     return [dict(zip(names, combo)) for combo in itertools.product(*(space[n] for n in names))]
+  levels_of = level_table or WEIGHT_LEVELS
   weights = tuned_weights(row)
   if 2 ** len(weights) > trials:
     raise ReproduceError(f"row {row.key}: {len(weights) + 1} factors do not fit in {trials} "
@@ -251,10 +265,10 @@ def candidates(row, override=None, trials=4, learning_rate=0.001):
   for rate_index, rate in enumerate(rates):
     for levels in itertools.product((0, 1), repeat=len(free)):
       setting = {"learning_rate": rate}
-      setting.update({f"{h}_weight": WEIGHT_LEVELS[h][i] for h, i in zip(free, levels)})
+      setting.update({f"{h}_weight": levels_of[h][i] for h, i in zip(free, levels)})
       if not full:
         last = weights[-1]
-        setting[f"{last}_weight"] = WEIGHT_LEVELS[last][(rate_index + sum(levels)) % 2]
+        setting[f"{last}_weight"] = levels_of[last][(rate_index + sum(levels)) % 2]
       settings.append(setting)
   return settings
 
@@ -407,7 +421,8 @@ class Harness:
     are independent and go `jobs` at a time."""
     os.makedirs(self.out, exist_ok=True)
     spaces = {row.key: candidates(row, self.tune_override, self.trials,
-                                  self.preset.learning_rate) if self.tune else [{}]
+                                  self.preset.learning_rate,
+                                  weight_levels(self.extra_args)) if self.tune else [{}]
               for row in self.rows}
     tuned = [(size, row) for size in self.sizes for row in self.rows
              if len(spaces[row.key]) > 1]
