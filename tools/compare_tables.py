@@ -12,7 +12,9 @@ ahead of B?) or A~B (is A within noise of B?), each side NAME:ROW; each is check
 column both tables have. --header adds a paragraph (the commands, the CPU) above the table.
 """
 import csv
+import json
 import os
+import statistics
 import sys
 
 from absl import app, flags
@@ -23,6 +25,13 @@ sys.path.insert(0, REPO)
 from tfjac import atomic  # noqa: E402
 
 flags.DEFINE_multi_string("table", [], "NAME=PATH of a results.csv (or its directory).")
+flags.DEFINE_enum("metric", "test", ["test", "validation"], "test: the tables' results.csv "
+                  "(test accuracy); validation: best validation accuracy, read from the runs "
+                  "under each table's cells/ (a table must then be a reproduce output directory).")
+flags.DEFINE_integer("seeds", 0, "With --metric=validation: only seeds 0..N-1 (0: all), so "
+                     "tables run with more seeds compare at equal counts.")
+flags.DEFINE_list("rows", [], "Only these rows (default: every row of every table).")
+flags.DEFINE_list("columns", [], "Only these columns, e.g. 3,10 (default: all).")
 flags.DEFINE_multi_string("compare", [], "NAME:ROW>NAME:ROW or NAME:ROW~NAME:ROW.")
 flags.DEFINE_multi_string("header", [], "Paragraphs above the table (markdown).")
 flags.DEFINE_string("title", "Defaults and tuned side by side", "The page's title.")
@@ -51,6 +60,24 @@ def read_table(path):
   return cells
 
 
+def read_cells(directory, seeds=0):
+  """{(row, column): (mean, std, seeds)} of the best validation accuracy (%) of the runs under
+  `directory`/cells/<row>/n<column>/seed<k>/results.json, seeds 0..seeds-1 (0: all)."""
+  values = {}
+  cells = os.path.join(directory, "cells")
+  for row in sorted(os.listdir(cells)):
+    for column in sorted(os.listdir(os.path.join(cells, row))):
+      for seed_dir in sorted(os.listdir(os.path.join(cells, row, column))):
+        path = os.path.join(cells, row, column, seed_dir, "results.json")
+        if not os.path.exists(path) or (seeds and int(seed_dir[4:]) >= seeds):
+          continue
+        with open(path) as f:
+          acc = json.load(f)["student"]["best_val_accuracy"]
+        values.setdefault((row, column[1:]), []).append(100 * acc)
+  return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+          for k, v in values.items()}
+
+
 def parse_side(text, tables):
   name, _, row = text.partition(":")
   if name not in tables or not row:
@@ -58,7 +85,7 @@ def parse_side(text, tables):
   return name, row
 
 
-def render(tables, comparisons, title, header=()):
+def render(tables, comparisons, title, header=(), metric="Test"):
   columns = []
   for cells in tables.values():
     for _, col in cells:
@@ -66,7 +93,7 @@ def render(tables, comparisons, title, header=()):
         columns.append(col)
   label = lambda c: "full" if c in ("full", "0") else f"{c}/class"  # noqa: E731
   lines = [f"# {title}", "", *[p + "\n" for p in header],
-           "Test accuracy (%), mean +- std over seeds.", "",
+           f"{metric} accuracy (%), mean +- std over seeds.", "",
            "| table | row | " + " | ".join(label(c) for c in columns) + " |",
            "|---|---|" + "---|" * len(columns)]
   for name, cells in tables.items():
@@ -101,8 +128,14 @@ def main(argv):
   tables = {}
   for spec in FLAGS.table:
     name, _, path = spec.partition("=")
-    tables[name] = read_table(path)
-  text = render(tables, FLAGS.compare, FLAGS.title, FLAGS.header)
+    tables[name] = (read_cells(path, FLAGS.seeds) if FLAGS.metric == "validation"
+                    else read_table(path))
+  for name, cells in tables.items():
+    tables[name] = {k: v for k, v in cells.items()
+                    if (not FLAGS.rows or k[0] in FLAGS.rows)
+                    and (not FLAGS.columns or k[1] in FLAGS.columns)}
+  text = render(tables, FLAGS.compare, FLAGS.title, FLAGS.header,
+                "Best validation" if FLAGS.metric == "validation" else "Test")
   if FLAGS.out:
     atomic.write_text(FLAGS.out, text)
   print(text)
