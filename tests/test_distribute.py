@@ -25,7 +25,9 @@ def _one_step(strategy, digits_splits, weights, teacher_weights, policy, jac_eve
     teacher = helpers.tiny_vgg(info, "teacher", sync_bn=True)
     student.set_weights(weights)
     teacher.set_weights(teacher_weights)
-    d = Distiller(student, teacher, hints=HINTS, bn_policy=policy, jac_every=jac_every)
+    # Raw terms: a per-replica mean (the wrong run below) would cancel in scaled weights.
+    d = Distiller(student, teacher, hints=HINTS, bn_policy=policy, jac_every=jac_every,
+                  loss_scaling="none")
     d.compile(optimizer=keras.optimizers.SGD(learning_rate))
   ds = tf.data.Dataset.from_tensor_slices(
       (digits_splits.train.images[:16 * steps], digits_splits.train.labels[:16 * steps])).batch(16)

@@ -11,6 +11,7 @@ from tfjac.training.distiller import Distiller
 from tests import helpers
 
 HINTS = (("act", 1.0), ("jac", 2.0), ("ce", 1.0))
+SCALES = {"act": 7.0, "jac": 0.5, "ce": 3.0}  # the terms' divisors (training/term_scales.py)
 
 
 def _distiller(info):
@@ -18,6 +19,8 @@ def _distiller(info):
   distiller = Distiller(helpers.tiny_vgg(info, "student"), helpers.tiny_vgg(info, "teacher"),
                         hints=HINTS)
   distiller.compile(optimizer=keras.optimizers.SGD(0.1))
+  for name, size in SCALES.items():  # scales as a training step would leave them
+    distiller.term_scales.update(name, tf.constant(size))
   return distiller
 
 
@@ -63,15 +66,15 @@ def test_accuracy_on_the_whole_split_jacobian_terms_on_the_subset(digits_splits)
     np.testing.assert_allclose(logs["val_student_jac_norm"], part["student_jac_norm"],
                                rtol=1e-5)
     np.testing.assert_allclose(
-        logs["val_loss"], whole["act_loss"] + whole["ce_loss"] + 2.0 * part["jac_loss"],
-        rtol=1e-5)
+        logs["val_loss"], whole["act_loss"] / 7.0 + whole["ce_loss"] / 3.0
+        + 2.0 * part["jac_loss"] / 0.5, rtol=1e-5)
   for epoch in (1, 3):  # no Jacobian pass: no Jacobian keys, accuracy as ever
     logs = {}
     callback.on_epoch_end(epoch, logs)
     assert "val_jac_loss" not in logs and "val_student_jac_norm" not in logs
     np.testing.assert_allclose(logs["val_accuracy"], whole["accuracy"], rtol=1e-6)
-    np.testing.assert_allclose(logs["val_loss"], whole["act_loss"] + whole["ce_loss"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(logs["val_loss"], whole["act_loss"] / 7.0
+                               + whole["ce_loss"] / 3.0, rtol=1e-5)
 
 
 def test_fit_validates_the_jacobian_terms_on_the_chosen_epochs(tmp_path, digits_splits):

@@ -156,6 +156,10 @@ def validate(config: Config):
   _choice("jac_target", h.jac_target, hints.JACOBIAN_TARGETS)
   _choice("jac_bn_policy", h.jac_bn_policy, BN_POLICIES)
   _choice("loss_scaling", h.loss_scaling, LOSS_SCALINGS)
+  if h.loss_scaling == "running" and "jac_ce" in h.hints:
+    raise ConfigError("loss_scaling", "running cannot scale jac_ce: the term is unbounded "
+                      "below, its running mean can cross zero and its scale with it; use "
+                      "--loss_scaling=initial or none")
   _positive("jac_top_k", h.jac_top_k)
   _positive("jac_projections", h.jac_projections)
   _positive("noise_samples", h.noise_samples)

@@ -134,7 +134,7 @@ flags.DEFINE_enum("lwf_match", "kd", list(hints.LWF_MATCHES), "How the lwf hint 
                   "Hoiem's LwF, but by default at --kd_temperature=4 and times tau^2 = 16, "
                   "Hinton's form; Li & Hoiem use T=2 and no tau^2 factor: their exact loss, up "
                   "to the teacher's entropy, a constant, is --kd_temperature=2 "
-                  "--lwf_weight=0.25) or act (squared error of logits).")
+                  "--lwf_weight=0.25 --loss_scaling=none) or act (squared error of logits).")
 flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
                   "name; default: the layer that ends each block/stage, one per resolution "
                   "(never padding; deepest ones paired; docs/transfer.md).")

@@ -197,7 +197,9 @@ def run_single(cfg):
                            model_name="student", **stats)
     hints = [(h, 1.0) for h in cfg["hints"].split(",")]
     # The teacher is passed for every hint set, as --mode=distill does.
+    # Raw terms, the loss the torch peer computes (the default scaling adds a few scalar ops).
     distiller = Distiller(student, teacher, hints=hints, bn_policy=cfg["bn_policy"],
+                          loss_scaling="none",
                           num_classes=cfg["num_classes"], jac_target=cfg["jac_target"],
                           jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"],
                           jac_every=cfg.get("jac_every", 1),

@@ -59,7 +59,9 @@ class Table:
     self.failures = []
 
   def command(self, row, seed):
-    return ["--mode=regularize", f"--dataset={self.dataset}", f"--hints={row.hints}",
+    # Raw terms: scaled, ce,jacnorm's sigma^2 would cancel against jacnorm's own scale.
+    return ["--mode=regularize", "--loss_scaling=none", f"--dataset={self.dataset}",
+            f"--hints={row.hints}",
             f"--samples_per_class={self.samples_per_class}", f"--noise_sigma={self.noise_sigma}",
             f"--robustness_sigmas={','.join(self.sigmas)}", f"--seed={seed}",
             f"--workdir={self.run_dir(row, seed)}", *self.extra_args]

@@ -186,7 +186,9 @@ class SplitValidation(keras.callbacks.Callback):
       hint = name[:-len("_loss")] if name.endswith("_loss") else None
       if hint in self.jacobian_hints:
         logs[f"val_{name}"] = float(np.asarray(value))
-        logs["val_loss"] += weights[hint] * logs[f"val_{name}"]
+        # Weighted as the Distiller weighs it: over its scale (training/term_scales.py).
+        scale = float(self.distiller.term_scales.scale(hint))
+        logs["val_loss"] += weights[hint] / scale * logs[f"val_{name}"]
       elif name.endswith("_jac_norm"):
         logs[f"val_{name}"] = float(np.asarray(value))
 

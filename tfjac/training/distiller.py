@@ -464,8 +464,11 @@ class Distiller(keras.Model):
   def weighted_total(self, terms):
     """sum_h w_h * term_h / s_h over the hints in `terms` ([batch] each); s_h: the term's
     scale (training/term_scales.py; 1 under loss_scaling='none')."""
-    return tf.add_n([tf.cast(w / self.term_scales.scale(name), terms[name].dtype) * terms[name]
-                     for name, w in self.hint_weights if name in terms])
+    def weighted(name, w):  # in float32 at least: w / s can overflow float16
+      term = terms[name]
+      dtype = tf.float64 if term.dtype == tf.float64 else tf.float32
+      return tf.cast(w / self.term_scales.scale(name), dtype) * tf.cast(term, dtype)
+    return tf.add_n([weighted(name, w) for name, w in self.hint_weights if name in terms])
 
   @classmethod
   def global_batch_mean(cls, per_example):
@@ -600,7 +603,7 @@ class Distiller(keras.Model):
     the other steps take only the hints without Jacobians (tf.cond: the branch not taken, and
     so every Jacobian pass of it, does not run; `jac_step` True/False: that branch, no cond).
     The Jacobian trackers count only the steps that computed them; 'loss' is the weighted sum
-    (unscaled weights) of the terms computed.
+    (weights not multiplied by K) of the terms computed.
     """
     x, labels, cached = self._unpack(data)
     lazy = getattr(self, "_without_jacobians", None) is not None
