@@ -78,7 +78,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  epochs: int = 30
+  """The student's fit by default (--epochs etc.); the teacher's is TEACHER_TRAIN."""
+  epochs: int = 60
   batch_size: int = 32
   steps_per_epoch: int = 0  # 0: one pass over the training set
   optimizer: str = "adam"
@@ -99,8 +100,14 @@ class TrainConfig:
   lr_decay_steps: Tuple[int, ...] = ()  # --lr_schedule=step boundaries in optimizer steps
   # Speed of the Jacobian hints (issue 15): lazy Jacobian matching, cheaper validation.
   jac_every: int = 1  # the Jacobian hints on every K-th step, weight x K; 1: every step
-  val_jac_examples: int = 0  # validation's Jacobian terms on a fixed subset; 0: whole split
+  val_jac_examples: int = 1000  # validation's Jacobian terms on a fixed subset; 0: whole split
   val_jac_every: int = 1  # validation's Jacobian terms every N epochs (and the last)
+
+
+# The teacher's fit by default: --teacher_epochs and --teacher_learning_rate read it, the other
+# optimisation flags are shared with the student's. No flag sets its train_steps, jac_every or
+# val_jac_* (the teacher takes no Jacobian hints): they stay as command-line runs always had them.
+TEACHER_TRAIN = TrainConfig(epochs=30, val_jac_examples=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +177,7 @@ class Config:
   student: ModelConfig = ModelConfig()
   teacher: ModelConfig = ModelConfig(name="vgg9")
   train: TrainConfig = TrainConfig()
-  teacher_train: TrainConfig = TrainConfig()
+  teacher_train: TrainConfig = TEACHER_TRAIN
   hints: HintConfig = HintConfig()
   robustness_sigmas: Tuple[float, ...] = ()
   teacher_input: TeacherInput = TeacherInput()

@@ -5,8 +5,13 @@ from absl import flags
 
 from tfjac import config, hints, models, modes
 
+# Every default below is the field's default in config (the one source, issue 23): a Python
+# API user's Config() and the command line's defaults are the same run. --teacher_width and
+# --source_dataset default to None: derived (config.default_teacher_width) and no source data.
+_DEFAULT = config.Config()
+
 # What to run.
-flags.DEFINE_enum("mode", "distill", list(modes.MODES),
+flags.DEFINE_enum("mode", _DEFAULT.mode, list(modes.MODES),
                   "teacher: train and export a teacher. distill: teacher -> student with --hints. "
                   "regularize: a student without teacher, with --hints among ce, jacnorm, "
                   "noisy_ce (default ce,jacnorm). transfer: Learning without Forgetting from a "
@@ -14,10 +19,10 @@ flags.DEFINE_enum("mode", "distill", list(modes.MODES),
                   "ce,lwf; --hints=ce is the no-transfer baseline). finetune: the fine-tuning "
                   "oracle (the teacher's network with a new head). conditions: the poster's "
                   "three conditions for transfer to help, measured (no training).")
-flags.DEFINE_string("workdir", "runs/default",
+flags.DEFINE_string("workdir", _DEFAULT.workdir,
                     "Run directory: flags.cfg, results.json, tensorboard/, checkpoints/, teacher/ "
                     "and student/ (SavedModel + .keras). A teacher found here is reused.")
-flags.DEFINE_enum("strategy", "auto", config.STRATEGIES,
+flags.DEFINE_enum("strategy", _DEFAULT.strategy, config.STRATEGIES,
                   "tf.distribute strategy. auto: MirroredStrategy when several GPUs are "
                   "visible, else the default (one device) strategy. mirrored: "
                   "MirroredStrategy over this machine's devices. multi_worker: "
@@ -27,7 +32,7 @@ flags.DEFINE_enum("strategy", "auto", config.STRATEGIES,
                   "--workdir, the others write under <workdir>/workers/<type>_<index>.")
 
 # Data.
-flags.DEFINE_string("dataset", "digits",
+flags.DEFINE_string("dataset", _DEFAULT.data.dataset,
                     "digits (embedded, 8x8 UCI handwritten digits, no network), cifar10, "
                     "cifar100, mit_indoor67 (--data_dir=DIR with DIR/Images/ and the official "
                     "TrainImages.txt / TestImages.txt), fashion_mnist (the four IDX files of "
@@ -37,60 +42,73 @@ flags.DEFINE_string("dataset", "digits",
                     "image dataset, or folder:PATH for image files in "
                     "PATH/train/<class>/*.jpg|jpeg|png and PATH/test/<class>/... (classes "
                     "sorted by folder name).")
-flags.DEFINE_string("data_dir", None, "mit_indoor67: its folder. tfds datasets: the data_dir "
+flags.DEFINE_string("data_dir", _DEFAULT.data.data_dir,
+                    "mit_indoor67: its folder. tfds datasets: the data_dir "
                     "holding prepared data "
                     "(see tools/prepare_data.py). Nothing is downloaded during a run.")
-flags.DEFINE_integer("samples_per_class", 0,
+flags.DEFINE_integer("samples_per_class", _DEFAULT.data.samples_per_class,
                      "Student training examples per class (seeded subset); 0: all of them.")
-flags.DEFINE_float("validation_fraction", 0.1, "Fraction of each class of the training split "
+flags.DEFINE_float("validation_fraction", _DEFAULT.data.validation_fraction,
+                   "Fraction of each class of the training split "
                    "held out for model selection (the test split is never used for it).")
-flags.DEFINE_list("augment", [], "Training augmentations: crop (reflect-pad and random crop), "
+flags.DEFINE_list("augment", list(_DEFAULT.data.augment),
+                  "Training augmentations: crop (reflect-pad and random crop), "
                   "flip (random horizontal flip). Empty: none.")
-flags.DEFINE_integer("crop_padding", 0, "Padding for --augment=crop; 0: image size // 8.")
-flags.DEFINE_list("classes", [], "Use only these classes of --dataset, relabelled 0..n-1 in "
+flags.DEFINE_integer("crop_padding", _DEFAULT.data.crop_padding,
+                     "Padding for --augment=crop; 0: image size // 8.")
+flags.DEFINE_list("classes", list(_DEFAULT.data.classes),
+                  "Use only these classes of --dataset, relabelled 0..n-1 in "
                   "this order (e.g. a teacher on digits 0-4, a transfer target on 5-9).")
-flags.DEFINE_integer("image_size", 0, "folder:PATH datasets: resize every image to "
+flags.DEFINE_integer("image_size", _DEFAULT.data.image_size,
+                     "folder:PATH datasets: resize every image to "
                      "image_size x image_size (aspect ratio not kept); 0: every image must "
                      "have the same size.")
-flags.DEFINE_boolean("skip_bad_images", False, "folder:PATH datasets: skip unreadable or "
+flags.DEFINE_boolean("skip_bad_images", _DEFAULT.data.skip_bad_images,
+                     "folder:PATH datasets: skip unreadable or "
                      "truncated image files (logged, counted in results.json) instead of "
                      "stopping with an error that names the file.")
-flags.DEFINE_integer("seed", 0, "Seed of the validation split, the N-per-class subset, weight "
+flags.DEFINE_integer("seed", _DEFAULT.data.seed,
+                     "Seed of the validation split, the N-per-class subset, weight "
                      "initialisation and shuffling. Same seed: same images for every hint set.")
 
 # Networks.
-flags.DEFINE_string("model", "vgg4", "Student architecture: one of " + ", ".join(models.MODELS)
+flags.DEFINE_string("model", _DEFAULT.student.name,
+                    "Student architecture: one of " + ", ".join(models.MODELS)
                     + ", keras.applications:NAME (its body and a new Dense head, random init "
                     "or --student_weights), or a .keras file (docs/networks.md).")
-flags.DEFINE_float("width", 1.0, "Student channel-width multiplier.")
-flags.DEFINE_string("teacher_model", "vgg9", "Teacher architecture when the teacher is "
+flags.DEFINE_float("width", _DEFAULT.student.width, "Student channel-width multiplier.")
+flags.DEFINE_string("teacher_model", _DEFAULT.teacher.name,
+                    "Teacher architecture when the teacher is "
                     "trained here: the names of --model.")
 flags.DEFINE_float("teacher_width", None, "Teacher channel-width multiplier. Default: sized for "
                    "the data's images (config.DEFAULT_TEACHER_WIDTHS): 0.25 for the default "
                    "vgg9 on the embedded 8x8 digits, 1 otherwise.")
-flags.DEFINE_string("teacher", None, "Pre-trained teacher: a .keras file, a SavedModel directory, "
+flags.DEFINE_string("teacher", _DEFAULT.teacher_path,
+                    "Pre-trained teacher: a .keras file, a SavedModel directory, "
                     "a directory written by --mode=teacher, keras.applications:NAME (weights "
                     "from --teacher_weights) or kerashub:DIR (a KerasHub preset directory; "
                     "pip install -e .[hub]). Default: the teacher in --workdir, trained there "
                     "first if absent.")
-flags.DEFINE_boolean("unsafe_teacher_loading", False, "Let a .keras teacher run the Python "
+flags.DEFINE_boolean("unsafe_teacher_loading", _DEFAULT.unsafe_teacher_loading,
+                     "Let a .keras teacher run the Python "
                      "code it carries (Lambda layers). Keras safe mode refuses such files by "
                      "default: that code can do anything your account can. Only for files "
                      "from people you trust.")
 
 # Hints.
-flags.DEFINE_list("hints", ["act", "jac", "ce"], "Loss terms of the student, summed with their "
+flags.DEFINE_list("hints", list(_DEFAULT.hints.hints),
+                  "Loss terms of the student, summed with their "
                   "weights: " + "; ".join(f"{k}: {h.help}" for k, h in hints.HINTS.items()) +
                   ". The poster's rows: ce | act,ce | act,jac,ce | act | act,jac.")
 for _name in hints.HINTS:
-  flags.DEFINE_float(f"{_name}_weight", config.HintConfig().weight(_name),
+  flags.DEFINE_float(f"{_name}_weight", _DEFAULT.hints.weight(_name),
                      f"Weight of the '{_name}' hint: its importance relative to the other "
                      "hints' under the default --loss_scaling=initial (1: the same share of "
                      "the loss at the start as every other hint of weight 1); a raw multiplier "
                      "under --loss_scaling=none" + (
                          " (attention transfer's reference weight in raw units: 1e3)"
                          if _name == "at" else "") + ".")
-flags.DEFINE_enum("loss_scaling", config.HintConfig().loss_scaling, config.LOSS_SCALINGS,
+flags.DEFINE_enum("loss_scaling", _DEFAULT.hints.loss_scaling, config.LOSS_SCALINGS,
                   "How the hints' terms are put on one scale before their weights apply. "
                   "initial: each term divided by its own mean over the first 10 training steps "
                   "(detached), so every term starts at its --<hint>_weight and a weight means "
@@ -99,15 +117,17 @@ flags.DEFINE_enum("loss_scaling", config.HintConfig().loss_scaling, config.LOSS_
                   "own instead (each keeps its weight's share as it shrinks). none: the raw "
                   "w * term, where the right weight depends on the dataset. With one hint "
                   "nothing is scaled.")
-flags.DEFINE_float("kd_temperature", 4.0, "Softmax temperature of the 'kd' hint and of "
+flags.DEFINE_float("kd_temperature", _DEFAULT.hints.kd_temperature,
+                   "Softmax temperature of the 'kd' hint and of "
                    "--lwf_match=kd; both multiply the KL by tau^2 (Hinton et al.).")
-flags.DEFINE_enum("jac_target", "label", list(hints.JACOBIAN_TARGETS),
+flags.DEFINE_enum("jac_target", _DEFAULT.hints.jac_target, list(hints.JACOBIAN_TARGETS),
                   "Which outputs' input-gradients are used: " + "; ".join(
                       f"{k}: {t.help}" for k, t in hints.JACOBIAN_TARGETS.items()) + ".")
-flags.DEFINE_integer("jac_top_k", 5, "k of --jac_target=top_k.")
-flags.DEFINE_integer("jac_projections", 1, "Number of random projections of "
+flags.DEFINE_integer("jac_top_k", _DEFAULT.hints.jac_top_k, "k of --jac_target=top_k.")
+flags.DEFINE_integer("jac_projections", _DEFAULT.hints.jac_projections,
+                     "Number of random projections of "
                      "--jac_target=projection.")
-flags.DEFINE_enum("jac_estimator", "backprop", list(config.JAC_ESTIMATORS),
+flags.DEFINE_enum("jac_estimator", _DEFAULT.hints.jac_estimator, list(config.JAC_ESTIMATORS),
                   "How the Jacobian hints (jac, jac_ce, jacnorm) are computed. backprop: the "
                   "--jac_target rows of the input Jacobian by reverse mode, the student's by "
                   "double backprop. jvp: their directional derivatives J u along --jac_probes "
@@ -119,78 +139,104 @@ flags.DEFINE_enum("jac_estimator", "backprop", list(config.JAC_ESTIMATORS),
                   "--jac_target=all, of ||J_T - J_S||_F^2 over every output. The normalised "
                   "jac term normalises each example's whole sketch (its rows and probes): "
                   "consistent as probes grow, biased for few (docs/hints.md, Jacobian estimators).")
-flags.DEFINE_integer("jac_probes", 1, "Random probes per example of --jac_estimator=jvp|fd.")
-flags.DEFINE_enum("jac_probe", "rademacher", list(config.JAC_PROBES), "Distribution of the "
+flags.DEFINE_integer("jac_probes", _DEFAULT.hints.jac_probes,
+                     "Random probes per example of --jac_estimator=jvp|fd.")
+flags.DEFINE_enum("jac_probe", _DEFAULT.hints.jac_probe,
+                  list(config.JAC_PROBES), "Distribution of the "
                   "probes' entries: rademacher (+-1) or gaussian (N(0, 1)); both E[u u^T] = I.")
-flags.DEFINE_float("jac_fd_eps", 1e-3, "Step of --jac_estimator=fd in [0, 1] pixel units "
+flags.DEFINE_float("jac_fd_eps", _DEFAULT.hints.jac_fd_eps,
+                   "Step of --jac_estimator=fd in [0, 1] pixel units "
                    "(each pixel moves by eps times its probe entry). Smaller: less smoothing "
                    "over ReLU and max-pool kinks, more float32 rounding (1/eps); on the digits' "
                    "VGGs 1e-3 put the raw term within 1.5% of jvp's, 1e-2 within 9%.")
-flags.DEFINE_float("noise_sigma", 0.1, "Std of the Gaussian input noise (in [0, 1] pixel units) "
+flags.DEFINE_float("noise_sigma", _DEFAULT.hints.noise_sigma,
+                   "Std of the Gaussian input noise (in [0, 1] pixel units) "
                    "of the hints noise, noisy_ce, and the sigma of jac_ce and jacnorm.")
-flags.DEFINE_integer("noise_samples", 4, "Noisy copies per example for noise and noisy_ce.")
-flags.DEFINE_enum("lwf_match", "kd", list(hints.LWF_MATCHES), "How the lwf hint matches the "
+flags.DEFINE_integer("noise_samples", _DEFAULT.hints.noise_samples,
+                     "Noisy copies per example for noise and noisy_ce.")
+flags.DEFINE_enum("lwf_match", _DEFAULT.hints.lwf_match,
+                  list(hints.LWF_MATCHES), "How the lwf hint matches the "
                   "student's teacher-shaped head to the teacher: kd (soft targets, as in Li & "
                   "Hoiem's LwF, but by default at --kd_temperature=4 and times tau^2 = 16, "
                   "Hinton's form; Li & Hoiem use T=2 and no tau^2 factor: their exact loss, up "
                   "to the teacher's entropy, a constant, is --kd_temperature=2 "
                   "--lwf_weight=0.25 --loss_scaling=none) or act (squared error of logits).")
-flags.DEFINE_list("teacher_layers", [], "Teacher layers whose feature maps feed at/at_jac, by "
+flags.DEFINE_list("teacher_layers", list(_DEFAULT.hints.teacher_layers),
+                  "Teacher layers whose feature maps feed at/at_jac, by "
                   "name; default: the layer that ends each block/stage, one per resolution "
                   "(never padding; deepest ones paired; docs/transfer.md).")
-flags.DEFINE_list("student_layers", [], "Student layers paired one to one with "
+flags.DEFINE_list("student_layers", list(_DEFAULT.hints.student_layers),
+                  "Student layers paired one to one with "
                   "--teacher_layers; default: the layer that ends each block/stage.")
-flags.DEFINE_boolean("teacher_resize", False, "Resize target images to the teacher's input "
+flags.DEFINE_boolean("teacher_resize", _DEFAULT.teacher_input.resize,
+                     "Resize target images to the teacher's input "
                      "size (bilinear, differentiable) when they differ.")
-flags.DEFINE_float("teacher_input_scale", 1.0, "The teacher sees x * scale + offset (x in "
+flags.DEFINE_float("teacher_input_scale", _DEFAULT.teacher_input.scale,
+                   "The teacher sees x * scale + offset (x in "
                    "[0, 1]): e.g. 255 for a teacher trained on [0, 255] pixels.")
-flags.DEFINE_float("teacher_input_offset", 0.0, "See --teacher_input_scale.")
+flags.DEFINE_float("teacher_input_offset", _DEFAULT.teacher_input.offset,
+                   "See --teacher_input_scale.")
 flags.DEFINE_string("source_dataset", None, "--mode=conditions: the teacher's own training "
                     "data (same names as --dataset), for its loss and the source/target distance.")
-flags.DEFINE_list("source_classes", [], "--mode=conditions: class subset of --source_dataset.")
-flags.DEFINE_integer("conditions_examples", 500, "--mode=conditions: target (and source) test "
+flags.DEFINE_list("source_classes", list(config.DataConfig().classes),
+                  "--mode=conditions: class subset of --source_dataset.")
+flags.DEFINE_integer("conditions_examples", _DEFAULT.conditions_examples,
+                     "--mode=conditions: target (and source) test "
                      "images used for the estimates: a class-stratified sample drawn with --seed "
                      "(the source halves split every class in two).")
-flags.DEFINE_list("robustness_sigmas", [], "After training, test accuracy of teacher and student "
+flags.DEFINE_list("robustness_sigmas", [str(s) for s in _DEFAULT.robustness_sigmas],
+                  "After training, test accuracy of teacher and student "
                   "under Gaussian input noise of each of these std (results.json); empty: none.")
-flags.DEFINE_boolean("jac_normalize", True, "L2-normalise each example's Jacobians before "
+flags.DEFINE_boolean("jac_normalize", _DEFAULT.hints.jac_normalize,
+                     "L2-normalise each example's Jacobians before "
                      "matching (the paper's loss); --nojac_normalize matches them raw.")
-flags.DEFINE_enum("jac_bn_policy", "batch_stats", config.BN_POLICIES,
+flags.DEFINE_enum("jac_bn_policy", _DEFAULT.hints.jac_bn_policy, config.BN_POLICIES,
                   "BatchNorm in the student's Jacobian pass during training. batch_stats: one "
                   "pass, batch statistics held constant for the input gradient. inference: a "
                   "second pass with moving statistics. Both give per-example Jacobians; "
                   "batch_stats is the cheaper: no second pass (docs/hints.md).")
 
 # Optimisation.
-flags.DEFINE_integer("epochs", 60, "Student epochs.")
-flags.DEFINE_integer("teacher_epochs", 30, "Teacher epochs (when trained here).")
-flags.DEFINE_integer("batch_size", 32, "Global batch size (split over replicas).")
-flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (the data repeats); 0: one pass.")
-flags.DEFINE_enum("optimizer", "adam", config.OPTIMIZERS, "Optimizer.")
-flags.DEFINE_float("learning_rate", 1e-3, "Student peak learning rate.")
-flags.DEFINE_float("teacher_learning_rate", 1e-3, "Teacher peak learning rate.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum (Nesterov unless --nonesterov).")
-flags.DEFINE_float("weight_decay", 0.0, "Weight decay of the optimizer, of the kind "
+flags.DEFINE_integer("epochs", _DEFAULT.train.epochs, "Student epochs.")
+flags.DEFINE_integer("teacher_epochs", _DEFAULT.teacher_train.epochs,
+                     "Teacher epochs (when trained here).")
+flags.DEFINE_integer("batch_size", _DEFAULT.train.batch_size,
+                     "Global batch size (split over replicas).")
+flags.DEFINE_integer("steps_per_epoch", _DEFAULT.train.steps_per_epoch,
+                     "Steps per epoch (the data repeats); 0: one pass.")
+flags.DEFINE_enum("optimizer", _DEFAULT.train.optimizer, config.OPTIMIZERS, "Optimizer.")
+flags.DEFINE_float("learning_rate", _DEFAULT.train.learning_rate, "Student peak learning rate.")
+flags.DEFINE_float("teacher_learning_rate", _DEFAULT.teacher_train.learning_rate,
+                   "Teacher peak learning rate.")
+flags.DEFINE_float("momentum", _DEFAULT.train.momentum,
+                   "SGD momentum (Nesterov unless --nonesterov).")
+flags.DEFINE_float("weight_decay", _DEFAULT.train.weight_decay,
+                   "Weight decay of the optimizer, of the kind "
                    "--weight_decay_kind says.")
-flags.DEFINE_enum("weight_decay_kind", "decoupled", config.WEIGHT_DECAY_KINDS,
+flags.DEFINE_enum("weight_decay_kind", _DEFAULT.train.weight_decay_kind, config.WEIGHT_DECAY_KINDS,
                   "decoupled: Keras's weight_decay, w <- w - lr * wd * w beside the update, "
                   "outside momentum (AdamW's kind). l2: wd * w added to every trained "
                   "variable's gradient before momentum / Adam moments, i.e. the penalty wd/2 "
                   "||w||^2 (PyTorch SGD's weight_decay, the attention-transfer reference; with "
                   "SGD momentum m the effective decay is about 1/(1-m) times the decoupled "
                   "one). Not with --optimizer=adamw.")
-flags.DEFINE_boolean("nesterov", True, "--optimizer=sgd: Nesterov momentum; --nonesterov: plain "
+flags.DEFINE_boolean("nesterov", _DEFAULT.train.nesterov,
+                     "--optimizer=sgd: Nesterov momentum; --nonesterov: plain "
                      "(heavy-ball) momentum, as PyTorch SGD's default and the attention-transfer "
                      "reference. Keras's momentum form (v <- m v - lr g; w <- w + v) equals "
                      "PyTorch's (v <- m v + g; w <- w - lr v) at a constant learning rate; after "
                      "a schedule changes the rate, Keras's velocity still carries the old rate "
                      "for about 1/(1-m) steps.")
-flags.DEFINE_enum("lr_schedule", "cosine", config.LR_SCHEDULES, "Learning-rate schedule.")
-flags.DEFINE_list("lr_decay_epochs", [], "Epochs at which --lr_schedule=step multiplies the "
+flags.DEFINE_enum("lr_schedule", _DEFAULT.train.lr_schedule,
+                  config.LR_SCHEDULES, "Learning-rate schedule.")
+flags.DEFINE_list("lr_decay_epochs", [str(e) for e in _DEFAULT.train.lr_decay_epochs],
+                  "Epochs at which --lr_schedule=step multiplies the "
                   "learning rate by --lr_decay_factor.")
-flags.DEFINE_float("lr_decay_factor", 0.2, "Factor of --lr_schedule=step.")
+flags.DEFINE_float("lr_decay_factor", _DEFAULT.train.lr_decay_factor,
+                   "Factor of --lr_schedule=step.")
 # Budget in optimizer steps (few-shot runs).
-flags.DEFINE_integer("train_steps", 0, "Student budget in optimizer steps; 0 (default): "
+flags.DEFINE_integer("train_steps", _DEFAULT.train.train_steps,
+                     "Student budget in optimizer steps; 0 (default): "
                      "--epochs epochs, so that a run on fewer images takes fewer steps (60 "
                      "epochs of 100 images at batch 32 are 240 steps). N > 0: exactly N steps "
                      "whatever the data size; epochs are then derived: --steps_per_epoch steps "
@@ -200,25 +246,31 @@ flags.DEFINE_integer("train_steps", 0, "Student budget in optimizer steps; 0 (de
                      "epoch end as usual. The cosine schedule decays over the N steps; "
                      "--lr_schedule=step takes --lr_decay_steps. tools/reproduce.py gives every "
                      "column of a table the same N.")
-flags.DEFINE_list("lr_decay_steps", [], "Optimizer steps at which --lr_schedule=step "
+flags.DEFINE_list("lr_decay_steps", [str(s) for s in _DEFAULT.train.lr_decay_steps],
+                  "Optimizer steps at which --lr_schedule=step "
                   "multiplies the learning rate by --lr_decay_factor (instead of "
                   "--lr_decay_epochs; the only kind taken with --train_steps).")
-flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many epochs without a "
+flags.DEFINE_integer("early_stopping_patience", _DEFAULT.train.early_stopping_patience,
+                     "Stop after this many epochs without a "
                      "better validation accuracy; 0: off. The best epoch is kept either way.")
-flags.DEFINE_boolean("resume", True, "Continue an interrupted run: each fit backs up its full "
+flags.DEFINE_boolean("resume", _DEFAULT.resume,
+                     "Continue an interrupted run: each fit backs up its full "
                      "state to <workdir>/checkpoints/<role>/backup at every epoch end (and every "
                      "--backup_every_steps steps); rerunning the same command continues from "
                      "there and ends with the same weights (bit-identical on CPU with the same "
                      "thread count). A backup of other settings is an error; --noresume "
                      "discards it and starts over.")
-flags.DEFINE_integer("backup_every_steps", 0, "Also back up within an epoch, every this many "
+flags.DEFINE_integer("backup_every_steps", _DEFAULT.train.backup_every_steps,
+                     "Also back up within an epoch, every this many "
                      "steps; 0: at epoch ends only.")
-flags.DEFINE_boolean("deterministic", False, "tf.config.experimental.enable_op_determinism(): "
+flags.DEFINE_boolean("deterministic", _DEFAULT.deterministic,
+                     "tf.config.experimental.enable_op_determinism(): "
                      "deterministic kernels, for bit-identical reruns and resumes on GPUs. Not "
                      "needed on CPU, where runs with the same thread count are bit-identical "
                      "already; there it changes the numbers and costs speed (docs/"
                      "reliability.md).")
-flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step. Refused with "
+flags.DEFINE_boolean("jit_compile", _DEFAULT.train.jit_compile,
+                     "XLA-compile the training step. Refused with "
                      "hints that take the student's Jacobian (jac, jac_ce, jacnorm, at_jac) by "
                      "--jac_estimator=backprop or jvp: XLA's second-order gradient through "
                      "max-pooling is wrong (forward mode runs through it too); allowed with fd, "
@@ -230,7 +282,7 @@ flags.DEFINE_boolean("jit_compile", False, "XLA-compile the training step. Refus
                      "turned off with a logged reason.")
 
 # Speed and scale.
-flags.DEFINE_enum("teacher_cache", "auto", config.TEACHER_CACHE,
+flags.DEFINE_enum("teacher_cache", _DEFAULT.teacher_cache, config.TEACHER_CACHE,
                   "Teacher outputs (logits, Jacobians of the --jac_target outputs, feature "
                   "maps) computed once per training example before the student's fit and fed "
                   "with the data, so a step runs only the student. The teacher is frozen, so "
@@ -239,7 +291,7 @@ flags.DEFINE_enum("teacher_cache", "auto", config.TEACHER_CACHE,
                   "projection) or with the noise hint (the log says which); on: insist (an "
                   "error when it cannot be honoured); off: run the teacher at every step. "
                   "Memory: the Jacobians take K x image size floats per example.")
-flags.DEFINE_enum("mixed_precision", config.DEFAULT_MIXED_PRECISION, config.PRECISIONS,
+flags.DEFINE_enum("mixed_precision", _DEFAULT.mixed_precision, config.PRECISIONS,
                   "Keras dtype policy of the networks built here. auto: mixed_bfloat16 where "
                   "the CPU has bfloat16 units (avx512_bf16 or amx_bf16 in /proc/cpuinfo) and no "
                   "GPU is visible, float32 elsewhere, logged. mixed_float16: float16 "
@@ -252,20 +304,23 @@ flags.DEFINE_enum("mixed_precision", config.DEFAULT_MIXED_PRECISION, config.PREC
                   "(docs/speed.md).")
 
 # Cost of the Jacobian hints (student fit only).
-flags.DEFINE_integer("jac_every", 1, "Lazy Jacobian matching: the Jacobian hints (jac, jac_ce, "
+flags.DEFINE_integer("jac_every", _DEFAULT.train.jac_every,
+                     "Lazy Jacobian matching: the Jacobian hints (jac, jac_ce, "
                      "jacnorm, at_jac) on every K-th optimizer step with their weights times K "
                      "(as StyleGAN2's lazy R1); the steps in between take only the other hints "
                      "and compute no Jacobian. 1: every step (the paper's loss).")
-flags.DEFINE_integer("val_jac_examples", 1000, "Validation computes accuracy and the hints "
+flags.DEFINE_integer("val_jac_examples", _DEFAULT.train.val_jac_examples,
+                     "Validation computes accuracy and the hints "
                      "without Jacobians on the whole validation split every epoch, and the "
                      "Jacobian hints' terms on a fixed subset of this many validation examples "
                      "(seeded by --seed, the same every epoch); 0: on the whole split. Model "
                      "selection uses validation accuracy, which is always on the whole split.")
-flags.DEFINE_integer("val_jac_every", 1, "Validation's Jacobian terms every this many epochs "
+flags.DEFINE_integer("val_jac_every", _DEFAULT.train.val_jac_every,
+                     "Validation's Jacobian terms every this many epochs "
                      "(the first, every N-th, and the last); 1: every epoch.")
 # Your own networks (networks.py, teachers.py; docs/networks.md).
-flags.DEFINE_enum("teacher_preprocessing", "auto", ["auto", "caffe", "torch", "tf", "pixels255",
-                                                    "none"],
+flags.DEFINE_enum("teacher_preprocessing", _DEFAULT.teacher_input.preprocessing,
+                  ["auto", "caffe", "torch", "tf", "pixels255", "none"],
                   "How the dataset's [0, 1] pixels are prepared for the teacher, inside the "
                   "differentiable adapter (Jacobians stay w.r.t. the dataset's pixels), as "
                   "keras.applications.<family>.preprocess_input does on 0-255 pixels. caffe: "
@@ -275,22 +330,28 @@ flags.DEFINE_enum("teacher_preprocessing", "auto", ["auto", "caffe", "torch", "t
                   "(EfficientNet, ConvNeXt, MobileNetV3); none: as they are, times "
                   "--teacher_input_scale plus --teacher_input_offset. auto: the "
                   "keras.applications family's, a KerasHub preset's image converter, else none.")
-flags.DEFINE_list("teacher_mean", [], "Per-channel mean (in [0, 1] pixel units) replacing "
+flags.DEFINE_list("teacher_mean", [str(m) for m in _DEFAULT.teacher_input.mean],
+                  "Per-channel mean (in [0, 1] pixel units) replacing "
                   "torch's ImageNet mean, or subtracted with --teacher_preprocessing=none.")
-flags.DEFINE_list("teacher_std", [], "Per-channel std to go with --teacher_mean.")
-flags.DEFINE_enum("teacher_outputs", "auto", ["auto", "logits", "probabilities"],
+flags.DEFINE_list("teacher_std", [str(m) for m in _DEFAULT.teacher_input.std],
+                  "Per-channel std to go with --teacher_mean.")
+flags.DEFINE_enum("teacher_outputs", _DEFAULT.teacher_input.outputs,
+                  ["auto", "logits", "probabilities"],
                   "What the teacher returns. auto: a final softmax (Dense, Activation or "
                   "Softmax layer) is seen and removed, so the hints get logits; a teacher with "
                   "no visible softmax (a SavedModel) whose outputs look like probabilities is "
                   "an error asking for this flag. probabilities: their logs stand for the "
                   "logits (exact for kd, lwf with kd, jac_ce, at, at_jac; act, jac, noise "
                   "are refused).")
-flags.DEFINE_string("teacher_weights", "", "--teacher=keras.applications:NAME: its weights "
+flags.DEFINE_string("teacher_weights", _DEFAULT.teacher_input.weights,
+                    "--teacher=keras.applications:NAME: its weights "
                     "file (.h5 or .weights.h5); none: random weights; empty: the ImageNet "
                     "file in Keras' cache directory (~/.keras/models), if a download elsewhere "
                     "left it there. tfjac never downloads.")
-flags.DEFINE_integer("teacher_image_size", 0, "--teacher=keras.applications:NAME: build it "
+flags.DEFINE_integer("teacher_image_size", _DEFAULT.teacher_input.image_size,
+                     "--teacher=keras.applications:NAME: build it "
                      "for this square input size; 0: its default (224 for most).")
-flags.DEFINE_string("student_weights", "", "--model=keras.applications:NAME or FILE.keras: "
+flags.DEFINE_string("student_weights", _DEFAULT.student.weights,
+                    "--model=keras.applications:NAME or FILE.keras: "
                     "initial weights from this file (model.load_weights); empty: random "
                     "init (or the file's own).")

@@ -71,9 +71,8 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                                    train_steps=f.train_steps, jac_every=f.jac_every,
                                    val_jac_examples=f.val_jac_examples,
                                    val_jac_every=f.val_jac_every, **train_common),
-      teacher_train=config_lib.TrainConfig(epochs=f.teacher_epochs,
-                                           learning_rate=f.teacher_learning_rate,
-                                           **train_common),
+      teacher_train=dataclasses.replace(config_lib.TEACHER_TRAIN, epochs=f.teacher_epochs,
+                                        learning_rate=f.teacher_learning_rate, **train_common),
       hints=config_lib.HintConfig(
           hints=hints,
           weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS),

@@ -9,20 +9,24 @@ from typing import Callable, Dict, Optional, Tuple
 
 import tensorflow as tf
 
+from tfjac.config import HintConfig
 from tfjac.hints import attention, estimators, jacobians, losses
 from tfjac.hints.jacobians import JACOBIAN_TARGETS, TargetOptions  # noqa: F401
+
+_DEFAULT = HintConfig()
 
 
 @dataclasses.dataclass(frozen=True)
 class HintParams:
   """What the hint losses read besides their inputs: the loss-parameter fields of
-  config.HintConfig, under the same names and with the same defaults."""
-  kd_temperature: float = 4.0
-  jac_normalize: bool = True
-  lwf_match: str = "kd"  # kd (soft targets, LwF's own) or act (squared error)
-  noise_sigma: float = 0.1
-  noise_samples: int = 4
-  jac_estimator: str = "backprop"  # hints/estimators.py: the Jacobians are sketches unless backprop
+  config.HintConfig, under the same names and with its defaults (read from it, not copied)."""
+  kd_temperature: float = _DEFAULT.kd_temperature
+  jac_normalize: bool = _DEFAULT.jac_normalize
+  lwf_match: str = _DEFAULT.lwf_match  # kd (soft targets, LwF's own) or act (squared error)
+  noise_sigma: float = _DEFAULT.noise_sigma
+  noise_samples: int = _DEFAULT.noise_samples
+  # hints/estimators.py: the Jacobians are sketches unless backprop
+  jac_estimator: str = _DEFAULT.jac_estimator
 
   @classmethod
   def from_config(cls, settings) -> "HintParams":

@@ -1,0 +1,120 @@
+"""One source of defaults (issue 23): every flag of tfjac.run that fills a config field has the
+default of that field in `config.Config()`, so a Python API user and a command-line user get the
+same run. No flags are parsed: only the flags' declared defaults are read."""
+import dataclasses
+
+from absl import flags
+
+from tfjac import config, flagdefs, hints
+
+# Flag -> the field(s) of config.Config() it fills in run.config_from_flags, as attribute paths.
+# The flags shared by the student's and the teacher's fits fill both TrainConfigs.
+_SHARED_TRAIN = ("batch_size", "steps_per_epoch", "optimizer", "momentum", "weight_decay",
+                 "lr_schedule", "lr_decay_epochs", "lr_decay_factor", "early_stopping_patience",
+                 "jit_compile", "backup_every_steps", "weight_decay_kind", "nesterov",
+                 "lr_decay_steps")
+FIELDS = {
+    "mode": ("mode",), "workdir": ("workdir",), "strategy": ("strategy",),
+    "teacher": ("teacher_path",),
+    "source_dataset": ("source",),  # None: no source data; given, a DataConfig is built
+    "robustness_sigmas": ("robustness_sigmas",),
+    "conditions_examples": ("conditions_examples",), "resume": ("resume",),
+    "deterministic": ("deterministic",), "unsafe_teacher_loading": ("unsafe_teacher_loading",),
+    "teacher_cache": ("teacher_cache",), "mixed_precision": ("mixed_precision",),
+    # data
+    **{name: (f"data.{name}",) for name in (
+        "dataset", "data_dir", "samples_per_class", "validation_fraction", "augment",
+        "crop_padding", "seed", "image_size", "skip_bad_images", "classes")},
+    # networks
+    "model": ("student.name",), "width": ("student.width",),
+    "student_weights": ("student.weights",), "teacher_model": ("teacher.name",),
+    # optimisation
+    "epochs": ("train.epochs",), "learning_rate": ("train.learning_rate",),
+    "train_steps": ("train.train_steps",), "jac_every": ("train.jac_every",),
+    "val_jac_examples": ("train.val_jac_examples",), "val_jac_every": ("train.val_jac_every",),
+    "teacher_epochs": ("teacher_train.epochs",),
+    "teacher_learning_rate": ("teacher_train.learning_rate",),
+    **{name: (f"train.{name}", f"teacher_train.{name}") for name in _SHARED_TRAIN},
+    # hints (the <hint>_weight flags are paired below)
+    **{name: (f"hints.{name}",) for name in (
+        "hints", "kd_temperature", "jac_target", "jac_normalize", "jac_bn_policy", "jac_top_k",
+        "jac_projections", "jac_estimator", "jac_probes", "jac_probe", "jac_fd_eps",
+        "noise_sigma", "noise_samples", "lwf_match", "teacher_layers", "student_layers",
+        "loss_scaling")},
+    # the teacher's inputs
+    "teacher_resize": ("teacher_input.resize",), "teacher_input_scale": ("teacher_input.scale",),
+    "teacher_input_offset": ("teacher_input.offset",),
+    "teacher_preprocessing": ("teacher_input.preprocessing",),
+    "teacher_mean": ("teacher_input.mean",), "teacher_std": ("teacher_input.std",),
+    "teacher_outputs": ("teacher_input.outputs",), "teacher_weights": ("teacher_input.weights",),
+    "teacher_image_size": ("teacher_input.image_size",),
+}
+# Flags whose default is no field's default: {flag: its default}.
+NOT_PAIRED = {
+    # None: config.default_teacher_width(dataset, teacher model) fills teacher.width.
+    "teacher_width": None,
+}
+
+
+def _get(obj, path):
+  for name in path.split("."):
+    obj = getattr(obj, name)
+  return obj
+
+
+def _as_field_value(value, like=None):
+  """A flag's default as its field holds it: a list flag's strings as the field's tuple."""
+  if not isinstance(value, list):
+    return value
+  kind = type(like[0]) if like else str
+  return tuple(kind(v) for v in value)
+
+
+def _flag_names():
+  return sorted(f.name for f in flags.FLAGS.get_key_flags_for_module(flagdefs))
+
+
+def _pairs():
+  default = config.Config()
+  pairs = [(name, path, _get(default, path)) for name, paths in FIELDS.items() for path in paths]
+  pairs += [(f"{h}_weight", f"hints.weight({h!r})", default.hints.weight(h)) for h in hints.HINTS]
+  # The source DataConfig (--source_dataset given) takes its classes from --source_classes.
+  pairs += [("source_classes", "source: DataConfig().classes", config.DataConfig().classes)]
+  return pairs
+
+
+def test_every_flag_is_paired_or_listed():
+  paired = {name for name, _, _ in _pairs()} | set(NOT_PAIRED)
+  assert set(_flag_names()) == paired, (
+      "flags neither paired with a config field nor listed in NOT_PAIRED: "
+      f"{sorted(set(_flag_names()) - paired)}; pairs naming no flag: "
+      f"{sorted(paired - set(_flag_names()))}")
+
+
+def test_flag_defaults_are_the_config_defaults():
+  disagreements = [f"--{name}={flags.FLAGS[name].default!r} but Config().{path} = {value!r}"
+                   for name, path, value in _pairs()
+                   if _as_field_value(flags.FLAGS[name].default, value) != value]
+  assert not disagreements, "\n".join(disagreements)
+
+
+def test_unpaired_flags_keep_their_documented_defaults():
+  for name, default in NOT_PAIRED.items():
+    assert _as_field_value(flags.FLAGS[name].default) == default, name
+
+
+def test_the_two_fits_default_apart_only_where_their_flags_do():
+  """The teacher's fit has its own epochs flag; everything else a TrainConfig holds defaults
+  alike, except the student-only val_jac_examples no teacher flag fills (the teacher takes no
+  Jacobian hints; its validation keeps the whole split)."""
+  train, teacher = config.Config().train, config.Config().teacher_train
+  assert train == config.TrainConfig() and teacher == config.TEACHER_TRAIN
+  differ = {f.name for f in dataclasses.fields(config.TrainConfig)
+            if getattr(train, f.name) != getattr(teacher, f.name)}
+  assert differ == {"epochs", "val_jac_examples"}, differ
+
+
+def test_hint_params_default_to_the_hint_config():
+  assert hints.HintParams() == hints.HintParams.from_config(config.HintConfig())
+  for field in dataclasses.fields(hints.HintParams):
+    assert field.default == getattr(config.HintConfig(), field.name), field.name
