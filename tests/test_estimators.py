@@ -300,7 +300,9 @@ def test_fd_step_is_the_same_under_xla(digits_splits):
   y = tf.constant(digits_splits.train.labels[:16])
   graph, xla = _step_gradients(d, x, y, False), _step_gradients(d, x, y, True)
   for g, h in zip(graph, xla):
-    np.testing.assert_allclose(h, g, rtol=1e-3, atol=1e-5 * np.abs(g).max())
+    # atol: float32 rounding amplified by 1/(2 eps) = 50 reaches ~2e-5 of the largest entry
+    # (seen in CI at 1.9e-5); backprop's max-pool error is far larger (the break below).
+    np.testing.assert_allclose(h, g, rtol=1e-3, atol=1e-4 * np.abs(g).max())
 
 
 def _validate(tmp_path, train=TrainConfig(), **hint_settings):
