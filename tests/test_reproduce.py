@@ -76,7 +76,7 @@ def _weights(row, setting):
 @pytest.mark.parametrize("table", list(reproduce.TABLES))
 def test_every_row_gets_the_same_trials_and_none_is_a_reroll(table):
   trials = reproduce.trials_per_row(table)
-  assert trials == {"distill": 4, "lazy": 4, "transfer": 8}[table]
+  assert trials == {"distill": 4, "lazy": 4, "variants": 4, "transfer": 8}[table]
   shared = {"0.001", "0.003"}
   for row in reproduce.TABLES[table]:
     got = reproduce.candidates(row, trials=trials)

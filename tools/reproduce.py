@@ -73,6 +73,21 @@ TABLES["lazy"] = (
     *(Row(f"act_jac_ce_k{k}", f"act + jac + CE, jac every {k}th step",
           (*_BASE["act_jac_ce"].args, f"--jac_every={k}")) for k in (4, 16)))
 
+# How the Jacobian term is computed and in what precision (issue 22), at equal budgets: the
+# default act + jac + CE (label row, double backprop, float32) beside the estimators covering
+# every output along one random probe (forward mode, central differences) and the default in
+# bfloat16. Row keys of the distill rows are shared, so a --out holding a distill table's cells
+# reuses them.
+TABLES["variants"] = (
+    _BASE["act_ce"], _BASE["act_jac_ce"],
+    Row("act_jac_ce_jvp", "act + jac + CE, jvp (all outputs, 1 probe)",
+        (*_BASE["act_jac_ce"].args, "--jac_estimator=jvp")),
+    Row("act_jac_ce_fd", "act + jac + CE, fd (all outputs, 1 probe)",
+        (*_BASE["act_jac_ce"].args, "--jac_estimator=fd")),
+    Row("act_jac_ce_bf16", "act + jac + CE, bfloat16",
+        (*_BASE["act_jac_ce"].args, "--mixed_precision=mixed_bfloat16")),
+)
+
 Preset = collections.namedtuple("Preset",
                                 "run_args teacher_args sizes poster_columns size_args "
                                 "train_steps learning_rate")
@@ -114,6 +129,9 @@ PRESETS = {
         ("--flagfile=flags/indoor67_base.cfg",), None, ("25", "50", "full"), {},
         {"25": ("--steps_per_epoch=76",), "50": ("--steps_per_epoch=76",)}, 0, 0.01),
 }
+# The variants table: the distill presets' cells at 10 per class.
+PRESETS.update({(("variants", d)): PRESETS[("distill", d)]._replace(sizes=("10",))
+                for d in ("digits", "fashion_mnist")})
 
 # What --tune searches. Every row of a table gets the same number of trials, T = 2^(k - 1)
 # for the table's largest number k of factors (distill 4, transfer 8). A row's factors are

@@ -65,10 +65,11 @@ def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
   settings of the same name (`params`: its loss parameters; `bn_policy`: jac_bn_policy)."""
   if isinstance(hints, HintConfig):
     settings = hints
-  else:
-    pairs = tuple((name, float(w)) for name, w in (
-        hints.items() if isinstance(hints, Mapping) else hints))
-    settings = HintConfig(hints=tuple(name for name, _ in pairs), weights=pairs)
+  else:  # {name: weight}, (name, weight) pairs or names; a weight None or not given: the default
+    items = tuple(hints.items() if isinstance(hints, Mapping) else
+                  ((h, None) if isinstance(h, str) else h for h in hints))
+    settings = HintConfig(hints=tuple(name for name, _ in items),
+                          weights=tuple((name, float(w)) for name, w in items if w is not None))
   overrides = dataclasses.asdict(params) if params is not None else {}
   for field, value in (("jac_target", jac_target), ("jac_top_k", jac_top_k),
                        ("jac_projections", jac_projections), ("jac_bn_policy", bn_policy),
@@ -112,7 +113,8 @@ class Distiller(keras.Model):
 
   `hints`: the hint settings as one object, a config.HintConfig (the hints, their weights,
   the loss parameters, the Jacobian target and BatchNorm policy), or {name: weight} / (name,
-  weight) pairs; `params`, `jac_target`, `jac_top_k`, `jac_projections`, `bn_policy`,
+  weight) pairs / names, a weight not given (or None) taking the command line's default
+  (config.default_weight: 1, ce 0.1 beside act or kd under a loss scaling); `params`, `jac_target`, `jac_top_k`, `jac_projections`, `bn_policy`,
   `jac_estimator`, `jac_probes` and `jac_fd_eps` replace the settings of those names
   (hint_settings). `jac_estimator`: backprop (the Jacobian rows, double backprop), jvp or fd
   (directional derivatives along random probes, hints/estimators.py). The Distiller derives the losses'
