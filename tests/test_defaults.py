@@ -3,7 +3,6 @@ default of that field in `config.Config()`, so a Python API user and a command-l
 same run. No flags are parsed: only the flags' declared defaults are read."""
 import dataclasses
 
-import pytest
 from absl import flags
 
 from tfjac import config, flagdefs, hints
@@ -54,9 +53,6 @@ FIELDS = {
 NOT_PAIRED = {
     # None: config.default_teacher_width(dataset, teacher model) fills teacher.width.
     "teacher_width": None,
-    # None: not given; HintConfig.weight then takes config.default_weight, which depends on
-    # the run's hints and loss scaling (0.1 beside act or kd under a scaling, else 1).
-    "ce_weight": None,
 }
 
 
@@ -81,10 +77,7 @@ def _flag_names():
 def _pairs():
   default = config.Config()
   pairs = [(name, path, _get(default, path)) for name, paths in FIELDS.items() for path in paths]
-  # ce's flag: NOT_PAIRED.
-  pairs += [(f"{h}_weight", f"hints.weight({h!r})", default.hints.weight(h))
-            for h in hints.HINTS if h != "ce"]
-
+  pairs += [(f"{h}_weight", f"hints.weight({h!r})", default.hints.weight(h)) for h in hints.HINTS]
   # The source DataConfig (--source_dataset given) takes its classes from --source_classes.
   pairs += [("source_classes", "source: DataConfig().classes", config.DataConfig().classes)]
   return pairs
@@ -127,34 +120,12 @@ def test_hint_params_default_to_the_hint_config():
     assert field.default == getattr(config.HintConfig(), field.name), field.name
 
 
-@pytest.mark.parametrize("argv,hints,weight", [
-    ((), ("act", "jac", "ce"), 0.1),  # the main job: ce beside act under the default scaling
-    (("--hints=kd,ce",), ("kd", "ce"), 0.1),
-    (("--hints=ce",), ("ce",), 1.0),  # labels alone
-    (("--hints=ce,jacnorm", "--mode=regularize"), ("ce", "jacnorm"), 1.0),
-    (("--mode=transfer", "--hints=ce,lwf,jac"), ("ce", "lwf", "jac"), 1.0),  # another task
-    (("--loss_scaling=none",), ("act", "jac", "ce"), 1.0),  # raw multipliers: 1 as before
-    (("--ce_weight=0.5",), ("act", "jac", "ce"), 0.5),  # a weight given is the weight
-])
-def test_the_label_weight_default_is_one_rule_for_the_command_line_and_the_api(
-    argv, hints, weight):
-  """ce's default weight depends on the run (config.default_weight): the command line and the
-  Python API (hints given by name, no weight) reach it through the same HintConfig.weight, and
-  the resolved flags.cfg writes it out, so a rerun from it is the same run."""
-  from tests.helpers import parsed_flags  # pylint: disable=g-import-not-at-top
-  from tfjac import run  # pylint: disable=g-import-not-at-top
+def test_the_python_api_with_hints_by_name_gets_the_command_line_defaults():
+  """hints=("act", "jac", "ce") (no weights) is the command line's default run: the same
+  HintConfig, every setting and weight from config.py."""
   from tfjac.training import distiller  # pylint: disable=g-import-not-at-top
-  with parsed_flags(*argv):
-    cfg = run.config_from_flags()
-    text = run.resolved_flagfile(cfg)
-  assert cfg.hints.hints == hints and cfg.hints.weight("ce") == weight
-  assert f"--ce_weight={weight}" in text.splitlines()
-  api = distiller.hint_settings(hints, loss_scaling=cfg.hints.loss_scaling)
-  assert api.weight("ce") == weight or "--ce_weight=0.5" in argv
-  assert api.weight("act") == 1.0 and api.weight("jac") == 1.0
-  # A teacher's fit (labels alone) keeps 1 whatever the student's hints, and so do the
-  # settings a reused teacher is checked against (teachers made before the rule match).
-  from tfjac.modes import common  # pylint: disable=g-import-not-at-top
-  teacher_weight = 0.5 if "--ce_weight=0.5" in argv else 1.0
-  assert dataclasses.replace(cfg.hints, hints=("ce",)).weight("ce") == teacher_weight
-  assert common.teacher_settings(cfg)["ce_weight"] == teacher_weight
+  api = distiller.hint_settings(("act", "jac", "ce"))
+  assert api == config.HintConfig()
+  assert all(api.weight(h) == config.HintConfig().weight(h) for h in api.hints)
+  mixed = distiller.hint_settings({"act": None, "jac": 3, "ce": 1})
+  assert mixed.weight("act") == 1.0 and mixed.weight("jac") == 3.0

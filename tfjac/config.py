@@ -141,29 +141,7 @@ class HintConfig:
   loss_scaling: str = "initial"
 
   def weight(self, hint):
-    """`hint`'s weight: the one given in `weights`, else its default (default_weight)."""
-    given = dict(self.weights)
-    return given[hint] if hint in given else default_weight(hint, self.hints, self.loss_scaling)
-
-
-# The hints that make the teacher's own outputs on the student's task a target (act: its
-# logits, kd: its softened probabilities). Beside one of them, under a loss scaling, the label
-# term `ce` defaults to LABEL_WEIGHT_BESIDE_TEACHER: the teacher's targets carry the task and
-# the few labels correct them, the share Hinton et al. (2015) give the hard labels. Chosen on
-# validation accuracy on the digits and Fashion-MNIST (docs/results/ce_weight_candidates.md);
-# transfer's hints (lwf: the teacher's other task) and labels alone keep every weight at 1.
-TEACHER_TARGET_HINTS = ("act", "kd")
-LABEL_WEIGHT_BESIDE_TEACHER = 0.1
-
-
-def default_weight(hint, hints, loss_scaling):
-  """A hint's weight when none is given: 1, but for `ce` beside act or kd under a loss scaling
-  (LABEL_WEIGHT_BESIDE_TEACHER). Under loss_scaling="none" every weight is a raw multiplier
-  and defaults to 1, as before the scaling existed."""
-  if (hint == "ce" and loss_scaling != "none"
-      and any(h in TEACHER_TARGET_HINTS for h in hints)):
-    return LABEL_WEIGHT_BESIDE_TEACHER
-  return 1.0
+    return dict(self.weights).get(hint, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

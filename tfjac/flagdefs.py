@@ -101,19 +101,13 @@ flags.DEFINE_list("hints", list(_DEFAULT.hints.hints),
                   "weights: " + "; ".join(f"{k}: {h.help}" for k, h in hints.HINTS.items()) +
                   ". The poster's rows: ce | act,ce | act,jac,ce | act | act,jac.")
 for _name in hints.HINTS:
-  # ce's default depends on the run (config.default_weight): the flag's is None, "not given".
-  flags.DEFINE_float(f"{_name}_weight",
-                     None if _name == "ce" else _DEFAULT.hints.weight(_name),
+  flags.DEFINE_float(f"{_name}_weight", _DEFAULT.hints.weight(_name),
                      f"Weight of the '{_name}' hint: its importance relative to the other "
                      "hints' under the default --loss_scaling=initial (1: the same share of "
                      "the loss at the start as every other hint of weight 1); a raw multiplier "
                      "under --loss_scaling=none" + (
                          " (attention transfer's reference weight in raw units: 1e3)"
-                         if _name == "at" else "") + (
-                         f". Default: {config.LABEL_WEIGHT_BESIDE_TEACHER:g} beside "
-                         f"{' or '.join(config.TEACHER_TARGET_HINTS)} under a loss scaling "
-                         "(the teacher's targets carry the task, the labels correct them), "
-                         "else 1" if _name == "ce" else "") + ".")
+                         if _name == "at" else "") + ".")
 flags.DEFINE_enum("loss_scaling", _DEFAULT.hints.loss_scaling, config.LOSS_SCALINGS,
                   "How the hints' terms are put on one scale before their weights apply. "
                   "initial: each term divided by its own mean over the first 10 training steps "

@@ -75,8 +75,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                                         learning_rate=f.teacher_learning_rate, **train_common),
       hints=config_lib.HintConfig(
           hints=hints,
-          weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS
-                        if f[f"{h}_weight"].value is not None),  # None: the hint's default
+          weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS),
           kd_temperature=f.kd_temperature, jac_target=jac_target,
           jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy,
           jac_top_k=f.jac_top_k, jac_projections=f.jac_projections,
@@ -107,13 +106,11 @@ def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:
   """Every tfjac flag with its value: `--flagfile=<workdir>/flags.cfg` reruns the run.
   Values resolved from the mode (the default hints) are written as resolved."""
   resolved = {"hints": "--hints=" + ",".join(config.hints.hints),
-              "jac_target": "--jac_target=" + config.hints.jac_target,
-              **{f"{h}_weight": f"--{h}_weight={config.hints.weight(h)}"
-                 for h in config.hints.hints}}
+              "jac_target": "--jac_target=" + config.hints.jac_target}
   lines = ["# Resolved flags of this run; rerun with: python -m tfjac.run "
            "--flagfile=THIS_FILE"]
   for flag in sorted(f.get_key_flags_for_module(flagdefs), key=lambda fl: fl.name):
-    if flag.value is None and flag.name not in resolved:
+    if flag.value is None:
       continue
     lines.append(resolved.get(flag.name) or flag.serialize())
   return "\n".join(lines) + "\n"

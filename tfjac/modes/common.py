@@ -88,8 +88,7 @@ def resume_settings(config: Config, role: str):
   if role == "teacher":  # the teacher's fit depends on none of the student's settings
     c = {k: c[k] for k in ("strategy", "data", "teacher", "teacher_train", "deterministic",
                            "mixed_precision")}
-    # the weight of the teacher's fit, on labels alone (train_teacher), whatever the student's
-    c["ce_weight"] = dataclasses.replace(config.hints, hints=("ce",)).weight("ce")
+    c["ce_weight"] = config.hints.weight("ce")
   return c
 
 

@@ -114,7 +114,7 @@ class Distiller(keras.Model):
   `hints`: the hint settings as one object, a config.HintConfig (the hints, their weights,
   the loss parameters, the Jacobian target and BatchNorm policy), or {name: weight} / (name,
   weight) pairs / names, a weight not given (or None) taking the command line's default
-  (config.default_weight: 1, ce 0.1 beside act or kd under a loss scaling); `params`, `jac_target`, `jac_top_k`, `jac_projections`, `bn_policy`,
+  (HintConfig.weight); `params`, `jac_target`, `jac_top_k`, `jac_projections`, `bn_policy`,
   `jac_estimator`, `jac_probes` and `jac_fd_eps` replace the settings of those names
   (hint_settings). `jac_estimator`: backprop (the Jacobian rows, double backprop), jvp or fd
   (directional derivatives along random probes, hints/estimators.py). The Distiller derives the losses'
