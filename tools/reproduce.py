@@ -81,9 +81,9 @@ TABLES["lazy"] = (
 TABLES["variants"] = (
     _BASE["act_ce"], _BASE["act_jac_ce"],
     Row("act_jac_ce_jvp", "act + jac + CE, jvp (all outputs, 1 probe)",
-        (*_BASE["act_jac_ce"].args, "--jac_estimator=jvp")),
+        (*_BASE["act_jac_ce"].args, "--jac_estimator=jvp", "--jac_target=all")),
     Row("act_jac_ce_fd", "act + jac + CE, fd (all outputs, 1 probe)",
-        (*_BASE["act_jac_ce"].args, "--jac_estimator=fd")),
+        (*_BASE["act_jac_ce"].args, "--jac_estimator=fd", "--jac_target=all")),
     Row("act_jac_ce_bf16", "act + jac + CE, bfloat16",
         (*_BASE["act_jac_ce"].args, "--mixed_precision=mixed_bfloat16")),
 )
