@@ -261,6 +261,26 @@ def test_robustness_table_runs_every_row_and_seed_and_reports_the_spread(tmp_pat
   assert len(calls()) == before
 
 
+def test_generated_tables_word_every_comparison_by_the_one_rule(tmp_path, fake_python):
+  """results.md (reproduce) and the robustness table compare each row with the first by
+  results_tables.verdict: a gap beyond the larger std is ahead/behind, else within noise."""
+  python, _ = fake_python
+  out = tmp_path / "out"
+  # ce: 46 +- 1 (the fake's +0.05 for ce), act + CE: 41 +- 1 at every seed count of 3.
+  reproduce.Harness("distill", "digits", ("10",), 3, _rows("ce", "act_ce"), str(out),
+                    python=python).run()
+  md = (out / "results.md").read_text()
+  assert "- 10/class: act + CE vs CE: -5.00 (stds 1.00, 1.00): **behind**" in md
+  table = robustness.Table(str(tmp_path / "rob"), seeds=3, sigmas=("0.1",), python=python)
+  md = table.run()
+  assert "- clean: CE on noisy inputs (`noisy_ce`) vs CE: -5.00 (stds 1.00, 1.00): **behind**" in md
+  assert "- sigma 0.1: CE on noisy inputs (`noisy_ce`) vs CE: +0.00 (stds 1.00, 1.00): " \
+         "**within noise**" in md
+  # One seed: no spread, so no verdicts.
+  one = robustness.Table(str(tmp_path / "rob1"), seeds=1, sigmas=("0.1",), python=python)
+  assert "**within noise**" not in one.run() and "vs CE" not in one.run()
+
+
 def test_poster_numbers_beside_ours(tmp_path, fake_python):
   python, _ = fake_python
   out = tmp_path / "out"

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 from absl import app, flags  # noqa: E402
 
 import reproduce  # noqa: E402  (read_results)
-import results_tables  # noqa: E402  (mean_std)
+import results_tables  # noqa: E402  (mean_std, verdict_lines)
 from tfjac import atomic  # noqa: E402
 
 Row = collections.namedtuple("Row", "key label hints")
@@ -110,13 +110,13 @@ class Table:
              f"std sigma, mean +- std over {self.seeds} seed(s) (the same images and initial "
              "weights for every row at a seed).", "",
              "| student | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    rows_csv = []
+    rows_csv, spread = [], {}
     for row in ROWS:
       per_seed = [self.values(results[(row.key, s)]) for s in range(self.seeds)
                   if results[(row.key, s)] is not None]
       cells = []
       for j, column in enumerate(columns):
-        m, sd = results_tables.mean_std([v[j] for v in per_seed])
+        m, sd = spread[(row.key, column)] = results_tables.mean_std([v[j] for v in per_seed])
         cells.append("failed" if m is None else f"{m:.2f} +- {sd:.2f}")
         rows_csv.append([row.key, column, len(per_seed), "" if m is None else f"{m:.4f}",
                          "" if sd is None else f"{sd:.4f}",
@@ -124,6 +124,9 @@ class Table:
       if len(per_seed) < self.seeds:
         cells[0] += f" ({len(per_seed)} of {self.seeds} seeds)"
       lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    lines += results_tables.verdict_lines(
+        ROWS, columns, lambda key, column: spread[(key, column)], self.seeds,
+        label=lambda c: c if c == "clean" else f"sigma {c}")
     seconds = sum(r["total_seconds"] for r in results.values() if r)
     lines += ["", f"Runs' own time, summed: {seconds / 60:.1f} min."]
     if self.failures:
