@@ -261,8 +261,8 @@ def exactness(smoke):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
+  import benchkit  # pylint: disable=g-import-not-at-top  (tools/: the timing tools' step)
   from tfjac import models  # pylint: disable=g-import-not-at-top
-  from tfjac.training.distiller import Distiller  # pylint: disable=g-import-not-at-top
 
   side, classes, batch, width = (8, 10, 8, 0.25) if smoke else (32, 100, 64, 1.0)
   rng = np.random.default_rng(0)
@@ -276,14 +276,15 @@ def exactness(smoke):
   def gradients(policy, estimator, target, jit):
     keras.mixed_precision.set_global_policy(policy)
     try:
-      keras.utils.set_random_seed(0)
+      keras.utils.set_random_seed(0)  # student, then teacher: the draws of its past results
       student = models.build("vgg4", (side, side, 3), classes, width=width, **stats)
       teacher = models.build("vgg9", (side, side, 3), classes, width=width / 4, **stats)
-      d = Distiller(student, teacher, hints=[("act", 1.0), ("jac", 1.0), ("ce", 1.0)],
-                    jac_estimator=estimator, jac_target=target, jac_probes=2,
-                    # fd at 1e-2: at the default 1e-3 float32 rounding (XLA fuses, so rounds
-                    # otherwise) amplified by 1/(2 eps) moves some elements by ~0.5%.
-                    jac_fd_eps=1e-2)
+      d = benchkit.distiller(student, teacher, "act,jac,ce", compile=False,
+                             jac_estimator=estimator, jac_target=target, jac_probes=2,
+                             # fd at 1e-2: at the default 1e-3 float32 rounding (XLA fuses,
+                             # so rounds otherwise) amplified by 1/(2 eps) moves some
+                             # elements by ~0.5%.
+                             jac_fd_eps=1e-2)
 
       @tf.function(jit_compile=jit)
       def step():
