@@ -124,3 +124,11 @@ def test_smoke_check_runs_on_cpu(tmp_path):
                  "act,jac,ce all jvp", "benchmark (XLA)", "fashion_mnist"):
     assert needed in table, needed
   assert "FAILED" not in table and "TIMED OUT" not in table
+
+
+def test_the_fashion_mnist_row_reads_the_cell_through_reproduce(tmp_path):
+  cell = tmp_path / "cells" / "act_jac_ce" / "n10" / "seed0"
+  cell.mkdir(parents=True)
+  (cell / "results.json").write_text(json.dumps({"student": {"test": {"accuracy": 0.875}}}))
+  rows = gpu_check.parse_reproduce("done", 0, out=str(tmp_path))
+  assert rows[0][:3] == ["fashion_mnist", "act + jac + CE, 10/class, seed 0", "87.50% test"]

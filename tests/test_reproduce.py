@@ -13,7 +13,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import reproduce  # noqa: E402  pylint: disable=wrong-import-position
-import robustness  # noqa: E402  pylint: disable=wrong-import-position
 
 # A stand-in for `python -m tfjac.run`: writes a results.json whose validation accuracy prefers
 # act_weight=1 and learning_rate=0.003 and whose test accuracy prefers act_weight=0.1 and any
@@ -37,7 +36,7 @@ FAKE_RUN = textwrap.dedent("""
                            "fit_phases_seconds": {"training": 2.0 + seed},
                            "test_accuracy": 0.5 - 0.1 * w - lr + 0.01 * seed
                                             + (0.05 if args.get("hints") == "ce" else 0)}}
-    if "robustness_sigmas" in args:  # tools/robustness.py: accuracy 1 - sigma + seed / 100
+    if "robustness_sigmas" in args:  # --table=robustness: accuracy 1 - sigma + seed / 100
       results["student"]["test"] = {"accuracy_under_noise": {
           f"{float(s):g}": 1 - float(s) + 0.01 * seed
           for s in args["robustness_sigmas"].split(",")}}
@@ -244,9 +243,9 @@ def test_robustness_table_runs_every_row_and_seed_and_reports_the_spread(tmp_pat
                                                                          fake_python):
   python, calls = fake_python
   docs = tmp_path / "docs" / "robustness.md"
-  table = robustness.Table(str(tmp_path / "out"), seeds=3, sigmas=("0.1", "0.5"),
+  table = reproduce.RobustnessTable(str(tmp_path / "out"), seeds=3, sigmas=("0.1", "0.5"),
                            python=python, docs=str(docs))
-  md = table.run("python tools/robustness.py --seeds=3")
+  md = table.run("python tools/reproduce.py --table=robustness --seeds=3")
   runs = calls()
   assert sorted((c["hints"], c["seed"]) for c in runs) == sorted(
       (h, str(k)) for h in ("ce", "ce,jacnorm", "noisy_ce") for k in range(3))
@@ -254,11 +253,40 @@ def test_robustness_table_runs_every_row_and_seed_and_reports_the_spread(tmp_pat
              and c["noise_sigma"] == "0.3" and c["samples_per_class"] == "50" for c in runs)
   # ce: clean 0.45 + seed/100, sigma 0.5: 0.5 + seed/100 -> 46.00 +- 1.00 and 51.00 +- 1.00
   assert "| CE | 46.00 +- 1.00 | 91.00 +- 1.00 | 51.00 +- 1.00 |" in md
-  assert "`python tools/robustness.py --seeds=3`" in md
+  assert "`python tools/reproduce.py --table=robustness --seeds=3`" in md
   assert docs.read_text() == md and (tmp_path / "docs" / "robustness.csv").exists()
   before = len(calls())
   table.run()  # finished runs are not run again
   assert len(calls()) == before
+
+
+def test_the_robustness_table_is_a_table_of_the_one_scheduler():
+  """`reproduce.py --table=robustness` reaches RobustnessTable and names its bad arguments."""
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "reproduce.py"),
+                         "--table=robustness", "--samples_per_class=10,50"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "the robustness table takes one positive integer, got 10,50" in proc.stderr
+
+
+def test_generated_tables_word_every_comparison_by_the_one_rule(tmp_path, fake_python):
+  """results.md (reproduce) and the robustness table compare each row with the first by
+  results_tables.verdict: a gap beyond the larger std is ahead/behind, else within noise."""
+  python, _ = fake_python
+  out = tmp_path / "out"
+  # ce: 46 +- 1 (the fake's +0.05 for ce), act + CE: 41 +- 1 at every seed count of 3.
+  reproduce.Harness("distill", "digits", ("10",), 3, _rows("ce", "act_ce"), str(out),
+                    python=python).run()
+  md = (out / "results.md").read_text()
+  assert "- 10/class: act + CE vs CE: -5.00 (stds 1.00, 1.00): **behind**" in md
+  table = reproduce.RobustnessTable(str(tmp_path / "rob"), seeds=3, sigmas=("0.1",), python=python)
+  md = table.run()
+  assert "- clean: CE on noisy inputs (`noisy_ce`) vs CE: -5.00 (stds 1.00, 1.00): **behind**" in md
+  assert "- sigma 0.1: CE on noisy inputs (`noisy_ce`) vs CE: +0.00 (stds 1.00, 1.00): " \
+         "**within noise**" in md
+  # One seed: no spread, so no verdicts.
+  one = reproduce.RobustnessTable(str(tmp_path / "rob1"), seeds=1, sigmas=("0.1",), python=python)
+  assert "**within noise**" not in one.run() and "vs CE" not in one.run()
 
 
 def test_poster_numbers_beside_ours(tmp_path, fake_python):

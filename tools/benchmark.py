@@ -43,8 +43,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
+
+import benchkit  # noqa: E402  (the synthetic step and its strategy; imports no TensorFlow)
 
 flags.DEFINE_multi_string("hints_sets", ["ce", "act,ce", "kd,ce", "act,jac,ce", "act,jac",
                                          "jac_ce,ce", "noise,ce"],
@@ -55,12 +58,13 @@ flags.DEFINE_string("base_hints", "act,jac,ce", "--grid=sweep: the hint set whos
                     "are varied.")
 flags.DEFINE_enum("grid", "sweep", ["sweep", "product"], "sweep: one dimension at a time "
                   "around the base configuration; product: every combination.")
-flags.DEFINE_string("teacher_model", "vgg9", "Teacher architecture (tfjac.models).")
-flags.DEFINE_string("model", "vgg4", "Student architecture (tfjac.models).")
+flags.DEFINE_string("teacher_model", benchkit.POSTER["teacher_model"], "Teacher architecture "
+                    "(tfjac.models).")
+flags.DEFINE_string("model", benchkit.POSTER["model"], "Student architecture (tfjac.models).")
 flags.DEFINE_float("width", 1.0, "Student channel-width multiplier.")
-flags.DEFINE_integer("image_size", 32, "Image height and width.")
-flags.DEFINE_integer("channels", 3, "Image channels.")
-flags.DEFINE_integer("num_classes", 100, "Number of classes.")
+flags.DEFINE_integer("image_size", benchkit.POSTER["image_size"], "Image height and width.")
+flags.DEFINE_integer("channels", benchkit.POSTER["channels"], "Image channels.")
+flags.DEFINE_integer("num_classes", benchkit.POSTER["num_classes"], "Number of classes.")
 flags.DEFINE_list("batch_sizes", ["128"], "Global batch sizes to measure.")
 flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one traces the graph).")
@@ -164,58 +168,35 @@ def _valid(cfg):
 
 def run_single(cfg):
   """Builds and times one configuration in this process; returns its results dict."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if cfg["replicas"] > 1 and not tf.config.list_physical_devices("GPU"):
-    cpus = tf.config.list_physical_devices("CPU")  # before any op runs
-    tf.config.set_logical_device_configuration(
-        cpus[0], [tf.config.LogicalDeviceConfiguration()] * cfg["replicas"])
+  strategy = benchkit.strategy(cfg["replicas"])  # before any op runs
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   from tfjac import models  # pylint: disable=g-import-not-at-top
-  from tfjac.training.distiller import (Distiller,  # pylint: disable=g-import-not-at-top
-                                        pack_teacher_outputs)
 
   gpus = tf.config.list_physical_devices("GPU")
-  if cfg["replicas"] == 1:
-    strategy = tf.distribute.get_strategy()
-  elif gpus:
-    if len(gpus) < cfg["replicas"]:
-      return dict(cfg, skipped=f"{len(gpus)} GPU(s) for {cfg['replicas']} replicas")
-    strategy = tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(cfg["replicas"])])
-  else:
-    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cfg["replicas"])])
+  if strategy is None:
+    return dict(cfg, skipped=f"{len(gpus)} GPU(s) for {cfg['replicas']} replicas")
   keras.mixed_precision.set_global_policy(cfg["mixed_precision"])
-  keras.utils.set_random_seed(0)
-  shape = (cfg["image_size"], cfg["image_size"], cfg["channels"])
-  stats = dict(mean=[0.5] * cfg["channels"], std=[0.25] * cfg["channels"],
-               sync_bn=cfg["replicas"] > 1)
   with strategy.scope():
-    teacher = models.build(cfg["teacher_model"], shape, cfg["num_classes"],
-                           model_name="teacher", **stats)
-    student = models.build(cfg["model"], shape, cfg["num_classes"], width=cfg["width"],
-                           model_name="student", **stats)
-    hints = [(h, 1.0) for h in cfg["hints"].split(",")]
+    teacher, student = benchkit.networks(
+        teacher_model=cfg["teacher_model"], model=cfg["model"], image_size=cfg["image_size"],
+        channels=cfg["channels"], num_classes=cfg["num_classes"], width=cfg["width"],
+        sync_bn=cfg["replicas"] > 1)
     # The teacher is passed for every hint set, as --mode=distill does.
     # Raw terms, the loss the torch peer computes (the default scaling adds a few scalar ops).
-    distiller = Distiller(student, teacher, hints=hints, bn_policy=cfg["bn_policy"],
-                          loss_scaling="none",
-                          num_classes=cfg["num_classes"], jac_target=cfg["jac_target"],
-                          jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"],
-                          jac_every=cfg.get("jac_every", 1),
-                          jac_estimator=cfg.get("jac_estimator", "backprop"),
-                          jac_probes=cfg.get("jac_probes", 1),
-                          jac_fd_eps=cfg.get("jac_fd_eps", 1e-3))
-    distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                      jit_compile=cfg["jit_compile"])
-  rng = np.random.default_rng(0)
-  x = tf.constant(rng.random((cfg["batch_size"], *shape), np.float32))
-  y = tf.constant(rng.integers(0, cfg["num_classes"], cfg["batch_size"]), tf.int32)
-  element = (x, y)
-  if cfg["teacher_cache"]:  # computed once, outside the timed steps, as before a fit
-    element = (x, y, {k: tf.constant(v) for k, v in
-                      pack_teacher_outputs(distiller.teacher_pass(x, y, 0)).items()})
-  dataset = tf.data.Dataset.from_tensors(element).repeat()
+    distiller = benchkit.distiller(
+        student, teacher, cfg["hints"], jit_compile=cfg["jit_compile"],
+        bn_policy=cfg["bn_policy"], loss_scaling="none", num_classes=cfg["num_classes"],
+        jac_target=cfg["jac_target"], jac_top_k=cfg["jac_top_k"],
+        jac_projections=cfg["jac_projections"], jac_every=cfg.get("jac_every", 1),
+        jac_estimator=cfg.get("jac_estimator", "backprop"),
+        jac_probes=cfg.get("jac_probes", 1), jac_fd_eps=cfg.get("jac_fd_eps", 1e-3))
+  x, y = benchkit.batch(cfg["batch_size"], cfg["image_size"], cfg["channels"],
+                        cfg["num_classes"])
+  # Teacher outputs computed once, outside the timed steps, as before a fit.
+  dataset = benchkit.repeated(benchkit.element(distiller, x, y, cfg["teacher_cache"]))
   if gpus:
     tf.config.experimental.reset_memory_stats("GPU:0")
   rss_before = _proc_status_kib("VmRSS")

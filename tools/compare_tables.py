@@ -1,7 +1,8 @@
 """Tables side by side: the rows of several tools/reproduce.py outputs (their results.csv) in
-one markdown table, and the verdicts of chosen comparisons, all worded by `verdict`, the one
-rule of the docs (docs/results.md): a difference counts only where it exceeds the larger of the
-two standard deviations over seeds; otherwise it is "within noise".
+one markdown table, and the verdicts of chosen comparisons, all worded by
+results_tables.verdict, the one rule of the docs (docs/results.md): a difference counts only
+where it exceeds the larger of the two standard deviations over seeds; otherwise it is
+"within noise".
 
   python tools/compare_tables.py --out=docs/results/defaults_digits.md \
       --table="defaults=runs/defaults_digits" --table="tuned=docs/results/lazy_digits.csv" \
@@ -22,6 +23,9 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+from results_tables import compared, verdict  # noqa: E402  (the one rule)
 from tfjac import atomic  # noqa: E402
 
 flags.DEFINE_multi_string("table", [], "NAME=PATH of a results.csv (or its directory).")
@@ -37,14 +41,6 @@ flags.DEFINE_multi_string("header", [], "Paragraphs above the table (markdown)."
 flags.DEFINE_string("title", "Defaults and tuned side by side", "The page's title.")
 flags.DEFINE_string("out", None, "The markdown file to write; default: print only.")
 FLAGS = flags.FLAGS
-
-
-def verdict(a_mean, a_std, b_mean, b_std):
-  """'ahead', 'behind' or 'within noise': A against B by the docs' one rule."""
-  diff = a_mean - b_mean
-  if abs(diff) <= max(a_std, b_std):
-    return "within noise"
-  return "ahead" if diff > 0 else "behind"
 
 
 def read_table(path):
@@ -116,8 +112,8 @@ def render(tables, comparisons, title, header=(), metric="Test"):
         continue
       v = verdict(va[0], va[1], vb[0], vb[1])
       wanted = "ahead" if op == ">" else "within noise"
-      lines.append(f"- {label(c)}: {a[0]} {a[1]} vs {b[0]} {b[1]}: {va[0] - vb[0]:+.2f} "
-                   f"(stds {va[1]:.2f}, {vb[1]:.2f}): **{v}**"
+      lines.append(f"- {label(c)}: {a[0]} {a[1]} vs {b[0]} {b[1]}: "
+                   f"{compared(va[0], va[1], vb[0], vb[1])}"
                    + ("" if v == wanted or (op == "~" and v == "ahead") else
                       f" (asked: {'ahead' if op == '>' else 'within noise or ahead'})"))
   return "\n".join(lines) + "\n"

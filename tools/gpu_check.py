@@ -127,10 +127,10 @@ def parse_reproduce(output, code, out=None, dry_run=False):
   if code:
     return [["fashion_mnist", "act + jac + CE, 10/class, seed 0", f"FAILED (exit {code})",
              (output.strip().splitlines() or ["no output"])[-1][:200]]]
+  import reproduce  # pylint: disable=g-import-not-at-top  (read_results: the one reader)
   accuracies = []
   for path in glob.glob(os.path.join(out or "", "cells", "*", "n10", "seed0", "results.json")):
-    with open(path) as f:
-      accuracies.append(json.load(f)["student"]["test"]["accuracy"])
+    accuracies.append(reproduce.read_results(os.path.dirname(path))["student"]["test"]["accuracy"])
   value = f"{100 * accuracies[0]:.2f}% test" if accuracies else "no results.json"
   return [["fashion_mnist", "act + jac + CE, 10/class, seed 0", value,
            "tools/reproduce.py's preset (teacher VGG-4 x0.5, 3 epochs; 500 steps)"]]
@@ -261,8 +261,8 @@ def exactness(smoke):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import keras  # pylint: disable=g-import-not-at-top
+  import benchkit  # pylint: disable=g-import-not-at-top  (tools/: the timing tools' step)
   from tfjac import models  # pylint: disable=g-import-not-at-top
-  from tfjac.training.distiller import Distiller  # pylint: disable=g-import-not-at-top
 
   side, classes, batch, width = (8, 10, 8, 0.25) if smoke else (32, 100, 64, 1.0)
   rng = np.random.default_rng(0)
@@ -276,14 +276,15 @@ def exactness(smoke):
   def gradients(policy, estimator, target, jit):
     keras.mixed_precision.set_global_policy(policy)
     try:
-      keras.utils.set_random_seed(0)
+      keras.utils.set_random_seed(0)  # student, then teacher: the draws of its past results
       student = models.build("vgg4", (side, side, 3), classes, width=width, **stats)
       teacher = models.build("vgg9", (side, side, 3), classes, width=width / 4, **stats)
-      d = Distiller(student, teacher, hints=[("act", 1.0), ("jac", 1.0), ("ce", 1.0)],
-                    jac_estimator=estimator, jac_target=target, jac_probes=2,
-                    # fd at 1e-2: at the default 1e-3 float32 rounding (XLA fuses, so rounds
-                    # otherwise) amplified by 1/(2 eps) moves some elements by ~0.5%.
-                    jac_fd_eps=1e-2)
+      d = benchkit.distiller(student, teacher, "act,jac,ce", compile=False,
+                             jac_estimator=estimator, jac_target=target, jac_probes=2,
+                             # fd at 1e-2: at the default 1e-3 float32 rounding (XLA fuses,
+                             # so rounds otherwise) amplified by 1/(2 eps) moves some
+                             # elements by ~0.5%.
+                             jac_fd_eps=1e-2)
 
       @tf.function(jit_compile=jit)
       def step():

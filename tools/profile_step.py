@@ -1,7 +1,7 @@
 """Op-level profile of one Distiller training step (issue 15): which ops the double-backprop
 step spends its time in.
 
-`python tools/profile_step.py --hints=act,jac,ce --batch_size=64` builds tools/benchmark.py's
+`python tools/profile_step.py --hints=act,jac,ce --batch_size=64` builds tools/benchkit.py's
 networks (VGG-9 teacher -> VGG-4 student, 32x32x3, 100 classes, random data), runs --warmup
 steps, records --steps steps with the TensorFlow profiler (tf.profiler.experimental; the trace
 stays in --logdir for TensorBoard's profile plugin) and prints markdown tables: op time by op
@@ -20,15 +20,18 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
 
+import benchkit  # noqa: E402  (the synthetic step; imports no TensorFlow)
+
 flags.DEFINE_string("hints", "act,jac,ce", "Hint set, comma-separated.")
-flags.DEFINE_string("teacher_model", "vgg9", "Teacher architecture.")
-flags.DEFINE_string("model", "vgg4", "Student architecture.")
-flags.DEFINE_integer("image_size", 32, "Image height and width.")
-flags.DEFINE_integer("channels", 3, "Image channels.")
-flags.DEFINE_integer("num_classes", 100, "Classes.")
+flags.DEFINE_string("teacher_model", benchkit.POSTER["teacher_model"], "Teacher architecture.")
+flags.DEFINE_string("model", benchkit.POSTER["model"], "Student architecture.")
+flags.DEFINE_integer("image_size", benchkit.POSTER["image_size"], "Image height and width.")
+flags.DEFINE_integer("channels", benchkit.POSTER["channels"], "Image channels.")
+flags.DEFINE_integer("num_classes", benchkit.POSTER["num_classes"], "Classes.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_enum("jac_bn_policy", "batch_stats", ["batch_stats", "inference"], "BatchNorm "
                   "policy of the student's Jacobian.")
@@ -99,31 +102,16 @@ def tables(events, steps, top):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  from tfjac import models  # pylint: disable=g-import-not-at-top
-  from tfjac.training.distiller import (Distiller,  # pylint: disable=g-import-not-at-top
-                                        pack_teacher_outputs)
-  keras.utils.set_random_seed(0)
-  shape = (FLAGS.image_size, FLAGS.image_size, FLAGS.channels)
-  stats = dict(mean=[0.5] * FLAGS.channels, std=[0.25] * FLAGS.channels)
-  teacher = models.build(FLAGS.teacher_model, shape, FLAGS.num_classes, model_name="teacher",
-                         **stats)
-  student = models.build(FLAGS.model, shape, FLAGS.num_classes, model_name="student", **stats)
-  distiller = Distiller(student, teacher, hints=[(h, 1.0) for h in FLAGS.hints.split(",")],
-                        bn_policy=FLAGS.jac_bn_policy, num_classes=FLAGS.num_classes)
-  distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                    jit_compile=FLAGS.jit_compile)
-  rng = np.random.default_rng(0)
-  x = tf.constant(rng.random((FLAGS.batch_size, *shape), np.float32))
-  y = tf.constant(rng.integers(0, FLAGS.num_classes, FLAGS.batch_size), tf.int32)
-  element = (x, y)
-  if FLAGS.teacher_cache:
-    element = (x, y, {k: tf.constant(v) for k, v in
-                      pack_teacher_outputs(distiller.teacher_pass(x, y, 0)).items()})
-  dataset = tf.data.Dataset.from_tensors(element).repeat()
+  teacher, student = benchkit.networks(
+      teacher_model=FLAGS.teacher_model, model=FLAGS.model, image_size=FLAGS.image_size,
+      channels=FLAGS.channels, num_classes=FLAGS.num_classes)
+  distiller = benchkit.distiller(student, teacher, FLAGS.hints, jit_compile=FLAGS.jit_compile,
+                                 bn_policy=FLAGS.jac_bn_policy, num_classes=FLAGS.num_classes)
+  x, y = benchkit.batch(FLAGS.batch_size, FLAGS.image_size, FLAGS.channels, FLAGS.num_classes)
+  dataset = benchkit.repeated(benchkit.element(distiller, x, y, FLAGS.teacher_cache))
   distiller.fit(dataset, epochs=1, steps_per_epoch=FLAGS.warmup, verbose=0)
   iterator = iter(dataset)
   tf.profiler.experimental.start(FLAGS.logdir)

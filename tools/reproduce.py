@@ -5,6 +5,7 @@
   python tools/reproduce.py --table=transfer --seeds=3
   python tools/reproduce.py --table=lazy --seeds=3 --tune     # --jac_every=K at 3 and 10/class
   python tools/reproduce.py --table=distill --dataset=cifar100 --data_dir=DIR -- --epochs=100
+  python tools/reproduce.py --table=robustness --seeds=3 --docs=docs/results/robustness_digits.md
 
 One teacher serves the whole table (trained first in <out>/teacher unless --teacher is given).
 At a given seed every row of a column trains on the same N-per-class subset and starts from
@@ -21,9 +22,16 @@ per cell, the best of each column in bold, the poster's numbers beside ours for 
 Indoor 67), results.csv, results.png (rendered by tools/results_tables.py), tuning.json and
 the log of every cell.
 Arguments after `--` are passed to every run (teacher included), after the table's own flags.
+
+--table=robustness is of another shape (RobustnessTable): students without a teacher
+(--mode=regularize) whose columns are test noise levels (--sigmas), one size of
+--samples_per_class (default 50); it writes <out>/results.{md,csv} and, with --docs, the same
+two files there. Every table launches its runs through `launch` and reads them with
+`read_results`.
 """
 import collections
 import concurrent.futures
+import csv
 import itertools
 import json
 import os
@@ -87,6 +95,16 @@ TABLES["variants"] = (
     Row("act_jac_ce_bf16", "act + jac + CE, bfloat16",
         (*_BASE["act_jac_ce"].args, "--mixed_precision=mixed_bfloat16")),
 )
+
+# Robustness to Gaussian input noise (docs/results-noise.md): students trained without a teacher
+# (--mode=regularize) with CE, CE + Jacobian-norm penalty and CE on noisy inputs; the columns
+# are the test noise levels. RobustnessTable runs it.
+ROBUSTNESS_ROWS = (
+    Row("ce", "CE", ("--hints=ce",)),
+    Row("ce_jacnorm", "CE + sigma^2 ‖dS/dx‖^2 (`ce,jacnorm`)", ("--hints=ce,jacnorm",)),
+    Row("noisy_ce", "CE on noisy inputs (`noisy_ce`)", ("--hints=noisy_ce",)),
+)
+ROBUSTNESS_SIGMAS = ("0.05", "0.1", "0.2", "0.3", "0.5")
 
 Preset = collections.namedtuple("Preset",
                                 "run_args teacher_args sizes poster_columns size_args "
@@ -174,7 +192,8 @@ LEARNING_RATES = {  # multiples of the preset's learning rate, by number of leve
 def define_flags():
   """Called only when run as a script: the tests import this module beside tfjac's own flags
   (--dataset, --seeds ... would be defined twice)."""
-  flags.DEFINE_enum("table", "distill", list(TABLES), "Which of the poster's tables.")
+  flags.DEFINE_enum("table", "distill", [*TABLES, "robustness"], "Which table: the poster's "
+                    "(distill, transfer), lazy, variants, or robustness (RobustnessTable).")
   flags.DEFINE_string("dataset", "digits", "--dataset of every run (digits: the embedded one).")
   flags.DEFINE_string("data_dir", None, "--data_dir of every run (real datasets).")
   flags.DEFINE_list("samples_per_class", [], "Columns: images per class, 'full' for the whole "
@@ -205,6 +224,12 @@ def define_flags():
   flags.DEFINE_integer("jobs", 1, "Runs at a time (within a phase: the tuning trials, then the "
                        "cells). A small network leaves CPU cores idle; on one GPU keep 1.")
   flags.DEFINE_boolean("dry_run", False, "Print the commands of every run and exit.")
+  flags.DEFINE_float("noise_sigma", 0.3, "--table=robustness: --noise_sigma of the training "
+                     "(jacnorm, noisy_ce).")
+  flags.DEFINE_list("sigmas", list(ROBUSTNESS_SIGMAS), "--table=robustness: "
+                    "--robustness_sigmas, the test noise levels (columns).")
+  flags.DEFINE_string("docs", None, "--table=robustness: also write the table to this .md "
+                      "file and the CSV beside it (.csv).")
 
 
 FLAGS = flags.FLAGS
@@ -333,6 +358,18 @@ class Progress:
 COMMAND_PREFIX = "$ python -m tfjac.run "
 
 
+def launch(args, workdir, python=sys.executable):
+  """Runs `python -m tfjac.run ARGS` from the repository, its output and the command appended
+  to `workdir`/log.txt (the command first: recorded_command reads it); returns the exit code.
+  The one place where the tables start a run."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "log.txt"), "a") as log:
+    log.write(COMMAND_PREFIX + " ".join(args) + "\n")
+    log.flush()
+    return subprocess.call([python, "-m", "tfjac.run", *args], cwd=REPO, stdout=log,
+                           stderr=subprocess.STDOUT)
+
+
 def recorded_command(workdir):
   """The tfjac.run arguments of the last command logged in `workdir`/log.txt, or None."""
   try:
@@ -412,13 +449,8 @@ class Harness:
         print(" ".join(["python -m tfjac.run", *args]))
       progress.end(0, False)
       return done
-    os.makedirs(workdir, exist_ok=True)
     start = time.time()
-    with open(os.path.join(workdir, "log.txt"), "a") as log:
-      log.write(COMMAND_PREFIX + " ".join(args) + "\n")
-      log.flush()
-      code = subprocess.call([self.python, "-m", "tfjac.run", *args], cwd=REPO, stdout=log,
-                             stderr=subprocess.STDOUT)
+    code = launch(args, workdir, self.python)
     progress.end(time.time() - start, True)
     if code != 0:
       self.failures.append((what, workdir))
@@ -520,8 +552,128 @@ class Harness:
     return markdown
 
 
+class RobustnessTable:
+  """Runs every (row, seed) of ROBUSTNESS_ROWS into `out`/runs/<row>/seed<k> (finished runs are
+  skipped) and writes the table: test accuracy under noise, mean +- std over seeds."""
+
+  def __init__(self, out, *, seeds=3, samples_per_class=50, dataset="digits", noise_sigma=0.3,
+               sigmas=ROBUSTNESS_SIGMAS, extra_args=(), python=sys.executable, docs=None):
+    self.out, self.seeds, self.samples_per_class = os.path.abspath(out), seeds, samples_per_class
+    self.dataset, self.noise_sigma, self.sigmas = dataset, noise_sigma, tuple(sigmas)
+    self.extra_args, self.python = tuple(extra_args), python
+    self.docs = docs
+    self.failures = []
+
+  def command(self, row, seed):
+    # Raw terms: scaled, ce,jacnorm's sigma^2 would cancel against jacnorm's own scale.
+    return ["--mode=regularize", "--loss_scaling=none", f"--dataset={self.dataset}",
+            *row.args,
+            f"--samples_per_class={self.samples_per_class}", f"--noise_sigma={self.noise_sigma}",
+            f"--robustness_sigmas={','.join(self.sigmas)}", f"--seed={seed}",
+            f"--workdir={self.run_dir(row, seed)}", *self.extra_args]
+
+  def run_dir(self, row, seed):
+    return os.path.join(self.out, "runs", row.key, f"seed{seed}")
+
+  def run(self, command_line=""):
+    results = {}
+    total, started = len(ROBUSTNESS_ROWS) * self.seeds, 0
+    for row in ROBUSTNESS_ROWS:
+      for seed in range(self.seeds):
+        started += 1
+        workdir = self.run_dir(row, seed)
+        res = read_results(workdir)
+        print(f"[{started}/{total}] {row.key} seed={seed}" + (" (done)" if res else ""),
+              file=sys.stderr, flush=True)
+        if res is None:
+          code = launch(self.command(row, seed), workdir, self.python)
+          res = read_results(workdir) if code == 0 else None
+          if res is None:
+            self.failures.append(f"{row.key} seed {seed} ({workdir}/log.txt)")
+        results[(row.key, seed)] = res
+    return self.write(results, command_line)
+
+  def values(self, res):
+    """[clean, sigma_1, ...] test accuracy (%) of one run."""
+    student = res["student"]
+    noisy = student["test"]["accuracy_under_noise"]
+    return [100 * student["test_accuracy"]] + [100 * noisy[f"{float(s):g}"]
+                                                for s in self.sigmas]
+
+  def write(self, results, command_line):
+    columns = ["clean"] + list(self.sigmas)
+    lines = ["# Robustness to Gaussian input noise, students without a teacher", "",
+             f"`{command_line}`" if command_line else "", "",
+             f"--mode=regularize on {self.dataset}, {self.samples_per_class} images per class, "
+             f"training noise --noise_sigma={self.noise_sigma} (jacnorm's sigma and noisy_ce's "
+             "noise), tfjac.run's other defaults. Test accuracy (%) under Gaussian noise of "
+             f"std sigma, mean +- std over {self.seeds} seed(s) (the same images and initial "
+             "weights for every row at a seed).", "",
+             "| student | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    rows_csv, spread = [], {}
+    for row in ROBUSTNESS_ROWS:
+      per_seed = [self.values(results[(row.key, s)]) for s in range(self.seeds)
+                  if results[(row.key, s)] is not None]
+      cells = []
+      for j, column in enumerate(columns):
+        m, sd = spread[(row.key, column)] = results_tables.mean_std([v[j] for v in per_seed])
+        cells.append("failed" if m is None else f"{m:.2f} +- {sd:.2f}")
+        rows_csv.append([row.key, column, len(per_seed), "" if m is None else f"{m:.4f}",
+                         "" if sd is None else f"{sd:.4f}",
+                         " ".join(f"{v[j]:.4f}" for v in per_seed)])
+      if len(per_seed) < self.seeds:
+        cells[0] += f" ({len(per_seed)} of {self.seeds} seeds)"
+      lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    lines += results_tables.verdict_lines(
+        ROBUSTNESS_ROWS, columns, lambda key, column: spread[(key, column)], self.seeds,
+        label=lambda c: c if c == "clean" else f"sigma {c}")
+    seconds = sum(r["total_seconds"] for r in results.values() if r)
+    lines += ["", f"Runs' own time, summed: {seconds / 60:.1f} min."]
+    if self.failures:
+      lines += ["", "Failed runs: " + "; ".join(self.failures)]
+    markdown = "\n".join(lines) + "\n"
+
+    def write_csv(f):
+      w = csv.writer(f)
+      w.writerow(["row", "sigma", "seeds", "test_mean", "test_std", "test_values"])
+      w.writerows(rows_csv)
+
+    targets = [os.path.join(self.out, "results")]
+    if self.docs:
+      targets.append(os.path.splitext(self.docs)[0])
+    for target in targets:
+      os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+      atomic.write_text(target + ".md", markdown)
+      atomic.write_with(target + ".csv", write_csv)
+    return markdown
+
+
+def robustness_main(argv):
+  """--table=robustness: RobustnessTable with this command's flags."""
+  sizes = FLAGS.samples_per_class or ["50"]
+  if len(sizes) != 1 or not sizes[0].isdigit() or int(sizes[0]) < 1:
+    raise ReproduceError("--samples_per_class: the robustness table takes one positive "
+                         f"integer, got {','.join(sizes)}")
+  if FLAGS.seeds < 1:
+    raise ReproduceError(f"--seeds must be at least 1, got {FLAGS.seeds}")
+  # The former tools/robustness.py's directory: its finished runs are reused.
+  out = FLAGS.out or os.path.join("runs", f"robustness_{FLAGS.dataset}")
+  table = RobustnessTable(out, seeds=FLAGS.seeds, samples_per_class=int(sizes[0]),
+                          dataset=FLAGS.dataset, noise_sigma=FLAGS.noise_sigma,
+                          sigmas=FLAGS.sigmas, extra_args=argv[1:], docs=FLAGS.docs)
+  start = time.time()
+  markdown = table.run("python tools/reproduce.py " + " ".join(sys.argv[1:]))
+  print(markdown)
+  print(f"wall time of this invocation: {(time.time() - start) / 60:.1f} min; outputs in "
+        f"{table.out}/results.{{md,csv}}")
+  if table.failures:
+    sys.exit(1)
+
+
 def main(argv):
   try:
+    if FLAGS.table == "robustness":
+      return robustness_main(argv)
     table = TABLES[FLAGS.table]
     keys = FLAGS.rows or [r.key for r in table]
     unknown = [k for k in keys if k not in {r.key for r in table}]

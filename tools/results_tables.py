@@ -32,6 +32,43 @@ def mean_std(values):
   return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def verdict(a_mean, a_std, b_mean, b_std):
+  """'ahead', 'behind' or 'within noise': A against B by the docs' one rule (docs/results.md):
+  a difference counts only where it exceeds the larger of the two standard deviations over
+  seeds. Every generated table words its comparisons with this function."""
+  diff = a_mean - b_mean
+  if abs(diff) <= max(a_std, b_std):
+    return "within noise"
+  return "ahead" if diff > 0 else "behind"
+
+
+def compared(a_mean, a_std, b_mean, b_std):
+  """'+4.00 (stds 1.00, 2.00): **ahead**': the difference, the spreads and `verdict`."""
+  return (f"{a_mean - b_mean:+.2f} (stds {a_std:.2f}, {b_std:.2f}): "
+          f"**{verdict(a_mean, a_std, b_mean, b_std)}**")
+
+
+def verdict_lines(rows, columns, cell, seeds, label=None):
+  """Markdown lines comparing every row after the first with the first (the table's baseline)
+  in every column, worded by `verdict`; `cell(row_key, column)` -> (mean, std) or (None, _).
+  `label(column)`: the column's name (default: column_label). None with a single seed: no
+  spread to compare with."""
+  label = label or column_label
+  if seeds < 2 or len(rows) < 2:
+    return []
+  base = rows[0]
+  lines = ["", f"Against {base.label} (a difference counts only where it exceeds the larger "
+           "std):", ""]
+  for column in columns:
+    b = cell(base.key, column)
+    for row in rows[1:]:
+      a = cell(row.key, column)
+      if a[0] is not None and b[0] is not None:
+        lines.append(f"- {label(column)}: {row.label} vs {base.label}: "
+                     f"{compared(a[0], a[1], b[0], b[1])}")
+  return lines
+
+
 def load_poster(table, dataset):
   with open(os.path.join(REPO, "tools", "poster_tables.json")) as f:
     return json.load(f).get(table, {}).get(dataset)
@@ -83,6 +120,8 @@ def results_markdown(h, stats, poster, tuning, teacher):
         text += f" [{p:.2f}]"
       cells.append(text)
     lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+  lines += verdict_lines(h.rows, h.sizes, lambda key, size: mean_std(stats[(key, size)]["test"]),
+                         h.seeds)
   lines += ["", budget_line(h, stats, tuning)]
   lines += cost_lines(h, stats)
   if tuning:

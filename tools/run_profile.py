@@ -17,11 +17,13 @@ PhaseTimer); the table is markdown, --json writes the numbers.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reproduce  # noqa: E402  (launch, read_results: the one place that starts a run)
 
 flags.DEFINE_enum("preset", "default", ["default", "poster_cell"], "Which command.")
 flags.DEFINE_string("workdir", "/tmp/tfjac_run_profile", "Scratch directory (removed first).")
@@ -29,7 +31,6 @@ flags.DEFINE_integer("epochs", 3, "poster_cell: student epochs.")
 flags.DEFINE_integer("teacher_epochs", 2, "poster_cell: teacher epochs.")
 flags.DEFINE_string("json", None, "Also write the numbers here.")
 FLAGS = flags.FLAGS
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _poster_dataset(path):
@@ -55,7 +56,7 @@ def main(argv):
     shutil.rmtree(FLAGS.workdir)
   os.makedirs(FLAGS.workdir)
   run_dir = os.path.join(FLAGS.workdir, "run")
-  cmd = [sys.executable, "-m", "tfjac.run", f"--workdir={run_dir}", "--mode=distill"]
+  cmd = [f"--workdir={run_dir}", "--mode=distill"]
   if FLAGS.preset == "default":  # the README's first command
     cmd += ["--samples_per_class=10"]
   else:
@@ -65,16 +66,14 @@ def main(argv):
             "--validation_fraction=0.834", f"--epochs={FLAGS.epochs}",
             f"--teacher_epochs={FLAGS.teacher_epochs}", "--batch_size=64"]
   cmd += extra
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
   start = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  code = reproduce.launch(cmd, run_dir)
   wall = time.perf_counter() - start
-  if proc.returncode:
-    sys.stderr.write(proc.stderr[-4000:])
-    sys.exit(f"run_profile: {' '.join(cmd)} failed (exit code {proc.returncode})")
-  with open(os.path.join(run_dir, "results.json")) as f:
-    results = json.load(f)
+  results = reproduce.read_results(run_dir) if code == 0 else None
+  if results is None:
+    sys.exit(f"run_profile: python -m tfjac.run {' '.join(cmd)} failed (exit code {code}); "
+             f"see {run_dir}/log.txt")
   teacher, student = results.get("teacher") or {}, results.get("student") or {}
   t, s = _phases(teacher), _phases(student)
   t_total = sum(t.values())
@@ -84,7 +83,7 @@ def main(argv):
           ("student per-epoch overhead and tracing", s.get("other", 0.0))]
   rows.append(("rest (start-up, data, teacher cache, test, export)",
                wall - sum(v for _, v in rows[1:])))
-  print(f"preset {FLAGS.preset}: {' '.join(cmd[1:])}\n")
+  print(f"preset {FLAGS.preset}: -m tfjac.run {' '.join(cmd)}\n")
   print("| part | seconds | share |\n|---|---|---|")
   for name, v in rows:
     print(f"| {name} | {v:.1f} | {100 * v / wall:.0f}% |")
@@ -92,7 +91,7 @@ def main(argv):
         f"{student.get('steps_per_epoch')}, epochs {student.get('epochs_run')}")
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
-      json.dump({"preset": FLAGS.preset, "command": cmd[1:], "wall_seconds": wall,
+      json.dump({"preset": FLAGS.preset, "command": ["-m", "tfjac.run", *cmd], "wall_seconds": wall,
                  "parts": dict(rows), "teacher_phases": t, "student_phases": s}, f, indent=2)
 
 

@@ -18,8 +18,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags  # noqa: E402
+
+import benchkit  # noqa: E402  (the synthetic step; imports no TensorFlow)
 
 flags.DEFINE_multi_string("variant", ["pool=keras+jit=0", "pool=window+jit=0",
                                       "pool=keras+jit=1", "pool=window+jit=1",
@@ -29,10 +32,10 @@ flags.DEFINE_multi_string("variant", ["pool=keras+jit=0", "pool=window+jit=0",
                           "The first is the reference.")
 flags.DEFINE_string("hints", "act,jac,ce", "Hint set.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_integer("image_size", 32, "Image size.")
-flags.DEFINE_integer("num_classes", 100, "Classes.")
-flags.DEFINE_string("teacher_model", "vgg9", "Teacher.")
-flags.DEFINE_string("model", "vgg4", "Student.")
+flags.DEFINE_integer("image_size", benchkit.POSTER["image_size"], "Image size.")
+flags.DEFINE_integer("num_classes", benchkit.POSTER["num_classes"], "Classes.")
+flags.DEFINE_string("teacher_model", benchkit.POSTER["teacher_model"], "Teacher.")
+flags.DEFINE_string("model", benchkit.POSTER["model"], "Student.")
 flags.DEFINE_boolean("teacher_cache", False, "Teacher outputs fed with the data.")
 flags.DEFINE_integer("steps", 6, "Timed steps per round.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per round (after tracing).")
@@ -54,42 +57,25 @@ def parse(text):
 
 
 def _build(v, cfg):
-  import keras  # pylint: disable=g-import-not-at-top
-  from tfjac import models  # pylint: disable=g-import-not-at-top
-  from tfjac.training.distiller import Distiller  # pylint: disable=g-import-not-at-top
-  keras.utils.set_random_seed(0)
-  shape = (cfg["image_size"], cfg["image_size"], 3)
-  stats = dict(mean=[0.5] * 3, std=[0.25] * 3, pool=v["pool"])
-  teacher = models.build(cfg["teacher_model"], shape, cfg["num_classes"], model_name="teacher",
-                         **stats)
-  student = models.build(cfg["model"], shape, cfg["num_classes"], model_name="student",
-                         **stats)
-  distiller = Distiller(student, teacher, hints=[(h, 1.0) for h in cfg["hints"].split(",")],
-                        bn_policy=v["bn"], num_classes=cfg["num_classes"])
-  distiller.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                    jit_compile=v["jit"] == "1")
-  return distiller
+  teacher, student = benchkit.networks(
+      teacher_model=cfg["teacher_model"], model=cfg["model"], image_size=cfg["image_size"],
+      channels=3, num_classes=cfg["num_classes"], pool=v["pool"])
+  return benchkit.distiller(student, teacher, cfg["hints"], jit_compile=v["jit"] == "1",
+                            bn_policy=v["bn"], num_classes=cfg["num_classes"])
 
 
 def run_single(v, cfg):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tfjac.training.distiller import pack_teacher_outputs  # pylint: disable=g-import-not-at-top
   distiller = _build(v, cfg)
-  rng = np.random.default_rng(0)
-  x = tf.constant(rng.random((cfg["batch_size"], cfg["image_size"], cfg["image_size"], 3),
-                             np.float32))
-  y = tf.constant(rng.integers(0, cfg["num_classes"], cfg["batch_size"]), tf.int32)
-  element = (x, y)
-  if cfg["teacher_cache"]:
-    element = (x, y, {k: tf.constant(t) for k, t in
-                      pack_teacher_outputs(distiller.teacher_pass(x, y, 0)).items()})
+  x, y = benchkit.batch(cfg["batch_size"], cfg["image_size"], 3, cfg["num_classes"])
+  element = benchkit.element(distiller, x, y, cfg["teacher_cache"])
   out = {}
   if cfg["check"]:  # one step's gradients at the initial weights, before any update
     fn = tf.function(lambda: distiller.step_gradients(element, tf.constant(0, tf.int64))[0],
                      jit_compile=v["jit"] == "1")
     out["grads"] = [None if g is None else np.asarray(g).tolist() for g in fn()]
-  dataset = tf.data.Dataset.from_tensors(element).repeat()
+  dataset = benchkit.repeated(element)
   distiller.fit(dataset, epochs=1, steps_per_epoch=cfg["warmup"] + 1, verbose=0)
   iterator = iter(dataset)
   times = []
