@@ -33,24 +33,42 @@ the same estimator, with the same distribution, as 1 replica, but not the same n
 """
 import collections
 import dataclasses
-from typing import Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import keras
 import tensorflow as tf
 from absl import logging
 
 from tfjac import hints as hints_lib
-from tfjac.config import HintConfig, non_finite
+from tfjac.config import BN_POLICIES, HintConfig, non_finite
 from tfjac.hints import attention, estimators, jacobians
 from tfjac.models import views
 from tfjac.models.layers import (JacobianSafeBatchNorm, holding_batch_statistics, recording_batch_statistics,
                                  reusing_batch_statistics)
-from tfjac.training.term_scales import TermScales
+from tfjac.training import lazy
+from tfjac.training.term_scales import SCALINGS, TermScales
 
 TeacherOutputs = collections.namedtuple(
     "TeacherOutputs", "logits selection jacobians features pixels")
 NO_TEACHER = TeacherOutputs(None, None, {}, (), None)
 ATTENTION = "attention"
+
+
+class Terms(NamedTuple):
+  """A batch's hint terms (Distiller.per_example_terms)."""
+  terms: Dict[str, tf.Tensor]  # {hint: [batch] per-example loss}
+  total: tf.Tensor  # [batch] weighted sum of the terms
+  student_logits: tf.Tensor
+  inputs: hints_lib.HintInputs  # what the hints read (the Jacobians among it)
+
+
+class Loss(NamedTuple):
+  """Terms with the batch's scalar loss in front (Distiller.compute_total_loss)."""
+  loss: tf.Tensor  # the global-batch mean of the total, plus the student's regularisers
+  terms: Dict[str, tf.Tensor]
+  total: tf.Tensor
+  student_logits: tf.Tensor
+  inputs: hints_lib.HintInputs
 
 
 def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
@@ -65,6 +83,9 @@ def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
   settings of the same name (`params`: its loss parameters; `bn_policy`: jac_bn_policy)."""
   if isinstance(hints, HintConfig):
     settings = hints
+  elif isinstance(hints, str):  # iterating it would give one hint per character
+    raise ValueError(f"hints= takes hint names, {{name: weight}} or (name, weight) pairs, not "
+                     f"the string {hints!r}: hints=[{hints!r}]?")
   else:  # {name: weight}, (name, weight) pairs or names; a weight None or not given: the default
     items = tuple(hints.items() if isinstance(hints, Mapping) else
                   ((h, None) if isinstance(h, str) else h for h in hints))
@@ -78,11 +99,37 @@ def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
     if value is not None:
       overrides[field] = value
   settings = dataclasses.replace(settings, **overrides)
+  check_choices(settings)
   for path, value in non_finite(settings):  # a NaN passes every range check: refuse it here
     where = (f"hints: the weight of {path[1]!r}" if path[0] == "weights" else
              f"{path[0]} (in params= or hints=)")
     raise ValueError(f"{where} must be a finite number, got {value}")
   return settings
+
+
+# What check_choices reads: (the Distiller's argument, HintConfig's field, what a value is,
+# the valid names). A value given inside a HintConfig or HintParams is named by its field too.
+def _choices():
+  return (("hints", "hints", "a hint", tuple(hints_lib.HINTS)),
+          ("jac_target", "jac_target", "a Jacobian target", tuple(jacobians.TARGETS)),
+          ("jac_estimator", "jac_estimator", "a Jacobian estimator", estimators.ESTIMATORS),
+          ("bn_policy", "jac_bn_policy", "a BatchNorm policy", BN_POLICIES),
+          ("loss_scaling", "loss_scaling", "a loss scaling", SCALINGS),
+          ("params.lwf_match", "lwf_match", "an LwF match", hints_lib.LWF_MATCHES),
+          ("jac_probe", "jac_probe", "a probe kind", estimators.PROBES))
+
+
+def check_choices(settings: HintConfig):
+  """Refuses a name that is not in its registry, by the Python API argument that carries it
+  (hints=, jac_target=, ...) and with the valid names, before any network is touched: the
+  registry lookups further on would raise a bare KeyError."""
+  for argument, field, what, valid in _choices():
+    values = getattr(settings, field)
+    for value in (values if field == "hints" else (values,)):
+      if value not in valid:
+        field_name = "" if argument == field else f" (HintConfig.{field})"
+        raise ValueError(f"{argument}{field_name} must be one of {', '.join(valid)}, got "
+                         f"{value!r}, which is not {what}")
 
 
 def pack_teacher_outputs(t: TeacherOutputs):
@@ -221,21 +268,12 @@ class Distiller(keras.Model):
     for who, attr in (("teacher", "teacher_jacobians"), ("student", "student_jacobians")):
       if kinds(attr):
         self._trackers[f"{who}_jac_norm"] = keras.metrics.Mean(name=f"{who}_jac_norm")
-    # Lazy Jacobian matching (jac_every=K > 1): the Jacobian hints on every K-th step with
-    # their weights times K, the other steps run `_without_jacobians` (no Jacobian pass at all).
+    # Lazy Jacobian matching (jac_every=K > 1): training/lazy.py.
     self.jac_every = int(jac_every)
     if self.jac_every < 1:
       raise ValueError(f"jac_every must be >= 1, got {jac_every}")
-    if self.jac_every > 1 and self.jacobian_hints:
-      cheap = [(n, w) for n, w in self.hint_weights if n not in self.jacobian_hints]
-      if not cheap:
-        raise ValueError(f"jac_every={jac_every} needs a hint without Jacobians for the steps "
-                         f"in between; the hints are {[n for n, _ in self.hint_weights]}")
-      # Not an attribute keras tracks: the twin shares every variable of this model.
-      object.__setattr__(self, "_without_jacobians", self.with_hints(cheap))
-      object.__setattr__(self, "_lazy_full", self.with_hints(
-          [(n, w * self.jac_every if n in self.jacobian_hints else w)
-           for n, w in self.hint_weights]))
+    self._lazy = (lazy.LazySteps(self, self.jac_every)
+                  if self.jac_every > 1 and self.jacobian_hints else None)
 
   @property
   def jacobian_hints(self):
@@ -376,9 +414,6 @@ class Distiller(keras.Model):
   # --- the Jacobian estimators (hints/estimators.py) ------------------------------------
 
   def _check_estimator(self, settings):
-    if settings.jac_estimator not in estimators.ESTIMATORS:
-      raise ValueError(f"jac_estimator={settings.jac_estimator!r}; valid: "
-                       f"{', '.join(estimators.ESTIMATORS)}")
     if settings.jac_estimator == "backprop":
       return
     if self.attention_jacobians:
@@ -442,8 +477,8 @@ class Distiller(keras.Model):
     return out, selection, sketches
 
   def per_example_terms(self, x, labels, *, training, step, teacher_outputs=None):
-    """({hint: [batch] loss}, weighted per-example total, student logits, HintInputs).
-    `teacher_outputs`: teacher_pass's result when the caller ran it already."""
+    """The batch's Terms. `teacher_outputs`: teacher_pass's result when the caller ran it
+    already."""
     t = teacher_outputs or self.teacher_pass(x, labels, step)
     with recording_batch_statistics() as clean_statistics:
       out, selection, s_jacs = self.student_pass(x, labels, t.selection, step,
@@ -461,7 +496,7 @@ class Distiller(keras.Model):
         selection=selection, student_jacobians=s_jacs, teacher_jacobians=t.jacobians,
         student_features=tuple(views.features_of(out)), teacher_features=t.features)
     terms = {name: self._hints[name].loss(inputs, self.params) for name, _ in self.hint_weights}
-    return terms, self.weighted_total(terms), out["logits"], inputs
+    return Terms(terms, self.weighted_total(terms), out["logits"], inputs)
 
   def weighted_total(self, terms):
     """sum_h w_h * term_h / s_h over the hints in `terms` ([batch] each); s_h: the term's
@@ -508,16 +543,18 @@ class Distiller(keras.Model):
     loss = self.global_mean(total)
     if self.student.losses:  # regularisers declared on layers; summed, so split over replicas
       loss += tf.add_n(self.student.losses) / tf.distribute.get_strategy().num_replicas_in_sync
-    return loss, terms, total, s_logits, inputs
+    return Loss(loss, terms, total, s_logits, inputs)
 
   # --- keras hooks ----------------------------------------------------------------------
+  # Keras' private methods overridden here are pinned by tests/test_keras_private.py: a Keras
+  # release that renames one or changes its signature fails that test, not a training run.
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    """Keras 3.15 builds the model under a strategy from one batch that it averages with
-    strategy.reduce(MEAN, axis=None); MultiWorkerMirroredStrategy cannot reduce a PerReplica
-    batch that way (ValueError: Attempt to convert a value (PerReplica...)). The build needs
-    only shapes, so this worker's first local replica's batch serves as well. (Keras resets
-    the iterator after the build, so no training batch is lost.)"""
+    """Overridden because Keras 3.15 builds the model under a strategy from one batch that it
+    averages with strategy.reduce(MEAN, axis=None); MultiWorkerMirroredStrategy cannot reduce a
+    PerReplica batch that way (ValueError: Attempt to convert a value (PerReplica...)). The
+    build needs only shapes, so this worker's first local replica's batch serves as well.
+    (Keras resets the iterator after the build, so no training batch is lost.)"""
     strategy = self._distribute_strategy
     if iterator is not None and isinstance(strategy,
                                            tf.distribute.MultiWorkerMirroredStrategy):
@@ -534,15 +571,29 @@ class Distiller(keras.Model):
     jac = jacs.get("logits", next(iter(jacs.values())))
     return tf.sqrt(tf.reduce_sum(tf.square(jac), axis=[1, 2]))
 
-  def _update_metrics(self, labels, terms, total, s_logits, inputs, training=False):
-    self._trackers["loss"].update_state(total)
-    for name, value in terms.items():
-      self._trackers[name].update_state(value)
-    self._trackers["accuracy"].update_state(labels, s_logits)
+  def _measurements(self, terms, inputs, batch):
+    """([per-example values], [per-example sample weights]) for each tracker but accuracy, in
+    the trackers' order: each term, 'loss' (the weighted sum of the terms computed, under this
+    Distiller's weights) and the Jacobian norms; a tracker this step did not compute gets
+    zeros of weight 0 (lazy steps; one structure for both branches of their tf.cond)."""
+    found = dict(terms)
+    found["loss"] = self.weighted_total(terms)
     for who, jacs in (("teacher", inputs.teacher_jacobians),
                       ("student", inputs.student_jacobians)):
       if jacs:
-        self._trackers[f"{who}_jac_norm"].update_state(self._jacobian_norm(jacs))
+        found[f"{who}_jac_norm"] = self._jacobian_norm(jacs)
+    ones, zeros = tf.ones([batch]), tf.zeros([batch])
+    names = self._measured_trackers()
+    return ([found.get(n, zeros) for n in names], [ones if n in found else zeros for n in names])
+
+  def _measured_trackers(self):
+    return [n for n in self._trackers if n != "accuracy"]
+
+  def _record(self, updates, labels, s_logits, training):
+    """The one place the trackers are updated, by a training or a validation step."""
+    for name, (values, weights) in updates.items():
+      self._trackers[name].update_state(values, sample_weight=weights)
+    self._trackers["accuracy"].update_state(labels, s_logits)
     return self._logs(training)
 
   def unmeasured_metrics(self):
@@ -578,19 +629,19 @@ class Distiller(keras.Model):
     return tf.cast(data[0], tf.float32), data[1], cached
 
   def _gradients(self, x, labels, step, cached, optimizer):
-    """(gradients of the trained variables, terms, total, student logits, HintInputs) of
-    this model's hints. `cached`: the teacher cache's packed outputs, or None."""
+    """(gradients of the trained variables, this model's Loss on the batch). `cached`: the
+    teacher cache's packed outputs, or None."""
     if cached is not None:  # the teacher cache travels with the data
       teacher_outputs = unpack_teacher_outputs(cached)
     else:  # the teacher runs before the weight tape opens: it records nothing there
       teacher_outputs = self.teacher_pass(x, labels, step)
     with tf.GradientTape() as tape:
-      loss, terms, total, s_logits, inputs = self.compute_total_loss(
-          x, labels, training=True, step=step, teacher_outputs=teacher_outputs)
+      loss = self.compute_total_loss(x, labels, training=True, step=step,
+                                     teacher_outputs=teacher_outputs)
       # mixed_float16: compile() wraps the optimizer in a LossScaleOptimizer, whose apply()
       # divides by the scale; without this the float16 gradients underflow. Identity otherwise.
-      scaled = optimizer.scale_loss(loss)
-    return tape.gradient(scaled, self.trained_variables), terms, total, s_logits, inputs
+      scaled = optimizer.scale_loss(loss.loss)
+    return tape.gradient(scaled, self.trained_variables), loss
 
   def is_jacobian_step(self, step):
     """Whether optimizer step `step` (a Python int or an int64 tensor) takes the Jacobian
@@ -601,90 +652,40 @@ class Distiller(keras.Model):
     """What one training step applies and reports: (gradients, student logits,
     {term tracker: (per-example values, per-example sample weights)}).
 
-    jac_every=K > 1: step % K == 0 takes every hint with the Jacobian hints' weights times K;
-    the other steps take only the hints without Jacobians (tf.cond: the branch not taken, and
-    so every Jacobian pass of it, does not run; `jac_step` True/False: that branch, no cond).
-    The Jacobian trackers count only the steps that computed them; 'loss' is the weighted sum
-    (weights not multiplied by K) of the terms computed.
+    jac_every=K > 1 (training/lazy.py): step % K == 0 takes every hint with the Jacobian
+    hints' weights times K, the other steps only the hints without Jacobians (`jac_step`
+    True/False: that one, chosen outside). The Jacobian trackers count only the steps that
+    computed them; 'loss' is the weighted sum (weights not multiplied by K) of the terms
+    computed.
     """
     x, labels, cached = self._unpack(data)
-    lazy = getattr(self, "_without_jacobians", None) is not None
-    models = (self._lazy_full, self._without_jacobians) if lazy else (self, None)
-    names = [n for n in self._trackers if n != "accuracy"]
-    variables = self.trained_variables
 
-    def branch(model):
-      def fn():
-        grads, terms, _, s_logits, inputs = model._gradients(  # pylint: disable=protected-access
-            x, labels, step, cached, self.optimizer)
-        batch = tf.shape(labels)[0]
-        ones, zeros = tf.ones([batch]), tf.zeros([batch])
-        found = {n: terms[n] for n in terms}
-        found["loss"] = self.weighted_total(terms)
-        for who, jacs in (("teacher", inputs.teacher_jacobians),
-                          ("student", inputs.student_jacobians)):
-          if jacs:
-            found[f"{who}_jac_norm"] = self._jacobian_norm(jacs)
-        values = [found.get(n, zeros) for n in names]
-        weights = [ones if n in found else zeros for n in names]
-        if lazy:  # tf.cond needs one structure: zeros where the other branch has a gradient
-          grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
-        return grads, s_logits, values, weights
-      return fn
+    def measure(model):  # `model`: this Distiller or one of its lazy twins
+      grads, loss = model._gradients(  # pylint: disable=protected-access
+          x, labels, step, cached, self.optimizer)
+      values, weights = self._measurements(loss.terms, loss.inputs, tf.shape(labels)[0])
+      return grads, loss.student_logits, values, weights
 
-    if lazy and jac_step is not None:
-      grads, s_logits, values, weights = branch(models[0] if jac_step else models[1])()
-    elif lazy:
-      is_jac_step = self.is_jacobian_step(tf.cast(step, tf.int64))
-      grads, s_logits, values, weights = tf.cond(is_jac_step, branch(models[0]),
-                                                 branch(models[1]))
+    if self._lazy is None:
+      grads, s_logits, values, weights = measure(self)
     else:
-      grads, s_logits, values, weights = branch(self)()
-    return grads, s_logits, {n: (v, w) for n, v, w in zip(names, values, weights)}
+      grads, s_logits, values, weights = self._lazy.step_gradients(self, measure, step,
+                                                                   jac_step)
+    return grads, s_logits, dict(zip(self._measured_trackers(), zip(values, weights)))
 
   def train_step(self, data, jac_step=None):
-    variables = self.trained_variables
-    if getattr(self, "_without_jacobians", None) is None:  # every step takes every hint
-      x, labels, cached = self._unpack(data)
-      grads, terms, total, s_logits, inputs = self._gradients(
-          x, labels, self.optimizer.iterations, cached, self.optimizer)
-      self.optimizer.apply(grads, variables)
-      return self._update_metrics(labels, terms, total, s_logits, inputs, training=True)
     grads, s_logits, updates = self.step_gradients(data, self.optimizer.iterations, jac_step)
-    self.optimizer.apply(grads, variables)
-    for name, (values, weights) in updates.items():
-      self._trackers[name].update_state(values, sample_weight=weights)
-    self._trackers["accuracy"].update_state(data[1], s_logits)
-    return self._logs(training=True)
+    self.optimizer.apply(grads, self.trained_variables)
+    return self._record(updates, data[1], s_logits, training=True)
 
   def make_train_function(self, force=False):
-    """Lazy Jacobian matching on several replicas: tf.cond cannot hold a cross-replica sum
-    (synchronized BatchNorm's, in the Jacobian pass), so the step is two compiled functions,
-    the Jacobian step and the one without, chosen in Python by the optimizer's step (read
-    once per step; one replica keeps the tf.cond inside one function)."""
-    lazy = getattr(self, "_without_jacobians", None) is not None
-    if not lazy or self.distribute_strategy.num_replicas_in_sync == 1:
+    """Overridden for lazy Jacobian matching on several replicas only: two compiled steps
+    chosen in Python (training/lazy.py); Keras' own everywhere else."""
+    if self._lazy is None or self.distribute_strategy.num_replicas_in_sync == 1:
       return super().make_train_function(force)
-    if self.train_function is not None and not force:
-      return self.train_function
-    if getattr(self, "steps_per_execution", 1) not in (None, 1):
-      raise ValueError("jac_every > 1 on several replicas needs steps_per_execution=1")
-
-    def jacobian_step(data):
-      return self.train_step(data, jac_step=True)
-
-    def step_without_jacobians(data):
-      return self.train_step(data, jac_step=False)
-
-    full = self._make_function(jacobian_step)
-    cheap = self._make_function(step_without_jacobians)
-
-    def train_function(iterator):
-      step = int(self.optimizer.iterations.numpy())
-      return (full if self.is_jacobian_step(step) else cheap)(iterator)
-
-    self.train_function = train_function
-    return train_function
+    if self.train_function is None or force:
+      self.train_function = self._lazy.train_function(self)
+    return self.train_function
 
   def test_step(self, data):
     # The validation split's teacher outputs may travel with it, computed once
@@ -692,6 +693,7 @@ class Distiller(keras.Model):
     x, labels, cached = self._unpack(data)
     if cached is not None:
       cached = unpack_teacher_outputs(cached)
-    _, terms, total, s_logits, inputs = self.compute_total_loss(x, labels, training=False,
-                                                                step=0, teacher_outputs=cached)
-    return self._update_metrics(labels, terms, total, s_logits, inputs)
+    loss = self.compute_total_loss(x, labels, training=False, step=0, teacher_outputs=cached)
+    values, weights = self._measurements(loss.terms, loss.inputs, tf.shape(labels)[0])
+    return self._record(dict(zip(self._measured_trackers(), zip(values, weights))), labels,
+                        loss.student_logits, training=False)

@@ -1,0 +1,47 @@
+"""The Python API refuses a misspelt name by the argument that carries it, with the valid names,
+before it touches a network: never a bare KeyError, never a command-line flag."""
+import keras
+import pytest
+
+import tfjac
+from tfjac.config import HintConfig
+
+
+class _NeverCalled(keras.Model):
+  """A teacher whose first call fails: a bad name must be refused before it is probed."""
+
+  def call(self, x):
+    raise AssertionError("the teacher was called before the settings were checked")
+
+
+def _student():
+  return keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+                           keras.layers.Dense(3)])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(hints={"ce": 1, "bogus": 1}),
+     "hints must be one of ce, act, kd, jac, .*, got 'bogus', which is not a hint"),
+    (dict(hints=["bogus"]), "hints must be one of ce, act, .*, got 'bogus'"),
+    (dict(hints=[("act", 1.0), ("bogus", 1.0)]), "hints must be one of .*, got 'bogus'"),
+    (dict(hints="act"), r"hints= takes hint names.*not the string 'act': hints=\['act'\]"),
+    (dict(hints={"act": 1}, jac_target="bogus"),
+     "jac_target must be one of label, teacher_top1, random, .*, got 'bogus', which is not "
+     "a Jacobian target"),
+    (dict(hints={"act": 1}, jac_estimator="bogus"),
+     "jac_estimator must be one of backprop, jvp, fd, got 'bogus'"),
+    (dict(hints={"act": 1}, bn_policy="bogus"),
+     r"bn_policy \(HintConfig.jac_bn_policy\) must be one of batch_stats, inference, got "
+     "'bogus'"),
+    (dict(hints={"act": 1, "ce": 1}, loss_scaling="bogus"),
+     "loss_scaling must be one of none, initial, running, got 'bogus'"),
+    (dict(hints=HintConfig(hints=("act", "bogus"))), "hints must be one of .*, got 'bogus'"),
+    (dict(hints=HintConfig(hints=("act",), jac_target="bogus")),
+     "jac_target must be one of .*, got 'bogus'"),
+    (dict(hints={"lwf": 1}, params=tfjac.HintParams(lwf_match="bogus")),
+     r"params.lwf_match \(HintConfig.lwf_match\) must be one of act, kd, got 'bogus'"),
+])
+def test_a_bad_name_is_refused_by_its_argument_with_the_valid_names(kwargs, message):
+  with pytest.raises(ValueError, match=message) as e:
+    tfjac.Distiller(_student(), _NeverCalled(), **kwargs)
+  assert "--" not in str(e.value), str(e.value)  # the Python API's words, not the flags'
