@@ -293,7 +293,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
   with open(bad, "wb") as f:
     f.write(good[:len(good) // 2])
 
-  with pytest.raises(DataError, match=rf"cannot read image {bad}: .*--skip_bad_images"):
+  with pytest.raises(DataError, match=rf"cannot read image {bad}: .*--skip_bad_images"), checks.flag_errors():
     data.prepare(DataConfig(dataset=f"folder:{root}"))
   splits = data.prepare(DataConfig(dataset=f"folder:{root}", skip_bad_images=True))
   assert len(splits.info.skipped_files) == 1 and splits.info.skipped_files[0].startswith(bad)
@@ -350,5 +350,5 @@ def test_savedmodel_teacher_without_a_serving_function_is_a_clear_error(tmp_path
   path = str(tmp_path / "no_serve")
   tf.saved_model.save(module, path)
   with pytest.raises(ConfigError, match=r"--teacher: SavedModel '.*no_serve' has no 'serve' "
-                     r"function nor 'serving_default' signature"):
+                     r"function nor 'serving_default' signature"), checks.flag_errors():
     _load_teacher(path, (8, 8, 1), 10)

@@ -586,7 +586,7 @@ def test_library_errors_name_the_setting_and_the_command_line_names_the_flag(tmp
        "pass teacher_input.resize=True to resize", "--teacher_resize: .* pass --teacher_resize "
        "to resize"),
       (lambda: sources.application_weights("ResNet50", ""), "teacher_input.weights",
-       "teacher_input.weights='FILE'.* or teacher_input.weights='none' for random",
+       "teacher_input.weights=FILE.* or teacher_input.weights='none' for random",
        "--teacher_weights: .*--teacher_weights=FILE.* or --teacher_weights=none for random"),
       (lambda: preprocessing.preprocessing_layer("caffe", scale=2.0), "teacher_input.scale",
        "applies with teacher_input.preprocessing='none'",

@@ -15,7 +15,7 @@ from tfjac.config import Config, ModelConfig, TrainConfig
 from tfjac.config import (AUGMENTATIONS, BN_POLICIES, JAC_ESTIMATORS, JAC_PROBES, LOSS_SCALINGS,
                           LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TEACHER_CACHE,
                           WEIGHT_DECAY_KINDS)
-from tfjac.errors import ConfigError, SettingError, render
+from tfjac.errors import ConfigError, DataError, SettingError, render
 
 _MULTI_REPLICA = ("mirrored", "multi_worker")
 
@@ -77,11 +77,14 @@ def as_flag_error(error: SettingError) -> ConfigError:
 
 @contextlib.contextmanager
 def flag_errors():
-  """Within this block a library SettingError becomes the ConfigError naming flags."""
+  """Within this block a library SettingError becomes the ConfigError naming flags, and a
+  DataError's mentions of settings become flags."""
   try:
     yield
   except SettingError as e:
     raise as_flag_error(e) from e
+  except DataError as e:
+    raise DataError(render(e.template, _written_as_flag)) from e
 
 
 def check_finite(config: Config):
@@ -161,7 +164,8 @@ def validate(config: Config):
   _choice("mode", config.mode, modes.MODES)
   mode = modes.load(config.mode)
   _choice("strategy", config.strategy, STRATEGIES)
-  data.check_dataset_name(config.data.dataset)
+  with flag_errors():
+    data.check_dataset_name(config.data.dataset)
   _positive("samples_per_class", config.data.samples_per_class, allow_zero=True)
   if not 0.0 < config.data.validation_fraction < 1.0:
     raise ConfigError("validation_fraction",
@@ -241,7 +245,8 @@ def validate(config: Config):
   _choice("mixed_precision", config.mixed_precision, PRECISIONS)
   if config.strategy == "multi_worker":
     from tfjac import runtime  # pylint: disable=g-import-not-at-top
-    runtime.parse_tf_config()
+    with flag_errors():
+      runtime.parse_tf_config()
   # fd needs first-order gradients only; jvp runs forward mode through max-pooling, whose
   # tangent is the same second-order op (MaxPoolGradGrad) that XLA gets wrong.
   double_backprop = [name for name in config.hints.hints if hints.HINTS[name].student_jacobians

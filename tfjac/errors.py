@@ -10,7 +10,12 @@ _MENTION = re.compile(r"\[\[([\w.]+)(?:=(.*?))?\]\]")
 
 
 class TfjacError(Exception):
-  """Base class: the message is meant for the user, as it is."""
+  """Base class: the message is meant for the user, as it is (its mentions of settings written
+  as a Python caller writes them; `template` keeps them for the command line)."""
+
+  def __init__(self, message=""):
+    self.template = message
+    super().__init__(render(message))
 
 
 class ConfigError(TfjacError):
@@ -26,7 +31,10 @@ def mention(setting: str, value=_UNSET) -> str:
   """`setting` (set to `value`) inside a SettingError's message, written as the caller writes
   it: `teacher_input.outputs='logits'` in Python, `--teacher_outputs=logits` on the command
   line."""
-  return f"[[{setting}]]" if value is _UNSET else f"[[{setting}={value!r}]]"
+  if value is _UNSET:
+    return f"[[{setting}]]"
+  placeholder = isinstance(value, str) and value.isupper()  # N, DIR, FILE: written bare
+  return f"[[{setting}={value if placeholder else repr(value)}]]"
 
 
 def render(message: str, name=None) -> str:
@@ -42,8 +50,8 @@ class SettingError(TfjacError, ValueError):
 
   def __init__(self, setting, message):
     self.setting = setting
+    super().__init__(f"{setting}: {message}")
     self.template = message  # with mentions, for the command line to rewrite
-    super().__init__(f"{setting}: {render(message)}")
 
 
 class DataError(TfjacError):
