@@ -5,9 +5,10 @@ import keras
 import numpy as np
 import pytest
 
-from tfjac import export, run, teachers
+from tfjac import export, run
 from tfjac.config import Config
 from tfjac.errors import ConfigError
+from tfjac.models import teachers
 from tests import helpers
 
 def _config_error(*argv):

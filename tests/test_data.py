@@ -39,7 +39,7 @@ def test_sampler_is_seeded_nested_and_balanced(digits_splits):
 
 
 def test_too_many_samples_per_class_says_how_many_there_are(digits_splits):
-  with pytest.raises(ConfigError, match=r"--samples_per_class: 1000 .*smallest class: \d+ examples"):
+  with pytest.raises(ConfigError, match=r"--samples_per_class: 1000 .*smallest class: \d+ examples"), checks.flag_errors():
     data.prepare(DataConfig(samples_per_class=1000))
 
 
@@ -214,7 +214,7 @@ def test_image_folder_faults_name_the_class_or_file(tmp_path):
   root = helpers.write_image_folder(tmp_path / "b")
   big = os.path.join(root, "train", "bee", "big.png")
   helpers.write_png(big, size=(12, 10))
-  with pytest.raises(ConfigError, match=rf"--image_size: images differ in size: {big} is 10x12"):
+  with pytest.raises(ConfigError, match=rf"--image_size: images differ in size: {big} is 10x12"), checks.flag_errors():
     sources.load_folder(root)
   resized = sources.load_folder(root, sources.SourceOptions(image_size=6))
   assert resized.train.images.shape == (10, 6, 6, 3)
@@ -255,7 +255,7 @@ def test_cifar100_through_tfds_mock():
 
 
 def test_missing_tfds_data_says_how_to_provide_it(tmp_path):
-  with pytest.raises(DataError, match="prepare_data.py.*--data_dir"):
+  with pytest.raises(DataError, match="prepare_data.py.*--data_dir"), checks.flag_errors():
     data.prepare(DataConfig(dataset="cifar100", data_dir=str(tmp_path)))
 
 
@@ -296,12 +296,28 @@ def test_mit_indoor67_from_its_folder_and_lists(tmp_path):
 def test_mit_indoor67_says_what_is_missing(tmp_path):
   _indoor_tree(tmp_path)
   os.remove(tmp_path / "TestImages.txt")
-  with pytest.raises(DataError, match="lacks TestImages.txt; --dataset=mit_indoor67 expects"):
+  with pytest.raises(DataError, match="lacks TestImages.txt; --dataset=mit_indoor67 expects"), checks.flag_errors():
     data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path), image_size=16))
   (tmp_path / "TestImages.txt").write_text("kitchen/gone.jpg\n")
   with pytest.raises(DataError, match="TestImages.txt lists 1 image.* missing .*gone.jpg"):
     data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path), image_size=16))
-  with pytest.raises(ConfigError, match="--image_size"):
+  with pytest.raises(ConfigError, match="--image_size"), checks.flag_errors():
     data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path)))
   with pytest.raises(DataError, match="not a directory"):
     data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path / "nope")))
+
+
+def test_data_errors_name_settings_to_a_python_caller(tmp_path, digits_splits):
+  """The data loaders speak in DataConfig's terms; the command line (checks.flag_errors) in
+  flags (the tests above)."""
+  from tfjac.errors import SettingError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SettingError, match=r"^data.samples_per_class: 1000 .*Use "
+                     r"data.samples_per_class <= \d+") as e:
+    data.prepare(DataConfig(samples_per_class=1000))
+  assert e.value.setting == "data.samples_per_class" and "--" not in str(e.value)
+  _indoor_tree(tmp_path)
+  os.remove(tmp_path / "TestImages.txt")
+  with pytest.raises(DataError, match="lacks TestImages.txt; data.dataset='mit_indoor67' "
+                     "expects") as e:
+    data.load_source("mit_indoor67", data.SourceOptions(data_dir=str(tmp_path), image_size=16))
+  assert "--" not in str(e.value)

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from tfjac import data
+from tfjac import checks, data
 from tfjac.config import DataConfig
 from tfjac.data import sources
 from tfjac.errors import DataError
@@ -94,7 +94,7 @@ def test_neither_files_nor_tfds_says_how_to_install(tmp_path, monkeypatch):
   with pytest.raises(DataError, match=r"no Fashion-MNIST IDX files .* in .*empty and "
                      r".*not_installed\. Install Debian's package.*apt-get install "
                      r"dataset-fashion-mnist.*--data_dir=DIR\. Nor is tensorflow-datasets' "
-                     r"fashion_mnist there"):
+                     r"fashion_mnist there"), checks.flag_errors():
     sources.load_fashion_mnist(sources.SourceOptions(data_dir=str(tmp_path / "empty")))
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjac import data, export, hints, run, teachers
+from tfjac import checks, data, export, hints, run
 from tfjac.config import Config, DataConfig, HintConfig, ModelConfig, TrainConfig
-from tfjac.errors import ConfigError, DataError, NonFiniteLossError
+from tfjac.errors import ConfigError, DataError, NonFiniteLossError, SettingError
+from tfjac.models import teachers
 from tfjac.training import loop
 from tfjac.training import resume as resume_lib
 from tfjac.training.distiller import Distiller
@@ -292,7 +293,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
   with open(bad, "wb") as f:
     f.write(good[:len(good) // 2])
 
-  with pytest.raises(DataError, match=rf"cannot read image {bad}: .*--skip_bad_images"):
+  with pytest.raises(DataError, match=rf"cannot read image {bad}: .*--skip_bad_images"), checks.flag_errors():
     data.prepare(DataConfig(dataset=f"folder:{root}"))
   splits = data.prepare(DataConfig(dataset=f"folder:{root}", skip_bad_images=True))
   assert len(splits.info.skipped_files) == 1 and splits.info.skipped_files[0].startswith(bad)
@@ -323,7 +324,11 @@ def test_keras_teacher_with_lambda_code_is_refused_unless_allowed(tmp_path):
   keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(x))).save(path)
   marker.unlink()
 
-  with pytest.raises(ConfigError) as refused:
+  with pytest.raises(SettingError) as refused:  # the library's face: the setting
+    _load_teacher(path, (8, 8, 1), 10)
+  assert path in str(refused.value) and "unsafe_teacher_loading=True" in str(refused.value)
+  assert str(refused.value).startswith("teacher_path: ") and "--" not in str(refused.value)
+  with pytest.raises(ConfigError) as refused, checks.flag_errors():  # the command line's
     _load_teacher(path, (8, 8, 1), 10)
   assert path in str(refused.value) and "--unsafe_teacher_loading" in str(refused.value)
   assert str(refused.value).startswith("--teacher: ")
@@ -345,5 +350,5 @@ def test_savedmodel_teacher_without_a_serving_function_is_a_clear_error(tmp_path
   path = str(tmp_path / "no_serve")
   tf.saved_model.save(module, path)
   with pytest.raises(ConfigError, match=r"--teacher: SavedModel '.*no_serve' has no 'serve' "
-                     r"function nor 'serving_default' signature"):
+                     r"function nor 'serving_default' signature"), checks.flag_errors():
     _load_teacher(path, (8, 8, 1), 10)

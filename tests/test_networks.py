@@ -12,11 +12,11 @@ import pytest
 import tensorflow as tf
 
 import tfjac
-from tfjac import networks, run, teachers
+from tfjac import checks, run
 from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherInput,
                           TrainConfig)
-from tfjac.errors import ConfigError
-from tfjac.modes import finetune
+from tfjac.errors import ConfigError, SettingError
+from tfjac.models import layers, preprocessing, sources, students, surgery, teachers, views
 from tfjac.training.distiller import Distiller
 from tests import helpers
 
@@ -143,7 +143,8 @@ def test_a_probability_savedmodel_needs_the_flag_and_then_gives_exact_kd(tmp_pat
   reference, with_softmax = _softmax_teacher("dense")
   tf.saved_model.save(with_softmax, str(tmp_path / "sm"))  # no layers left to inspect
   with pytest.raises(ConfigError, match="--teacher_outputs: cannot tell .* "
-                     "--teacher_outputs=probabilities or --teacher_outputs=logits"):
+                     "--teacher_outputs=probabilities or --teacher_outputs=logits"), \
+                          checks.flag_errors():
     teachers.load_teacher(_config(tmp_path / "sm"), _info())
   loaded = teachers.load_teacher(_config(tmp_path / "sm", outputs="probabilities"), _info())
   assert loaded.outputs == "probabilities"
@@ -156,17 +157,18 @@ def test_a_probability_savedmodel_needs_the_flag_and_then_gives_exact_kd(tmp_pat
     np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-5, err_msg=name)
   cfg = dataclasses.replace(_config(tmp_path / "sm", outputs="probabilities"),
                             hints=HintConfig(hints=("ce", "act"), jac_target="teacher_top1"))
-  with pytest.raises(ConfigError, match=r"--teacher_outputs: .*\['act'\] need"):
+  with pytest.raises(ConfigError, match=r"--teacher_outputs: .*\['act'\] need"), \
+       checks.flag_errors():
     teachers.load_teacher(cfg, _info())
   with pytest.raises(ConfigError, match="--teacher_outputs: probabilities: .*'act'.* act on log-probabilities is not act"):
-    from tfjac import checks  # pylint: disable=g-import-not-at-top
     checks._validate_outside_teacher(cfg)  # pylint: disable=protected-access
 
 
 def test_logits_declared_for_a_softmax_teacher_is_refused(tmp_path):
   _, with_softmax = _softmax_teacher("activation")
   with_softmax.save(tmp_path / "t.keras")
-  with pytest.raises(ConfigError, match="--teacher_outputs: .* ends in a softmax"):
+  with pytest.raises(ConfigError, match="--teacher_outputs: .* ends in a softmax"), \
+       checks.flag_errors():
     teachers.load_teacher(_config(tmp_path / "t.keras", outputs="logits"), _info())
 
 
@@ -174,21 +176,21 @@ def test_logits_declared_for_a_softmax_teacher_is_refused(tmp_path):
                                          ("torch", "densenet"), ("pixels255", "efficientnet")])
 def test_preprocessing_matches_keras_preprocess_input(mode, family):
   x = np.random.default_rng(2).uniform(size=(2, 5, 5, 3)).astype(np.float32)
-  layer = networks.preprocessing_layer(mode)
+  layer = preprocessing.preprocessing_layer(mode)
   want = getattr(keras.applications, family).preprocess_input(x * 255.0)
   np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-3)
 
 
 def test_family_defaults_and_custom_mean_std():
-  assert [networks.family_preprocessing(n) for n in (
+  assert [preprocessing.family_preprocessing(n) for n in (
       "ResNet50", "VGG16", "ResNet50V2", "MobileNetV2", "DenseNet121", "EfficientNetB0",
       "MobileNetV3Small")] == ["caffe", "caffe", "tf", "tf", "torch", "pixels255", "pixels255"]
   x = np.random.default_rng(3).uniform(size=(2, 4, 4, 3)).astype(np.float32)
   mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
-  got = networks.preprocessing_layer("torch", mean=mean, std=std)(x)
+  got = preprocessing.preprocessing_layer("torch", mean=mean, std=std)(x)
   np.testing.assert_allclose(got, (x - np.array(mean)) / np.array(std), rtol=1e-5)
-  with pytest.raises(ConfigError, match="--teacher_mean"):
-    networks.preprocessing_layer("caffe", mean=mean)
+  with pytest.raises(ConfigError, match="--teacher_mean"), checks.flag_errors():
+    preprocessing.preprocessing_layer("caffe", mean=mean)
 
 
 def test_preprocessing_inside_the_adapter_keeps_jacobians_on_the_dataset_pixels(tmp_path):
@@ -214,7 +216,7 @@ def test_standard_batchnorm_student_gets_per_example_jacobians():
   student = _student()
   x = np.random.default_rng(5).normal(size=(6, 6, 6, 3)).astype(np.float32)
   student(x, training=True)  # moving statistics away from their initial values
-  converted, n = networks.convert_batchnorm(student)
+  converted, n = layers.convert_batchnorm(student)
   assert n == 1 and isinstance(converted.get_layer("s_bn"), tfjac.JacobianSafeBatchNorm)
   for training in (False, True):
     np.testing.assert_allclose(converted(x, training=training), student(x, training=training),
@@ -298,40 +300,42 @@ def test_the_python_api_example_of_the_readme_runs(tmp_path, monkeypatch):
 
 def test_bad_networks_are_refused_clearly(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="--teacher: unknown keras.applications model "
-                     "'ResNet51'; valid: .*ResNet50, "):
-    networks.check_application("teacher", "keras.applications:ResNet51")
+                     "'ResNet51'; valid: .*ResNet50, "), checks.flag_errors():
+    sources.check_application("teacher_path", "keras.applications:ResNet51")
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-  with pytest.raises(ConfigError, match="--teacher_weights: .* tfjac never downloads"):
-    networks.application_weights("ResNet50", "")
+  with pytest.raises(ConfigError, match="--teacher_weights: .* tfjac never downloads"), \
+       checks.flag_errors():
+    sources.application_weights("ResNet50", "")
   os.makedirs(tmp_path / "keras_home" / "models")
   cached = tmp_path / "keras_home" / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
   cached.write_bytes(b"")
   (tmp_path / "keras_home" / "models" / "resnet50v2_weights_tf_kernels.h5").write_bytes(b"")
-  assert networks.application_weights("ResNet50", "") == str(cached)
-  assert networks.application_weights("ResNet50", "none") is None
-  with pytest.raises(ConfigError, match="--teacher: .* is not a KerasHub preset directory"):
-    networks.kerashub_teacher(str(tmp_path))
+  assert sources.application_weights("ResNet50", "") == str(cached)
+  assert sources.application_weights("ResNet50", "none") is None
+  with pytest.raises(ConfigError, match="--teacher: .* is not a KerasHub preset directory"), \
+       checks.flag_errors():
+    sources.kerashub_teacher(str(tmp_path))
   (tmp_path / "not_a_model.keras").write_text("hello")
-  from tfjac import checks  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"):  # no TF work
     checks._check_network_name(  # pylint: disable=protected-access
         "model", ModelConfig(str(tmp_path / "not_a_model.keras")))
-  with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"):
-    networks.build_student(str(tmp_path / "not_a_model.keras"), (6, 6, 3), 5, mean=(0,),
+  with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"), \
+       checks.flag_errors():
+    students.build_student(str(tmp_path / "not_a_model.keras"), (6, 6, 3), 5, mean=(0,),
                            std=(1,))
   inputs, x = _body()
   keras.Model(inputs, x).save(tmp_path / "headless.keras")
   loaded = teachers.load_teacher(_config(tmp_path / "headless.keras", outputs="logits"),
                                  _info())
   with pytest.raises(ConfigError, match="--teacher: cannot rebuild .* with a new head: .* "
-                     "does not end in a Dense layer"):
-    finetune.oracle_network(loaded.network, (6, 6, 3), 3, TeacherInput(), "headless.keras",
+                     "does not end in a Dense layer"), checks.flag_errors():
+    surgery.oracle_network(loaded.network, (6, 6, 3), 3, TeacherInput(), "headless.keras",
                             adapt=loaded.adapt)
   # A weights file of another architecture.
   _student().save_weights(tmp_path / "other.weights.h5")
   with pytest.raises(ConfigError, match="--teacher_weights: .* does not hold weights of "
-                     "keras.applications.MobileNetV3Small"):
-    networks.application_teacher("MobileNetV3Small", weights=str(tmp_path / "other.weights.h5"),
+                     "keras.applications.MobileNetV3Small"), checks.flag_errors():
+    sources.application_teacher("MobileNetV3Small", weights=str(tmp_path / "other.weights.h5"),
                                  image_size=32)
 
 
@@ -390,7 +394,7 @@ def test_mobilenetv3small_student_with_standard_batchnorm_in_distill(tmp_path):
   final = results["student"]["final_epoch_metrics"]
   assert all(np.isfinite(final[k]) for k in ("act_loss", "jac_loss", "ce_loss"))
   student = keras.saving.load_model(tmp_path / "run" / "student" / "model.keras")
-  assert not networks.has_standard_batchnorm(student)
+  assert not layers.has_standard_batchnorm(student)
   assert any(isinstance(l, tfjac.JacobianSafeBatchNorm) for l in student.layers)
 
 
@@ -505,19 +509,19 @@ def _family(app):
 def test_every_keras_applications_name_is_in_a_tested_family():
   """A family Keras adds later must join FAMILY_MODELS (and the slow test) to be claimed."""
   assert {f: _family(m) for f, m in FAMILY_MODELS.items()} == {f: f for f in FAMILY_MODELS}
-  missing = [n for n in networks.application_names() if _family(n) not in FAMILY_MODELS]
+  missing = [n for n in sources.application_names() if _family(n) not in FAMILY_MODELS]
   assert not missing, missing
 
 
 def test_an_efficientnet_student_builds_and_gets_its_0_255_pixels():
   """EfficientNet B0-B7 have no include_preprocessing argument (they rescale inside): the
   student builder used to pass it and crash with a TypeError."""
-  model = networks.build_student("keras.applications:EfficientNetB0", (32, 32, 3), 10,
+  model = students.build_student("keras.applications:EfficientNetB0", (32, 32, 3), 10,
                                  mean=(0.5,), std=(0.25,))
   assert model.output_shape == (None, 10)
-  assert networks.own_preprocessing("EfficientNetB0") == "always"
-  assert networks.own_preprocessing("EfficientNetV2B0") == "switch"
-  assert networks.own_preprocessing("ResNet50") == "none"
+  assert preprocessing.own_preprocessing("EfficientNetB0") == "always"
+  assert preprocessing.own_preprocessing("EfficientNetV2B0") == "switch"
+  assert preprocessing.own_preprocessing("ResNet50") == "none"
   assert model.get_layer("pixels255") is not None
 
 
@@ -539,19 +543,21 @@ def test_every_keras_applications_family_as_student_and_teacher(app):
   API with the family's softmax-headed classifier as teacher; one training step with
   act + jac + ce. Families too small at 32x32 are refused there, naming the setting and
   the size they need, and are then taken at that size."""
-  size = networks.MIN_IMAGE_SIZE.get(app, 32)
+  size = sources.MIN_IMAGE_SIZE.get(app, 32)
   if size > 32:
     if app.startswith("Inception"):
-      with pytest.raises(ConfigError, match=f"--model: .*at least {size}x{size}"):
-        networks.build_student(f"keras.applications:{app}", (32, 32, 3), 10, mean=(0.5,),
+      with pytest.raises(ConfigError, match=f"--model: .*at least {size}x{size}"), \
+           checks.flag_errors():
+        students.build_student(f"keras.applications:{app}", (32, 32, 3), 10, mean=(0.5,),
                                std=(0.25,))
     else:  # Xception's body takes 32x32; its classifier does not
-      networks.build_student(f"keras.applications:{app}", (32, 32, 3), 10, mean=(0.5,),
+      students.build_student(f"keras.applications:{app}", (32, 32, 3), 10, mean=(0.5,),
                              std=(0.25,))
-    with pytest.raises(ConfigError, match=f"--teacher_image_size: .*at least {size}x{size}"):
-      networks.application_teacher(app, weights=None, image_size=32)
+    with pytest.raises(ConfigError, match=f"--teacher_image_size: .*at least {size}x{size}"), \
+         checks.flag_errors():
+      sources.application_teacher(app, weights=None, image_size=32)
   keras.utils.set_random_seed(0)
-  student = networks.build_student(f"keras.applications:{app}", (size, size, 3), 10,
+  student = students.build_student(f"keras.applications:{app}", (size, size, 3), 10,
                                    mean=(0.5,), std=(0.25,))
   teacher = getattr(keras.applications, app)(weights=None, input_shape=(size, size, 3),
                                              classes=10)
@@ -564,3 +570,73 @@ def test_every_keras_applications_family_as_student_and_teacher(app):
   loaded = teachers.load_teacher(cfg, _info((size, size, 3)))
   assert loaded.outputs == "logits" and "softmax" in loaded.outputs_how
   assert loaded.num_outputs == 1000
+
+
+# --- library errors in the caller's terms -----------------------------------------------------
+
+def test_library_errors_name_the_setting_and_the_command_line_names_the_flag(tmp_path,
+                                                                            monkeypatch):
+  """The same refusal, twice: raised to a Python caller it names the argument or Config setting
+  and no flag; through checks.flag_errors (run.run) it names the flag, as the command line
+  always has."""
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+  teacher = keras.Model(*_body((16, 16, 1)))
+  cases = [  # (call, setting, the API's words, the command line's words)
+      (lambda: views.adapt_input(teacher, (8, 8, 1)), "teacher_input.resize",
+       "pass teacher_input.resize=True to resize", "--teacher_resize: .* pass --teacher_resize "
+       "to resize"),
+      (lambda: sources.application_weights("ResNet50", ""), "teacher_input.weights",
+       "teacher_input.weights=FILE.* or teacher_input.weights='none' for random",
+       "--teacher_weights: .*--teacher_weights=FILE.* or --teacher_weights=none for random"),
+      (lambda: preprocessing.preprocessing_layer("caffe", scale=2.0), "teacher_input.scale",
+       "applies with teacher_input.preprocessing='none'",
+       "--teacher_input_scale: applies with --teacher_preprocessing=none"),
+      (lambda: students.build_student(str(tmp_path / "nothing.keras"), (8, 8, 1), 3, mean=(0,),
+                                      std=(1,)), "student.name", "does not exist",
+       "--model: .* does not exist"),
+      (lambda: views.attention_pairs(teacher, teacher, student_layers=["nope"]),
+       "hints.student_layers", r"no feature layer\(s\) \['nope'\]",
+       r"--student_layers: no feature layer\(s\) \['nope'\]"),
+  ]
+  for call, setting, api, cli in cases:
+    with pytest.raises(SettingError, match=f"^{re.escape(setting)}: .*{api}") as e:
+      call()
+    assert e.value.setting == setting and "--" not in str(e.value), str(e.value)
+    assert isinstance(e.value, ValueError)  # as Keras raises for a bad argument
+    with pytest.raises(ConfigError, match=cli), checks.flag_errors():
+      call()
+
+
+def _library_sources():
+  edge = {"checks.py", "run.py", "flagdefs.py"}  # the command line's own modules
+  for directory, _, files in os.walk(os.path.join(helpers.REPO, "tfjac")):
+    for f in sorted(files):
+      if f.endswith(".py") and f not in edge:
+        path = os.path.join(directory, f)
+        with open(path, encoding="utf-8") as fh:
+          yield os.path.relpath(path, helpers.REPO), fh.read()
+
+
+def test_every_setting_the_library_names_has_a_flag():
+  """flag_errors can only name a flag it knows: each setting raised or mentioned in the library
+  maps (checks.flag_of) to a flag the command line defines."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from tfjac import flagdefs  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  named = set()
+  for _, text in _library_sources():
+    named.update(re.findall(r"SettingError\(\s*[\"']([\w.]+)[\"']", text))
+    named.update(re.findall(r"mention\(\s*[\"']([\w.]+)[\"']", text))
+  assert {"teacher_input.resize", "teacher_path", "student.name"} <= named
+  unknown = {s: checks.flag_of(tuple(s.split("."))) for s in named
+             if checks.flag_of(tuple(s.split("."))) not in flags.FLAGS}
+  assert not unknown, f"settings without a flag: {unknown}"
+
+
+def test_the_networks_package_speaks_in_settings_not_flags():
+  """tfjac/models/ (builders, sources, outputs, preprocessing, views, teachers, surgery) raises
+  SettingError, never ConfigError, and its text names no --flag."""
+  for path, text in _library_sources():
+    if not path.startswith(os.path.join("tfjac", "models")):
+      continue
+    assert "ConfigError" not in text, path
+    assert not re.findall(r"--[a-z]\w+", text), (path, re.findall(r"--[a-z]\w+", text))

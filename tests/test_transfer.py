@@ -9,13 +9,13 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import linear_model
-from tfjac import export, models, run, teachers
+from tfjac import checks, export, models, run
 from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherInput,
                           TrainConfig)
-from tfjac.errors import ConfigError
+from tfjac.errors import ConfigError, SettingError
 from tfjac.hints import HintParams, attention
-from tfjac.models import views
-from tfjac.modes import conditions, finetune
+from tfjac.models import sources, surgery, views
+from tfjac.modes import conditions
 from tfjac.training.distiller import Distiller
 
 
@@ -106,7 +106,7 @@ def test_lwf_second_head_has_the_teachers_shape_and_learns_from_it():
 def test_unknown_attention_layers_list_the_valid_ones():
   teacher, student = _net("vgg4", 5), _net("vgg4", 3)
   with pytest.raises(ConfigError, match=r"--teacher_layers: no feature layer\(s\) \['nope'\] .*"
-                     r"valid: .*block1_conv1"):
+                     r"valid: .*block1_conv1"), checks.flag_errors():
     views.attention_pairs(teacher, student, teacher_layers=["nope"])
 
 
@@ -136,7 +136,8 @@ def test_default_attention_layers_end_blocks_or_stages():
 
 def test_teacher_of_another_input_size_needs_the_resize_flag():
   teacher = _net("vgg4", 5, shape=(16, 16, 3))
-  with pytest.raises(ConfigError, match="--teacher_resize: the teacher takes 16x16 images"):
+  with pytest.raises(ConfigError, match="--teacher_resize: the teacher takes 16x16 images"), \
+       checks.flag_errors():
     views.adapt_input(teacher, (8, 8, 1))
   adapted = views.adapt_input(teacher, (8, 8, 1), resize=True, scale=2.0)
   assert adapted(np.zeros((2, 8, 8, 1), np.float32)).shape == (2, 5)
@@ -148,8 +149,8 @@ def test_oracle_starts_from_the_teachers_weights(tmp_path):
   teacher.set_weights([rng.normal(size=w.shape).astype(np.float32) ** 2
                        for w in teacher.get_weights()])  # distinct from any initialiser
   teacher.save(tmp_path / "t.keras")
-  loaded = teachers.load_network(str(tmp_path / "t.keras"), (8, 8, 1))
-  oracle = finetune.oracle_network(loaded, (8, 8, 1), 3, TeacherInput(), "t")
+  loaded = sources.load_network(str(tmp_path / "t.keras"), (8, 8, 1))
+  oracle = surgery.oracle_network(loaded, (8, 8, 1), 3, TeacherInput(), "t")
   assert oracle.output_shape == (None, 3)
   body = {w.path: w.numpy() for w in teacher.weights if not w.path.startswith("logits")}
   got = {w.path: w.numpy() for w in oracle.weights}
@@ -165,9 +166,9 @@ def test_oracle_initialisation_is_checked_value_by_value(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
   teacher.set_weights([rng.normal(size=w.shape).astype(np.float32) ** 2
                        for w in teacher.get_weights()])  # distinct from any initialiser
-  oracle = finetune.oracle_network(teacher, (8, 8, 1), 3, TeacherInput(), "t")
+  oracle = surgery.oracle_network(teacher, (8, 8, 1), 3, TeacherInput(), "t")
   head = teacher.layers[-1]
-  checked = finetune.initialised_from_teacher(teacher, oracle)
+  checked = surgery.initialised_from_teacher(teacher, oracle)
   assert checked["parameters"] == teacher.count_params() - head.count_params()
   assert checked["layers"] == sum(1 for layer in teacher.layers[:-1] if layer.weights)
   # One layer's values changed after the copy (a kernel; then only BatchNorm statistics).
@@ -176,25 +177,26 @@ def test_oracle_initialisation_is_checked_value_by_value(tmp_path, monkeypatch):
   kernel = oracle.get_layer(conv).weights[0]
   kernel.assign(kernel.numpy() + 1e-3)
   with pytest.raises(TfjacError, match=f"layer '{conv}' does not hold the teacher's weights"):
-    finetune.initialised_from_teacher(teacher, oracle)
+    surgery.initialised_from_teacher(teacher, oracle)
   kernel.assign(teacher.get_layer(conv).weights[0].numpy())
   bn = next(layer for layer in oracle.layers if "moving_variance" in str(
       [w.path for w in layer.weights]))
   stat = next(w for w in bn.weights if w.path.endswith("moving_variance"))
   stat.assign(stat.numpy() * 2)
   with pytest.raises(TfjacError, match=f"layer '{bn.name}' does not hold"):
-    finetune.initialised_from_teacher(teacher, oracle)
+    surgery.initialised_from_teacher(teacher, oracle)
   # A broken copy (set_weights does nothing): oracle_network itself refuses it.
   monkeypatch.setattr(keras.Model, "set_weights", lambda self, weights: None)
   with pytest.raises(TfjacError, match="does not hold the teacher's weights"):
-    finetune.oracle_network(teacher, (8, 8, 1), 3, TeacherInput(), "t")
+    surgery.oracle_network(teacher, (8, 8, 1), 3, TeacherInput(), "t")
 
 
 def test_oracle_refuses_a_savedmodel_teacher(tmp_path):
   export.export_model(_net("vgg4", 5), str(tmp_path / "t"), np.zeros((2, 8, 8, 1), np.float32))
-  loaded = teachers.load_network(str(tmp_path / "t" / "saved_model"), (8, 8, 1))
-  with pytest.raises(ConfigError, match="needs its layers: .* is a SavedModel"):
-    finetune.oracle_network(loaded, (8, 8, 1), 3, TeacherInput(), str(tmp_path / "t"))
+  loaded = sources.load_network(str(tmp_path / "t" / "saved_model"), (8, 8, 1))
+  with pytest.raises(ConfigError, match="needs its layers: .* is a SavedModel"), \
+       checks.flag_errors():
+    surgery.oracle_network(loaded, (8, 8, 1), 3, TeacherInput(), str(tmp_path / "t"))
 
 
 def test_lipschitz_of_a_linear_teacher_is_the_spectral_norm_of_its_weights():

@@ -35,9 +35,9 @@ _PUBLIC = {
     "build_model": ("tfjac.models", "build"),
     "MODELS": ("tfjac.models", "MODELS"),
     "JacobianSafeBatchNorm": ("tfjac.models.layers", "JacobianSafeBatchNorm"),
-    "convert_batchnorm": ("tfjac.networks", "convert_batchnorm"),
-    "without_softmax": ("tfjac.networks", "without_softmax"),
-    "preprocessing_layer": ("tfjac.networks", "preprocessing_layer"),
+    "convert_batchnorm": ("tfjac.models.layers", "convert_batchnorm"),
+    "without_softmax": ("tfjac.models.outputs", "without_softmax"),
+    "preprocessing_layer": ("tfjac.models.preprocessing", "preprocessing_layer"),
     "adapt_input": ("tfjac.models.views", "adapt_input"),
     "export_model": ("tfjac.export", "export_model"),
 }

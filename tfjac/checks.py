@@ -1,9 +1,13 @@
 """The checks of a Config: everything that can be checked before any work, and the few that
 need the dataset or the teacher. Each raises ConfigError naming the flag and what would be valid.
+The one place where the library's errors, which name settings (errors.SettingError), are turned
+into flag names (flag_errors).
 
 The rules ask the registries: a mode's own rules and needs come from its module (modes/), a
 hint's needs from its declared fields (hints.HINTS), never from lists of names kept here.
 """
+import ast
+import contextlib
 import os
 
 from tfjac import modes
@@ -11,7 +15,7 @@ from tfjac.config import Config, ModelConfig, TrainConfig
 from tfjac.config import (AUGMENTATIONS, BN_POLICIES, JAC_ESTIMATORS, JAC_PROBES, LOSS_SCALINGS,
                           LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TEACHER_CACHE,
                           WEIGHT_DECAY_KINDS)
-from tfjac.errors import ConfigError
+from tfjac.errors import ConfigError, DataError, SettingError, render
 
 _MULTI_REPLICA = ("mirrored", "multi_worker")
 
@@ -24,9 +28,17 @@ def uses_jac_target(hint) -> bool:
              hint.teacher_jacobians)
 
 
-# The flags of the float settings whose flag is not the field's own name (config.non_finite's
-# paths); a weight's flag is <hint>_weight.
-_FLAG_OF_PATH = {("train", "learning_rate"): "learning_rate",
+# The flags of the settings whose flag is not the field's own name (a Config field's path, as
+# config.non_finite gives it or a SettingError names it); a weight's flag is <hint>_weight.
+_FLAG_OF_PATH = {("teacher_path",): "teacher",
+                 ("student", "name"): "model", ("teacher", "name"): "teacher_model",
+                 ("student", "weights"): "student_weights",
+                 ("teacher_input", "resize"): "teacher_resize",
+                 ("teacher_input", "preprocessing"): "teacher_preprocessing",
+                 ("teacher_input", "outputs"): "teacher_outputs",
+                 ("teacher_input", "weights"): "teacher_weights",
+                 ("teacher_input", "image_size"): "teacher_image_size",
+                 ("train", "learning_rate"): "learning_rate",
                  ("teacher_train", "learning_rate"): "teacher_learning_rate",
                  ("student", "width"): "width", ("teacher", "width"): "teacher_width",
                  ("teacher_input", "scale"): "teacher_input_scale",
@@ -40,6 +52,39 @@ def flag_of(path) -> str:
   if path[:2] == ("hints", "weights"):
     return f"{path[2]}_weight"
   return _FLAG_OF_PATH.get(tuple(path[:2]), path[-1])
+
+
+def _written_as_flag(setting, value):
+  """A mention (errors.mention) as the command line writes it: --flag, --noflag, --flag=value."""
+  flag = flag_of(tuple(setting.split(".")))
+  if value is None or value == "True":
+    return f"--{flag}"
+  if value == "False":
+    return f"--no{flag}"
+  try:
+    value = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    pass
+  return f"--{flag}={value}"
+
+
+def as_flag_error(error: SettingError) -> ConfigError:
+  """The command line's face of a library error: the flag of its setting, and every setting its
+  message mentions written as a flag."""
+  return ConfigError(flag_of(tuple(error.setting.split("."))),
+                     render(error.template, _written_as_flag))
+
+
+@contextlib.contextmanager
+def flag_errors():
+  """Within this block a library SettingError becomes the ConfigError naming flags, and a
+  DataError's mentions of settings become flags."""
+  try:
+    yield
+  except SettingError as e:
+    raise as_flag_error(e) from e
+  except DataError as e:
+    raise DataError(render(e.template, _written_as_flag)) from e
 
 
 def check_finite(config: Config):
@@ -119,7 +164,8 @@ def validate(config: Config):
   _choice("mode", config.mode, modes.MODES)
   mode = modes.load(config.mode)
   _choice("strategy", config.strategy, STRATEGIES)
-  data.check_dataset_name(config.data.dataset)
+  with flag_errors():
+    data.check_dataset_name(config.data.dataset)
   _positive("samples_per_class", config.data.samples_per_class, allow_zero=True)
   if not 0.0 < config.data.validation_fraction < 1.0:
     raise ConfigError("validation_fraction",
@@ -199,7 +245,8 @@ def validate(config: Config):
   _choice("mixed_precision", config.mixed_precision, PRECISIONS)
   if config.strategy == "multi_worker":
     from tfjac import runtime  # pylint: disable=g-import-not-at-top
-    runtime.parse_tf_config()
+    with flag_errors():
+      runtime.parse_tf_config()
   # fd needs first-order gradients only; jvp runs forward mode through max-pooling, whose
   # tangent is the same second-order op (MaxPoolGradGrad) that XLA gets wrong.
   double_backprop = [name for name in config.hints.hints if hints.HINTS[name].student_jacobians
@@ -266,13 +313,15 @@ def _validate_estimator(config: Config, chosen):
 
 def _check_network_name(flag, m: ModelConfig):
   """A builder's name, keras.applications:NAME (a known one) or an existing model file."""
-  from tfjac import models, networks  # pylint: disable=g-import-not-at-top
-  if m.name.startswith(networks.APPLICATIONS_PREFIX):
-    networks.check_application(flag, m.name)
-  elif networks.is_outside(m.name):
+  from tfjac import models  # pylint: disable=g-import-not-at-top
+  from tfjac.models import sources  # pylint: disable=g-import-not-at-top
+  if m.name.startswith(sources.APPLICATIONS_PREFIX):
+    with flag_errors():
+      sources.check_application("student.name" if flag == "model" else "teacher.name", m.name)
+  elif sources.is_outside(m.name):
     if not os.path.isfile(m.name):
       raise ConfigError(flag, f"{m.name!r} is not a file; valid: {', '.join(models.MODELS)}, "
-                        f"{networks.APPLICATIONS_PREFIX}NAME or a .keras file")
+                        f"{sources.APPLICATIONS_PREFIX}NAME or a .keras file")
     import zipfile  # pylint: disable=g-import-not-at-top
     if m.name.endswith(".keras") and not (zipfile.is_zipfile(m.name) and "config.json" in
                                           zipfile.ZipFile(m.name).namelist()):
@@ -289,10 +338,10 @@ def _check_network_name(flag, m: ModelConfig):
 
 def _validate_outside_teacher(config: Config):
   """--teacher_preprocessing/_outputs/_weights/_mean/_std, before any loading."""
-  from tfjac import networks  # pylint: disable=g-import-not-at-top
+  from tfjac.models import outputs, preprocessing, sources  # pylint: disable=g-import-not-at-top
   ti = config.teacher_input
-  _choice("teacher_preprocessing", ti.preprocessing, networks.PREPROCESSING)
-  _choice("teacher_outputs", ti.outputs, networks.OUTPUT_KINDS)
+  _choice("teacher_preprocessing", ti.preprocessing, preprocessing.PREPROCESSING)
+  _choice("teacher_outputs", ti.outputs, outputs.OUTPUT_KINDS)
   _positive("teacher_image_size", ti.image_size, allow_zero=True)
   for flag, values in (("teacher_mean", ti.mean), ("teacher_std", ti.std)):
     if values and len(values) not in (1, 3):
@@ -303,9 +352,10 @@ def _validate_outside_teacher(config: Config):
     raise ConfigError("teacher_mean", "per-channel mean/std apply with "
                       f"--teacher_preprocessing=torch or none, not {ti.preprocessing}")
   path = config.teacher_path or ""
-  if path.startswith(networks.APPLICATIONS_PREFIX):
-    networks.check_application("teacher", path)
-    if ti.weights and ti.weights != networks.RANDOM_WEIGHTS and not os.path.isfile(ti.weights):
+  if path.startswith(sources.APPLICATIONS_PREFIX):
+    with flag_errors():
+      sources.check_application("teacher_path", path)
+    if ti.weights and ti.weights != sources.RANDOM_WEIGHTS and not os.path.isfile(ti.weights):
       raise ConfigError("teacher_weights", f"{ti.weights!r} is not a file")
   else:
     if ti.weights:
@@ -313,12 +363,13 @@ def _validate_outside_teacher(config: Config):
     if ti.image_size:
       raise ConfigError("teacher_image_size", "applies to --teacher=keras.applications:NAME "
                         "only")
-  if path.startswith(networks.KERASHUB_PREFIX) and not os.path.isdir(
-      path[len(networks.KERASHUB_PREFIX):]):
+  if path.startswith(sources.KERASHUB_PREFIX) and not os.path.isdir(
+      path[len(sources.KERASHUB_PREFIX):]):
     raise ConfigError("teacher", f"{path!r}: no such KerasHub preset directory")
   if ti.outputs == "probabilities" and modes.load(config.mode).HINTS_READ_TEACHER:
-    networks.check_probability_hints(config.hints.hints, config.hints.lwf_match,
-                                     "probabilities")
+    with flag_errors():
+      outputs.check_probability_hints(config.hints.hints, config.hints.lwf_match,
+                                      "probabilities")
 
 
 def validate_against_data(config: Config, num_classes: int):

@@ -158,8 +158,8 @@ class TeacherInput:
   resize: bool = False
   scale: float = 1.0
   offset: float = 0.0
-  # Outside teachers (networks.py, teachers.py).
-  preprocessing: str = "auto"  # networks.PREPROCESSING; auto: the family's, else none
+  # Outside teachers (models/sources.py, models/teachers.py).
+  preprocessing: str = "auto"  # models.preprocessing.PREPROCESSING; auto: the family's, else none
   mean: Tuple[float, ...] = ()  # per channel, in [0, 1] pixel units (torch / none)
   std: Tuple[float, ...] = ()
   outputs: str = "auto"  # auto (a final softmax is seen and removed), logits, probabilities

@@ -1,16 +1,57 @@
-"""Errors that the command line turns into one clear message instead of a stack trace."""
+"""Errors that the command line turns into one clear message instead of a stack trace.
+
+The library speaks in the caller's terms: a SettingError names the argument or Config setting
+(`teacher_input.resize`, `teacher_outputs`) and names others in its message through `mention`.
+Only the command line (tfjac/checks.py, flag_errors) turns those names into flags."""
+import re
+
+_UNSET = object()
+_MENTION = re.compile(r"\[\[([\w.]+)(?:=(.*?))?\]\]")
 
 
 class TfjacError(Exception):
-  """Base class: the message is meant for the user, as it is."""
+  """Base class: the message is meant for the user, as it is (its mentions of settings written
+  as a Python caller writes them; `template` keeps them for the command line)."""
+
+  def __init__(self, message=""):
+    self.template = message
+    super().__init__(render(message))
 
 
 class ConfigError(TfjacError):
-  """A flag value that cannot work; the message names the flag and what is valid."""
+  """A flag value that cannot work (the command line's face); the message names the flag and
+  what is valid."""
 
   def __init__(self, flag, message):
     self.flag = flag
     super().__init__(f"--{flag}: {message}")
+
+
+def mention(setting: str, value=_UNSET) -> str:
+  """`setting` (set to `value`) inside a SettingError's message, written as the caller writes
+  it: `teacher_input.outputs='logits'` in Python, `--teacher_outputs=logits` on the command
+  line."""
+  if value is _UNSET:
+    return f"[[{setting}]]"
+  placeholder = isinstance(value, str) and value.isupper()  # N, DIR, FILE: written bare
+  return f"[[{setting}={value if placeholder else repr(value)}]]"
+
+
+def render(message: str, name=None) -> str:
+  """`message` with its mentions written by `name(setting, value repr or None)`; by default as
+  a Python caller writes them (setting=value)."""
+  name = name or (lambda setting, value: setting if value is None else f"{setting}={value}")
+  return _MENTION.sub(lambda m: name(m.group(1), m.group(2)), message)
+
+
+class SettingError(TfjacError, ValueError):
+  """An argument or setting value that cannot work, in the caller's terms: `setting` is the
+  argument or the Config field's path; a ValueError, as Keras raises for a bad argument."""
+
+  def __init__(self, setting, message):
+    self.setting = setting
+    super().__init__(f"{setting}: {message}")
+    self.template = message  # with mentions, for the command line to rewrite
 
 
 class DataError(TfjacError):

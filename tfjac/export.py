@@ -1,4 +1,4 @@
-"""Writing a trained network (student or teacher) out, atomically (teachers.py loads one back).
+"""Writing a trained network (student or teacher) out, atomically (models/sources.py loads one back).
 
 `export_model` writes `<dir>/saved_model` (a SavedModel whose `serve` / `serving_default`
 signature maps a float32 [batch, H, W, C] image batch in [0, 1] to logits) and `<dir>/model.keras`

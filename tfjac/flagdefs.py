@@ -318,7 +318,7 @@ flags.DEFINE_integer("val_jac_examples", _DEFAULT.train.val_jac_examples,
 flags.DEFINE_integer("val_jac_every", _DEFAULT.train.val_jac_every,
                      "Validation's Jacobian terms every this many epochs "
                      "(the first, every N-th, and the last); 1: every epoch.")
-# Your own networks (networks.py, teachers.py; docs/networks.md).
+# Your own networks (tfjac/models/: sources, teachers; docs/networks.md).
 flags.DEFINE_enum("teacher_preprocessing", _DEFAULT.teacher_input.preprocessing,
                   ["auto", "caffe", "torch", "tf", "pixels255", "none"],
                   "How the dataset's [0, 1] pixels are prepared for the teacher, inside the "

@@ -117,7 +117,15 @@ def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:
 
 
 def run(config: config_lib.Config, flagfile_text: str = ""):
-  """Runs one configured job; returns the results dict (also written to results.json)."""
+  """Runs one configured job; returns the results dict (also written to results.json). Errors
+  name flags (ConfigError), as a command-line user sets them."""
+  from tfjac import checks  # pylint: disable=g-import-not-at-top
+
+  with checks.flag_errors():  # the library names settings; the command line names flags
+    return _run(config, flagfile_text)
+
+
+def _run(config, flagfile_text):
   import keras  # pylint: disable=g-import-not-at-top
 
   from tfjac import checks, data, export, runtime  # pylint: disable=g-import-not-at-top

@@ -90,7 +90,8 @@ def trained_pair(run_dir, examples):
   """(teacher, student, test images) of a distillation run directory."""
   import keras  # pylint: disable=g-import-not-at-top
   import tfjac.models  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from tfjac import data, export, teachers  # pylint: disable=g-import-not-at-top
+  from tfjac import data, export  # pylint: disable=g-import-not-at-top
+  from tfjac.models import teachers  # pylint: disable=g-import-not-at-top
   from tfjac.config import Config, DataConfig  # pylint: disable=g-import-not-at-top
   results_path = os.path.join(run_dir, "results.json")
   if not os.path.exists(results_path):

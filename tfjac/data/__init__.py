@@ -20,7 +20,7 @@ from tfjac.config import DataConfig
 from tfjac.data.sources import (FOLDER_PREFIX, SOURCES, TFDS_PREFIX, ArraySplit,  # noqa: F401
                                 SourceData, SourceOptions, check_dataset_name,
                                 is_folder_dataset, load_source)
-from tfjac.errors import ConfigError, DataError
+from tfjac.errors import DataError, SettingError, mention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class DatasetInfo:
   mean: Tuple[float, ...]  # per channel, of the training split, in [0, 1] units
   std: Tuple[float, ...]
   class_names: Optional[Tuple[str, ...]] = None
-  skipped_files: Tuple[str, ...] = ()  # "path: why", left out under --skip_bad_images
+  skipped_files: Tuple[str, ...] = ()  # "path: why", left out under skip_bad_images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +59,12 @@ def sample_per_class(labels, n, seed, num_classes):
   counts = [len(p) for p in perms]
   if min(counts) < n:
     short = [c for c in range(num_classes) if counts[c] < n]
-    raise ConfigError(
-        "samples_per_class",
+    raise SettingError(
+        "data.samples_per_class",
         f"{n} is more than the training split holds for class(es) {short[:10]} "
         f"(smallest class: {min(counts)} examples after the validation split; largest: "
-        f"{max(counts)}). Use --samples_per_class <= {min(counts)}, or 0 for all.")
+        f"{max(counts)}). Use {mention('data.samples_per_class')} <= {min(counts)}, or 0 for "
+        "all.")
   return np.sort(np.concatenate([p[:n] for p in perms]))
 
 
@@ -106,8 +107,8 @@ def select_classes(source: SourceData, classes) -> SourceData:
   """Keeps `classes` (indices of the source) and relabels them 0..n-1 in the order given."""
   bad = [c for c in classes if c >= source.num_classes]
   if bad:
-    raise ConfigError("classes", f"class(es) {bad} do not exist: {source.name} has classes "
-                      f"0..{source.num_classes - 1}")
+    raise SettingError("data.classes", f"class(es) {bad} do not exist: {source.name} has "
+                       f"classes 0..{source.num_classes - 1}")
   lookup = np.full(source.num_classes, -1, np.int64)
   lookup[list(classes)] = np.arange(len(classes))
 

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 from absl import logging
 
-from tfjac.errors import ConfigError, DataError
+from tfjac.errors import DataError, SettingError, mention
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(__file__), "embedded")
 
@@ -85,7 +85,7 @@ def _tfds_hint(name, data_dir):
   return (f"Dataset {name!r} is not prepared in {where}. tfjac never downloads during a run. "
           f"On a machine with internet access run `python tools/prepare_data.py --dataset={name} "
           f"--data_dir=DIR` (or `tfds build {name} --data_dir=DIR`), copy DIR/{name}/ to this "
-          f"machine and pass --data_dir=DIR.")
+          f"machine and pass {mention('data.data_dir', 'DIR')}.")
 
 
 _VERSION_DIR = re.compile(r"^\d+\.\d+\.\d+$")
@@ -114,7 +114,7 @@ def load_tfds(name: str, options: SourceOptions = SourceOptions()) -> SourceData
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises several types for unknown names
-    raise ConfigError("dataset", f"tensorflow-datasets has no dataset {name!r}: {e}") from e
+    raise SettingError("data.dataset", f"tensorflow-datasets has no dataset {name!r}: {e}") from e
   try:
     splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, download=False,
                        as_supervised=True, shuffle_files=False)
@@ -220,8 +220,9 @@ def _read_files(by_class, options: SourceOptions, skipped):
         image = _decode(path)
       except DataError as e:
         if not options.skip_bad_images:
-          raise DataError(f"{e}. Fix or remove the file, or pass --skip_bad_images to skip "
-                          "unreadable files and count them") from e.__cause__
+          raise DataError(f"{e}. Fix or remove the file, or pass "
+                          f"{mention('data.skip_bad_images', True)} to skip unreadable files and "
+                          "count them") from e.__cause__
         logging.warning("skipping unreadable image %s", path)
         skipped.append(f"{path}: {_decode_error(e.__cause__)}")
         continue
@@ -231,10 +232,10 @@ def _read_files(by_class, options: SourceOptions, skipped):
         if first is None:
           first = (path, image.shape[:2])
         elif image.shape[:2] != first[1]:
-          raise ConfigError(
-              "image_size", f"images differ in size: {path} is {image.shape[1]}x"
+          raise SettingError(
+              "data.image_size", f"images differ in size: {path} is {image.shape[1]}x"
               f"{image.shape[0]} but {first[0]} is {first[1][1]}x{first[1][0]} (width x "
-              "height); pass --image_size=N to resize every image to NxN")
+              f"height); pass {mention('data.image_size', 'N')} to resize every image to NxN")
         image_f = image.astype(np.float32) / np.float32(255.0)
       images.append(image_f)
       labels.append(label)
@@ -251,7 +252,8 @@ def load_folder(path: str, options: SourceOptions = SourceOptions()) -> SourceDa
   """Images in PATH/train/<class>/ and PATH/test/<class>/; classes sorted by name."""
   root = os.path.expanduser(path)
   if not os.path.isdir(root):
-    raise DataError(f"--dataset={FOLDER_PREFIX}{path}: {root} is not a directory; expected "
+    raise DataError(f"{mention('data.dataset', FOLDER_PREFIX + path)}: {root} is not a "
+                    "directory; expected "
                     f"{FOLDER_LAYOUT}")
   classes = _class_dirs(os.path.join(root, "train"))
   if not classes:
@@ -273,9 +275,10 @@ def load_folder(path: str, options: SourceOptions = SourceOptions()) -> SourceDa
     test = ArraySplit(np.stack([_to_channels(im, train.images.shape[-1])
                                 for im in test.images]), test.labels)
   if train.images.shape[1:3] != test.images.shape[1:3]:
-    raise ConfigError("image_size", f"train images are {train.images.shape[2]}x"
-                      f"{train.images.shape[1]} but test images are {test.images.shape[2]}x"
-                      f"{test.images.shape[1]}; pass --image_size=N to resize all to NxN")
+    raise SettingError("data.image_size", f"train images are {train.images.shape[2]}x"
+                       f"{train.images.shape[1]} but test images are {test.images.shape[2]}x"
+                       f"{test.images.shape[1]}; pass {mention('data.image_size', 'N')} to "
+                       "resize all to NxN")
   if skipped:
     logging.warning("skipped %d unreadable image(s) under %s", len(skipped), root)
   return SourceData(name=f"{FOLDER_PREFIX}{os.path.basename(os.path.normpath(root))}",
@@ -299,11 +302,12 @@ def _read_list(path):
 
 def load_indoor67(options: SourceOptions = SourceOptions()) -> SourceData:
   """MIT Indoor Scenes (Quattoni & Torralba 2009) from its image folder and the official
-  train/test image lists; images are resized to --image_size (they come in many sizes)."""
+  train/test image lists; images are resized to options.image_size (they come in many sizes)."""
   root = os.path.expanduser(options.data_dir or "")
   if not options.data_dir or not os.path.isdir(root):
-    raise DataError(f"--dataset=mit_indoor67 reads --data_dir=DIR, laid out as {INDOOR_LAYOUT}; "
-                    f"{root or 'no --data_dir'} is not a directory. The images and lists come "
+    raise DataError(f"{mention('data.dataset', 'mit_indoor67')} reads "
+                    f"{mention('data.data_dir', 'DIR')}, laid out as {INDOOR_LAYOUT}; "
+                    f"{root or 'no ' + mention('data.data_dir')} is not a directory. The images and lists come "
                     "from https://web.mit.edu/torralba/www/indoor.html")
   images_dir = next((d for d in (os.path.join(root, "Images"),
                                  os.path.join(root, "indoorCVPR_09", "Images"))
@@ -311,11 +315,12 @@ def load_indoor67(options: SourceOptions = SourceOptions()) -> SourceData:
   missing = [f for f in INDOOR_LISTS if not os.path.isfile(os.path.join(root, f))]
   if images_dir is None or missing:
     what = (["Images/"] if images_dir is None else []) + missing
-    raise DataError(f"{root} lacks {', '.join(what)}; --dataset=mit_indoor67 expects "
+    raise DataError(f"{root} lacks {', '.join(what)}; {mention('data.dataset', 'mit_indoor67')} "
+                    "expects "
                     f"{INDOOR_LAYOUT}")
   if not options.image_size:
-    raise ConfigError("image_size", "MIT Indoor images come in many sizes: pass "
-                      "--image_size=N (e.g. 64) to resize them to NxN")
+    raise SettingError("data.image_size", "MIT Indoor images come in many sizes: pass "
+                       f"{mention('data.image_size', 'N')} (e.g. 64) to resize them to NxN")
   lists = [_read_list(os.path.join(root, f)) for f in INDOOR_LISTS]
   classes = sorted({entry.split("/")[0] for entry in lists[0]})
   skipped, splits = [], []
@@ -329,7 +334,8 @@ def load_indoor67(options: SourceOptions = SourceOptions()) -> SourceData:
       absent = [p for p in files if not os.path.isfile(p)]
       if absent and not options.skip_bad_images:
         raise DataError(f"{list_name} lists {len(absent)} image(s) missing from {images_dir}, "
-                        f"e.g. {absent[0]}; restore them or pass --skip_bad_images")
+                        f"e.g. {absent[0]}; restore them or pass "
+                        f"{mention('data.skip_bad_images', True)}")
       skipped.extend(f"{p}: missing" for p in absent)
       files = [p for p in files if p not in absent]
       if files:
@@ -391,7 +397,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
 
 
 def _fashion_mnist_idx_dir(options: SourceOptions) -> Optional[str]:
-  """The first of --data_dir and Debian's directory that holds all four IDX files."""
+  """The first of `data_dir` and Debian's directory that holds all four IDX files."""
   for directory in (options.data_dir, FASHION_MNIST_DEBIAN_DIR):
     if directory and all(_idx_path(os.path.expanduser(directory), name) for pair in
                          FASHION_MNIST_FILES.values() for name in pair):
@@ -401,8 +407,8 @@ def _fashion_mnist_idx_dir(options: SourceOptions) -> Optional[str]:
 
 def load_fashion_mnist(options: SourceOptions = SourceOptions()) -> SourceData:
   """Fashion-MNIST (Zalando, MIT licence; 60,000 training and 10,000 test 28x28 grey images,
-  10 classes) from its four IDX files: in --data_dir, or where Debian's `dataset-fashion-mnist`
-  installs them; else tensorflow-datasets' `fashion_mnist` prepared in --data_dir."""
+  10 classes) from its four IDX files: in options.data_dir, or where Debian's `dataset-fashion-mnist`
+  installs them; else tensorflow-datasets' `fashion_mnist` prepared in data_dir."""
   directory = _fashion_mnist_idx_dir(options)
   if directory is None:
     return _fashion_mnist_tfds(options)
@@ -441,10 +447,10 @@ def _fashion_mnist_tfds(options: SourceOptions) -> SourceData:
                         train=source.train, test=source.test,
                         class_names=source.class_names or FASHION_MNIST_CLASSES)
   raise DataError(
-      f"--dataset=fashion_mnist: no Fashion-MNIST IDX files ({files}) in {looked}. Install "
+      f"{mention('data.dataset', 'fashion_mnist')}: no Fashion-MNIST IDX files ({files}) in {looked}. Install "
       "Debian's package, which puts them in " + FASHION_MNIST_DEBIAN_DIR + ": `sudo apt-get "
       "install dataset-fashion-mnist`; or copy the four files into a directory and pass "
-      "--data_dir=DIR." + tfds_hint)
+      f"{mention('data.data_dir', 'DIR')}." + tfds_hint)
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -475,13 +481,13 @@ def _split_prefix(name: str):
 def check_dataset_name(name: str):
   if name in SOURCES or _split_prefix(name)[0]:
     return
-  raise ConfigError("dataset", f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}, "
-                    f"{TFDS_PREFIX}NAME for any tensorflow-datasets image classification "
+  raise SettingError("data.dataset", f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}, "
+                     f"{TFDS_PREFIX}NAME for any tensorflow-datasets image classification "
                     f"dataset, or {FOLDER_PREFIX}PATH for image files in {FOLDER_LAYOUT}")
 
 
 def is_folder_dataset(name: str) -> bool:
-  """Sources that decode image files (and so take --image_size and --skip_bad_images)."""
+  """Sources that decode image files (and so take image_size and skip_bad_images)."""
   return _split_prefix(name)[0] == FOLDER_PREFIX or name == "mit_indoor67"
 
 

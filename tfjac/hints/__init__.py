@@ -75,7 +75,7 @@ class Hint:
   # must be tfjac's, which normalises them with the clean batch's statistics.
   noisy_student_passes: bool = False
   # Reads the teacher's logits themselves, not up to a per-example constant: refused with a
-  # teacher that outputs probabilities (networks.probability_blockers).
+  # teacher that outputs probabilities (models.outputs.probability_blockers).
   reads_teacher_logits: bool = False
 
 

@@ -18,6 +18,7 @@ step, from the clean batch, as in a `ce` step (training/distiller.py says why).
 """
 import contextlib
 import threading
+from typing import Tuple
 
 import keras
 from keras import ops
@@ -125,3 +126,38 @@ class WindowMaxPool(keras.layers.Layer):
 
   def compute_output_shape(self, input_shape):
     return (input_shape[0], input_shape[1] // 2, input_shape[2] // 2, input_shape[3])
+
+
+def convert_batchnorm(model: keras.Model) -> Tuple[keras.Model, int]:
+  """A copy of `model` whose standard keras.layers.BatchNormalization layers are tfjac's
+  JacobianSafeBatchNorm (same config and weights), so the batch_stats policy gives
+  per-example Jacobians; returns (model, number converted). A model without any is returned
+  as is."""
+  standard = [l for l in all_layers(model) if type(l) is keras.layers.BatchNormalization]
+  if not standard:
+    return model, 0
+
+  def clone(layer):
+    if type(layer) is keras.layers.BatchNormalization:
+      return JacobianSafeBatchNorm.from_config(layer.get_config())
+    if isinstance(layer, keras.Model) and any(
+        type(l) is keras.layers.BatchNormalization for l in all_layers(layer)):
+      return keras.models.clone_model(layer, clone_function=clone)
+    return layer.__class__.from_config(layer.get_config())
+
+  converted = keras.models.clone_model(model, clone_function=clone)
+  converted.set_weights(model.get_weights())
+  return converted, len(standard)
+
+
+def all_layers(model):
+  """Every layer of `model`, nested models' layers included (depth first)."""
+  for layer in model.layers:
+    yield layer
+    if isinstance(layer, keras.Model):
+      yield from all_layers(layer)
+
+
+def has_standard_batchnorm(model: keras.Model) -> bool:
+  return any(type(l) is keras.layers.BatchNormalization for l in all_layers(model))
+

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import keras
 
-from tfjac.errors import ConfigError
+from tfjac.errors import SettingError, mention
 
 _NOT_FEATURES = (keras.layers.InputLayer, keras.layers.Normalization, keras.layers.Rescaling,
                  keras.layers.Resizing)
@@ -61,7 +61,7 @@ def default_attention_layers(model: keras.Model) -> List[str]:
     same keras.applications block name (MobileNetV2's block_1_expand_relu before the strided
     block_1_depthwise), the last layer of the block before it.
 
-  Works on any keras.Model; --teacher_layers / --student_layers override it."""
+  Works on any keras.Model; attention_pairs' teacher_layers / student_layers override it."""
   names = [n for n in feature_layer_names(model)
            if not isinstance(model.get_layer(n), _PADDING)]
   resolution = {n: tuple(model.get_layer(n).output.shape[1:3]) for n in names}
@@ -100,26 +100,27 @@ def _stage_end(model, group, names):
 def attention_pairs(teacher: keras.Model, student: keras.Model,
                     teacher_layers: Sequence[str] = (), student_layers: Sequence[str] = ()):
   """(teacher layer names, student layer names) of equal length; defaults pair the deepest
-  blocks of each network. Unknown names raise ConfigError listing the valid ones."""
-  for flag, model, names in (("teacher_layers", teacher, teacher_layers),
-                             ("student_layers", student, student_layers)):
+  blocks of each network. Unknown names raise a SettingError listing the valid ones."""
+  for setting, model, names in (("hints.teacher_layers", teacher, teacher_layers),
+                                ("hints.student_layers", student, student_layers)):
     valid = feature_layer_names(model)
     if not valid and names:
-      raise ConfigError(flag, f"{model.name} exposes no feature maps (a SavedModel teacher has "
-                        "no layers to tap; give a .keras teacher)")
+      raise SettingError(setting, f"{model.name} exposes no feature maps (a SavedModel teacher "
+                         "has no layers to tap; give a .keras teacher)")
     unknown = [n for n in names if n not in valid]
     if unknown:
-      raise ConfigError(flag, f"no feature layer(s) {unknown} in {model.name}; valid: "
-                        f"{', '.join(valid)}")
+      raise SettingError(setting, f"no feature layer(s) {unknown} in {model.name}; valid: "
+                         f"{', '.join(valid)}")
   t = list(teacher_layers) or default_attention_layers(teacher)
   s = list(student_layers) or default_attention_layers(student)
   if teacher_layers and student_layers and len(t) != len(s):
-    raise ConfigError("student_layers", f"pairs with --teacher_layers one to one: got {len(s)} "
-                      f"student and {len(t)} teacher layers")
+    raise SettingError("hints.student_layers", f"pairs with {mention('hints.teacher_layers')} "
+                       f"one to one: got {len(s)} student and {len(t)} teacher layers")
   n = min(len(t), len(s))
   if n == 0:
-    raise ConfigError("teacher_layers", f"no feature maps to pair between {teacher.name} and "
-                      f"{student.name} (a SavedModel teacher has no layers; use a .keras file)")
+    raise SettingError("hints.teacher_layers", f"no feature maps to pair between {teacher.name} "
+                       f"and {student.name} (a SavedModel teacher has no layers; use a .keras "
+                       "file)")
   return t[len(t) - n:], s[len(s) - n:]
 
 
@@ -151,21 +152,22 @@ def adapt_input(model: keras.Model, data_shape, *, resize=False, scale=1.0, offs
                 name=None, preprocess: Optional[keras.layers.Layer] = None) -> keras.Model:
   """`model` fed from images of `data_shape` in [0, 1]: x * scale + offset, resized to the
   model's input size when `resize`, grey repeated to 3 channels when the model wants colour.
-  `preprocess` (networks.ChannelAffine: a family's preprocessing) runs after grey-to-RGB.
+  `preprocess` (preprocessing.ChannelAffine: a family's preprocessing) runs after grey-to-RGB.
   Differentiable, so Jacobians stay with respect to the target data's pixels. Outputs (a tensor
   or a view's dict) are passed through."""
   want = tuple(model.input_shape[1:])
   data_shape = tuple(data_shape)
   if len(want) != 3:
-    raise ConfigError("teacher", f"the teacher takes inputs of shape {want}, not images")
+    raise SettingError("teacher_path", f"the teacher takes inputs of shape {want}, not images")
   size_differs = want[:2] != data_shape[:2] and None not in want[:2]
   if size_differs and not resize:
-    raise ConfigError("teacher_resize", f"the teacher takes {want[0]}x{want[1]} images and the "
-                      f"dataset has {data_shape[0]}x{data_shape[1]}; pass --teacher_resize to "
-                      "resize the target images for the teacher")
+    raise SettingError("teacher_input.resize", f"the teacher takes {want[0]}x{want[1]} images "
+                       f"and the dataset has {data_shape[0]}x{data_shape[1]}; pass "
+                       f"{mention('teacher_input.resize', True)} to resize the target images for "
+                       "the teacher")
   if want[2] not in (None, data_shape[2]) and not (data_shape[2] == 1 and want[2] == 3):
-    raise ConfigError("teacher", f"the teacher takes {want[2]}-channel images and the dataset "
-                      f"has {data_shape[2]}")
+    raise SettingError("teacher_path", f"the teacher takes {want[2]}-channel images and the "
+                       f"dataset has {data_shape[2]}")
   if (not size_differs and scale == 1.0 and offset == 0.0 and want[2] in (None, data_shape[2])
       and preprocess is None):
     return model

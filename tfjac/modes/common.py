@@ -9,7 +9,8 @@ from typing import Optional
 import keras
 from absl import logging
 
-from tfjac import export, models, modes, networks, teachers
+from tfjac import export, models, modes
+from tfjac.models import sources, students, teachers
 from tfjac.config import Config, HintConfig, ModelConfig, TrainConfig
 from tfjac.data import Splits
 from tfjac.errors import ConfigError
@@ -30,8 +31,8 @@ _ROLE_SEED = {"teacher": 1, "student": 2}
 def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, seed=0):
   info = splits.info
   keras.utils.set_random_seed(seed * 1000 + _ROLE_SEED.get(name, 0))
-  if networks.is_outside(model_cfg.name):  # keras.applications:NAME or a .keras file
-    return networks.build_student(model_cfg.name, info.image_shape, info.num_classes,
+  if sources.is_outside(model_cfg.name):  # keras.applications:NAME or a .keras file
+    return students.build_student(model_cfg.name, info.image_shape, info.num_classes,
                                   mean=info.mean, std=info.std, weights=model_cfg.weights,
                                   model_name=name)
   return models.build(model_cfg.name, info.image_shape, info.num_classes, mean=info.mean,
@@ -43,7 +44,7 @@ def check_student(config: Config, splits: Splits, strategy):
   """Builds an outside student (keras.applications:NAME, FILE.keras) once and throws it away,
   so that one that cannot take the dataset's images is a ConfigError naming --model before a
   teacher is trained. tfjac's own builders take any image size: nothing to check."""
-  if modes.load(config.mode).BUILDS_STUDENT and networks.is_outside(config.student.name):
+  if modes.load(config.mode).BUILDS_STUDENT and sources.is_outside(config.student.name):
     build_network(config.student, splits, "student", strategy, seed=config.data.seed)
 
 

@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfjac import data, teachers
+from tfjac import data
+from tfjac.models import teachers
 from tfjac.models import views
 from tfjac.modes import common
 from tfjac.training import evaluation
@@ -110,7 +111,7 @@ def _summary(values):
 
 def feature_model(network: keras.Model, adapted: keras.Model, image_shape, adapt):
   """Images -> the teacher's penultimate features (its logits when it has no layers).
-  `adapt`: config.TeacherInput, or a teachers.Teacher (its own adapter)."""
+  `adapt`: config.TeacherInput, or a models.teachers.Teacher (its own adapter)."""
   try:
     body = keras.Model(network.inputs[0], views.penultimate(network))
   except ValueError:

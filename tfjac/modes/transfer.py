@@ -9,7 +9,8 @@ the poster's no-transfer baseline. The exported student is the target network al
 import keras
 from absl import logging
 
-from tfjac import checks, teachers
+from tfjac import checks
+from tfjac.models import teachers
 from tfjac import hints as hints_lib
 from tfjac.errors import ConfigError
 from tfjac.models import views

@@ -172,7 +172,7 @@ class Distiller(keras.Model):
   the view's trainable variables are trained, and `student` alone is what gets exported.
 
   `teacher_outputs`: what the teacher returns, under the command line's rule
-  (networks.teacher_logits): 'auto' removes a final softmax seen in its structure (logged;
+  (models.outputs.teacher_logits): 'auto' removes a final softmax seen in its structure (logged;
   `teacher_info` says what was found) and refuses a teacher whose outputs look like
   probabilities with no softmax to see; 'logits' says it returns logits (refused if it ends in
   a softmax); 'probabilities' uses log-probabilities in place of logits (refused with the
@@ -199,8 +199,8 @@ class Distiller(keras.Model):
                              jac_fd_eps=jac_fd_eps, loss_scaling=loss_scaling)
     self.teacher_info = None  # what the teacher outputs and how that was settled
     if teacher is not None:
-      from tfjac import networks  # pylint: disable=g-import-not-at-top
-      teacher, info = networks.resolve_teacher(teacher, teacher_outputs, settings.hints,
+      from tfjac.models import outputs  # pylint: disable=g-import-not-at-top
+      teacher, info = outputs.resolve_teacher(teacher, teacher_outputs, settings.hints,
                                                settings.lwf_match,
                                                input_shape=student.input_shape[1:])
       if info["outputs"] == "probabilities" or "softmax" in info["how"]:
@@ -297,10 +297,10 @@ class Distiller(keras.Model):
     """A student with the standard keras.layers.BatchNormalization cannot hold its batch
     statistics for the input-gradient pass (only JacobianSafeBatchNorm can): under
     batch_stats its Jacobians would carry cross-example terms. It gets the inference policy
-    instead, logged; networks.convert_batchnorm(student) keeps batch_stats available."""
-    from tfjac import networks  # pylint: disable=g-import-not-at-top
+    instead, logged; models.layers.convert_batchnorm(student) keeps batch_stats available."""
+    from tfjac.models import layers  # pylint: disable=g-import-not-at-top
     if (bn_policy == "batch_stats" and (self.student_outputs or self.attention_jacobians)
-        and networks.has_standard_batchnorm(student)):
+        and layers.has_standard_batchnorm(student)):
       logging.info("student %s has standard BatchNormalization layers: its Jacobians are "
                    "taken with the inference policy (moving statistics), which keeps them "
                    "per-example; tfjac.convert_batchnorm(student) first allows batch_stats",
