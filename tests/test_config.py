@@ -25,7 +25,7 @@ def _config(**kw):
 ])
 def test_teacher_cache_auto_turns_off_and_on_refuses(tmp_path, change, why):
   cfg = _config(workdir=str(tmp_path), **change)
-  use, reason = teacher_cache.use_teacher_cache(cfg)
+  use, reason = teacher_cache.use_teacher_cache(cfg, True)
   assert not use and why in reason
   with pytest.raises(ConfigError, match="--teacher_cache.*" + why.replace("-", "\\-")):
     checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
@@ -33,13 +33,17 @@ def test_teacher_cache_auto_turns_off_and_on_refuses(tmp_path, change, why):
 
 def test_teacher_cache_auto_is_on_for_the_default_distillation(tmp_path):
   cfg = _config(workdir=str(tmp_path))
-  assert teacher_cache.use_teacher_cache(cfg)[0]
-  assert not teacher_cache.use_teacher_cache(dataclasses.replace(cfg, teacher_cache="off"))[0]
+  assert teacher_cache.use_teacher_cache(cfg, True)[0]
+  assert not teacher_cache.use_teacher_cache(dataclasses.replace(cfg, teacher_cache="off"),
+                                         True)[0]
   checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
+  # A mode that fits no student against a teacher (its Mode entry) never caches.
+  use, reason = teacher_cache.use_teacher_cache(cfg, False)
+  assert not use and "fits no student against a teacher" in reason
   # jac_target=random does not matter when no hint takes Jacobians
   cfg = _config(workdir=str(tmp_path), hints=HintConfig(hints=("act", "ce"),
                                                         jac_target="random"))
-  assert teacher_cache.use_teacher_cache(cfg)[0]
+  assert teacher_cache.use_teacher_cache(cfg, True)[0]
 
 
 @pytest.mark.parametrize("strategy", ["mirrored", "multi_worker"])

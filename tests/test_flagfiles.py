@@ -33,7 +33,7 @@ def test_flagfile_parses_and_validates(path, tmp_path, monkeypatch):
   flags.FLAGS(argv)
   # The teacher a previous cell writes, or the one the user gives (the MIT Indoor rows): a
   # stand-in file, since the checks only ask that it exists.
-  if flags.FLAGS["teacher"].present or modes.load(flags.FLAGS.mode).NEEDS_TEACHER:
+  if flags.FLAGS["teacher"].present or modes.load(flags.FLAGS.mode).needs_teacher:
     (tmp_path / "teacher.keras").write_text("")
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv + [f"--teacher={tmp_path / 'teacher.keras'}"])

@@ -1,6 +1,8 @@
 """The layout the README promises: no import circle among tfjac's modules, config.py a leaf, and
-a mode one module that declares what it is (modes/__init__.py), read by run.py and the checks."""
+a mode one module with one registry entry (modes.Mode), read by run.py and the checks; the
+rooms' direction (training below the modes, the modes below the command line's checks)."""
 import ast
+import dataclasses
 import importlib
 import os
 
@@ -104,7 +106,9 @@ def find_cycle(graph):
 
 
 def test_no_import_cycle_among_tfjac_modules():
-  graph = import_graph(PACKAGE)
+  """Imports inside functions count too: an import deferred into a function is still a
+  dependency, and a cycle through one only moves the failure to the first call."""
+  graph = import_graph(PACKAGE, all_levels=True)
   assert "tfjac.config" in graph and "tfjac.modes.transfer" in graph
   assert "tfjac.data" in graph["tfjac.modes.conditions"]  # the graph sees imports at all
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
@@ -127,6 +131,44 @@ def test_the_cycle_finder_finds_a_planted_cycle(tmp_path):
   assert find_cycle(import_graph(str(pkg))) is None
 
 
+def _imports_between(graph, importer, imported):
+  """The edges of `graph` from a module under the package `importer` to one under `imported`."""
+  def under(module, package):
+    return module == package or module.startswith(package + ".")
+  return sorted(f"{a} -> {b}" for a, targets in graph.items() if under(a, importer)
+                for b in targets if under(b, imported))
+
+
+# The rooms' direction: training is below the modes (a mode runs a fit; a fit knows no mode),
+# and the modes are below the command line's checks (a mode's rules live in its own check).
+_FORBIDDEN = [("tfjac.training", "tfjac.modes"), ("tfjac.modes", "tfjac.checks"),
+              ("tfjac.modes", "tfjac.run"), ("tfjac.training", "tfjac.checks")]
+
+
+def test_training_never_imports_modes_and_modes_never_import_the_checks():
+  graph = import_graph(PACKAGE, all_levels=True)
+  found = [e for importer, imported in _FORBIDDEN
+           for e in _imports_between(graph, importer, imported)]
+  assert not found, found
+
+
+def test_the_room_rule_sees_imports_inside_functions(tmp_path):
+  """The rule above can fail: a function-level import of the modes from a training module."""
+  pkg = tmp_path / "tfjac"
+  (pkg / "training").mkdir(parents=True)
+  (pkg / "modes").mkdir()
+  for f in ("__init__.py", "checks.py", "training/__init__.py", "modes/__init__.py"):
+    (pkg / f).write_text("")
+  (pkg / "training" / "fit.py").write_text("def f():\n  from tfjac import modes\n")
+  (pkg / "modes" / "m.py").write_text("def g():\n  from tfjac.checks import x\n")
+  graph = import_graph(str(pkg), all_levels=True)
+  assert _imports_between(graph, "tfjac.training", "tfjac.modes") == [
+      "tfjac.training.fit -> tfjac.modes"]
+  assert _imports_between(graph, "tfjac.modes", "tfjac.checks") == [
+      "tfjac.modes.m -> tfjac.checks"]
+  assert _imports_between(import_graph(str(pkg)), "tfjac.training", "tfjac.modes") == []
+
+
 def test_config_is_a_leaf():
   """config.py imports nothing from tfjac but errors, at any level (not even in a function)."""
   graph = import_graph(PACKAGE, all_levels=True)
@@ -140,23 +182,28 @@ def test_modes_registry_imports_nothing():
 
 
 @pytest.mark.parametrize("name", list(modes.MODES))
-def test_a_mode_is_one_module_that_declares_what_it_is(name):
+def test_a_mode_is_one_module_with_one_registry_entry(name):
   from tfjac import hints  # pylint: disable=g-import-not-at-top
   assert modes.MODES[name] == f"tfjac.modes.{name}"
   assert os.path.isfile(os.path.join(PACKAGE, "modes", f"{name}.py"))
-  module = modes.load(name)
-  assert module is importlib.import_module(f"tfjac.modes.{name}")
-  missing = [a for a in modes.ATTRIBUTES if not hasattr(module, a)]
-  assert not missing, f"tfjac.modes.{name} lacks {missing}"
+  module = importlib.import_module(f"tfjac.modes.{name}")
+  mode = modes.load(name)
+  assert mode is module.MODE and isinstance(mode, modes.Mode)
   for fn in ("check", "run", "summary_lines"):
-    assert callable(getattr(module, fn)), fn
-  assert module.DEFAULT_HINTS is None or (
-      isinstance(module.DEFAULT_HINTS, tuple) and set(module.DEFAULT_HINTS) <= set(hints.HINTS))
-  assert isinstance(module.ALWAYS_HINTS, tuple) and set(module.ALWAYS_HINTS) <= set(hints.HINTS)
-  assert module.DEFAULT_JAC_TARGET is None or module.DEFAULT_JAC_TARGET in hints.JACOBIAN_TARGETS
-  for a in ("NEEDS_TEACHER", "BUILDS_STUDENT", "TEACHER_CACHE", "HINTS_READ_TEACHER"):
-    assert isinstance(getattr(module, a), bool), a
-  assert module.TOP_K_AMONG in ("dataset", "teacher")
+    assert callable(getattr(mode, fn)), fn
+  assert mode.run is module.run  # the entry plus its run function
+  assert mode.default_hints is None or (
+      isinstance(mode.default_hints, tuple) and set(mode.default_hints) <= set(hints.HINTS))
+  assert isinstance(mode.always_hints, tuple) and set(mode.always_hints) <= set(hints.HINTS)
+  assert mode.default_jac_target is None or mode.default_jac_target in hints.JACOBIAN_TARGETS
+  for a in ("needs_teacher", "builds_student", "teacher_cache", "hints_read_teacher"):
+    assert isinstance(getattr(mode, a), bool), a
+  assert mode.top_k_among in ("dataset", "teacher")
+
+
+def test_mode_entries_are_frozen():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    modes.load("distill").needs_teacher = True  # type: ignore[misc]
 
 
 def _resolved(argv):
@@ -178,15 +225,15 @@ _BEFORE = {"teacher": ("ce",), "distill": ("act", "jac", "ce"), "regularize": ("
 def test_run_resolves_each_modes_declared_defaults(name):
   from tfjac import run  # pylint: disable=g-import-not-at-top  (defines the flags)
   del run
-  module = modes.load(name)
+  mode = modes.load(name)
   hints, target = _resolved([f"--mode={name}"])
-  expected = module.DEFAULT_HINTS or tuple(flags.FLAGS["hints"].default)
+  expected = mode.default_hints or tuple(flags.FLAGS["hints"].default)
   assert hints == expected == _BEFORE[name]
-  assert target == (module.DEFAULT_JAC_TARGET or flags.FLAGS["jac_target"].default)
+  assert target == (mode.default_jac_target or flags.FLAGS["jac_target"].default)
   assert target == ("teacher_top1" if name == "transfer" else "label")
-  # Given flags win over the mode's defaults; its ALWAYS_HINTS are put first when left out.
+  # Given flags win over the mode's defaults; its always_hints are put first when left out.
   hints, target = _resolved([f"--mode={name}", "--hints=kd", "--jac_target=all"])
-  assert hints == module.ALWAYS_HINTS + ("kd",) and target == "all"
+  assert hints == mode.always_hints + ("kd",) and target == "all"
 
 
 def test_transfer_always_trains_with_ce_on_the_labels():

@@ -20,14 +20,6 @@ from tfjac.errors import ConfigError, DataError, SettingError, render
 _MULTI_REPLICA = ("mirrored", "multi_worker")
 
 
-def uses_jac_target(hint) -> bool:
-  """Whether a hints.Hint takes Jacobians of the outputs --jac_target selects (not of the
-  attention maps, whose rows are picked at the teacher's largest pixel)."""
-  from tfjac.hints import jacobians  # pylint: disable=g-import-not-at-top
-  return any(kind in jacobians.OUTPUTS for kind in hint.student_jacobians +
-             hint.teacher_jacobians)
-
-
 # The flags of the settings whose flag is not the field's own name (a Config field's path, as
 # config.non_finite gives it or a SettingError names it); a weight's flag is <hint>_weight.
 _FLAG_OF_PATH = {("teacher_path",): "teacher",
@@ -230,14 +222,14 @@ def validate(config: Config):
   _choice("lwf_match", h.lwf_match, LWF_MATCHES)
   _positive("teacher_input_scale", config.teacher_input.scale)
   _positive("conditions_examples", config.conditions_examples)
-  if mode.NEEDS_TEACHER and not config.teacher_path:
+  if mode.needs_teacher and not config.teacher_path:
     raise ConfigError("teacher", f"--mode={config.mode} needs --teacher (a .keras file or a "
                       "SavedModel trained on the source data)")
   mode.check(config)
 
   _choice("teacher_cache", config.teacher_cache, TEACHER_CACHE)
   if config.teacher_cache == "on":
-    blocker = teacher_cache.teacher_cache_blocker(config)
+    blocker = teacher_cache.teacher_cache_blocker(config, mode.teacher_cache)
     if blocker:
       raise ConfigError("teacher_cache", f"on cannot be honoured: {blocker}. Use auto (it "
                         "then computes the teacher per batch) or off.")
@@ -366,7 +358,7 @@ def _validate_outside_teacher(config: Config):
   if path.startswith(sources.KERASHUB_PREFIX) and not os.path.isdir(
       path[len(sources.KERASHUB_PREFIX):]):
     raise ConfigError("teacher", f"{path!r}: no such KerasHub preset directory")
-  if ti.outputs == "probabilities" and modes.load(config.mode).HINTS_READ_TEACHER:
+  if ti.outputs == "probabilities" and modes.load(config.mode).hints_read_teacher:
     with flag_errors():
       outputs.check_probability_hints(config.hints.hints, config.hints.lwf_match,
                                       "probabilities")
@@ -374,7 +366,7 @@ def _validate_outside_teacher(config: Config):
 
 def validate_against_data(config: Config, num_classes: int):
   """The checks that need the dataset: run once it is loaded, before any training."""
-  if modes.load(config.mode).TOP_K_AMONG == "dataset":  # transfer: the teacher's classes
+  if modes.load(config.mode).top_k_among == "dataset":  # transfer: the teacher's classes
     check_jac_top_k(config, num_classes, "the dataset's")
 
 
@@ -384,7 +376,7 @@ def check_jac_top_k(config: Config, num_classes: int, whose: str, note: str = ""
   checks it once the teacher is loaded."""
   from tfjac import hints  # pylint: disable=g-import-not-at-top
   h = config.hints
-  uses_jacobians = any(uses_jac_target(hints.HINTS[n]) for n in h.hints)
+  uses_jacobians = any(hints.uses_jac_target(hints.HINTS[n]) for n in h.hints)
   if uses_jacobians and h.jac_target == "top_k" and h.jac_top_k > num_classes:
     raise ConfigError("jac_top_k", f"{h.jac_top_k} is more than {whose} {num_classes} "
                       f"classes{note}; use 1..{num_classes}")

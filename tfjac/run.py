@@ -38,12 +38,12 @@ def _float_list(flag, values):
 def config_from_flags(f=FLAGS) -> config_lib.Config:
   mode = modes.load(f.mode)  # the mode's defaults (modes/__init__.py)
   hints = tuple(f.hints)
-  if not f["hints"].present and mode.DEFAULT_HINTS is not None:
-    hints = tuple(mode.DEFAULT_HINTS)
-  hints = tuple(h for h in mode.ALWAYS_HINTS if h not in hints) + hints
+  if not f["hints"].present and mode.default_hints is not None:
+    hints = tuple(mode.default_hints)
+  hints = tuple(h for h in mode.always_hints if h not in hints) + hints
   jac_target = f.jac_target
-  if mode.DEFAULT_JAC_TARGET is not None and not f["jac_target"].present:
-    jac_target = mode.DEFAULT_JAC_TARGET
+  if mode.default_jac_target is not None and not f["jac_target"].present:
+    jac_target = mode.default_jac_target
   train_common = dict(batch_size=f.batch_size, steps_per_epoch=f.steps_per_epoch,
                       optimizer=f.optimizer, momentum=f.momentum, weight_decay=f.weight_decay,
                       lr_schedule=f.lr_schedule,

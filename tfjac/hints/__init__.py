@@ -167,5 +167,12 @@ HINTS: Dict[str, Hint] = {
                    student_jacobians=("attention",), teacher_jacobians=("attention",)),
 }
 
+def uses_jac_target(hint: Hint) -> bool:
+  """Whether `hint` takes Jacobians of the outputs the Jacobian target selects (not of the
+  attention maps, whose rows are picked at the teacher's largest pixel)."""
+  return any(kind in jacobians.OUTPUTS for kind in hint.student_jacobians +
+             hint.teacher_jacobians)
+
+
 _LWF_MATCH = {"act": HINTS["act"].loss, "kd": HINTS["kd"].loss}
 LWF_MATCHES = tuple(_LWF_MATCH)

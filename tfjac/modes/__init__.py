@@ -1,32 +1,40 @@
-"""The mode registry: --mode's name -> the module that is the mode.
+"""The mode registry: --mode's name -> the module whose `MODE` entry is the mode.
 
-A mode is one module. Besides `run`, it declares what it is; run.py and checks.py ask it, and
-nothing else spells a mode's name:
+A mode is one module holding one `Mode` entry (below: what the mode is, with defaults) and its
+run function. run.py and checks.py read the entry; nothing else spells a mode's name.
 
-  DEFAULT_HINTS        --hints when the flag is not given (None: the flag's own default)
-  ALWAYS_HINTS         hints put first when --hints leaves them out (transfer: ce)
-  DEFAULT_JAC_TARGET   --jac_target when the flag is not given (None: the flag's default)
-  NEEDS_TEACHER        --teacher is required
-  BUILDS_STUDENT       the mode builds the --model network (an outside one is tried early)
-  TEACHER_CACHE        the mode may fit a student against cached teacher outputs
-  HINTS_READ_TEACHER   the hints read the teacher's outputs (a probability teacher is checked)
-  TOP_K_AMONG          "dataset" or "teacher": whose classes --jac_target=top_k picks among
-  check(config)        the mode's own rules, raising ConfigError (no data read)
-  run(config, splits, strategy) -> results dict
-  summary_lines(results) -> the summary lines between the header and the run's outputs
-
-This module imports nothing, so that the flag definitions can list the names cheaply.
+This module imports nothing of tfjac, so that the flag definitions can list the names cheaply.
 """
+import dataclasses
 import importlib
+from typing import Callable, Optional, Tuple
 
 MODES = {name: f"tfjac.modes.{name}" for name in (
     "teacher", "distill", "regularize", "transfer", "finetune", "conditions")}
 
-ATTRIBUTES = ("DEFAULT_HINTS", "ALWAYS_HINTS", "DEFAULT_JAC_TARGET", "NEEDS_TEACHER",
-              "BUILDS_STUDENT", "TEACHER_CACHE", "HINTS_READ_TEACHER", "TOP_K_AMONG", "check",
-              "run", "summary_lines")
+
+def _no_rules(config):
+  del config  # the checks of every mode (checks.py) are all this mode has
 
 
-def load(name: str):
-  """The module of mode `name` (a name of MODES; checks.validate refuses any other)."""
-  return importlib.import_module(MODES[name])
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """What a mode is. Only `run` and `summary_lines` have no default."""
+  run: Callable  # (config, splits, strategy) -> the results dict
+  summary_lines: Callable  # results -> the summary lines between the header and the outputs
+  # --hints when the flag is not given (None: the flag's own default).
+  default_hints: Optional[Tuple[str, ...]] = None
+  always_hints: Tuple[str, ...] = ()  # put first when --hints leaves them out (transfer: ce)
+  # --jac_target when the flag is not given (None: the flag's own default).
+  default_jac_target: Optional[str] = None
+  needs_teacher: bool = False  # --teacher is required
+  builds_student: bool = True  # builds the --model network (an outside one is tried early)
+  teacher_cache: bool = False  # may fit a student against cached teacher outputs
+  hints_read_teacher: bool = False  # the hints read the teacher (a probability one is checked)
+  top_k_among: str = "dataset"  # "dataset" or "teacher": whose classes top_k picks among
+  check: Callable = _no_rules  # config -> None; the mode's own rules (ConfigError), no data read
+
+
+def load(name: str) -> Mode:
+  """The entry of mode `name` (a name of MODES; checks.validate refuses any other)."""
+  return importlib.import_module(MODES[name]).MODE

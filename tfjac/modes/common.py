@@ -44,7 +44,7 @@ def check_student(config: Config, splits: Splits, strategy):
   """Builds an outside student (keras.applications:NAME, FILE.keras) once and throws it away,
   so that one that cannot take the dataset's images is a ConfigError naming --model before a
   teacher is trained. tfjac's own builders take any image size: nothing to check."""
-  if modes.load(config.mode).BUILDS_STUDENT and sources.is_outside(config.student.name):
+  if modes.load(config.mode).builds_student and sources.is_outside(config.student.name):
     build_network(config.student, splits, "student", strategy, seed=config.data.seed)
 
 
@@ -114,7 +114,8 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
   workdir = config.workdir
   use_cache = False
   if teacher is not None:
-    use_cache, reason = teacher_cache.use_teacher_cache(config)
+    use_cache, reason = teacher_cache.use_teacher_cache(
+        config, modes.load(config.mode).teacher_cache)
     logging.info("teacher cache %s for the %s: %s", "on" if use_cache else "off", role, reason)
   result = loop.fit(
       distiller, train_split, splits.validation, train_cfg, seed=config.data.seed,

@@ -25,18 +25,10 @@ from absl import logging
 from tfjac import data
 from tfjac.models import teachers
 from tfjac.models import views
-from tfjac.modes import common
+from tfjac.modes import Mode, common
 from tfjac.training import evaluation
 from tfjac.training.distiller import Distiller
 
-DEFAULT_HINTS = ("ce",)
-ALWAYS_HINTS = ()
-DEFAULT_JAC_TARGET = None
-NEEDS_TEACHER = True
-BUILDS_STUDENT = False
-TEACHER_CACHE = False  # measurements only: no fit
-HINTS_READ_TEACHER = False
-TOP_K_AMONG = "dataset"
 POWER_ITERATIONS = 30
 PERCENTILES = (50, 90, 99)
 
@@ -204,10 +196,6 @@ def run(config, splits, strategy):
   return {"conditions": result}
 
 
-def check(config):
-  del config  # the checks of every mode are all conditions has
-
-
 def summary_lines(results):
   pct = common.pct
   c = results["conditions"]
@@ -233,3 +221,7 @@ def summary_lines(results):
   else:
     lines.append("  3. source/target distance: " + d["note"])
   return lines + common.summary_lines(results)
+
+
+MODE = Mode(run=run, summary_lines=summary_lines, default_hints=("ce",), needs_teacher=True,
+            builds_student=False)  # measurements only: no fit, no cache

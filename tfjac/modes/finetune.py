@@ -4,28 +4,15 @@ the target data with CE. Needs a Keras teacher (.keras) that ends in a Dense lay
 from tfjac.errors import ConfigError
 from tfjac.models import teachers
 from tfjac.models.surgery import initialised_from_teacher, oracle_network
-from tfjac.modes import common
+from tfjac.modes import Mode, common
 
 DEFAULT_HINTS = ("ce",)
-ALWAYS_HINTS = ()
-DEFAULT_JAC_TARGET = None
-NEEDS_TEACHER = True
-BUILDS_STUDENT = False  # the oracle is the teacher's network with a new head
-# The oracle's fit has no teacher; with --hints=ce the cache is refused by the hints' rule
-# ("no hint in --hints reads the teacher").
-TEACHER_CACHE = True
-HINTS_READ_TEACHER = False
-TOP_K_AMONG = "dataset"
 
 
 def check(config):
   if config.hints.hints != DEFAULT_HINTS:
     raise ConfigError("hints", "--mode=finetune (the fine-tuning oracle) trains with CE alone: "
                       "use --hints=ce")
-
-
-def summary_lines(results):
-  return common.summary_lines(results)
 
 
 def run(config, splits, strategy):
@@ -45,3 +32,10 @@ def run(config, splits, strategy):
                       "parameters_initialised_from_teacher": checked["parameters"]},
           "student": student}
 
+
+MODE = Mode(run=run, summary_lines=common.summary_lines, check=check,
+            default_hints=DEFAULT_HINTS, needs_teacher=True,
+            builds_student=False,  # the oracle is the teacher's network with a new head
+            # The oracle's fit has no teacher; with --hints=ce the cache is refused by the
+            # hints' rule ("no hint in --hints reads the teacher").
+            teacher_cache=True)

@@ -4,16 +4,7 @@ poster's equivalence of the two is for squared error; for CE the noisy expectati
 order, CE + sigma^2/2 tr(Hessian_x CE), so the two are related losses, not the same one."""
 from tfjac import hints as hints_lib
 from tfjac.errors import ConfigError
-from tfjac.modes import common
-
-DEFAULT_HINTS = ("ce", "jacnorm")
-ALWAYS_HINTS = ()
-DEFAULT_JAC_TARGET = None
-NEEDS_TEACHER = False
-BUILDS_STUDENT = True
-TEACHER_CACHE = False  # no teacher
-HINTS_READ_TEACHER = False
-TOP_K_AMONG = "dataset"
+from tfjac.modes import Mode, common
 
 
 def check(config):
@@ -26,9 +17,9 @@ def check(config):
     raise ConfigError("teacher", "--mode=regularize trains without a teacher")
 
 
-def summary_lines(results):
-  return common.summary_lines(results)
-
-
 def run(config, splits, strategy):
   return {"student": common.train_student(config, splits, strategy, teacher=None)}
+
+
+MODE = Mode(run=run, summary_lines=common.summary_lines, check=check,
+            default_hints=("ce", "jacnorm"))  # no teacher

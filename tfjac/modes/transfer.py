@@ -9,28 +9,21 @@ the poster's no-transfer baseline. The exported student is the target network al
 import keras
 from absl import logging
 
-from tfjac import checks
 from tfjac.models import teachers
 from tfjac import hints as hints_lib
 from tfjac.errors import ConfigError
 from tfjac.models import views
-from tfjac.modes import common
+from tfjac.modes import Mode, common
 
 DEFAULT_HINTS = ("ce", "lwf")
-ALWAYS_HINTS = ("ce",)  # LwF: CE on the target labels is always part of the loss
-DEFAULT_JAC_TARGET = "teacher_top1"  # target labels are not in the teacher's label space
-NEEDS_TEACHER = True
-BUILDS_STUDENT = True
-TEACHER_CACHE = True
-HINTS_READ_TEACHER = True
-TOP_K_AMONG = "teacher"  # the student's second head has the teacher's shape
+
 
 NO_TEACHER_NEEDED = ("ce",)
 
 
 def check(config):
   h = config.hints
-  uses_jac = [n for n in h.hints if checks.uses_jac_target(hints_lib.HINTS[n])]
+  uses_jac = [n for n in h.hints if hints_lib.uses_jac_target(hints_lib.HINTS[n])]
   if uses_jac and h.jac_target == "label":
     raise ConfigError("jac_target", "target labels are not in the teacher's label space: "
                       "use teacher_top1 (the default in --mode=transfer), top_k, all, random "
@@ -41,10 +34,6 @@ def check(config):
   bad = [n for n in h.hints if n not in valid]
   if bad:
     raise ConfigError("hints", f"{bad} are not transfer hints; valid: {', '.join(valid)}")
-
-
-def summary_lines(results):
-  return common.summary_lines(results)
 
 
 def run(config, splits, strategy):
@@ -80,3 +69,11 @@ def run(config, splits, strategy):
 
   student = common.train_student(config, splits, strategy, teacher, make_views=make_views)
   return {"teacher": teacher_summary, "student": student}
+
+
+MODE = Mode(run=run, summary_lines=common.summary_lines, check=check,
+            default_hints=DEFAULT_HINTS,
+            always_hints=("ce",),  # LwF: CE on the target labels is always part of the loss
+            default_jac_target="teacher_top1",  # target labels are not the teacher's classes
+            needs_teacher=True, teacher_cache=True, hints_read_teacher=True,
+            top_k_among="teacher")  # the student's second head has the teacher's shape

@@ -6,7 +6,8 @@ of the example alone. They are computed here by the training step's own `Distill
 and fed as a third element of each batch (data.training_batches(extras=...)); train_step then
 skips the teacher. The stream stays a pure function of (seed, epoch, step): resume is unchanged.
 The policy, when the cache can be used (`teacher_cache_blocker`, `use_teacher_cache`), is here
-too; it asks the mode (its TEACHER_CACHE) and the hints' declared needs.
+too; it asks whether the mode fits against a teacher (its caller says) and the hints'
+declared needs.
 """
 from typing import Dict, Optional, Tuple
 
@@ -14,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfjac import data as data_lib
-from tfjac import hints, modes
+from tfjac import hints
 from tfjac.config import Config
 from tfjac.training.distiller import pack_teacher_outputs
 
@@ -34,11 +35,13 @@ def size_mib(cache: Dict[str, np.ndarray]) -> float:
   return sum(v.nbytes for v in cache.values()) / 2**20
 
 
-def teacher_cache_blocker(config: Config) -> Optional[str]:
+def teacher_cache_blocker(config: Config, mode_caches: bool) -> Optional[str]:
   """Why the student's fit cannot use teacher outputs computed once per example, or None.
-  The teacher is frozen and runs in inference mode, so its outputs are a function of the
-  example alone unless the example or the outputs asked for change from step to step."""
-  if not modes.load(config.mode).TEACHER_CACHE:
+  `mode_caches`: whether config.mode fits a student against a teacher at all (its Mode entry's
+  teacher_cache). The teacher is frozen and runs in inference mode, so its outputs are a
+  function of the example alone unless the example or the outputs asked for change from step
+  to step."""
+  if not mode_caches:
     return f"--mode={config.mode} fits no student against a teacher"
   reads_teacher = any(hints.HINTS[name].needs_teacher for name in config.hints.hints)
   if reads_teacher and config.data.augment:
@@ -67,9 +70,10 @@ def hints_blocker(hint_names, jac_target, jac_estimator="backprop") -> Optional[
   return None
 
 
-def use_teacher_cache(config: Config) -> Tuple[bool, str]:
-  """(whether the student's fit uses cached teacher outputs, the reason, for the log)."""
-  blocker = teacher_cache_blocker(config)
+def use_teacher_cache(config: Config, mode_caches: bool) -> Tuple[bool, str]:
+  """(whether the student's fit uses cached teacher outputs, the reason, for the log);
+  `mode_caches` as in teacher_cache_blocker."""
+  blocker = teacher_cache_blocker(config, mode_caches)
   if config.teacher_cache == "off":
     return False, "--teacher_cache=off"
   if blocker:
