@@ -5,6 +5,7 @@ import pytest
 
 import tfjac
 from tfjac.config import HintConfig
+from tfjac.errors import SettingError
 
 
 class _NeverCalled(keras.Model):
@@ -45,3 +46,17 @@ def test_a_bad_name_is_refused_by_its_argument_with_the_valid_names(kwargs, mess
   with pytest.raises(ValueError, match=message) as e:
     tfjac.Distiller(_student(), _NeverCalled(), **kwargs)
   assert "--" not in str(e.value), str(e.value)  # the Python API's words, not the flags'
+
+
+def test_a_top_k_beyond_the_classes_is_refused_by_its_argument():
+  """The one top-k rule (hints.check_top_k) speaks the Python API's words in the Distiller."""
+  def functional():
+    x = keras.Input((4, 4, 1))
+    return keras.Model(x, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+  teacher = functional()
+  with pytest.raises(SettingError,
+                     match=r"^jac_top_k: 4 is more than the matching outputs' 3 classes; "
+                     r"use 1..3$") as e:
+    tfjac.Distiller(functional(), teacher, hints={"jac": 1}, jac_target="top_k", jac_top_k=4)
+  assert "--" not in str(e.value)
+  tfjac.Distiller(functional(), teacher, hints={"jac": 1}, jac_target="top_k", jac_top_k=3)

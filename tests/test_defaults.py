@@ -30,7 +30,7 @@ FIELDS = {
     "student_weights": ("student.weights",), "teacher_model": ("teacher.name",),
     # optimisation
     "epochs": ("train.epochs",), "learning_rate": ("train.learning_rate",),
-    "train_steps": ("train.train_steps",), "jac_every": ("train.jac_every",),
+    "train_steps": ("train.train_steps",), "jac_every": ("hints.jac_every",),
     "val_jac_examples": ("train.val_jac_examples",), "val_jac_every": ("train.val_jac_every",),
     "teacher_epochs": ("teacher_train.epochs",),
     "teacher_learning_rate": ("teacher_train.learning_rate",),

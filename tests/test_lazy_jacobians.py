@@ -113,7 +113,7 @@ def test_an_epoch_without_a_jacobian_step_logs_no_jacobian_terms(tmp_path, digit
   info = digits_splits.info
   result = loop.fit(_distiller(info, jac_every=4), digits_splits.sampled_train(4, 0),
                     digits_splits.validation,
-                    TrainConfig(epochs=3, batch_size=16, steps_per_epoch=2, jac_every=4),
+                    TrainConfig(epochs=3, batch_size=16, steps_per_epoch=2),
                     seed=0, log_dir=str(tmp_path / "tb"), checkpoint_dir=str(tmp_path / "ck"))
   h = result.history
   assert len(h["act_loss"]) == len(h["val_jac_loss"]) == 3
@@ -130,7 +130,7 @@ def test_an_epoch_without_a_jacobian_step_logs_no_jacobian_terms(tmp_path, digit
   from tfjac.modes import common
   short = loop.fit(_distiller(info, jac_every=4), digits_splits.sampled_train(4, 0),
                    digits_splits.validation,
-                   TrainConfig(epochs=2, batch_size=16, steps_per_epoch=2, jac_every=4),
+                   TrainConfig(epochs=2, batch_size=16, steps_per_epoch=2),
                    seed=0, log_dir=str(tmp_path / "tb2"), checkpoint_dir=str(tmp_path / "ck2"))
   final = common.fit_summary(short, {})["final_epoch_metrics"]
   assert "jac_loss" not in final and "student_jac_norm" not in final
@@ -175,17 +175,19 @@ def test_jac_every_needs_a_hint_without_jacobians(digits_splits):
 
 
 @pytest.mark.parametrize("train,hints,message", [
-    (dict(jac_every=0), ("act", "jac", "ce"), "--jac_every: must be > 0"),
-    (dict(jac_every=2), ("jac",), "--jac_every: 2 needs a hint without Jacobians"),
-    (dict(val_jac_every=0), ("act", "jac", "ce"), "--val_jac_every: must be > 0"),
-    (dict(val_jac_examples=-1), ("act", "jac", "ce"), "--val_jac_examples: must be >= 0"),
+    ({}, dict(jac_every=0), "--jac_every: must be > 0"),
+    ({}, dict(jac_every=2, hints=("jac",)), "--jac_every: 2 needs a hint without Jacobians"),
+    (dict(val_jac_every=0), {}, "--val_jac_every: must be > 0"),
+    (dict(val_jac_examples=-1), {}, "--val_jac_examples: must be >= 0"),
 ])
 def test_bad_speed_flags_are_clear_errors(tmp_path, train, hints, message):
+  """The lazy period is a hint setting (HintConfig.jac_every), validation's a fit's."""
   from tfjac import checks
   from tfjac import config as config_lib
   from tfjac.errors import ConfigError
   cfg = config_lib.Config(workdir=str(tmp_path), train=config_lib.TrainConfig(**train),
-                          hints=config_lib.HintConfig(hints=hints))
+                          hints=config_lib.HintConfig(**{"hints": ("act", "jac", "ce"),
+                                                         **hints}))
   with pytest.raises(ConfigError) as err:
     checks.validate(cfg)
   assert message in str(err.value)

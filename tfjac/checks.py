@@ -245,12 +245,12 @@ def validate(config: Config):
                      and (config.hints.jac_estimator != "fd" or name == "at_jac")]
   jacobian_hints = [n for n in config.hints.hints if hints.HINTS[n].student_jacobians or
                     hints.HINTS[n].teacher_jacobians]
-  _positive("jac_every", config.train.jac_every)
+  _positive("jac_every", config.hints.jac_every)
   _positive("val_jac_examples", config.train.val_jac_examples, allow_zero=True)
   _positive("val_jac_every", config.train.val_jac_every)
-  if config.train.jac_every > 1 and jacobian_hints and len(jacobian_hints) == len(
+  if config.hints.jac_every > 1 and jacobian_hints and len(jacobian_hints) == len(
       config.hints.hints):
-    raise ConfigError("jac_every", f"{config.train.jac_every} needs a hint without Jacobians "
+    raise ConfigError("jac_every", f"{config.hints.jac_every} needs a hint without Jacobians "
                       f"for the steps in between; --hints={','.join(config.hints.hints)} are "
                       "all Jacobian hints. Add one (e.g. act or ce) or use --jac_every=1.")
   if config.train.jit_compile and double_backprop:
@@ -366,20 +366,10 @@ def _validate_outside_teacher(config: Config):
 
 def validate_against_data(config: Config, num_classes: int):
   """The checks that need the dataset: run once it is loaded, before any training."""
-  if modes.load(config.mode).top_k_among == "dataset":  # transfer: the teacher's classes
-    check_jac_top_k(config, num_classes, "the dataset's")
-
-
-def check_jac_top_k(config: Config, num_classes: int, whose: str, note: str = ""):
-  """--jac_top_k against the classes the top-k picks among: the dataset's, or in
-  --mode=transfer the teacher's (the student's second head has the teacher's shape); transfer
-  checks it once the teacher is loaded."""
   from tfjac import hints  # pylint: disable=g-import-not-at-top
-  h = config.hints
-  uses_jacobians = any(hints.uses_jac_target(hints.HINTS[n]) for n in h.hints)
-  if uses_jacobians and h.jac_target == "top_k" and h.jac_top_k > num_classes:
-    raise ConfigError("jac_top_k", f"{h.jac_top_k} is more than {whose} {num_classes} "
-                      f"classes{note}; use 1..{num_classes}")
+  if modes.load(config.mode).top_k_among == "dataset":  # transfer: the teacher's classes,
+    with flag_errors():                                 # checked once it is loaded
+      hints.check_top_k(config.hints, num_classes, "the dataset's")
 
 
 def _check_writable(workdir):

@@ -98,15 +98,14 @@ class TrainConfig:
   # (or one pass, ceil(n_train / batch_size)) each, the last one cut at train_steps.
   train_steps: int = 0
   lr_decay_steps: Tuple[int, ...] = ()  # --lr_schedule=step boundaries in optimizer steps
-  # Speed of the Jacobian hints (issue 15): lazy Jacobian matching, cheaper validation.
-  jac_every: int = 1  # the Jacobian hints on every K-th step, weight x K; 1: every step
+  # Speed of the Jacobian hints in validation (issue 15); the lazy period is HintConfig's.
   val_jac_examples: int = 1000  # validation's Jacobian terms on a fixed subset; 0: whole split
   val_jac_every: int = 1  # validation's Jacobian terms every N epochs (and the last)
 
 
 # The teacher's fit by default: --teacher_epochs and --teacher_learning_rate read it, the other
-# optimisation flags are shared with the student's. No flag sets its train_steps, jac_every or
-# val_jac_* (the teacher takes no Jacobian hints): they stay as command-line runs always had them.
+# optimisation flags are shared with the student's. No flag sets its train_steps or val_jac_*
+# (the teacher takes no Jacobian hints): they stay as command-line runs always had them.
 TEACHER_TRAIN = TrainConfig(epochs=30, val_jac_examples=0)
 
 
@@ -139,6 +138,9 @@ class HintConfig:
   # none and running on the digits and Fashion-MNIST (docs/results/loss_scaling_candidates.md);
   # every weight then means relative importance and defaults to 1.
   loss_scaling: str = "initial"
+  # Lazy Jacobian matching (training/lazy.py): the Jacobian hints on every K-th optimizer step,
+  # their weights times K; 1: every step (the paper's loss).
+  jac_every: int = 1
 
   def weight(self, hint):
     return dict(self.weights).get(hint, 1.0)

@@ -304,7 +304,7 @@ flags.DEFINE_enum("mixed_precision", _DEFAULT.mixed_precision, config.PRECISIONS
                   "(docs/speed.md).")
 
 # Cost of the Jacobian hints (student fit only).
-flags.DEFINE_integer("jac_every", _DEFAULT.train.jac_every,
+flags.DEFINE_integer("jac_every", _DEFAULT.hints.jac_every,
                      "Lazy Jacobian matching: the Jacobian hints (jac, jac_ce, "
                      "jacnorm, at_jac) on every K-th optimizer step with their weights times K "
                      "(as StyleGAN2's lazy R1); the steps in between take only the other hints "

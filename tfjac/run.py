@@ -68,7 +68,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           width=(f.teacher_width if f.teacher_width is not None else
                  config_lib.default_teacher_width(f.dataset, f.teacher_model))),
       train=config_lib.TrainConfig(epochs=f.epochs, learning_rate=f.learning_rate,
-                                   train_steps=f.train_steps, jac_every=f.jac_every,
+                                   train_steps=f.train_steps,
                                    val_jac_examples=f.val_jac_examples,
                                    val_jac_every=f.val_jac_every, **train_common),
       teacher_train=dataclasses.replace(config_lib.TEACHER_TRAIN, epochs=f.teacher_epochs,
@@ -83,7 +83,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           jac_fd_eps=f.jac_fd_eps,
           noise_sigma=f.noise_sigma, noise_samples=f.noise_samples, lwf_match=f.lwf_match,
           teacher_layers=tuple(f.teacher_layers), student_layers=tuple(f.student_layers),
-          loss_scaling=f.loss_scaling),
+          loss_scaling=f.loss_scaling, jac_every=f.jac_every),
       teacher_input=config_lib.TeacherInput(resize=f.teacher_resize,
                                             scale=f.teacher_input_scale,
                                             offset=f.teacher_input_offset,

@@ -10,6 +10,7 @@ from typing import Callable, Dict, Optional, Tuple
 import tensorflow as tf
 
 from tfjac.config import HintConfig
+from tfjac.errors import SettingError
 from tfjac.hints import attention, estimators, jacobians, losses
 from tfjac.hints.jacobians import JACOBIAN_TARGETS, TargetOptions  # noqa: F401
 
@@ -172,6 +173,16 @@ def uses_jac_target(hint: Hint) -> bool:
   attention maps, whose rows are picked at the teacher's largest pixel)."""
   return any(kind in jacobians.OUTPUTS for kind in hint.student_jacobians +
              hint.teacher_jacobians)
+
+
+def check_top_k(settings: HintConfig, num_classes: int, whose: str, note: str = ""):
+  """The one rule on jac_top_k: with jac_target='top_k' and a hint that takes Jacobians of the
+  selected outputs, k is at most the `num_classes` the top-k picks among (`whose`: the
+  dataset's, the teacher's in transfer, where the student's second head has its shape)."""
+  uses = any(uses_jac_target(HINTS[n]) for n in settings.hints)
+  if uses and settings.jac_target == "top_k" and settings.jac_top_k > num_classes:
+    raise SettingError("jac_top_k", f"{settings.jac_top_k} is more than {whose} {num_classes} "
+                       f"classes{note}; use 1..{num_classes}")
 
 
 _LWF_MATCH = {"act": HINTS["act"].loss, "kd": HINTS["kd"].loss}

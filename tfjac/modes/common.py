@@ -108,7 +108,7 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
   with strategy.scope():
     distiller = Distiller(network, teacher, hints=hints, num_classes=splits.info.num_classes,
                           seed=config.data.seed, student_view=student_view,
-                          teacher_view=teacher_view, jac_every=train_cfg.jac_every,
+                          teacher_view=teacher_view,
                           # settled by teachers.load_teacher (or trained here: logits)
                           teacher_outputs="logits")
   workdir = config.workdir

@@ -45,8 +45,8 @@ def run(config, splits, strategy):
   with strategy.scope():
     loaded = teachers.load_teacher(config, info)
     network, teacher, source_classes = loaded.network, loaded.adapted, loaded.num_outputs
-  checks.check_jac_top_k(config, source_classes, "the teacher's",
-                             f" ({config.teacher_path}; top-k picks among its outputs)")
+  hints_lib.check_top_k(config.hints, source_classes, "the teacher's",
+                        f" ({config.teacher_path}; top-k picks among its outputs)")
   logging.info("teacher %s: %d source classes; target: %d classes", config.teacher_path,
                source_classes, info.num_classes)
   teacher_summary = {"source": "given", "path": config.teacher_path,

@@ -41,6 +41,7 @@ from absl import logging
 
 from tfjac import hints as hints_lib
 from tfjac.config import BN_POLICIES, HintConfig, non_finite
+from tfjac.errors import SettingError
 from tfjac.hints import attention, estimators, jacobians
 from tfjac.models import views
 from tfjac.models.layers import (JacobianSafeBatchNorm, holding_batch_statistics, recording_batch_statistics,
@@ -76,7 +77,8 @@ def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
                   jac_projections: Optional[int] = None,
                   bn_policy: Optional[str] = None, jac_estimator: Optional[str] = None,
                   jac_probes: Optional[int] = None, jac_fd_eps: Optional[float] = None,
-                  loss_scaling: Optional[str] = None) -> HintConfig:
+                  loss_scaling: Optional[str] = None,
+                  jac_every: Optional[int] = None) -> HintConfig:
   """The one settings object of a Distiller, a config.HintConfig. `hints`: a HintConfig (a
   run's, config.hints), or the Python API's {name: weight} / (name, weight) pairs with every
   other setting at HintConfig's defaults. The keyword arguments, where given, replace the
@@ -95,7 +97,8 @@ def hint_settings(hints, *, params: Optional[hints_lib.HintParams] = None,
   for field, value in (("jac_target", jac_target), ("jac_top_k", jac_top_k),
                        ("jac_projections", jac_projections), ("jac_bn_policy", bn_policy),
                        ("jac_estimator", jac_estimator), ("jac_probes", jac_probes),
-                       ("jac_fd_eps", jac_fd_eps), ("loss_scaling", loss_scaling)):
+                       ("jac_fd_eps", jac_fd_eps), ("loss_scaling", loss_scaling),
+                       ("jac_every", jac_every)):
     if value is not None:
       overrides[field] = value
   settings = dataclasses.replace(settings, **overrides)
@@ -162,8 +165,8 @@ class Distiller(keras.Model):
   the loss parameters, the Jacobian target and BatchNorm policy), or {name: weight} / (name,
   weight) pairs / names, a weight not given (or None) taking the command line's default
   (HintConfig.weight); `params`, `jac_target`, `jac_top_k`, `jac_projections`, `bn_policy`,
-  `jac_estimator`, `jac_probes` and `jac_fd_eps` replace the settings of those names
-  (hint_settings). `jac_estimator`: backprop (the Jacobian rows, double backprop), jvp or fd
+  `jac_estimator`, `jac_probes`, `jac_fd_eps`, `loss_scaling` and `jac_every` (lazy Jacobian
+  matching, training/lazy.py) replace the settings of those names (hint_settings). `jac_estimator`: backprop (the Jacobian rows, double backprop), jvp or fd
   (directional derivatives along random probes, hints/estimators.py). The Distiller derives the losses'
   HintParams and the targets' options from them itself.
 
@@ -185,7 +188,7 @@ class Distiller(keras.Model):
                             Sequence[Tuple[str, float]]] = (("ce", 1.0),),
                num_classes: Optional[int] = None, seed: int = 0,
                student_view: Optional[keras.Model] = None,
-               teacher_view: Optional[keras.Model] = None, jac_every: int = 1,
+               teacher_view: Optional[keras.Model] = None, jac_every: Optional[int] = None,
                params: Optional[hints_lib.HintParams] = None, jac_target: Optional[str] = None,
                jac_top_k: Optional[int] = None, jac_projections: Optional[int] = None,
                bn_policy: Optional[str] = None, teacher_outputs: str = "auto",
@@ -196,7 +199,8 @@ class Distiller(keras.Model):
     settings = hint_settings(hints, params=params, jac_target=jac_target, jac_top_k=jac_top_k,
                              jac_projections=jac_projections, bn_policy=bn_policy,
                              jac_estimator=jac_estimator, jac_probes=jac_probes,
-                             jac_fd_eps=jac_fd_eps, loss_scaling=loss_scaling)
+                             jac_fd_eps=jac_fd_eps, loss_scaling=loss_scaling,
+                             jac_every=jac_every)
     self.teacher_info = None  # what the teacher outputs and how that was settled
     if teacher is not None:
       from tfjac.models import outputs  # pylint: disable=g-import-not-at-top
@@ -252,10 +256,7 @@ class Distiller(keras.Model):
     self._target = jacobians.TARGETS[settings.jac_target]
     self._target_options = jacobians.TargetOptions(matching_classes, settings.jac_top_k,
                                                    settings.jac_projections)
-    if (self.student_outputs and settings.jac_target == "top_k"
-        and settings.jac_top_k > matching_classes):
-      raise ValueError(f"jac_top_k={settings.jac_top_k} is more than the {matching_classes} "
-                       "classes")
+    hints_lib.check_top_k(settings, matching_classes, "the matching outputs'")
     self.bn_policy = self._bn_policy_for(student, settings.jac_bn_policy)
     self.estimator = settings.jac_estimator
     self._check_estimator(settings)
@@ -269,9 +270,9 @@ class Distiller(keras.Model):
       if kinds(attr):
         self._trackers[f"{who}_jac_norm"] = keras.metrics.Mean(name=f"{who}_jac_norm")
     # Lazy Jacobian matching (jac_every=K > 1): training/lazy.py.
-    self.jac_every = int(jac_every)
+    self.jac_every = int(settings.jac_every)
     if self.jac_every < 1:
-      raise ValueError(f"jac_every must be >= 1, got {jac_every}")
+      raise SettingError("jac_every", f"must be >= 1, got {self.jac_every}")
     self._lazy = (lazy.LazySteps(self, self.jac_every)
                   if self.jac_every > 1 and self.jacobian_hints else None)
 
@@ -284,10 +285,10 @@ class Distiller(keras.Model):
   def with_hints(self, hints):
     """A Distiller on other hints that shares these networks, views and settings (the
     lazy-Jacobian steps, validation without the Jacobian terms). `hints`: (name, weight)
-    pairs."""
+    pairs. A twin takes every step it is given (jac_every 1): the lazy period is its parent's."""
     pairs = tuple((name, float(w)) for name, w in hints)
     settings = dataclasses.replace(self.settings, hints=tuple(name for name, _ in pairs),
-                                   weights=pairs, jac_bn_policy=self.bn_policy)
+                                   weights=pairs, jac_bn_policy=self.bn_policy, jac_every=1)
     return Distiller(self.student, self.teacher, hints=settings, num_classes=self.num_classes,
                      seed=self.seed, student_view=self.student_view,
                      teacher_view=self.teacher_view, teacher_outputs="logits",  # settled here
