@@ -13,6 +13,15 @@ tf.config.set_logical_device_configuration(
 
 
 @pytest.fixture(autouse=True)
+def _float32_by_default(monkeypatch):
+  """--mixed_precision's default (auto) resolves as on a CPU without bfloat16 units, so the
+  suite's numbers are float32 on every machine; the tests of bfloat16 and of auto's choice
+  name the precision or pass their own cpuinfo (tests/test_precision.py)."""
+  from tfjac import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runtime, "_proc_cpuinfo", lambda: "")
+
+
+@pytest.fixture(autouse=True)
 def _seed():
   import keras  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(0)

@@ -34,6 +34,19 @@ def test_auto_precision():
   assert "bfloat16 units" in why  # what run.py logs
 
 
+def test_the_default_is_bfloat16_where_the_cpu_has_it(monkeypatch):
+  """--mixed_precision's default (config.Config) is auto: bfloat16 on a CPU with bfloat16 units,
+  float32 on one without (the suite's conftest reads every machine as one without)."""
+  from tfjac.config import Config
+  default = Config().mixed_precision
+  assert default == "auto"
+  assert runtime.resolve_precision(default, gpus=0)[0] == "float32"  # conftest's pin
+  monkeypatch.setattr(runtime, "_proc_cpuinfo", lambda: ZEN4)
+  assert runtime.resolve_precision(default, gpus=0)[0] == "mixed_bfloat16"
+  monkeypatch.setattr(runtime, "_proc_cpuinfo", lambda: AVX2)
+  assert runtime.resolve_precision(default, gpus=0)[0] == "float32"
+
+
 # Tolerances of mixed_bfloat16 against float32 for one act,jac,ce step on the digits (VGG-9
 # width 0.25 teacher -> VGG-4 width 0.5 student, batch 32, the same weights), backprop (label)
 # and jvp (all outputs, 2 probes) alike. Measured on an AVX-512 BF16 CPU (TF 2.21): loss 2e-4

@@ -299,9 +299,9 @@ flags.DEFINE_enum("mixed_precision", _DEFAULT.mixed_precision, config.PRECISIONS
                   "compute, no loss scaling (GPUs with bfloat16, TPUs, recent CPUs). The logits "
                   "layer, the variables, the inputs and so the Jacobians stay float32; the "
                   "input-gradient is computed through low-precision layers and can underflow "
-                  "in deep networks. Default float32: float16 on CPU is emulated and slow; "
-                  "bfloat16 pays off only on CPUs with bfloat16 units and changes the numbers "
-                  "(docs/speed.md).")
+                  "in deep networks. Default auto: on a CPU with bfloat16 units the act,jac,ce "
+                  "step ran 1.58x float32's speed with test accuracy within float32's spread "
+                  "(docs/speed.md); float16 on CPU is emulated and slow.")
 
 # Cost of the Jacobian hints (student fit only).
 flags.DEFINE_integer("jac_every", _DEFAULT.hints.jac_every,

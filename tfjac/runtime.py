@@ -40,16 +40,21 @@ def worker_config(config: Config) -> Config:
 BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 /proc/cpuinfo "flags"; aarch64: "bf16"
 
 
+def _proc_cpuinfo() -> str:
+  """/proc/cpuinfo's text, or '' where it cannot be read (other systems)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return f.read()
+  except OSError:
+    return ""
+
+
 def cpu_has_bfloat16(cpuinfo: Optional[str] = None) -> bool:
   """Whether this CPU has bfloat16 arithmetic units, from /proc/cpuinfo (Linux; `cpuinfo`: its
   text, for tests): avx512_bf16 or amx_bf16 among x86 "flags", bf16 among aarch64
   "Features". False where the file cannot be read (other systems): float32 is the safe side."""
   if cpuinfo is None:
-    try:
-      with open("/proc/cpuinfo") as f:
-        cpuinfo = f.read()
-    except OSError:
-      return False
+    cpuinfo = _proc_cpuinfo()
   for line in cpuinfo.splitlines():
     key, _, value = line.partition(":")
     words = set(value.split())

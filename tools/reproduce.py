@@ -118,9 +118,13 @@ Preset = collections.namedtuple("Preset",
 # the full training split (--steps_per_epoch), the digits presets by --train_steps = 60
 # epochs of the full column (1132 training images of digits at batch 32: 36 steps per epoch;
 # 564 of digits 5-9 in the transfer demo: 18).
+# The tables run here (digits, Fashion-MNIST) pin float32: --mixed_precision's default, auto,
+# picks bfloat16 on CPUs with bfloat16 units, so without the pin a table would change with the
+# CPU that reruns it. bfloat16 has its own row (the variants table).
+FLOAT32 = ("--mixed_precision=float32",)
 PRESETS = {
-    ("distill", "digits"): Preset((), ("--mode=teacher",), ("10", "50", "full"), {}, {}, 2160,
-                                  0.001),
+    ("distill", "digits"): Preset(FLOAT32, ("--mode=teacher", *FLOAT32), ("10", "50", "full"),
+                                  {}, {}, 2160, 0.001),
     ("distill", "cifar100"): Preset(
         ("--flagfile=flags/cifar100_base.cfg",),
         ("--flagfile=flags/cifar100_base.cfg", "--mode=teacher"), ("10", "50", "full"),
@@ -134,11 +138,12 @@ PRESETS = {
     # so the full column gets a third of a pass: the budget of the 10-per-class column, not a
     # converged run.
     ("distill", "fashion_mnist"): Preset(
-        ("--validation_fraction=0.02", "--steps_per_epoch=100"),
+        ("--validation_fraction=0.02", "--steps_per_epoch=100", *FLOAT32),
         ("--mode=teacher", "--validation_fraction=0.02", "--teacher_model=vgg9",
-         "--teacher_width=0.5", "--teacher_epochs=3", "--batch_size=128"),
+         "--teacher_width=0.5", "--teacher_epochs=3", "--batch_size=128", *FLOAT32),
         ("10", "50", "full"), {}, {}, 500, 0.001),
-    ("lazy", "digits"): Preset((), ("--mode=teacher",), ("3", "10"), {}, {}, 2160, 0.001),
+    ("lazy", "digits"): Preset(FLOAT32, ("--mode=teacher", *FLOAT32), ("3", "10"), {}, {}, 2160,
+                               0.001),
     ("transfer", "digits"): Preset(
         ("--flagfile=flags/digits_transfer_base.cfg",),
         ("--flagfile=flags/digits_transfer_teacher.cfg",), ("10", "50", "full"), {}, {}, 1080,
@@ -566,7 +571,7 @@ class RobustnessTable:
 
   def command(self, row, seed):
     # Raw terms: scaled, ce,jacnorm's sigma^2 would cancel against jacnorm's own scale.
-    return ["--mode=regularize", "--loss_scaling=none", f"--dataset={self.dataset}",
+    return ["--mode=regularize", "--loss_scaling=none", *FLOAT32, f"--dataset={self.dataset}",
             *row.args,
             f"--samples_per_class={self.samples_per_class}", f"--noise_sigma={self.noise_sigma}",
             f"--robustness_sigmas={','.join(self.sigmas)}", f"--seed={seed}",
