@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tfjac.checks import validate
-from tfjac.config import Config, TrainConfig
+from tfjac.config import Config, DataConfig, TrainConfig
 from tfjac.errors import ConfigError
 from tfjac.training import loop, optimizers
 from tfjac.training.distiller import Distiller
@@ -81,10 +81,10 @@ def fit(tmp_path, digits_splits):
     keras.utils.set_random_seed(7)
     student, teacher = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
     distiller = Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)])
-    result = loop.fit(distiller, train, digits_splits.validation, cfg, seed=1,
-                      log_dir=str(tmp_path / name / "tb"), checkpoint_dir=str(tmp_path / name),
-                      extra_callbacks=extra, resume=True, settings={"budget": 7},
-                      keep_backup=True)
+    result = loop.fit(distiller, train, digits_splits.validation, cfg,
+                      loop.FitDirs(str(tmp_path / name / "tb"), str(tmp_path / name),
+                                   resume=True, settings={"budget": 7}, keep_backup=True),
+                      data=DataConfig(seed=1), extra_callbacks=extra)
     return distiller, result
 
   return run

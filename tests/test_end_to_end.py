@@ -95,15 +95,15 @@ def test_nan_in_a_term_stops_naming_it_and_keeps_the_checkpoint(tmp_path, digits
   info = digits_splits.info
   student, teacher = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
   small = digits_splits.sampled_train(3, 0)
-  kwargs = dict(seed=0, log_dir=str(tmp_path / "tb"), checkpoint_dir=str(tmp_path / "ck"))
+  dirs = loop.FitDirs(str(tmp_path / "tb"), str(tmp_path / "ck"))
   loop.fit(Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)]), small,
-           digits_splits.validation, TrainConfig(epochs=1), **kwargs)
+           digits_splits.validation, TrainConfig(epochs=1), dirs)
   good = student.get_weights()
   teacher.get_layer("logits").kernel.assign(np.full(teacher.get_layer("logits").kernel.shape,
                                                     np.nan, np.float32))
   with pytest.raises(NonFiniteLossError, match="'act_loss' became nan at epoch 1, step 1"):
     loop.fit(Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)]), small,
-             digits_splits.validation, TrainConfig(epochs=2), **kwargs)
+             digits_splits.validation, TrainConfig(epochs=2), dirs)
   student.load_weights(str(tmp_path / "ck" / "last.weights.h5"))
   for a, b in zip(student.get_weights(), good):
     np.testing.assert_array_equal(a, b)

@@ -95,8 +95,8 @@ def test_regularize_lowers_the_jacobian_norm(digits_splits):
     keras.utils.set_random_seed(0)
     student = helpers.tiny_vgg(info)
     d = Distiller(student, None, hints=hints, params=HintParams(noise_sigma=0.5))
-    loop.fit(d, train, digits_splits.validation, TrainConfig(epochs=15), seed=0,
-             log_dir="/tmp/tfjac-test-tb", checkpoint_dir=f"/tmp/tfjac-test-ck{len(hints)}")
+    loop.fit(d, train, digits_splits.validation, TrainConfig(epochs=15),
+             loop.FitDirs("/tmp/tfjac-test-tb", f"/tmp/tfjac-test-ck{len(hints)}"))
     probe = Distiller(student, None, hints=[("jacnorm", 1.0)],
                       params=HintParams(noise_sigma=1.0))
     _, _, _, inputs = probe.per_example_terms(x, y, training=False, step=0)

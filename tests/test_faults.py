@@ -254,13 +254,12 @@ def test_nan_in_one_term_names_it_keeps_the_last_good_state_and_resumes(tmp_path
   small = digits_splits.sampled_train(5, 0)  # 50 images: 4 steps of 16
   cfg = TrainConfig(epochs=3, batch_size=16, backup_every_steps=1)
   ck = str(tmp_path / "ck")
-  kwargs = dict(seed=0, log_dir=str(tmp_path / "tb"), checkpoint_dir=ck, resume=True,
-                settings={"run": "nan"})
+  dirs = loop.FitDirs(str(tmp_path / "tb"), ck, resume=True, settings={"run": "nan"})
   poisoned = distiller()
   with pytest.raises(NonFiniteLossError, match=r"loss term 'act_loss' became nan at epoch 2, "
                      r"step 3; training stopped"):
     loop.fit(poisoned, small, digits_splits.validation, cfg,
-             extra_callbacks=[_Poison(scale, epoch=1, batch=2)], **kwargs)
+             dirs, extra_callbacks=[_Poison(scale, epoch=1, batch=2)])
   assert not all(np.isfinite(w).all() for w in poisoned.student.get_weights())  # in memory
   # On disk: the best checkpoint of epoch 1 and the backup after epoch 2, step 2 are finite.
   state = resume_lib.read(os.path.join(ck, "backup"), {"run": "nan"})
@@ -275,11 +274,11 @@ def test_nan_in_one_term_names_it_keeps_the_last_good_state_and_resumes(tmp_path
   # where a fit that never saw the NaN ends.
   scale.assign(1.0)
   resumed = distiller()
-  result = loop.fit(resumed, small, digits_splits.validation, cfg, **kwargs)
+  result = loop.fit(resumed, small, digits_splits.validation, cfg, dirs)
   assert result.resumed_from == {"epochs_done": 1, "steps_done": 2}
   clean = distiller()
-  loop.fit(clean, small, digits_splits.validation, cfg, **{**kwargs, "checkpoint_dir":
-                                                           str(tmp_path / "clean")})
+  loop.fit(clean, small, digits_splits.validation, cfg,
+           dataclasses.replace(dirs, checkpoint_dir=str(tmp_path / "clean")))
   for a, b in zip(resumed.student.get_weights(), clean.student.get_weights()):
     np.testing.assert_array_equal(a, b)
 

@@ -114,7 +114,7 @@ def test_an_epoch_without_a_jacobian_step_logs_no_jacobian_terms(tmp_path, digit
   result = loop.fit(_distiller(info, jac_every=4), digits_splits.sampled_train(4, 0),
                     digits_splits.validation,
                     TrainConfig(epochs=3, batch_size=16, steps_per_epoch=2),
-                    seed=0, log_dir=str(tmp_path / "tb"), checkpoint_dir=str(tmp_path / "ck"))
+                    loop.FitDirs(str(tmp_path / "tb"), str(tmp_path / "ck")))
   h = result.history
   assert len(h["act_loss"]) == len(h["val_jac_loss"]) == 3
   for key in ("jac_loss", "student_jac_norm", "teacher_jac_norm"):
@@ -131,7 +131,7 @@ def test_an_epoch_without_a_jacobian_step_logs_no_jacobian_terms(tmp_path, digit
   short = loop.fit(_distiller(info, jac_every=4), digits_splits.sampled_train(4, 0),
                    digits_splits.validation,
                    TrainConfig(epochs=2, batch_size=16, steps_per_epoch=2),
-                   seed=0, log_dir=str(tmp_path / "tb2"), checkpoint_dir=str(tmp_path / "ck2"))
+                   loop.FitDirs(str(tmp_path / "tb2"), str(tmp_path / "ck2")))
   final = common.fit_summary(short, {})["final_epoch_metrics"]
   assert "jac_loss" not in final and "student_jac_norm" not in final
   assert "act_loss" in final and "val_jac_loss" in final

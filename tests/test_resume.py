@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfjac.config import TrainConfig
+from tfjac.config import DataConfig, TrainConfig
 from tfjac.errors import ConfigError, NonFiniteWeightsError
 from tfjac.training import loop
 from tfjac.training import resume as resume_lib
@@ -45,10 +45,11 @@ def fit(tmp_path, digits_splits):
     # act and ce only, to keep this quick: the Jacobian term is resumed in test_faults.py.
     distiller = Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)],
                           loss_scaling=loss_scaling)
-    result = loop.fit(distiller, train, digits_splits.validation, cfg, seed=1,
-                      augment=("flip",), log_dir=str(tmp_path / name / "tb"),
-                      checkpoint_dir=str(tmp_path / name), extra_callbacks=extra,
-                      resume=resume, settings=settings or {"lr": 1e-3}, keep_backup=True)
+    result = loop.fit(distiller, train, digits_splits.validation, cfg,
+                      loop.FitDirs(str(tmp_path / name / "tb"), str(tmp_path / name),
+                                   resume=resume, settings=settings or {"lr": 1e-3},
+                                   keep_backup=True),
+                      data=DataConfig(seed=1, augment=("flip",)), extra_callbacks=extra)
     return distiller, result
 
   return run

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from tfjac import data as data_lib
 from tfjac import runtime
-from tfjac.config import Config, TrainConfig
+from tfjac.config import Config, DataConfig, TrainConfig
 from tfjac.training import loop, teacher_cache
 from tfjac.training.distiller import Distiller
 from tests import helpers
@@ -26,9 +26,9 @@ def _fit(tmp_path, digits_splits, name, *, use_cache, hints=HINTS):
   info = digits_splits.info
   student, teacher = _networks(info)
   distiller = Distiller(student, teacher, hints=hints, seed=1)
-  loop.fit(distiller, digits_splits.sampled_train(8, 0), digits_splits.validation, CFG, seed=1,
-           log_dir=str(tmp_path / name / "tb"), checkpoint_dir=str(tmp_path / name),
-           teacher_cache=use_cache)
+  loop.fit(distiller, digits_splits.sampled_train(8, 0), digits_splits.validation, CFG,
+           loop.FitDirs(str(tmp_path / name / "tb"), str(tmp_path / name)),
+           data=DataConfig(seed=1), teacher_cache=use_cache)
   return student.get_weights()
 
 

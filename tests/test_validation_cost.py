@@ -82,7 +82,7 @@ def test_fit_validates_the_jacobian_terms_on_the_chosen_epochs(tmp_path, digits_
   cfg = TrainConfig(epochs=3, batch_size=16, steps_per_epoch=2, val_jac_examples=20,
                     val_jac_every=2)
   result = loop.fit(distiller, digits_splits.sampled_train(4, 0), digits_splits.validation,
-                    cfg, seed=0, log_dir=str(tmp_path / "tb"), checkpoint_dir=str(tmp_path))
+                    cfg, loop.FitDirs(str(tmp_path / "tb"), str(tmp_path)))
   h = result.history
   assert len(h["val_accuracy"]) == len(h["val_act_loss"]) == 3
   assert len(h["val_jac_loss"]) == 2  # epochs 1 and 3 (the first and the last)

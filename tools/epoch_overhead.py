@@ -69,8 +69,9 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     result = loop.fit(distiller, splits.sampled_train(FLAGS.samples_per_class, 0),
-                      splits.validation, cfg, seed=0, log_dir=os.path.join(tmp, "tb"),
-                      checkpoint_dir=os.path.join(tmp, "ck"), teacher_cache=True,
+                      splits.validation, cfg,
+                      loop.FitDirs(os.path.join(tmp, "tb"), os.path.join(tmp, "ck")),
+                      teacher_cache=True,
                       extra_callbacks=[callbacks.EpochLogger("student", FLAGS.epochs)])
     wall = time.perf_counter() - start
   for (cls, method), fn in originals.items():

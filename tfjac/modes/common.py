@@ -117,14 +117,13 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
     use_cache, reason = teacher_cache.use_teacher_cache(
         config, modes.load(config.mode).teacher_cache)
     logging.info("teacher cache %s for the %s: %s", "on" if use_cache else "off", role, reason)
-  result = loop.fit(
-      distiller, train_split, splits.validation, train_cfg, seed=config.data.seed,
-      augment=config.data.augment, crop_padding=config.data.crop_padding,
-      log_dir=os.path.join(workdir, "tensorboard", role),
-      checkpoint_dir=os.path.join(workdir, CHECKPOINTS_DIR, role),
-      extra_callbacks=[callbacks.EpochLogger(role, train_cfg.epochs)],
-      resume=config.resume, settings=resume_settings(config, role), keep_backup=True,
-      teacher_cache=use_cache)
+  dirs = loop.FitDirs(log_dir=os.path.join(workdir, "tensorboard", role),
+                      checkpoint_dir=os.path.join(workdir, CHECKPOINTS_DIR, role),
+                      resume=config.resume, settings=resume_settings(config, role),
+                      keep_backup=True)
+  result = loop.fit(distiller, train_split, splits.validation, train_cfg, dirs,
+                    data=config.data, teacher_cache=use_cache,
+                    extra_callbacks=[callbacks.EpochLogger(role, train_cfg.epochs)])
   test = evaluation.evaluate(distiller, splits.test, train_cfg.batch_size)
   if config.robustness_sigmas:
     test["accuracy_under_noise"] = robustness(config, splits, network, train_cfg.batch_size)

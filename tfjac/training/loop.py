@@ -14,7 +14,7 @@ import keras
 from absl import logging
 
 from tfjac import data as data_lib
-from tfjac.config import TrainConfig
+from tfjac.config import DataConfig, TrainConfig
 from tfjac.training import callbacks as callbacks_lib
 from tfjac.training import evaluation
 from tfjac.training import optimizers
@@ -38,6 +38,20 @@ class FitResult:
   final_metrics: Optional[Dict[str, float]] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class FitDirs:
+  """Where a fit writes, and whether it continues a killed one."""
+  log_dir: str  # TensorBoard
+  checkpoint_dir: str  # the student's last and best weights, and the resume backup (backup/)
+  # Continue a backup left by a killed fit with the same `settings` (else it is discarded).
+  resume: bool = False
+  settings: Optional[dict] = None  # what a backup must have been written under to continue
+  # Leave the finished fit's backup in place, for a caller that still has outputs to write
+  # and discards it afterwards (modes/common.py); a kill before then resumes with no epoch
+  # left to run.
+  keep_backup: bool = False
+
+
 def resolve_jit_compile(jit_compile: bool, replicas: int) -> bool:
   """--jit_compile as it can be honoured: off, with a logged reason, over several replicas
   (reached with --strategy=auto and several GPUs; explicit strategies are a ConfigError)."""
@@ -49,16 +63,13 @@ def resolve_jit_compile(jit_compile: bool, replicas: int) -> bool:
   return jit_compile
 
 
-def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, augment=(),
-        crop_padding=0, log_dir, checkpoint_dir, extra_callbacks=(), resume=False,
-        settings=None, keep_backup=False, teacher_cache=False) -> FitResult:
+def fit(distiller, train_split, validation_split, cfg: TrainConfig, dirs: FitDirs, *,
+        data: DataConfig = DataConfig(), extra_callbacks=(), teacher_cache=False) -> FitResult:
   """Compiles and fits `distiller`, then loads the best-validation student weights into it.
 
-  A backup in <checkpoint_dir>/backup (left by a killed fit with the same `settings`) is
-  continued from where it stopped when `resume`, else discarded. keep_backup: leave the
-  finished fit's backup in place, for a caller that still has outputs to write and discards
-  it afterwards (modes/common.py); a kill before then resumes with no epoch left to run.
-  teacher_cache: compute the teacher's outputs once per example first and feed them with the
+  `cfg`: the optimisation and budget; `dirs`: where the fit writes and whether it continues a
+  killed one (FitDirs); `data`: the training stream's seed and augmentation (its seed, augment
+  and crop_padding). teacher_cache: compute the teacher's outputs once per example first and feed them with the
   data (training/teacher_cache.py; the caller checks that this is valid, config.py).
   """
   plan = optimizers.budget(cfg, len(train_split))
@@ -66,10 +77,10 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   # The stream's epochs: one pass each (0), unless the budget's epochs are longer than a pass.
   one_pass = max(1, math.ceil(len(train_split) / cfg.batch_size))
   stream_steps = cfg.steps_per_epoch or (steps if steps != one_pass else 0)
-  backup_dir = os.path.join(checkpoint_dir, resume_lib.BACKUP_DIR)
+  backup_dir = os.path.join(dirs.checkpoint_dir, resume_lib.BACKUP_DIR)
   restored = None
-  if resume:
-    restored = resume_lib.read(backup_dir, settings)
+  if dirs.resume:
+    restored = resume_lib.read(backup_dir, dirs.settings)
   else:
     resume_lib.discard(backup_dir)
   jit = resolve_jit_compile(cfg.jit_compile, distiller.distribute_strategy.num_replicas_in_sync)
@@ -82,7 +93,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     extras = cache_lib.compute(distiller, train_split, cfg.batch_size)
     logging.info("teacher outputs cached for %d training examples (%.1f MiB): %s",
                  len(train_split), cache_lib.size_mib(extras), ", ".join(sorted(extras)))
-  checkpoint = callbacks_lib.StudentCheckpoint(distiller.student, checkpoint_dir)
+  checkpoint = callbacks_lib.StudentCheckpoint(distiller.student, dirs.checkpoint_dir)
   guard = callbacks_lib.NonFiniteGuard()
   stateful = {"checkpoint": checkpoint}
   # Keras writes val_* for validation_data; SplitValidation, first, writes them instead
@@ -96,7 +107,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     with distiller.distribute_strategy.scope():
       cheap = distiller.with_hints(cheap_hints or [("ce", 0.0)])
       cheap.compile(jit_compile=False)
-    subset = evaluation.validation_subset(validation_split, cfg.val_jac_examples, seed)
+    subset = evaluation.validation_subset(validation_split, cfg.val_jac_examples, data.seed)
     val_ds = evaluation.validation_pipeline(cheap, validation_split, cfg.batch_size)
     validation = [callbacks_lib.SplitValidation(
         distiller, cheap, val_ds,
@@ -110,7 +121,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
   else:
     val_ds = evaluation.validation_pipeline(distiller, validation_split, cfg.batch_size)
   callbacks = [timer] + validation + [guard, checkpoint,
-                            keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch")]
+                            keras.callbacks.TensorBoard(log_dir=dirs.log_dir, update_freq="epoch")]
   if cfg.early_stopping_patience:
     stateful["early_stopping"] = callbacks_lib.ResumableEarlyStopping(
         monitor="val_accuracy", mode="max", patience=cfg.early_stopping_patience)
@@ -122,7 +133,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     callbacks.append(stopper)
   backup = resume_lib.TrainingBackup(backup_dir, stateful=stateful, epochs=plan.epochs,
                                      steps_per_epoch=steps, every_steps=cfg.backup_every_steps,
-                                     settings=settings, total_steps=plan.total_steps)
+                                     settings=dirs.settings, total_steps=plan.total_steps)
   callbacks.append(backup)
   epoch, step, done = 0, 0, False
   if restored:
@@ -139,9 +150,9 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
       if cb is not None:
         cb.starts_at(first_step)
     batches = data_lib.training_batches(
-        train_split, cfg.batch_size, seed=seed, epochs=plan.epochs,
+        train_split, cfg.batch_size, seed=data.seed, epochs=plan.epochs,
         steps_per_epoch=stream_steps, start_epoch=first_epoch, start_step=first_step,
-        augment=augment, crop_padding=crop_padding, extras=extras)
+        augment=data.augment, crop_padding=data.crop_padding, extras=extras)
     distiller.fit(batches, validation_data=None if validation else val_ds,
                   initial_epoch=first_epoch,
                   epochs=last_epoch, steps_per_epoch=steps - first_step, callbacks=callbacks,
@@ -156,7 +167,7 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, *, seed, aug
     run(epoch, 0, plan.epochs)
   fit_seconds = time.perf_counter() - fit_start
   distiller.student.load_weights(checkpoint.best_path)
-  if not keep_backup:
+  if not dirs.keep_backup:
     resume_lib.discard(backup_dir)
   hist = backup.history
   return FitResult(history=hist, best_epoch=checkpoint.best_epoch + 1,
