@@ -123,9 +123,9 @@ def test_hint_params_default_to_the_hint_config():
 def test_the_python_api_with_hints_by_name_gets_the_command_line_defaults():
   """hints=("act", "jac", "ce") (no weights) is the command line's default run: the same
   HintConfig, every setting and weight from config.py."""
-  from tfjac.training import distiller  # pylint: disable=g-import-not-at-top
-  api = distiller.hint_settings(("act", "jac", "ce"))
+  from tfjac.training import settings  # pylint: disable=g-import-not-at-top
+  api = settings.hint_settings(("act", "jac", "ce"))
   assert api == config.HintConfig()
   assert all(api.weight(h) == config.HintConfig().weight(h) for h in api.hints)
-  mixed = distiller.hint_settings({"act": None, "jac": 3, "ce": 1})
+  mixed = settings.hint_settings({"act": None, "jac": 3, "ce": 1})
   assert mixed.weight("act") == 1.0 and mixed.weight("jac") == 3.0
