@@ -2,6 +2,7 @@
 the same settings, it ends where the uninterrupted fit ends. (The kill -9 version of this, with
 the command line, is in test_faults.py.)"""
 import json
+import re
 import os
 
 import keras
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from tfjac.config import DataConfig, TrainConfig
-from tfjac.errors import ConfigError, NonFiniteWeightsError
+from tfjac import checks
+from tfjac.errors import NonFiniteWeightsError, SettingError
 from tfjac.training import loop
 from tfjac.training import resume as resume_lib
 from tfjac.training.distiller import Distiller
@@ -99,9 +101,12 @@ def test_a_finished_fit_is_not_trained_again(fit):
 def test_a_backup_of_other_settings_is_refused_or_discarded(fit, tmp_path):
   with pytest.raises(KeyboardInterrupt):
     fit("run", extra=[_Interrupt(epoch=0, batch=1)])
-  with pytest.raises(ConfigError, match=r"--resume: .*backup of an interrupted run with other "
-                     r"settings \(lr: 0.001 then, 0.1 now\).*--noresume"):
+  # The library names its argument (resume=False); the command line's face names the flag.
+  with pytest.raises(SettingError, match=r"resume: .*backup of an interrupted run with other "
+                     r"settings \(lr: 0.001 then, 0.1 now\).*pass resume=False") as e:
     fit("run", settings={"lr": 0.1})
+  assert re.search(r"--resume: .*backup of an interrupted run with other settings \(lr: 0.001 "
+                   r"then, 0.1 now\).*--noresume", str(checks.as_flag_error(e.value)))
   _, result = fit("run", settings={"lr": 0.1}, resume=False)
   assert result.resumed_from is None and result.epochs_run == 3
 
@@ -110,9 +115,11 @@ def test_an_unreadable_backup_says_how_to_start_over(tmp_path):
   directory = tmp_path / "backup"
   directory.mkdir()
   (directory / "state.json").write_text("{ truncated")
-  with pytest.raises(ConfigError, match=r"--resume: the backup .*state.json cannot be read.*"
-                     r"--noresume"):
+  with pytest.raises(SettingError, match=r"resume: the backup .*state.json cannot be read.*"
+                     r"resume=False") as e:
     resume_lib.read(str(directory), {})
+  assert re.search(r"--resume: the backup .*state.json cannot be read.*--noresume",
+                   str(checks.as_flag_error(e.value)))
   resume_lib.discard(str(directory))
   assert not os.path.exists(directory)
   assert resume_lib.read(str(directory), {}) is None

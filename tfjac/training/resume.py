@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from tfjac import atomic
-from tfjac.errors import ConfigError, NonFiniteWeightsError
+from tfjac.errors import NonFiniteWeightsError, SettingError, mention
 
 BACKUP_DIR = "backup"
 STATE_FILE = "state.json"
@@ -66,7 +66,8 @@ def _differences(saved, now):
 
 
 def read(directory, settings) -> Optional[Restored]:
-  """The backup in `directory`, or None; ConfigError if it belongs to other settings."""
+  """The backup in `directory`, or None; SettingError (resume) if it belongs to other settings
+  or cannot be used."""
   path = os.path.join(directory, STATE_FILE)
   if not os.path.exists(path):
     return None
@@ -76,18 +77,19 @@ def read(directory, settings) -> Optional[Restored]:
     missing = [n for n in [state["arrays"], *state["files"].values()]
                if not os.path.exists(os.path.join(directory, n))]
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise ConfigError("resume", f"the backup {path} cannot be read ({e}); pass --noresume to "
-                      "discard it and start over") from e
+    raise SettingError("resume", f"the backup {path} cannot be read ({e}); pass " + mention("resume", False) +
+                      " to discard it and start over") from e
   if state.get("format") != FORMAT or missing:
-    raise ConfigError("resume", f"the backup in {directory} is unusable (format "
-                      f"{state.get('format')}, missing files {missing}); pass --noresume to "
-                      "discard it and start over")
+    raise SettingError("resume", f"the backup in {directory} is unusable (format "
+                      f"{state.get('format')}, missing files {missing}); pass " + mention("resume", False) +
+                      " to discard it and start over")
   diffs = _differences(state.get("settings"), json.loads(json.dumps(settings)))
   if diffs:
-    raise ConfigError(
+    raise SettingError(
         "resume", f"{directory} holds the backup of an interrupted run with other settings "
         f"({'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}). Rerun with the same "
-        "flags to continue it, or pass --noresume to discard it and start over")
+        "settings to continue it, or pass " + mention("resume", False) + " to discard it and "
+        "start over")
   return Restored(directory, int(state["epoch"]), int(state["step"]), bool(state["done"]),
                   state)
 
@@ -109,13 +111,14 @@ def _variable_groups(distiller) -> Dict[str, list]:
 
 def _assign(variables, arrays, group, source):
   if len(variables) != len(arrays):
-    raise ConfigError("resume", f"the backup {source} holds {len(arrays)} {group} variables, "
-                      f"the model has {len(variables)}; pass --noresume to start over")
+    raise SettingError("resume", f"the backup {source} holds {len(arrays)} {group} variables, "
+                      f"the model has {len(variables)}; pass " + mention("resume", False) +
+                       " to start over")
   for v, a in zip(variables, arrays):
     if tuple(v.shape) != a.shape:
-      raise ConfigError("resume", f"the backup {source} does not fit the model ({group} "
-                        f"variable {v.path}: {a.shape} vs {tuple(v.shape)}); pass --noresume "
-                        "to start over")
+      raise SettingError("resume", f"the backup {source} does not fit the model ({group} "
+                        f"variable {v.path}: {a.shape} vs {tuple(v.shape)}); pass " +
+                        mention("resume", False) + " to start over")
     v.assign(a)
 
 
