@@ -114,10 +114,16 @@ def test_run_plan_writes_one_table_and_reports_budget_and_timeouts(tmp_path, mon
   assert not calls and all(r[2] == "skipped" for r in rows)
 
 
+def test_the_smoke_check_has_a_cpus_budget():
+  assert gpu_check.parse_args(["--out_dir=x"]).budget_s == gpu_check.BUDGET_S
+  assert gpu_check.parse_args(["--out_dir=x", "--smoke"]).budget_s == gpu_check.SMOKE_BUDGET_S
+  assert gpu_check.parse_args(["--out_dir=x", "--smoke", "--budget_s=60"]).budget_s == 60
+
+
 @pytest.mark.slow
 def test_smoke_check_runs_on_cpu(tmp_path):
   """The whole --smoke check in a child process (a few minutes on 2 CPU cores)."""
-  result = helpers.run_cli("--smoke", f"--out_dir={tmp_path}", tool="gpu_check", timeout=900)
+  result = helpers.run_cli("--smoke", f"--out_dir={tmp_path}", tool="gpu_check", timeout=1800)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   table = (tmp_path / "gpu_check.md").read_text()
   for needed in ("| tests |", "XLA vs graph, fd", "mixed_bfloat16 vs float32",
