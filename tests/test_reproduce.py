@@ -339,3 +339,24 @@ def test_lazy_table_gives_each_period_its_flag_and_the_same_budget(tmp_path, fak
       ("ce", "1")]
   assert {c["train_steps"] for c in cells} == {"2160"}
   assert {c["samples_per_class"] for c in cells} == {"3"}
+
+
+def test_the_tables_run_here_pin_float32():
+  """--mixed_precision's default (auto) changes with the CPU: the presets of the datasets run
+  here pin float32, teacher and students, so a rerun gives the published tables anywhere."""
+  for (table, dataset), preset in reproduce.PRESETS.items():
+    if dataset in ("digits", "fashion_mnist") and table != "transfer" or (
+        (table, dataset) == ("transfer", "fashion_mnist")):
+      assert "--mixed_precision=float32" in preset.run_args, (table, dataset)
+      assert "--mixed_precision=float32" in preset.teacher_args, (table, dataset)
+
+
+def test_fashion_mnist_transfer_keeps_source_and_target_classes_apart():
+  preset = reproduce.PRESETS[("transfer", "fashion_mnist")]
+
+  def classes(args):
+    return [a.split("=", 1)[1] for a in args if a.startswith("--classes=")]
+  assert classes(preset.teacher_args) == ["5,6,7,8,9"]
+  assert classes(preset.run_args) == ["0,1,2,3,4"]
+  assert "--teacher_model=vgg9" in preset.teacher_args and "--model=vgg4" in preset.run_args
+  assert preset.train_steps == 500 and preset.sizes == ("10", "50")

@@ -148,6 +148,16 @@ PRESETS = {
         ("--flagfile=flags/digits_transfer_base.cfg",),
         ("--flagfile=flags/digits_transfer_teacher.cfg",), ("10", "50", "full"), {}, {}, 1080,
         0.001),
+    # Fashion-MNIST transfer (issue 21 point 3): a VGG-9 x0.5 teacher trained on classes 5-9
+    # (sandal, shirt, sneaker, bag, ankle boot; 3 epochs), VGG-4 x1 students on classes 0-4
+    # (relabelled 0-4), 500 steps in every cell, 2% of the training split for validation.
+    ("transfer", "fashion_mnist"): Preset(
+        ("--classes=0,1,2,3,4", "--model=vgg4",
+         "--validation_fraction=0.02", "--steps_per_epoch=100", *FLOAT32),
+        ("--mode=teacher", "--classes=5,6,7,8,9",
+         "--validation_fraction=0.02", "--teacher_model=vgg9", "--teacher_width=0.5",
+         "--teacher_epochs=3", "--batch_size=128", *FLOAT32),
+        ("10", "50"), {}, {}, 500, 0.001),
     ("transfer", "mit_indoor67"): Preset(
         ("--flagfile=flags/indoor67_base.cfg",), None, ("25", "50", "full"), {},
         {"25": ("--steps_per_epoch=76",), "50": ("--steps_per_epoch=76",)}, 0, 0.01),
