@@ -168,6 +168,7 @@ HINTS: Dict[str, Hint] = {
                    student_jacobians=("attention",), teacher_jacobians=("attention",)),
 }
 
+
 def uses_jac_target(hint: Hint) -> bool:
   """Whether `hint` takes Jacobians of the outputs the Jacobian target selects (not of the
   attention maps, whose rows are picked at the teacher's largest pixel)."""
