@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tfjac import export, run
-from tfjac.config import Config
+from tfjac.config import Config, TeacherConfig
 from tfjac.errors import ConfigError
 from tfjac.models import teachers
 from tests import helpers
@@ -80,8 +80,8 @@ def test_savedmodel_teacher_is_loaded_and_differentiable(tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   model = _tiny_model((8, 8, 1), 10)
   export.export_model(model, str(tmp_path / "t"), np.zeros((2, 8, 8, 1), np.float32))
-  teacher = teachers.load_teacher(Config(teacher_path=str(tmp_path / "t" / "saved_model")),
-                                  types.SimpleNamespace(image_shape=(8, 8, 1)),
+  config = Config(teacher=TeacherConfig(path=str(tmp_path / "t" / "saved_model")))
+  teacher = teachers.load_teacher(config, types.SimpleNamespace(image_shape=(8, 8, 1)),
                                   num_classes=10).adapted
   x = tf.constant(np.random.default_rng(0).random((2, 8, 8, 1), np.float32))
   with tf.GradientTape() as tape:

@@ -17,6 +17,10 @@ def _config(**kw):
   return Config(hints=hints, data=data, **kw)
 
 
+def _with_cache(cfg, cache):
+  return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=cache))
+
+
 @pytest.mark.parametrize("change,why", [
     (dict(data=DataConfig(augment=("flip",))), "--augment=flip"),
     (dict(hints=HintConfig(jac_target="random")), "--jac_target=random"),
@@ -28,15 +32,15 @@ def test_teacher_cache_auto_turns_off_and_on_refuses(tmp_path, change, why):
   use, reason = teacher_cache.use_teacher_cache(cfg, True)
   assert not use and why in reason
   with pytest.raises(ConfigError, match="--teacher_cache.*" + why.replace("-", "\\-")):
-    checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
+    checks.validate(_with_cache(cfg, "on"))
 
 
 def test_teacher_cache_auto_is_on_for_the_default_distillation(tmp_path):
   cfg = _config(workdir=str(tmp_path))
   assert teacher_cache.use_teacher_cache(cfg, True)[0]
-  assert not teacher_cache.use_teacher_cache(dataclasses.replace(cfg, teacher_cache="off"),
+  assert not teacher_cache.use_teacher_cache(_with_cache(cfg, "off"),
                                          True)[0]
-  checks.validate(dataclasses.replace(cfg, teacher_cache="on"))
+  checks.validate(_with_cache(cfg, "on"))
   # A mode that fits no student against a teacher (its Mode entry) never caches.
   use, reason = teacher_cache.use_teacher_cache(cfg, False)
   assert not use and "fits no student against a teacher" in reason
@@ -80,7 +84,7 @@ def test_teacher_width_default_is_sized_for_the_dataset(argv, width, monkeypatch
   from tfjac import run  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(REPO)
   with parsed_flags(*argv):
-    assert run.config_from_flags().teacher.width == width
+    assert run.config_from_flags().teacher.model.width == width
 
 
 def _float_settings(settings, path=()):
@@ -111,8 +115,8 @@ _FLOAT_CASES = _float_settings(Config(source=DataConfig()))
 def test_every_float_setting_is_found():
   # The walk must see the float settings one can name, or the refusal below tests nothing.
   paths = {p for p, _ in _FLOAT_CASES}
-  for path in [("train", "learning_rate"), ("teacher_train", "learning_rate"),
-               ("hints", "weights", "act"), ("teacher_input", "mean"),
+  for path in [("train", "learning_rate"), ("teacher", "train", "learning_rate"),
+               ("hints", "weights", "act"), ("teacher", "input", "mean"),
                ("robustness_sigmas",), ("student", "width"), ("data", "validation_fraction")]:
     assert path in paths, path
   assert len(paths) >= 20

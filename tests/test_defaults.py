@@ -15,26 +15,26 @@ _SHARED_TRAIN = ("batch_size", "steps_per_epoch", "optimizer", "momentum", "weig
                  "lr_decay_steps")
 FIELDS = {
     "mode": ("mode",), "workdir": ("workdir",), "strategy": ("strategy",),
-    "teacher": ("teacher_path",),
+    "teacher": ("teacher.path",),
     "source_dataset": ("source",),  # None: no source data; given, a DataConfig is built
     "robustness_sigmas": ("robustness_sigmas",),
     "conditions_examples": ("conditions_examples",), "resume": ("resume",),
-    "deterministic": ("deterministic",), "unsafe_teacher_loading": ("unsafe_teacher_loading",),
-    "teacher_cache": ("teacher_cache",), "mixed_precision": ("mixed_precision",),
+    "deterministic": ("deterministic",), "unsafe_teacher_loading": ("teacher.unsafe_loading",),
+    "teacher_cache": ("teacher.cache",), "mixed_precision": ("mixed_precision",),
     # data
     **{name: (f"data.{name}",) for name in (
         "dataset", "data_dir", "samples_per_class", "validation_fraction", "augment",
         "crop_padding", "seed", "image_size", "skip_bad_images", "classes")},
     # networks
     "model": ("student.name",), "width": ("student.width",),
-    "student_weights": ("student.weights",), "teacher_model": ("teacher.name",),
+    "student_weights": ("student.weights",), "teacher_model": ("teacher.model.name",),
     # optimisation
     "epochs": ("train.epochs",), "learning_rate": ("train.learning_rate",),
     "train_steps": ("train.train_steps",), "jac_every": ("hints.jac_every",),
     "val_jac_examples": ("train.val_jac_examples",), "val_jac_every": ("train.val_jac_every",),
-    "teacher_epochs": ("teacher_train.epochs",),
-    "teacher_learning_rate": ("teacher_train.learning_rate",),
-    **{name: (f"train.{name}", f"teacher_train.{name}") for name in _SHARED_TRAIN},
+    "teacher_epochs": ("teacher.train.epochs",),
+    "teacher_learning_rate": ("teacher.train.learning_rate",),
+    **{name: (f"train.{name}", f"teacher.train.{name}") for name in _SHARED_TRAIN},
     # hints (the <hint>_weight flags are paired below)
     **{name: (f"hints.{name}",) for name in (
         "hints", "kd_temperature", "jac_target", "jac_normalize", "jac_bn_policy", "jac_top_k",
@@ -42,16 +42,16 @@ FIELDS = {
         "noise_sigma", "noise_samples", "lwf_match", "teacher_layers", "student_layers",
         "loss_scaling")},
     # the teacher's inputs
-    "teacher_resize": ("teacher_input.resize",), "teacher_input_scale": ("teacher_input.scale",),
-    "teacher_input_offset": ("teacher_input.offset",),
-    "teacher_preprocessing": ("teacher_input.preprocessing",),
-    "teacher_mean": ("teacher_input.mean",), "teacher_std": ("teacher_input.std",),
-    "teacher_outputs": ("teacher_input.outputs",), "teacher_weights": ("teacher_input.weights",),
-    "teacher_image_size": ("teacher_input.image_size",),
+    "teacher_resize": ("teacher.input.resize",), "teacher_input_scale": ("teacher.input.scale",),
+    "teacher_input_offset": ("teacher.input.offset",),
+    "teacher_preprocessing": ("teacher.input.preprocessing",),
+    "teacher_mean": ("teacher.input.mean",), "teacher_std": ("teacher.input.std",),
+    "teacher_outputs": ("teacher.input.outputs",), "teacher_weights": ("teacher.input.weights",),
+    "teacher_image_size": ("teacher.input.image_size",),
 }
 # Flags whose default is no field's default: {flag: its default}.
 NOT_PAIRED = {
-    # None: config.default_teacher_width(dataset, teacher model) fills teacher.width.
+    # None: config.default_teacher_width(dataset, teacher model) fills teacher.model.width.
     "teacher_width": None,
 }
 
@@ -107,7 +107,7 @@ def test_the_two_fits_default_apart_only_where_their_flags_do():
   """The teacher's fit has its own epochs flag; everything else a TrainConfig holds defaults
   alike, except the student-only val_jac_examples no teacher flag fills (the teacher takes no
   Jacobian hints; its validation keeps the whole split)."""
-  train, teacher = config.Config().train, config.Config().teacher_train
+  train, teacher = config.Config().train, config.Config().teacher.train
   assert train == config.TrainConfig() and teacher == config.TEACHER_TRAIN
   differ = {f.name for f in dataclasses.fields(config.TrainConfig)
             if getattr(train, f.name) != getattr(teacher, f.name)}

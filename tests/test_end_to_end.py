@@ -121,24 +121,28 @@ def test_a_teacher_made_with_other_settings_is_not_reused(tmp_path):
   records; each differing one is named with both values, with the two ways out."""
   import dataclasses
   import types
-  from tfjac.config import Config, HintConfig, ModelConfig
+  from tfjac.config import Config, HintConfig, ModelConfig, TeacherConfig
   from tfjac.errors import ConfigError
   from tfjac.modes import common
   splits = types.SimpleNamespace(info=types.SimpleNamespace(
       name="digits", image_shape=(8, 8, 1), num_classes=10))
-  base = Config(teacher=ModelConfig("vgg9", 0.25), data=DataConfig(samples_per_class=5),
-                teacher_train=TrainConfig(epochs=2))
-  meta = json.loads(json.dumps(common.network_metadata(base, base.teacher, splits, "teacher")))
+  teacher = TeacherConfig(model=ModelConfig("vgg9", 0.25), train=TrainConfig(epochs=2))
+  base = Config(teacher=teacher, data=DataConfig(samples_per_class=5))
+  meta = json.loads(json.dumps(common.network_metadata(base, base.teacher.model, splits,
+                                                       "teacher")))
   # What the student alone uses does not matter.
   for same in (dataclasses.replace(base, data=DataConfig(samples_per_class=50)),
                dataclasses.replace(base, train=TrainConfig(epochs=7, learning_rate=0.1),
                                    hints=HintConfig(hints=("ce",)))):
     common.check_reusable_teacher(same, meta, "w/teacher")
   for changed, named in [
-      (dataclasses.replace(base, teacher=ModelConfig("vgg4", 0.25)), "--teacher_model='vgg4'"),
-      (dataclasses.replace(base, teacher=ModelConfig("vgg9", 1.0)),
+      (dataclasses.replace(base, teacher=dataclasses.replace(
+          teacher, model=ModelConfig("vgg4", 0.25))), "--teacher_model='vgg4'"),
+      (dataclasses.replace(base, teacher=dataclasses.replace(
+          teacher, model=ModelConfig("vgg9", 1.0))),
        "--teacher_width=1.0 here, 0.25 for the teacher"),
-      (dataclasses.replace(base, teacher_train=TrainConfig(epochs=3)),
+      (dataclasses.replace(base, teacher=dataclasses.replace(
+          teacher, train=TrainConfig(epochs=3))),
        "--teacher_epochs=3 here, 2 for the teacher"),
       (dataclasses.replace(base, data=DataConfig(samples_per_class=5, seed=1)),
        "--seed=1 here, 0 for the teacher"),

@@ -21,7 +21,8 @@ import pytest
 import tensorflow as tf
 
 from tfjac import checks, data, export, hints, run
-from tfjac.config import Config, DataConfig, HintConfig, ModelConfig, TrainConfig
+from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherConfig,
+                          TrainConfig)
 from tfjac.errors import ConfigError, DataError, NonFiniteLossError, SettingError
 from tfjac.models import teachers
 from tfjac.training import loop
@@ -32,7 +33,7 @@ from tests import helpers
 
 def _load_teacher(path, shape, num_classes, safe_mode=True):
   """The teacher at `path` as a run loads it (teachers.load_teacher), fed `shape` images."""
-  config = Config(teacher_path=path, unsafe_teacher_loading=not safe_mode)
+  config = Config(teacher=TeacherConfig(path=path, unsafe_loading=not safe_mode))
   return teachers.load_teacher(config, types.SimpleNamespace(image_shape=shape),
                                num_classes=num_classes).adapted
 
@@ -302,8 +303,8 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
   results = run.run(Config(
       mode="teacher", workdir=str(tmp_path / "run"), hints=HintConfig(hints=("ce",)),
       data=DataConfig(dataset=f"folder:{root}", skip_bad_images=True, validation_fraction=0.3),
-      teacher=ModelConfig(name="vgg4", width=0.25),
-      teacher_train=TrainConfig(epochs=1, batch_size=4)))
+      teacher=TeacherConfig(model=ModelConfig(name="vgg4", width=0.25),
+                            train=TrainConfig(epochs=1, batch_size=4))))
   with open(os.path.join(tmp_path, "run", "results.json")) as f:
     assert json.load(f)["dataset"]["skipped_images"] == 1
   assert results["dataset"]["skipped_files"][0].startswith(bad)
@@ -325,8 +326,8 @@ def test_keras_teacher_with_lambda_code_is_refused_unless_allowed(tmp_path):
 
   with pytest.raises(SettingError) as refused:  # the library's face: the setting
     _load_teacher(path, (8, 8, 1), 10)
-  assert path in str(refused.value) and "unsafe_teacher_loading=True" in str(refused.value)
-  assert str(refused.value).startswith("teacher_path: ") and "--" not in str(refused.value)
+  assert path in str(refused.value) and "teacher.unsafe_loading=True" in str(refused.value)
+  assert str(refused.value).startswith("teacher.path: ") and "--" not in str(refused.value)
   with pytest.raises(ConfigError) as refused, checks.flag_errors():  # the command line's
     _load_teacher(path, (8, 8, 1), 10)
   assert path in str(refused.value) and "--unsafe_teacher_loading" in str(refused.value)
@@ -340,7 +341,7 @@ def test_keras_teacher_with_lambda_code_is_refused_unless_allowed(tmp_path):
 def test_unsafe_teacher_loading_flag_reaches_the_loader(tmp_path):
   for argv, expected in (([], False), (["--unsafe_teacher_loading"], True)):
     with helpers.parsed_flags(*argv):
-      assert run.config_from_flags().unsafe_teacher_loading is expected
+      assert run.config_from_flags().teacher.unsafe_loading is expected
 
 
 def test_savedmodel_teacher_without_a_serving_function_is_a_clear_error(tmp_path):

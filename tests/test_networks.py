@@ -13,8 +13,8 @@ import tensorflow as tf
 
 import tfjac
 from tfjac import checks, run
-from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherInput,
-                          TrainConfig)
+from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherConfig,
+                          TeacherInput, TrainConfig)
 from tfjac.errors import ConfigError, SettingError
 from tfjac.models import layers, preprocessing, sources, students, surgery, teachers, views
 from tfjac.training.distiller import Distiller
@@ -50,9 +50,9 @@ def _info(shape=(6, 6, 3)):
 
 
 def _config(path, **teacher_input):
-  return Config(mode="transfer", teacher_path=str(path),
-                hints=HintConfig(hints=("ce", "kd"), jac_target="teacher_top1"),
-                teacher_input=TeacherInput(**teacher_input))
+  return Config(mode="transfer",
+                teacher=TeacherConfig(path=str(path), input=TeacherInput(**teacher_input)),
+                hints=HintConfig(hints=("ce", "kd"), jac_target="teacher_top1"))
 
 
 def _student(classes=5, shape=(6, 6, 3), bn=keras.layers.BatchNormalization):
@@ -301,7 +301,7 @@ def test_the_python_api_example_of_the_readme_runs(tmp_path, monkeypatch):
 def test_bad_networks_are_refused_clearly(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="--teacher: unknown keras.applications model "
                      "'ResNet51'; valid: .*ResNet50, "), checks.flag_errors():
-    sources.check_application("teacher_path", "keras.applications:ResNet51")
+    sources.check_application("teacher.path", "keras.applications:ResNet51")
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
   with pytest.raises(ConfigError, match="--teacher_weights: .* tfjac never downloads"), \
        checks.flag_errors():
@@ -363,13 +363,14 @@ def _folder_dataset(root):
 def test_resnet50_softmax_teacher_in_transfer_with_lwf_at_jac(tmp_path):
   dataset = _folder_dataset(tmp_path / "data")
   cfg = Config(mode="transfer", workdir=str(tmp_path / "run"),
-               teacher_path="keras.applications:ResNet50",
+               teacher=TeacherConfig(path="keras.applications:ResNet50",
+                                     input=TeacherInput(resize=True, weights="none",
+                                                        image_size=48)),
                data=DataConfig(dataset=dataset, validation_fraction=0.34),
                student=ModelConfig("vgg4", 0.25),
                train=TrainConfig(epochs=1, batch_size=2, steps_per_epoch=1),
                hints=HintConfig(hints=("ce", "lwf", "at", "jac"), jac_target="teacher_top1",
-                                weights=(("at", 1000.0),)),
-               teacher_input=TeacherInput(resize=True, weights="none", image_size=48))
+                                weights=(("at", 1000.0),)))
   results = run.run(cfg)
   t = results["teacher"]
   assert t["source_classes"] == 1000 and t["outputs"] == "logits"
@@ -386,9 +387,9 @@ def test_mobilenetv3small_student_with_standard_batchnorm_in_distill(tmp_path):
   cfg = Config(mode="distill", workdir=str(tmp_path / "run"),
                data=DataConfig(dataset=dataset, validation_fraction=0.34),
                student=ModelConfig("keras.applications:MobileNetV3Small"),
-               teacher=ModelConfig("vgg4", 0.25),
+               teacher=TeacherConfig(model=ModelConfig("vgg4", 0.25),
+                                     train=TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1)),
                train=TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1),
-               teacher_train=TrainConfig(epochs=1, batch_size=4, steps_per_epoch=1),
                hints=HintConfig(hints=("act", "jac", "ce")))
   results = run.run(cfg)
   final = results["student"]["final_epoch_metrics"]
@@ -564,9 +565,10 @@ def test_every_keras_applications_family_as_student_and_teacher(app):
   d = _one_step(student, teacher, size)
   assert d.teacher_info["outputs"] == "logits" and "softmax" in d.teacher_info["how"]
   # The command line's loader of --teacher=keras.applications:APP (ImageNet's 1000 classes).
-  cfg = Config(mode="transfer", teacher_path=f"keras.applications:{app}",
-               hints=HintConfig(hints=("ce", "lwf"), jac_target="teacher_top1"),
-               teacher_input=TeacherInput(weights="none", image_size=size))
+  cfg = Config(mode="transfer",
+               teacher=TeacherConfig(path=f"keras.applications:{app}",
+                                     input=TeacherInput(weights="none", image_size=size)),
+               hints=HintConfig(hints=("ce", "lwf"), jac_target="teacher_top1"))
   loaded = teachers.load_teacher(cfg, _info((size, size, 3)))
   assert loaded.outputs == "logits" and "softmax" in loaded.outputs_how
   assert loaded.num_outputs == 1000
@@ -582,14 +584,14 @@ def test_library_errors_name_the_setting_and_the_command_line_names_the_flag(tmp
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
   teacher = keras.Model(*_body((16, 16, 1)))
   cases = [  # (call, setting, the API's words, the command line's words)
-      (lambda: views.adapt_input(teacher, (8, 8, 1)), "teacher_input.resize",
-       "pass teacher_input.resize=True to resize", "--teacher_resize: .* pass --teacher_resize "
+      (lambda: views.adapt_input(teacher, (8, 8, 1)), "teacher.input.resize",
+       "pass teacher.input.resize=True to resize", "--teacher_resize: .* pass --teacher_resize "
        "to resize"),
-      (lambda: sources.application_weights("ResNet50", ""), "teacher_input.weights",
-       "teacher_input.weights=FILE.* or teacher_input.weights='none' for random",
+      (lambda: sources.application_weights("ResNet50", ""), "teacher.input.weights",
+       "teacher.input.weights=FILE.* or teacher.input.weights='none' for random",
        "--teacher_weights: .*--teacher_weights=FILE.* or --teacher_weights=none for random"),
-      (lambda: preprocessing.preprocessing_layer("caffe", scale=2.0), "teacher_input.scale",
-       "applies with teacher_input.preprocessing='none'",
+      (lambda: preprocessing.preprocessing_layer("caffe", scale=2.0), "teacher.input.scale",
+       "applies with teacher.input.preprocessing='none'",
        "--teacher_input_scale: applies with --teacher_preprocessing=none"),
       (lambda: students.build_student(str(tmp_path / "nothing.keras"), (8, 8, 1), 3, mean=(0,),
                                       std=(1,)), "student.name", "does not exist",
@@ -626,7 +628,7 @@ def test_every_setting_the_library_names_has_a_flag():
   for _, text in _library_sources():
     named.update(re.findall(r"SettingError\(\s*[\"']([\w.]+)[\"']", text))
     named.update(re.findall(r"mention\(\s*[\"']([\w.]+)[\"']", text))
-  assert {"teacher_input.resize", "teacher_path", "student.name"} <= named
+  assert {"teacher.input.resize", "teacher.path", "student.name"} <= named
   unknown = {s: checks.flag_of(tuple(s.split("."))) for s in named
              if checks.flag_of(tuple(s.split("."))) not in flags.FLAGS}
   assert not unknown, f"settings without a flag: {unknown}"

@@ -115,7 +115,7 @@ def test_cifar100_flagfiles_follow_the_reference_they_cite(flagfile, monkeypatch
   monkeypatch.chdir(helpers.REPO)
   with helpers.parsed_flags(f"--flagfile=flags/{flagfile}"):
     cfg = run.config_from_flags()
-  for train in (cfg.train, cfg.teacher_train):
+  for train in (cfg.train, cfg.teacher.train):
     assert (train.optimizer, train.learning_rate, train.momentum) == ("sgd", 0.1, 0.9)
     assert (train.weight_decay, train.weight_decay_kind, train.nesterov) == (5e-4, "l2", False)
     opt = optimizers.make_optimizer(train, 352)

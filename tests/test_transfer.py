@@ -10,8 +10,8 @@ import tensorflow as tf
 
 from tests.helpers import linear_model
 from tfjac import checks, export, models, run
-from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherInput,
-                          TrainConfig)
+from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherConfig,
+                          TeacherInput, TrainConfig)
 from tfjac.errors import ConfigError, SettingError
 from tfjac.hints import HintParams, attention
 from tfjac.models import sources, surgery, views
@@ -240,7 +240,8 @@ def test_transfer_every_hint_and_the_oracle_on_a_saved_tiny_teacher(tmp_path):
   _net("vgg4", 5).save(tmp_path / "t.keras")
   teacher = str(tmp_path / "t.keras")
   one_epoch = TrainConfig(epochs=1, batch_size=32)
-  cfg = _demo_config(tmp_path / "lwf_at_jac", "transfer", teacher_path=teacher, train=one_epoch,
+  cfg = _demo_config(tmp_path / "lwf_at_jac", "transfer", teacher=TeacherConfig(path=teacher),
+                     train=one_epoch,
                      hints=HintConfig(hints=DEMO_ROWS["lwf_at_jac"], jac_target="teacher_top1",
                                       weights=(("at", 1000.0),)))
   results = run.run(cfg)
@@ -251,7 +252,8 @@ def test_transfer_every_hint_and_the_oracle_on_a_saved_tiny_teacher(tmp_path):
   final = results["student"]["final_epoch_metrics"]
   for key in ("ce_loss", "lwf_loss", "at_loss", "jac_loss", "at_jac_loss"):
     assert np.isfinite(final[key]) and final[key] > 0, key
-  oracle = run.run(_demo_config(tmp_path / "oracle", "finetune", teacher_path=teacher,
+  oracle = run.run(_demo_config(tmp_path / "oracle", "finetune",
+                                teacher=TeacherConfig(path=teacher),
                                 train=one_epoch, hints=HintConfig(hints=("ce",))))
   assert oracle["student"]["model"].startswith("oracle")
 
@@ -265,12 +267,13 @@ def test_transfer_every_hint_and_the_oracle_on_a_saved_tiny_teacher(tmp_path):
 def test_transfer_demo_end_to_end(tmp_path, rows):
   teacher_cfg = Config(mode="teacher", workdir=str(tmp_path / "teacher"),
                        data=DataConfig(classes=(0, 1, 2, 3, 4)),
-                       teacher=ModelConfig("resnet20", 0.5),
-                       teacher_train=TrainConfig(epochs=2), hints=HintConfig(hints=("ce",)))
+                       teacher=TeacherConfig(model=ModelConfig("resnet20", 0.5),
+                                             train=TrainConfig(epochs=2)),
+                       hints=HintConfig(hints=("ce",)))
   run.run(teacher_cfg)
   teacher = str(tmp_path / "teacher" / "teacher")
   for name, hints in rows.items():
-    cfg = _demo_config(tmp_path / name, "transfer", teacher_path=teacher,
+    cfg = _demo_config(tmp_path / name, "transfer", teacher=TeacherConfig(path=teacher),
                        hints=HintConfig(hints=hints, jac_target="teacher_top1",
                                         weights=(("at", 1000.0),)))
     results = run.run(cfg)
@@ -282,10 +285,12 @@ def test_transfer_demo_end_to_end(tmp_path, rows):
     final = json.load(f)["student"]["final_epoch_metrics"]
   for key in ("ce_loss", "lwf_loss", "at_loss", "jac_loss", "at_jac_loss"):
     assert np.isfinite(final[key]), key
-  oracle = run.run(_demo_config(tmp_path / "oracle", "finetune", teacher_path=teacher,
+  oracle = run.run(_demo_config(tmp_path / "oracle", "finetune",
+                                teacher=TeacherConfig(path=teacher),
                                 hints=HintConfig(hints=("ce",))))
   assert oracle["student"]["model"].startswith("oracle")
-  cond = run.run(_demo_config(tmp_path / "cond", "conditions", teacher_path=teacher,
+  cond = run.run(_demo_config(tmp_path / "cond", "conditions",
+                              teacher=TeacherConfig(path=teacher),
                               source=DataConfig(classes=(0, 1, 2, 3, 4)),
                               conditions_examples=64))["conditions"]
   assert cond["source_loss"]["accuracy"] > 0.5
@@ -341,7 +346,7 @@ def test_conditions_measures_every_class_of_class_sorted_splits(tmp_path, monkey
   monkeypatch.setattr(conditions, "stratified_sample",
                       lambda labels, n, seed: seeds.append(seed) or sample(labels, n, seed))
   cfg = Config(mode="conditions", workdir=str(tmp_path / "run"),
-               teacher_path=str(tmp_path / "t.keras"),
+               teacher=TeacherConfig(path=str(tmp_path / "t.keras")),
                data=DataConfig(dataset="sorted_target", seed=4),
                source=DataConfig(dataset="sorted_source"), conditions_examples=20,
                hints=HintConfig(hints=("ce",)))
@@ -358,7 +363,8 @@ def _top_k_transfer(tmp_path, k):
   if not os.path.exists(tmp_path / "t.keras"):
     _net("vgg4", 7).save(tmp_path / "t.keras")
   return run.run(Config(
-      mode="transfer", workdir=str(tmp_path / f"k{k}"), teacher_path=str(tmp_path / "t.keras"),
+      mode="transfer", workdir=str(tmp_path / f"k{k}"),
+      teacher=TeacherConfig(path=str(tmp_path / "t.keras")),
       data=DataConfig(classes=(0, 1, 2), samples_per_class=2),
       student=ModelConfig("vgg4", 0.25), train=TrainConfig(epochs=1, batch_size=8),
       hints=HintConfig(hints=("ce", "lwf", "jac"), jac_target="top_k", jac_top_k=k)))

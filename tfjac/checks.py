@@ -22,28 +22,35 @@ _MULTI_REPLICA = ("mirrored", "multi_worker")
 
 # The flags of the settings whose flag is not the field's own name (a Config field's path, as
 # config.non_finite gives it or a SettingError names it); a weight's flag is <hint>_weight.
-_FLAG_OF_PATH = {("teacher_path",): "teacher",
-                 ("student", "name"): "model", ("teacher", "name"): "teacher_model",
+_FLAG_OF_PATH = {("teacher", "path"): "teacher",
+                 ("student", "name"): "model", ("teacher", "model", "name"): "teacher_model",
                  ("student", "weights"): "student_weights",
-                 ("teacher_input", "resize"): "teacher_resize",
-                 ("teacher_input", "preprocessing"): "teacher_preprocessing",
-                 ("teacher_input", "outputs"): "teacher_outputs",
-                 ("teacher_input", "weights"): "teacher_weights",
-                 ("teacher_input", "image_size"): "teacher_image_size",
+                 ("teacher", "input", "resize"): "teacher_resize",
+                 ("teacher", "input", "preprocessing"): "teacher_preprocessing",
+                 ("teacher", "input", "outputs"): "teacher_outputs",
+                 ("teacher", "input", "weights"): "teacher_weights",
+                 ("teacher", "input", "image_size"): "teacher_image_size",
                  ("train", "learning_rate"): "learning_rate",
-                 ("teacher_train", "learning_rate"): "teacher_learning_rate",
-                 ("student", "width"): "width", ("teacher", "width"): "teacher_width",
-                 ("teacher_input", "scale"): "teacher_input_scale",
-                 ("teacher_input", "offset"): "teacher_input_offset",
-                 ("teacher_input", "mean"): "teacher_mean",
-                 ("teacher_input", "std"): "teacher_std"}
+                 ("teacher", "train", "learning_rate"): "teacher_learning_rate",
+                 ("student", "width"): "width", ("teacher", "model", "width"): "teacher_width",
+                 ("teacher", "input", "scale"): "teacher_input_scale",
+                 ("teacher", "input", "offset"): "teacher_input_offset",
+                 ("teacher", "input", "mean"): "teacher_mean",
+                 ("teacher", "input", "std"): "teacher_std",
+                 ("teacher", "train", "epochs"): "teacher_epochs",
+                 ("teacher", "unsafe_loading"): "unsafe_teacher_loading",
+                 ("teacher", "cache"): "teacher_cache"}
 
 
 def flag_of(path) -> str:
   """The flag that sets the Config field at `path` (a config.non_finite path)."""
   if path[:2] == ("hints", "weights"):
     return f"{path[2]}_weight"
-  return _FLAG_OF_PATH.get(tuple(path[:2]), path[-1])
+  path = tuple(path)
+  for n in (3, 2):
+    if path[:n] in _FLAG_OF_PATH:
+      return _FLAG_OF_PATH[path[:n]]
+  return path[-1]
 
 
 def _written_as_flag(setting, value):
@@ -174,12 +181,12 @@ def validate(config: Config):
       raise ConfigError("skip_bad_images", f"applies to --dataset={data.FOLDER_PREFIX}PATH "
                         f"and mit_indoor67 only; {config.data.dataset!r} is not read from image "
                         "files")
-  for flag, m in (("model", config.student), ("teacher_model", config.teacher)):
+  for flag, m in (("model", config.student), ("teacher_model", config.teacher.model)):
     _check_network_name(flag, m)
   _positive("width", config.student.width)
-  _positive("teacher_width", config.teacher.width)
+  _positive("teacher_width", config.teacher.model.width)
   _validate_train("", config.train)
-  _validate_train("teacher_", config.teacher_train)
+  _validate_train("teacher_", config.teacher.train)
 
   h = config.hints
   if not h.hints:
@@ -220,15 +227,15 @@ def validate(config: Config):
                       f"{list(config.data.classes)}")
   from tfjac.hints import LWF_MATCHES  # pylint: disable=g-import-not-at-top
   _choice("lwf_match", h.lwf_match, LWF_MATCHES)
-  _positive("teacher_input_scale", config.teacher_input.scale)
+  _positive("teacher_input_scale", config.teacher.input.scale)
   _positive("conditions_examples", config.conditions_examples)
-  if mode.needs_teacher and not config.teacher_path:
+  if mode.needs_teacher and not config.teacher.path:
     raise ConfigError("teacher", f"--mode={config.mode} needs --teacher (a .keras file or a "
                       "SavedModel trained on the source data)")
   mode.check(config)
 
-  _choice("teacher_cache", config.teacher_cache, TEACHER_CACHE)
-  if config.teacher_cache == "on":
+  _choice("teacher_cache", config.teacher.cache, TEACHER_CACHE)
+  if config.teacher.cache == "on":
     blocker = teacher_cache.teacher_cache_blocker(config, mode.teacher_cache)
     if blocker:
       raise ConfigError("teacher_cache", f"on cannot be honoured: {blocker}. Use auto (it "
@@ -262,7 +269,7 @@ def validate(config: Config):
                       "op. Drop --jit_compile, or use --jac_estimator=fd (first-order "
                       "gradients only).")
   if config.strategy in _MULTI_REPLICA and (config.train.jit_compile or
-                                            config.teacher_train.jit_compile):
+                                            config.teacher.train.jit_compile):
     raise ConfigError("jit_compile", f"XLA cannot compile a step under --strategy="
                       f"{config.strategy}: the replicas' variables live on other devices "
                       "(TF's XLA known issue 'tf.Variable on a different device'; Keras "
@@ -270,9 +277,9 @@ def validate(config: Config):
                       "--strategy=default.")
 
   _validate_outside_teacher(config)
-  if config.teacher_path is not None and not config.teacher_path.startswith(
-      ("keras.applications:", "kerashub:")) and not os.path.exists(config.teacher_path):
-    raise ConfigError("teacher", f"{config.teacher_path!r} does not exist; give a .keras file "
+  if config.teacher.path is not None and not config.teacher.path.startswith(
+      ("keras.applications:", "kerashub:")) and not os.path.exists(config.teacher.path):
+    raise ConfigError("teacher", f"{config.teacher.path!r} does not exist; give a .keras file "
                       "or a SavedModel directory written by --mode=teacher")
   _check_writable(config.workdir)
 
@@ -309,7 +316,7 @@ def _check_network_name(flag, m: ModelConfig):
   from tfjac.models import sources  # pylint: disable=g-import-not-at-top
   if m.name.startswith(sources.APPLICATIONS_PREFIX):
     with flag_errors():
-      sources.check_application("student.name" if flag == "model" else "teacher.name", m.name)
+      sources.check_application("student.name" if flag == "model" else "teacher.model.name", m.name)
   elif sources.is_outside(m.name):
     if not os.path.isfile(m.name):
       raise ConfigError(flag, f"{m.name!r} is not a file; valid: {', '.join(models.MODELS)}, "
@@ -331,7 +338,7 @@ def _check_network_name(flag, m: ModelConfig):
 def _validate_outside_teacher(config: Config):
   """--teacher_preprocessing/_outputs/_weights/_mean/_std, before any loading."""
   from tfjac.models import outputs, preprocessing, sources  # pylint: disable=g-import-not-at-top
-  ti = config.teacher_input
+  ti = config.teacher.input
   _choice("teacher_preprocessing", ti.preprocessing, preprocessing.PREPROCESSING)
   _choice("teacher_outputs", ti.outputs, outputs.OUTPUT_KINDS)
   _positive("teacher_image_size", ti.image_size, allow_zero=True)
@@ -343,10 +350,10 @@ def _validate_outside_teacher(config: Config):
   if (ti.mean or ti.std) and ti.preprocessing not in ("auto", "torch", "none"):
     raise ConfigError("teacher_mean", "per-channel mean/std apply with "
                       f"--teacher_preprocessing=torch or none, not {ti.preprocessing}")
-  path = config.teacher_path or ""
+  path = config.teacher.path or ""
   if path.startswith(sources.APPLICATIONS_PREFIX):
     with flag_errors():
-      sources.check_application("teacher_path", path)
+      sources.check_application("teacher.path", path)
     if ti.weights and ti.weights != sources.RANDOM_WEIGHTS and not os.path.isfile(ti.weights):
       raise ConfigError("teacher_weights", f"{ti.weights!r} is not a file")
   else:

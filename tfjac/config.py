@@ -80,7 +80,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The student's fit by default (--epochs etc.); the teacher's is TEACHER_TRAIN."""
+  """The student's fit by default; the teacher's is TEACHER_TRAIN."""
   epochs: int = 60
   batch_size: int = 32
   steps_per_epoch: int = 0  # 0: one pass over the training set
@@ -172,25 +172,35 @@ class TeacherInput:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+  """Everything about the teacher, in one place: where it comes from (`path`, or else `model`
+  built and trained here with `train`), how the target images reach it (`input`), whether a
+  .keras file may run its own code, and whether its outputs are computed once per example."""
+  # A trained teacher: a .keras file, a SavedModel, keras.applications:NAME or kerashub:PRESET
+  # (models/sources.py); None: `model` is built and trained first (--mode=distill).
+  path: Optional[str] = None
+  model: ModelConfig = ModelConfig(name="vgg9")
+  train: TrainConfig = TEACHER_TRAIN
+  input: TeacherInput = TeacherInput()
+  unsafe_loading: bool = False  # let a .keras teacher run its Lambda code
+  cache: str = "auto"  # teacher outputs computed once per example: auto, on, off
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   mode: str = "distill"
   workdir: str = "runs/default"
   strategy: str = "auto"
-  teacher_path: Optional[str] = None
   data: DataConfig = DataConfig()
   student: ModelConfig = ModelConfig()
-  teacher: ModelConfig = ModelConfig(name="vgg9")
+  teacher: TeacherConfig = TeacherConfig()
   train: TrainConfig = TrainConfig()
-  teacher_train: TrainConfig = TEACHER_TRAIN
   hints: HintConfig = HintConfig()
   robustness_sigmas: Tuple[float, ...] = ()
-  teacher_input: TeacherInput = TeacherInput()
   source: Optional[DataConfig] = None  # --mode=conditions: the teacher's own (source) data
   conditions_examples: int = 500
   resume: bool = True  # continue an interrupted fit from its backup (same settings only)
   deterministic: bool = False  # tf.config.experimental.enable_op_determinism()
-  unsafe_teacher_loading: bool = False  # let a .keras teacher run its Lambda code
-  teacher_cache: str = "auto"  # teacher outputs computed once per example: auto, on, off
   # keras dtype policy of the networks built here; auto: runtime.resolve_precision
   mixed_precision: str = DEFAULT_MIXED_PRECISION
 

@@ -1,7 +1,7 @@
 """Errors that the command line turns into one clear message instead of a stack trace.
 
 The library speaks in the caller's terms: a SettingError names the argument or Config setting
-(`teacher_input.resize`, `teacher_outputs`) and names others in its message through `mention`.
+(`teacher.input.resize`, `teacher_outputs`) and names others in its message through `mention`.
 Only the command line (tfjac/checks.py, flag_errors) turns those names into flags."""
 import re
 
@@ -29,7 +29,7 @@ class ConfigError(TfjacError):
 
 def mention(setting: str, value=_UNSET) -> str:
   """`setting` (set to `value`) inside a SettingError's message, written as the caller writes
-  it: `teacher_input.outputs='logits'` in Python, `--teacher_outputs=logits` on the command
+  it: `teacher.input.outputs='logits'` in Python, `--teacher_outputs=logits` on the command
   line."""
   if value is _UNSET:
     return f"[[{setting}]]"

@@ -77,19 +77,19 @@ flags.DEFINE_string("model", _DEFAULT.student.name,
                     + ", keras.applications:NAME (its body and a new Dense head, random init "
                     "or --student_weights), or a .keras file (docs/networks.md).")
 flags.DEFINE_float("width", _DEFAULT.student.width, "Student channel-width multiplier.")
-flags.DEFINE_string("teacher_model", _DEFAULT.teacher.name,
+flags.DEFINE_string("teacher_model", _DEFAULT.teacher.model.name,
                     "Teacher architecture when the teacher is "
                     "trained here: the names of --model.")
 flags.DEFINE_float("teacher_width", None, "Teacher channel-width multiplier. Default: sized for "
                    "the data's images (config.DEFAULT_TEACHER_WIDTHS): 0.25 for the default "
                    "vgg9 on the embedded 8x8 digits, 1 otherwise.")
-flags.DEFINE_string("teacher", _DEFAULT.teacher_path,
+flags.DEFINE_string("teacher", _DEFAULT.teacher.path,
                     "Pre-trained teacher: a .keras file, a SavedModel directory, "
                     "a directory written by --mode=teacher, keras.applications:NAME (weights "
                     "from --teacher_weights) or kerashub:DIR (a KerasHub preset directory; "
                     "pip install -e .[hub]). Default: the teacher in --workdir, trained there "
                     "first if absent.")
-flags.DEFINE_boolean("unsafe_teacher_loading", _DEFAULT.unsafe_teacher_loading,
+flags.DEFINE_boolean("unsafe_teacher_loading", _DEFAULT.teacher.unsafe_loading,
                      "Let a .keras teacher run the Python "
                      "code it carries (Lambda layers). Keras safe mode refuses such files by "
                      "default: that code can do anything your account can. Only for files "
@@ -168,13 +168,13 @@ flags.DEFINE_list("teacher_layers", list(_DEFAULT.hints.teacher_layers),
 flags.DEFINE_list("student_layers", list(_DEFAULT.hints.student_layers),
                   "Student layers paired one to one with "
                   "--teacher_layers; default: the layer that ends each block/stage.")
-flags.DEFINE_boolean("teacher_resize", _DEFAULT.teacher_input.resize,
+flags.DEFINE_boolean("teacher_resize", _DEFAULT.teacher.input.resize,
                      "Resize target images to the teacher's input "
                      "size (bilinear, differentiable) when they differ.")
-flags.DEFINE_float("teacher_input_scale", _DEFAULT.teacher_input.scale,
+flags.DEFINE_float("teacher_input_scale", _DEFAULT.teacher.input.scale,
                    "The teacher sees x * scale + offset (x in "
                    "[0, 1]): e.g. 255 for a teacher trained on [0, 255] pixels.")
-flags.DEFINE_float("teacher_input_offset", _DEFAULT.teacher_input.offset,
+flags.DEFINE_float("teacher_input_offset", _DEFAULT.teacher.input.offset,
                    "See --teacher_input_scale.")
 flags.DEFINE_string("source_dataset", None, "--mode=conditions: the teacher's own training "
                     "data (same names as --dataset), for its loss and the source/target distance.")
@@ -198,7 +198,7 @@ flags.DEFINE_enum("jac_bn_policy", _DEFAULT.hints.jac_bn_policy, config.BN_POLIC
 
 # Optimisation.
 flags.DEFINE_integer("epochs", _DEFAULT.train.epochs, "Student epochs.")
-flags.DEFINE_integer("teacher_epochs", _DEFAULT.teacher_train.epochs,
+flags.DEFINE_integer("teacher_epochs", _DEFAULT.teacher.train.epochs,
                      "Teacher epochs (when trained here).")
 flags.DEFINE_integer("batch_size", _DEFAULT.train.batch_size,
                      "Global batch size (split over replicas).")
@@ -206,7 +206,7 @@ flags.DEFINE_integer("steps_per_epoch", _DEFAULT.train.steps_per_epoch,
                      "Steps per epoch (the data repeats); 0: one pass.")
 flags.DEFINE_enum("optimizer", _DEFAULT.train.optimizer, config.OPTIMIZERS, "Optimizer.")
 flags.DEFINE_float("learning_rate", _DEFAULT.train.learning_rate, "Student peak learning rate.")
-flags.DEFINE_float("teacher_learning_rate", _DEFAULT.teacher_train.learning_rate,
+flags.DEFINE_float("teacher_learning_rate", _DEFAULT.teacher.train.learning_rate,
                    "Teacher peak learning rate.")
 flags.DEFINE_float("momentum", _DEFAULT.train.momentum,
                    "SGD momentum (Nesterov unless --nonesterov).")
@@ -282,7 +282,7 @@ flags.DEFINE_boolean("jit_compile", _DEFAULT.train.jit_compile,
                      "turned off with a logged reason.")
 
 # Speed and scale.
-flags.DEFINE_enum("teacher_cache", _DEFAULT.teacher_cache, config.TEACHER_CACHE,
+flags.DEFINE_enum("teacher_cache", _DEFAULT.teacher.cache, config.TEACHER_CACHE,
                   "Teacher outputs (logits, Jacobians of the --jac_target outputs, feature "
                   "maps) computed once per training example before the student's fit and fed "
                   "with the data, so a step runs only the student. The teacher is frozen, so "
@@ -319,7 +319,7 @@ flags.DEFINE_integer("val_jac_every", _DEFAULT.train.val_jac_every,
                      "Validation's Jacobian terms every this many epochs "
                      "(the first, every N-th, and the last); 1: every epoch.")
 # Your own networks (tfjac/models/: sources, teachers; docs/networks.md).
-flags.DEFINE_enum("teacher_preprocessing", _DEFAULT.teacher_input.preprocessing,
+flags.DEFINE_enum("teacher_preprocessing", _DEFAULT.teacher.input.preprocessing,
                   ["auto", "caffe", "torch", "tf", "pixels255", "none"],
                   "How the dataset's [0, 1] pixels are prepared for the teacher, inside the "
                   "differentiable adapter (Jacobians stay w.r.t. the dataset's pixels), as "
@@ -330,12 +330,12 @@ flags.DEFINE_enum("teacher_preprocessing", _DEFAULT.teacher_input.preprocessing,
                   "(EfficientNet, ConvNeXt, MobileNetV3); none: as they are, times "
                   "--teacher_input_scale plus --teacher_input_offset. auto: the "
                   "keras.applications family's, a KerasHub preset's image converter, else none.")
-flags.DEFINE_list("teacher_mean", [str(m) for m in _DEFAULT.teacher_input.mean],
+flags.DEFINE_list("teacher_mean", [str(m) for m in _DEFAULT.teacher.input.mean],
                   "Per-channel mean (in [0, 1] pixel units) replacing "
                   "torch's ImageNet mean, or subtracted with --teacher_preprocessing=none.")
-flags.DEFINE_list("teacher_std", [str(m) for m in _DEFAULT.teacher_input.std],
+flags.DEFINE_list("teacher_std", [str(m) for m in _DEFAULT.teacher.input.std],
                   "Per-channel std to go with --teacher_mean.")
-flags.DEFINE_enum("teacher_outputs", _DEFAULT.teacher_input.outputs,
+flags.DEFINE_enum("teacher_outputs", _DEFAULT.teacher.input.outputs,
                   ["auto", "logits", "probabilities"],
                   "What the teacher returns. auto: a final softmax (Dense, Activation or "
                   "Softmax layer) is seen and removed, so the hints get logits; a teacher with "
@@ -343,12 +343,12 @@ flags.DEFINE_enum("teacher_outputs", _DEFAULT.teacher_input.outputs,
                   "an error asking for this flag. probabilities: their logs stand for the "
                   "logits (exact for kd, lwf with kd, jac_ce, at, at_jac; act, jac, noise "
                   "are refused).")
-flags.DEFINE_string("teacher_weights", _DEFAULT.teacher_input.weights,
+flags.DEFINE_string("teacher_weights", _DEFAULT.teacher.input.weights,
                     "--teacher=keras.applications:NAME: its weights "
                     "file (.h5 or .weights.h5); none: random weights; empty: the ImageNet "
                     "file in Keras' cache directory (~/.keras/models), if a download elsewhere "
                     "left it there. tfjac never downloads.")
-flags.DEFINE_integer("teacher_image_size", _DEFAULT.teacher_input.image_size,
+flags.DEFINE_integer("teacher_image_size", _DEFAULT.teacher.input.image_size,
                      "--teacher=keras.applications:NAME: build it "
                      "for this square input size; 0: its default (224 for most).")
 flags.DEFINE_string("student_weights", _DEFAULT.student.weights,

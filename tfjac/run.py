@@ -55,7 +55,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                       lr_decay_steps=_int_list("lr_decay_steps", f.lr_decay_steps))
   from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
   return config_lib.Config(
-      mode=f.mode, workdir=f.workdir, strategy=f.strategy, teacher_path=f.teacher,
+      mode=f.mode, workdir=f.workdir, strategy=f.strategy,
       robustness_sigmas=_float_list("robustness_sigmas", f.robustness_sigmas),
       data=config_lib.DataConfig(
           dataset=f.dataset, data_dir=f.data_dir, samples_per_class=f.samples_per_class,
@@ -63,16 +63,26 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           crop_padding=f.crop_padding, seed=f.seed, image_size=f.image_size,
           skip_bad_images=f.skip_bad_images, classes=_int_list("classes", f.classes)),
       student=config_lib.ModelConfig(name=f.model, width=f.width, weights=f.student_weights),
-      teacher=config_lib.ModelConfig(
-          name=f.teacher_model,
-          width=(f.teacher_width if f.teacher_width is not None else
-                 config_lib.default_teacher_width(f.dataset, f.teacher_model))),
+      teacher=config_lib.TeacherConfig(
+          path=f.teacher,
+          model=config_lib.ModelConfig(
+              name=f.teacher_model,
+              width=(f.teacher_width if f.teacher_width is not None else
+                     config_lib.default_teacher_width(f.dataset, f.teacher_model))),
+          train=dataclasses.replace(config_lib.TEACHER_TRAIN, epochs=f.teacher_epochs,
+                                    learning_rate=f.teacher_learning_rate, **train_common),
+          input=config_lib.TeacherInput(resize=f.teacher_resize, scale=f.teacher_input_scale,
+                                        offset=f.teacher_input_offset,
+                                        preprocessing=f.teacher_preprocessing,
+                                        mean=_float_list("teacher_mean", f.teacher_mean),
+                                        std=_float_list("teacher_std", f.teacher_std),
+                                        outputs=f.teacher_outputs, weights=f.teacher_weights,
+                                        image_size=f.teacher_image_size),
+          unsafe_loading=f.unsafe_teacher_loading, cache=f.teacher_cache),
       train=config_lib.TrainConfig(epochs=f.epochs, learning_rate=f.learning_rate,
                                    train_steps=f.train_steps,
                                    val_jac_examples=f.val_jac_examples,
                                    val_jac_every=f.val_jac_every, **train_common),
-      teacher_train=dataclasses.replace(config_lib.TEACHER_TRAIN, epochs=f.teacher_epochs,
-                                        learning_rate=f.teacher_learning_rate, **train_common),
       hints=config_lib.HintConfig(
           hints=hints,
           weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS),
@@ -84,22 +94,11 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           noise_sigma=f.noise_sigma, noise_samples=f.noise_samples, lwf_match=f.lwf_match,
           teacher_layers=tuple(f.teacher_layers), student_layers=tuple(f.student_layers),
           loss_scaling=f.loss_scaling, jac_every=f.jac_every),
-      teacher_input=config_lib.TeacherInput(resize=f.teacher_resize,
-                                            scale=f.teacher_input_scale,
-                                            offset=f.teacher_input_offset,
-                                            preprocessing=f.teacher_preprocessing,
-                                            mean=_float_list("teacher_mean", f.teacher_mean),
-                                            std=_float_list("teacher_std", f.teacher_std),
-                                            outputs=f.teacher_outputs,
-                                            weights=f.teacher_weights,
-                                            image_size=f.teacher_image_size),
       source=None if not f.source_dataset else config_lib.DataConfig(
           dataset=f.source_dataset, data_dir=f.data_dir, image_size=f.image_size,
           classes=_int_list("source_classes", f.source_classes), seed=f.seed),
       conditions_examples=f.conditions_examples,
-      resume=f.resume, deterministic=f.deterministic,
-      unsafe_teacher_loading=f.unsafe_teacher_loading,
-      teacher_cache=f.teacher_cache, mixed_precision=f.mixed_precision)
+      resume=f.resume, deterministic=f.deterministic, mixed_precision=f.mixed_precision)
 
 
 def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:

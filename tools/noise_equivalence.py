@@ -92,7 +92,7 @@ def trained_pair(run_dir, examples):
   import tfjac.models  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   from tfjac import data, export  # pylint: disable=g-import-not-at-top
   from tfjac.models import teachers  # pylint: disable=g-import-not-at-top
-  from tfjac.config import Config, DataConfig  # pylint: disable=g-import-not-at-top
+  from tfjac.config import Config, DataConfig, TeacherConfig  # pylint: disable=g-import-not-at-top
   results_path = os.path.join(run_dir, "results.json")
   if not os.path.exists(results_path):
     raise ToolError(f"--run_dir: {run_dir!r} has no results.json; give the run directory of a "
@@ -109,7 +109,8 @@ def trained_pair(run_dir, examples):
   cfg = results["config"]["data"]
   splits = data.prepare(DataConfig(dataset=cfg["dataset"], data_dir=cfg["data_dir"],
                                    seed=cfg["seed"]))
-  teacher = teachers.load_teacher(Config(teacher_path=teacher_path), splits.info,
+  config = Config(teacher=TeacherConfig(path=teacher_path))
+  teacher = teachers.load_teacher(config, splits.info,
                                   num_classes=splits.info.num_classes).adapted
   student = keras.saving.load_model(student_path, compile=False)
   return teacher, student, splits.test.images[:examples]

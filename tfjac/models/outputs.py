@@ -74,7 +74,7 @@ class LogOf(keras.layers.Layer):
     return keras.ops.log(keras.ops.maximum(p, 1e-30))
 
 
-OUTPUTS_SETTING = "teacher_input.outputs"  # a Config's; the Distiller's argument: teacher_outputs
+OUTPUTS_SETTING = "teacher.input.outputs"  # a Config's; the Distiller's argument: teacher_outputs
 
 
 def teacher_logits(model: keras.Model, declared: str, probe: keras.Model, probe_shape, *,

@@ -16,7 +16,7 @@ from tfjac.errors import SettingError, mention
 #   torch      (x - ImageNet mean) / ImageNet std (0-1 units)
 #   tf         2 x - 1
 #   pixels255  255 x (the model carries its own preprocessing: EfficientNet, ConvNeXt, ...)
-#   none       x as it comes (times teacher_input.scale plus teacher_input.offset)
+#   none       x as it comes (times teacher.input.scale plus teacher.input.offset)
 PREPROCESSING = ("auto", "caffe", "torch", "tf", "pixels255", "none")
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
@@ -75,11 +75,11 @@ def preprocessing_layer(mode: str, *, mean: Sequence[float] = (), std: Sequence[
   if mode == "auto":
     raise ValueError("resolve 'auto' first (resolve_preprocessing)")
   if (mean or std) and mode not in ("torch", "none"):
-    raise SettingError("teacher_input.mean", f"per-channel mean/std apply with "
-                       f"{mention('teacher_input.preprocessing', 'torch')} or none, not {mode}")
+    raise SettingError("teacher.input.mean", f"per-channel mean/std apply with "
+                       f"{mention('teacher.input.preprocessing', 'torch')} or none, not {mode}")
   if mode not in ("none",) and (scale != 1.0 or offset != 0.0):
-    raise SettingError("teacher_input.scale", "applies with "
-                       f"{mention('teacher_input.preprocessing', 'none')}; {mode} fixes the "
+    raise SettingError("teacher.input.scale", "applies with "
+                       f"{mention('teacher.input.preprocessing', 'none')}; {mode} fixes the "
                        "teacher's input range itself")
   if mode == "caffe":
     return ChannelAffine(255.0, [-m for m in _CAFFE_MEAN_BGR], True, name=name)

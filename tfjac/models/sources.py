@@ -70,7 +70,7 @@ def _keras_cache_weights(app: str) -> List[str]:
 
 
 def application_weights(app: str, weights: str,
-                        setting="teacher_input.weights") -> Optional[str]:
+                        setting="teacher.input.weights") -> Optional[str]:
   """The weights file of a keras.applications teacher: `weights` is a FILE, none (random), or
   empty (the ImageNet file in Keras' cache directory). Never a download. Errors name
   `setting`."""
@@ -110,10 +110,10 @@ def application_teacher(app: str, *, weights: Optional[str], image_size: int = 0
   try:
     model = fn(**kwargs)
   except ValueError as e:
-    raise SettingError("teacher_input.image_size", f"keras.applications.{app} cannot be built "
+    raise SettingError("teacher.input.image_size", f"keras.applications.{app} cannot be built "
                        f"at {image_size}x{image_size}{needs_size(app)}: {e}") from e
   if weights:
-    load_weights(model, weights, "teacher_input.weights", f"keras.applications.{app}")
+    load_weights(model, weights, "teacher.input.weights", f"keras.applications.{app}")
   return model
 
 
@@ -121,22 +121,22 @@ def kerashub_teacher(directory: str):
   """A KerasHub ImageClassifier from a preset directory on disk (keras-hub: pip install
   -e .[hub]); returns (model, its image converter's scale, offset), None when it has none."""
   if not os.path.isdir(directory):
-    raise SettingError("teacher_path", f"kerashub:{directory}: no such directory")
+    raise SettingError("teacher.path", f"kerashub:{directory}: no such directory")
   missing = [f for f in ("config.json", "metadata.json") if not os.path.exists(
       os.path.join(directory, f))]
   if missing:
-    raise SettingError("teacher_path", f"kerashub:{directory} is not a KerasHub preset "
+    raise SettingError("teacher.path", f"kerashub:{directory} is not a KerasHub preset "
                        f"directory (no {', '.join(missing)}; write one with "
                        "model.save_to_preset(DIR))")
   try:
     import keras_hub  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise SettingError("teacher_path", "kerashub: teachers need the optional keras-hub package: "
+    raise SettingError("teacher.path", "kerashub: teachers need the optional keras-hub package: "
                       "pip install -e .[hub] (docs/networks.md)") from e
   try:
     model = keras_hub.models.ImageClassifier.from_preset(directory)
   except Exception as e:
-    raise SettingError("teacher_path", f"cannot load an ImageClassifier from the KerasHub preset "
+    raise SettingError("teacher.path", f"cannot load an ImageClassifier from the KerasHub preset "
                       f"{directory!r}: {e}") from e
   converter = getattr(getattr(model, "preprocessor", None), "image_converter", None)
   scale = offset = None
@@ -169,13 +169,13 @@ def _refused_by_safe_mode(e) -> bool:
 
 
 def load_network(path: str, image_shape, *, safe_mode=True,
-                 setting="teacher_path") -> keras.Model:
+                 setting="teacher.path") -> keras.Model:
   """A network from a .keras file (safe mode: no Lambda code), a SavedModel directory, or a
   directory written by tfjac (holding model.keras). A SavedModel becomes a Keras model around
   its serving function, on its own input signature if it has one, else on `image_shape`.
 
   safe_mode: Keras safe mode, which refuses to deserialise Python code (Lambda layers); a
-  refused file is a SettingError that names the file and unsafe_teacher_loading. Errors name
+  refused file is a SettingError that names the file and teacher.unsafe_loading. Errors name
   `setting` (where `path` was given)."""
   if not os.path.exists(path):
     # An export cut mid-swap: put the previous one back.
@@ -211,7 +211,7 @@ def load_network(path: str, image_shape, *, safe_mode=True,
       raise SettingError(setting, f"{path!r} contains Python code (e.g. a Lambda layer) that "
                          "Keras safe mode will not run: loading it could execute anything. If "
                          f"you trust whoever wrote the file, pass "
-                         f"{mention('unsafe_teacher_loading', True)}") from e
+                         f"{mention('teacher.unsafe_loading', True)}") from e
     raise SettingError(setting, f"cannot load a model from {path!r}: {e}") from e
   model.trainable = False
   return model
@@ -231,7 +231,7 @@ class Source:
 
 def _from_applications(path, image_shape, teacher_input, safe_mode):
   del image_shape, safe_mode
-  app = check_application("teacher_path", path)
+  app = check_application("teacher.path", path)
   weights = application_weights(app, teacher_input.weights)
   logging.info("teacher keras.applications.%s, weights %s", app, weights or "random (none)")
   return Source(application_teacher(app, weights=weights, image_size=teacher_input.image_size),
@@ -246,8 +246,8 @@ def _from_kerashub(path, image_shape, teacher_input, safe_mode):
 
 def _from_file(path, image_shape, teacher_input, safe_mode):
   if teacher_input.weights:
-    raise SettingError("teacher_input.weights", "applies to "
-                       f"{mention('teacher_path', APPLICATIONS_PREFIX + 'NAME')} only; {path!r} "
+    raise SettingError("teacher.input.weights", "applies to "
+                       f"{mention('teacher.path', APPLICATIONS_PREFIX + 'NAME')} only; {path!r} "
                        "carries its own weights")
   return Source(load_network(path, image_shape, safe_mode=safe_mode))
 

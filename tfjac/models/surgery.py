@@ -13,14 +13,14 @@ def oracle_network(teacher: keras.Model, image_shape, num_classes, teacher_input
   """A copy of `teacher` with a new Dense head of `num_classes`, fed from the target images
   (by `adapt(network, name)`, models.teachers.Teacher.adapt, when given: family preprocessing)."""
   if any(type(layer).__name__ == "_SavedModelTeacher" for layer in teacher.layers):
-    raise SettingError("teacher_path", f"the fine-tuning oracle rebuilds the teacher with a new "
+    raise SettingError("teacher.path", f"the fine-tuning oracle rebuilds the teacher with a new "
                        f"head and needs its layers: {path!r} is a SavedModel; give its .keras file")
   try:
     body = keras.models.clone_model(teacher)
     body.set_weights(teacher.get_weights())
     features = views.penultimate(body)
   except ValueError as e:
-    raise SettingError("teacher_path", f"cannot rebuild {path!r} with a new head: {e}") from e
+    raise SettingError("teacher.path", f"cannot rebuild {path!r} with a new head: {e}") from e
   body.trainable = True
   for layer in body.layers:  # the clone keeps each layer's frozen flag from the loaded teacher
     layer.trainable = True

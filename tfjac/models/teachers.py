@@ -1,7 +1,7 @@
 """The teacher of a run, settled once for every mode that takes one: where it comes from
-(`teacher_path`: a .keras file, a SavedModel, a run directory, keras.applications:NAME,
+(`teacher.path`: a .keras file, a SavedModel, a run directory, keras.applications:NAME,
 kerashub:DIR; models/sources.py), what it outputs (logits; a final softmax is removed;
-probabilities only when `teacher_input.outputs` says so; models/outputs.py) and how the
+probabilities only when `teacher.input.outputs` says so; models/outputs.py) and how the
 dataset's [0, 1] pixels reach it (family preprocessing, resize, grey to RGB), all inside one
 differentiable adapter. Only `load_teacher` puts a teacher together, for every mode and tool."""
 import dataclasses
@@ -62,9 +62,9 @@ def load_teacher(config, data_info, *, num_classes: Optional[int] = None, path=N
   """The teacher of `config` for the dataset described by `data_info` (its image_shape), with
   `num_classes` outputs when given (distill), any number otherwise (transfer)."""
   image_shape = tuple(data_info.image_shape)
-  ti = config.teacher_input
-  path = path or config.teacher_path
-  source = sources.load_source(path, image_shape, ti, safe_mode=not config.unsafe_teacher_loading)
+  ti = config.teacher.input
+  path = path or config.teacher.path
+  source = sources.load_source(path, image_shape, ti, safe_mode=not config.teacher.unsafe_loading)
   net, family, hub_affine = source.network, source.family, source.converter
   net.trainable = False
   mode = ti.preprocessing
@@ -93,11 +93,11 @@ def check_outputs(model: keras.Model, image_shape, num_classes=None, path="the t
   try:
     out = model(np.zeros((1, *image_shape), np.float32), training=False)
   except Exception as e:
-    raise SettingError("teacher_path", f"teacher {path!r} cannot take the dataset's images of "
+    raise SettingError("teacher.path", f"teacher {path!r} cannot take the dataset's images of "
                        f"shape {tuple(image_shape)}: {e}") from e
   if isinstance(out, dict):
     out = out["logits"]
   if num_classes is not None and tuple(out.shape) != (1, num_classes):
-    raise SettingError("teacher_path", f"teacher {path!r} gives outputs of shape "
+    raise SettingError("teacher.path", f"teacher {path!r} gives outputs of shape "
                        f"{tuple(out.shape[1:])} but the dataset has {num_classes} classes")
   return int(out.shape[-1])

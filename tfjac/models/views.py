@@ -158,15 +158,15 @@ def adapt_input(model: keras.Model, data_shape, *, resize=False, scale=1.0, offs
   want = tuple(model.input_shape[1:])
   data_shape = tuple(data_shape)
   if len(want) != 3:
-    raise SettingError("teacher_path", f"the teacher takes inputs of shape {want}, not images")
+    raise SettingError("teacher.path", f"the teacher takes inputs of shape {want}, not images")
   size_differs = want[:2] != data_shape[:2] and None not in want[:2]
   if size_differs and not resize:
-    raise SettingError("teacher_input.resize", f"the teacher takes {want[0]}x{want[1]} images "
+    raise SettingError("teacher.input.resize", f"the teacher takes {want[0]}x{want[1]} images "
                        f"and the dataset has {data_shape[0]}x{data_shape[1]}; pass "
-                       f"{mention('teacher_input.resize', True)} to resize the target images for "
+                       f"{mention('teacher.input.resize', True)} to resize the target images for "
                        "the teacher")
   if want[2] not in (None, data_shape[2]) and not (data_shape[2] == 1 and want[2] == 3):
-    raise SettingError("teacher_path", f"the teacher takes {want[2]}-channel images and the "
+    raise SettingError("teacher.path", f"the teacher takes {want[2]}-channel images and the "
                        f"dataset has {data_shape[2]}")
   if (not size_differs and scale == 1.0 and offset == 0.0 and want[2] in (None, data_shape[2])
       and preprocess is None):

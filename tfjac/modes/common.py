@@ -66,11 +66,12 @@ def teacher_settings(config: Config):
   """{flag: value} of every setting that makes the teacher trained in a run directory: a
   teacher found there is reused only if it was made with the same (obtain_teacher)."""
   c = resume_settings(config, "teacher")
-  flat = {"teacher_model": c["teacher"]["name"], "teacher_width": c["teacher"]["width"],
+  flat = {"teacher_model": c["teacher"]["model"]["name"],
+          "teacher_width": c["teacher"]["model"]["width"],
           "ce_weight": c["ce_weight"], "mixed_precision": c["mixed_precision"]}
   for key, value in c["data"].items():
     flat[key] = value
-  for key, value in c["teacher_train"].items():
+  for key, value in c["teacher"]["train"].items():
     flat[{"epochs": "teacher_epochs", "learning_rate": "teacher_learning_rate"}.get(key, key)] = (
         value)
   flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()
@@ -82,13 +83,14 @@ def resume_settings(config: Config, role: str):
   """What a backup of `role`'s fit must have been made with to be continued: everything that
   changes the numbers (not the run directory, resume or backup frequency, or trust flags)."""
   c = config.to_dict()
-  for key in ("workdir", "resume", "unsafe_teacher_loading"):
+  for key in ("workdir", "resume"):
     c.pop(key)
-  for train in ("train", "teacher_train"):
-    c[train].pop("backup_every_steps")
+  c["teacher"].pop("unsafe_loading")
+  for train in (c["train"], c["teacher"]["train"]):
+    train.pop("backup_every_steps")
   if role == "teacher":  # the teacher's fit depends on none of the student's settings
-    c = {k: c[k] for k in ("strategy", "data", "teacher", "teacher_train", "deterministic",
-                           "mixed_precision")}
+    c = {k: c[k] for k in ("strategy", "data", "teacher", "deterministic", "mixed_precision")}
+    c["teacher"] = {k: c["teacher"][k] for k in ("model", "train")}
     c["ce_weight"] = config.hints.weight("ce")
   return c
 
@@ -180,18 +182,18 @@ def train_teacher(config: Config, splits: Splits, strategy):
   """Trains the teacher on the whole training split with CE and exports it; returns
   (teacher model, teacher results dict)."""
   with strategy.scope():
-    teacher = build_network(config.teacher, splits, "teacher", strategy, config.data.seed)
-  logging.info("training teacher %s on %d images", config.teacher.name, len(splits.train))
+    teacher = build_network(config.teacher.model, splits, "teacher", strategy, config.data.seed)
+  logging.info("training teacher %s on %d images", config.teacher.model.name, len(splits.train))
   result, test = train_and_evaluate(config, splits, strategy, network=teacher, teacher=None,
-                                    train_split=splits.train, train_cfg=config.teacher_train,
+                                    train_split=splits.train, train_cfg=config.teacher.train,
                                     hints=dataclasses.replace(config.hints, hints=("ce",)),
                                     role="teacher")
   directory = os.path.join(config.workdir, TEACHER_DIR)
-  path = export.export_model(teacher, directory, splits.test.images[:8],
-                             metadata=network_metadata(config, config.teacher, splits, "teacher"))
+  metadata = network_metadata(config, config.teacher.model, splits, "teacher")
+  path = export.export_model(teacher, directory, splits.test.images[:8], metadata=metadata)
   summary = fit_summary(result, test)
   summary.update(source="trained", path=directory, saved_model=path,
-                 model=config.teacher.name, test_accuracy=test["accuracy"])
+                 model=config.teacher.model.name, test_accuracy=test["accuracy"])
   return teacher, summary
 
 
@@ -218,7 +220,7 @@ def check_reusable_teacher(config: Config, meta, existing):
 def obtain_teacher(config: Config, splits: Splits, strategy):
   """--teacher if given; else the teacher already in the run directory; else train one."""
   info = splits.info
-  path = config.teacher_path
+  path = config.teacher.path
   source = "given"
   if path is None:
     existing = os.path.join(config.workdir, TEACHER_DIR)

@@ -150,7 +150,7 @@ def run(config, splits, strategy):
   seed = config.data.seed
   target_idx = np.sort(np.concatenate(stratified_sample(splits.test.labels, n, seed)))
   target_x = splits.test.images[target_idx]
-  result = {"teacher": {"path": config.teacher_path, "source_classes": source_classes},
+  result = {"teacher": {"path": config.teacher.path, "source_classes": source_classes},
             "target": {"dataset": info.name, **_coverage(splits.test.labels, target_idx),
                        "of_classes": info.num_classes}}
 

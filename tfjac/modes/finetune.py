@@ -20,12 +20,12 @@ def run(config, splits, strategy):
   with strategy.scope():
     loaded = teachers.load_teacher(config, info)
     teacher = loaded.network
-    network = oracle_network(teacher, info.image_shape, info.num_classes, config.teacher_input,
-                             config.teacher_path, adapt=loaded.adapt)
+    network = oracle_network(teacher, info.image_shape, info.num_classes, config.teacher.input,
+                             config.teacher.path, adapt=loaded.adapt)
     checked = initialised_from_teacher(teacher, network)
   student = common.train_student(config, splits, strategy, teacher=None, student=network,
                                  architecture=f"oracle ({teacher.name})")
-  return {"teacher": {"source": "given", "path": config.teacher_path,
+  return {"teacher": {"source": "given", "path": config.teacher.path,
                       "source_classes": int(teacher.output_shape[-1]),
                       # Checked value by value before training (initialised_from_teacher).
                       "layers_initialised_from_teacher": checked["layers"],

@@ -13,7 +13,7 @@ def check(config):
     raise ConfigError("hints", f"--mode=regularize has no teacher, but {with_teacher} need "
                       "one; valid: " + ", ".join(n for n, hint in hints_lib.HINTS.items()
                                                   if not hint.needs_teacher))
-  if config.teacher_path:
+  if config.teacher.path:
     raise ConfigError("teacher", "--mode=regularize trains without a teacher")
 
 

@@ -8,7 +8,7 @@ DEFAULT_HINTS = ("ce",)
 def check(config):
   if config.hints.hints != DEFAULT_HINTS:
     raise ConfigError("hints", "--mode=teacher trains on labels alone: use --hints=ce")
-  if config.teacher_path:
+  if config.teacher.path:
     raise ConfigError("teacher", "--mode=teacher trains a teacher; it takes no --teacher")
 
 

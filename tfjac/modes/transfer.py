@@ -46,10 +46,10 @@ def run(config, splits, strategy):
     loaded = teachers.load_teacher(config, info)
     network, teacher, source_classes = loaded.network, loaded.adapted, loaded.num_outputs
   hints_lib.check_top_k(config.hints, source_classes, "the teacher's",
-                        f" ({config.teacher_path}; top-k picks among its outputs)")
-  logging.info("teacher %s: %d source classes; target: %d classes", config.teacher_path,
+                        f" ({config.teacher.path}; top-k picks among its outputs)")
+  logging.info("teacher %s: %d source classes; target: %d classes", config.teacher.path,
                source_classes, info.num_classes)
-  teacher_summary = {"source": "given", "path": config.teacher_path,
+  teacher_summary = {"source": "given", "path": config.teacher.path,
                      "source_classes": source_classes, **loaded.summary()}
 
   def make_views(student):

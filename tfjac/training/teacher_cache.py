@@ -74,8 +74,8 @@ def use_teacher_cache(config: Config, mode_caches: bool) -> Tuple[bool, str]:
   """(whether the student's fit uses cached teacher outputs, the reason, for the log);
   `mode_caches` as in teacher_cache_blocker."""
   blocker = teacher_cache_blocker(config, mode_caches)
-  if config.teacher_cache == "off":
+  if config.teacher.cache == "off":
     return False, "--teacher_cache=off"
   if blocker:
     return False, blocker
-  return True, f"--teacher_cache={config.teacher_cache}: no augmentation, deterministic targets"
+  return True, f"--teacher_cache={config.teacher.cache}: no augmentation, deterministic targets"
