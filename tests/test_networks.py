@@ -318,7 +318,7 @@ def test_bad_networks_are_refused_clearly(tmp_path, monkeypatch):
   (tmp_path / "not_a_model.keras").write_text("hello")
   with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"):  # no TF work
     checks._check_network_name(  # pylint: disable=protected-access
-        "model", ModelConfig(str(tmp_path / "not_a_model.keras")))
+        "model", "student.name", ModelConfig(str(tmp_path / "not_a_model.keras")))
   with pytest.raises(ConfigError, match="--model: .* is not a Keras model file"), \
        checks.flag_errors():
     students.build_student(str(tmp_path / "not_a_model.keras"), (6, 6, 3), 5, mean=(0,),

@@ -22,24 +22,18 @@ _MULTI_REPLICA = ("mirrored", "multi_worker")
 
 # The flags of the settings whose flag is not the field's own name (a Config field's path, as
 # config.non_finite gives it or a SettingError names it); a weight's flag is <hint>_weight.
-_FLAG_OF_PATH = {("teacher", "path"): "teacher",
-                 ("student", "name"): "model", ("teacher", "model", "name"): "teacher_model",
-                 ("student", "weights"): "student_weights",
-                 ("teacher", "input", "resize"): "teacher_resize",
-                 ("teacher", "input", "preprocessing"): "teacher_preprocessing",
-                 ("teacher", "input", "outputs"): "teacher_outputs",
-                 ("teacher", "input", "weights"): "teacher_weights",
-                 ("teacher", "input", "image_size"): "teacher_image_size",
-                 ("train", "learning_rate"): "learning_rate",
-                 ("teacher", "train", "learning_rate"): "teacher_learning_rate",
-                 ("student", "width"): "width", ("teacher", "model", "width"): "teacher_width",
-                 ("teacher", "input", "scale"): "teacher_input_scale",
-                 ("teacher", "input", "offset"): "teacher_input_offset",
-                 ("teacher", "input", "mean"): "teacher_mean",
-                 ("teacher", "input", "std"): "teacher_std",
-                 ("teacher", "train", "epochs"): "teacher_epochs",
-                 ("teacher", "unsafe_loading"): "unsafe_teacher_loading",
-                 ("teacher", "cache"): "teacher_cache"}
+_FLAG_OF_PATH = {
+    ("teacher", "path"): "teacher", ("teacher", "cache"): "teacher_cache",
+    ("teacher", "unsafe_loading"): "unsafe_teacher_loading",
+    ("student", "name"): "model", ("student", "weights"): "student_weights",
+    ("teacher", "model", "name"): "teacher_model", ("teacher", "model", "width"): "teacher_width",
+    ("teacher", "train", "learning_rate"): "teacher_learning_rate",
+    ("teacher", "train", "epochs"): "teacher_epochs",
+    # The teacher's input: --teacher_<field>, but --teacher_input_scale and _offset.
+    **{("teacher", "input", field): f"teacher_{field}" for field in (
+        "resize", "preprocessing", "outputs", "weights", "image_size", "mean", "std")},
+    **{("teacher", "input", field): f"teacher_input_{field}" for field in ("scale", "offset")},
+}
 
 
 def flag_of(path) -> str:
@@ -181,8 +175,9 @@ def validate(config: Config):
       raise ConfigError("skip_bad_images", f"applies to --dataset={data.FOLDER_PREFIX}PATH "
                         f"and mit_indoor67 only; {config.data.dataset!r} is not read from image "
                         "files")
-  for flag, m in (("model", config.student), ("teacher_model", config.teacher.model)):
-    _check_network_name(flag, m)
+  for flag, setting, m in (("model", "student.name", config.student),
+                           ("teacher_model", "teacher.model.name", config.teacher.model)):
+    _check_network_name(flag, setting, m)
   _positive("width", config.student.width)
   _positive("teacher_width", config.teacher.model.width)
   _validate_train("", config.train)
@@ -310,13 +305,14 @@ def _validate_estimator(config: Config, chosen):
                       "--jac_target=all, or --nojac_normalize")
 
 
-def _check_network_name(flag, m: ModelConfig):
-  """A builder's name, keras.applications:NAME (a known one) or an existing model file."""
+def _check_network_name(flag, setting, m: ModelConfig):
+  """A builder's name, keras.applications:NAME (a known one) or an existing model file.
+  `flag` and `setting`: how the command line and the library name m.name."""
   from tfjac import models  # pylint: disable=g-import-not-at-top
   from tfjac.models import sources  # pylint: disable=g-import-not-at-top
   if m.name.startswith(sources.APPLICATIONS_PREFIX):
     with flag_errors():
-      sources.check_application("student.name" if flag == "model" else "teacher.model.name", m.name)
+      sources.check_application(setting, m.name)
   elif sources.is_outside(m.name):
     if not os.path.isfile(m.name):
       raise ConfigError(flag, f"{m.name!r} is not a file; valid: {', '.join(models.MODELS)}, "
