@@ -2,10 +2,11 @@
 (and --teacher_cache=on is refused), and when --jit_compile is refused."""
 import dataclasses
 import json
+import re
 
 import pytest
 
-from tfjac import checks
+from tfjac import checks, errors
 from tfjac.config import Config, DataConfig, HintConfig, TrainConfig
 from tfjac.errors import ConfigError
 from tfjac.training import teacher_cache
@@ -21,17 +22,23 @@ def _with_cache(cfg, cache):
   return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=cache))
 
 
-@pytest.mark.parametrize("change,why", [
-    (dict(data=DataConfig(augment=("flip",))), "--augment=flip"),
-    (dict(hints=HintConfig(jac_target="random")), "--jac_target=random"),
-    (dict(hints=HintConfig(jac_target="projection")), "--jac_target=projection"),
-    (dict(hints=HintConfig(hints=("noise", "ce"))), "noise"),
+@pytest.mark.parametrize("change,flag,setting", [
+    (dict(data=DataConfig(augment=("flip",))), "--augment (flip)", "data.augment (flip)"),
+    (dict(hints=HintConfig(jac_target="random")), "--jac_target=random",
+     "hints.jac_target='random'"),
+    (dict(hints=HintConfig(jac_target="projection")), "--jac_target=projection",
+     "hints.jac_target='projection'"),
+    (dict(hints=HintConfig(hints=("noise", "ce"))), "noise", "noise"),
 ])
-def test_teacher_cache_auto_turns_off_and_on_refuses(tmp_path, change, why):
+def test_teacher_cache_auto_turns_off_and_on_refuses(tmp_path, change, flag, setting):
+  """The reason is logged in the caller's terms: the settings' names, flags in a command-line
+  run (inside checks.flag_errors); --teacher_cache=on is refused with it."""
   cfg = _config(workdir=str(tmp_path), **change)
   use, reason = teacher_cache.use_teacher_cache(cfg, True)
-  assert not use and why in reason
-  with pytest.raises(ConfigError, match="--teacher_cache.*" + why.replace("-", "\\-")):
+  assert not use and setting in errors.say(reason) and "--" not in errors.say(reason)
+  with checks.flag_errors():
+    assert flag in errors.say(reason)
+  with pytest.raises(ConfigError, match="--teacher_cache.*" + re.escape(flag)):
     checks.validate(_with_cache(cfg, "on"))
 
 

@@ -15,6 +15,7 @@ from tfjac.config import Config, ModelConfig, TrainConfig
 from tfjac.config import (AUGMENTATIONS, BN_POLICIES, JAC_ESTIMATORS, JAC_PROBES, LOSS_SCALINGS,
                           LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TEACHER_CACHE,
                           WEIGHT_DECAY_KINDS)
+from tfjac import errors
 from tfjac.errors import ConfigError, DataError, SettingError, render
 
 _MULTI_REPLICA = ("mirrored", "multi_worker")
@@ -71,9 +72,10 @@ def as_flag_error(error: SettingError) -> ConfigError:
 @contextlib.contextmanager
 def flag_errors():
   """Within this block a library SettingError becomes the ConfigError naming flags, and a
-  DataError's mentions of settings become flags."""
+  DataError's mentions of settings become flags, and so do those of log lines (errors.say)."""
   try:
-    yield
+    with errors.face(_written_as_flag):
+      yield
   except SettingError as e:
     raise as_flag_error(e) from e
   except DataError as e:
@@ -233,7 +235,8 @@ def validate(config: Config):
   if config.teacher.cache == "on":
     blocker = teacher_cache.teacher_cache_blocker(config, mode.teacher_cache)
     if blocker:
-      raise ConfigError("teacher_cache", f"on cannot be honoured: {blocker}. Use auto (it "
+      raise ConfigError("teacher_cache", f"on cannot be honoured: "
+                        f"{render(blocker, _written_as_flag)}. Use auto (it "
                         "then computes the teacher per batch) or off.")
   _choice("strategy", config.strategy, STRATEGIES)
   _choice("mixed_precision", config.mixed_precision, PRECISIONS)

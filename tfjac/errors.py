@@ -3,6 +3,8 @@
 The library speaks in the caller's terms: a SettingError names the argument or Config setting
 (`teacher.input.resize`, `teacher_outputs`) and names others in its message through `mention`.
 Only the command line (tfjac/checks.py, flag_errors) turns those names into flags."""
+import contextlib
+import contextvars
 import re
 
 _UNSET = object()
@@ -42,6 +44,27 @@ def render(message: str, name=None) -> str:
   a Python caller writes them (setting=value)."""
   name = name or (lambda setting, value: setting if value is None else f"{setting}={value}")
   return _MENTION.sub(lambda m: name(m.group(1), m.group(2)), message)
+
+
+# How say() writes mentions now: None (as a Python caller writes them) or the command line's
+# writer, set by its flag_errors() block (tfjac/checks.py) around a command-line run.
+_FACE = contextvars.ContextVar("tfjac_face", default=None)
+
+
+@contextlib.contextmanager
+def face(name):
+  """Within this block say() writes mentions with `name(setting, value repr or None)`."""
+  token = _FACE.set(name)
+  try:
+    yield
+  finally:
+    _FACE.reset(token)
+
+
+def say(message: str) -> str:
+  """`message` (a log line with mentions) in the terms of whoever runs the library: flags
+  inside a command-line run, the settings' own names otherwise."""
+  return render(message, _FACE.get())
 
 
 class SettingError(TfjacError, ValueError):

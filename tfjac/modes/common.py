@@ -9,7 +9,7 @@ from typing import Optional
 import keras
 from absl import logging
 
-from tfjac import export, models, modes
+from tfjac import errors, export, models, modes
 from tfjac.models import sources, students, teachers
 from tfjac.config import Config, HintConfig, ModelConfig, TrainConfig
 from tfjac.data import Splits
@@ -118,7 +118,8 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
   if teacher is not None:
     use_cache, reason = teacher_cache.use_teacher_cache(
         config, modes.load(config.mode).teacher_cache)
-    logging.info("teacher cache %s for the %s: %s", "on" if use_cache else "off", role, reason)
+    logging.info("teacher cache %s for the %s: %s", "on" if use_cache else "off", role,
+                 errors.say(reason))
   dirs = loop.FitDirs(log_dir=os.path.join(workdir, "tensorboard", role),
                       checkpoint_dir=os.path.join(workdir, CHECKPOINTS_DIR, role),
                       resume=config.resume, settings=resume_settings(config, role),

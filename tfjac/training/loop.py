@@ -14,6 +14,7 @@ import keras
 from absl import logging
 
 from tfjac import data as data_lib
+from tfjac import errors
 from tfjac.config import DataConfig, TrainConfig
 from tfjac.training import callbacks as callbacks_lib
 from tfjac.training import evaluation
@@ -53,12 +54,13 @@ class FitDirs:
 
 
 def resolve_jit_compile(jit_compile: bool, replicas: int) -> bool:
-  """--jit_compile as it can be honoured: off, with a logged reason, over several replicas
-  (reached with --strategy=auto and several GPUs; explicit strategies are a ConfigError)."""
+  """train.jit_compile as it can be honoured: off, with a logged reason, over several replicas
+  (reached with the auto strategy and several GPUs; explicit strategies are refused)."""
   if jit_compile and replicas > 1:
-    logging.warning("--jit_compile turned off: XLA cannot compile a step over %d replicas "
+    logging.warning("%s turned off: XLA cannot compile a step over %d replicas "
                     "(their variables live on other devices; Keras disables XLA under "
-                    "tf.distribute too)", replicas)
+                    "tf.distribute too)", errors.say(errors.mention("train.jit_compile")),
+                    replicas)
     return False
   return jit_compile
 

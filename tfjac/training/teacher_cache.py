@@ -1,4 +1,4 @@
-"""Teacher outputs computed once per training example, to travel with the data (--teacher_cache).
+"""Teacher outputs computed once per training example, to travel with the data (teacher.cache).
 
 The teacher is frozen and runs in inference mode, so without augmentation and with a Jacobian
 target that does not depend on the step, its logits, Jacobians and feature maps are a function
@@ -7,7 +7,8 @@ and fed as a third element of each batch (data.training_batches(extras=...)); tr
 skips the teacher. The stream stays a pure function of (seed, epoch, step): resume is unchanged.
 The policy, when the cache can be used (`teacher_cache_blocker`, `use_teacher_cache`), is here
 too; it asks whether the mode fits against a teacher (its caller says) and the hints'
-declared needs.
+declared needs. Its reasons name settings through errors.mention: the command line writes them
+as flags (checks.flag_errors), a Python caller as settings (errors.say, errors.render).
 """
 from typing import Dict, Optional, Tuple
 
@@ -17,6 +18,7 @@ import tensorflow as tf
 from tfjac import data as data_lib
 from tfjac import hints
 from tfjac.config import Config
+from tfjac.errors import mention
 from tfjac.training.distiller import pack_teacher_outputs
 
 
@@ -42,11 +44,11 @@ def teacher_cache_blocker(config: Config, mode_caches: bool) -> Optional[str]:
   function of the example alone unless the example or the outputs asked for change from step
   to step."""
   if not mode_caches:
-    return f"--mode={config.mode} fits no student against a teacher"
+    return f"{mention('mode', config.mode)} fits no student against a teacher"
   reads_teacher = any(hints.HINTS[name].needs_teacher for name in config.hints.hints)
   if reads_teacher and config.data.augment:
-    return (f"--augment={','.join(config.data.augment)} changes every example at every step, "
-            "so the teacher must see each augmented batch")
+    return (f"{mention('data.augment')} ({', '.join(config.data.augment)}) changes every "
+            "example at every step, so the teacher must see each augmented batch")
   return hints_blocker(config.hints.hints, config.hints.jac_target,
                        config.hints.jac_estimator)
 
@@ -56,26 +58,27 @@ def hints_blocker(hint_names, jac_target, jac_estimator="backprop") -> Optional[
   (tools/benchmark.py asks it too)."""
   chosen = {name: hints.HINTS[name] for name in hint_names}
   if not any(hint.needs_teacher for hint in chosen.values()):
-    return "no hint in --hints reads the teacher"
+    return f"no hint in {mention('hints.hints')} reads the teacher"
   per_step = [name for name, hint in chosen.items() if hint.runs_teacher_per_step]
   if per_step:
     return f"the hint(s) {','.join(per_step)} run the teacher on new noisy inputs at every step"
   uses_target = any(h.student_jacobians or h.teacher_jacobians for h in chosen.values())
   if uses_target and hints.JACOBIAN_TARGETS[jac_target].seeded_by_step:
-    return (f"--jac_target={jac_target} draws new outputs at every step (seeded "
-            "by the step)")
-  if uses_target and jac_estimator != "backprop":
-    return (f"--jac_estimator={jac_estimator} draws new probe directions at every step "
+    return (f"{mention('hints.jac_target', jac_target)} draws new outputs at every step "
             "(seeded by the step)")
+  if uses_target and jac_estimator != "backprop":
+    return (f"{mention('hints.jac_estimator', jac_estimator)} draws new probe directions at "
+            "every step (seeded by the step)")
   return None
 
 
 def use_teacher_cache(config: Config, mode_caches: bool) -> Tuple[bool, str]:
-  """(whether the student's fit uses cached teacher outputs, the reason, for the log);
-  `mode_caches` as in teacher_cache_blocker."""
+  """(whether the student's fit uses cached teacher outputs, the reason, for the log, with
+  mentions: errors.say writes it); `mode_caches` as in teacher_cache_blocker."""
   blocker = teacher_cache_blocker(config, mode_caches)
   if config.teacher.cache == "off":
-    return False, "--teacher_cache=off"
+    return False, mention("teacher.cache", "off")
   if blocker:
     return False, blocker
-  return True, f"--teacher_cache={config.teacher.cache}: no augmentation, deterministic targets"
+  return True, (f"{mention('teacher.cache', config.teacher.cache)}: no augmentation, "
+                "deterministic targets")
