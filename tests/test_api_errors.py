@@ -26,21 +26,20 @@ def _student():
     (dict(hints=["bogus"]), "hints must be one of ce, act, .*, got 'bogus'"),
     (dict(hints=[("act", 1.0), ("bogus", 1.0)]), "hints must be one of .*, got 'bogus'"),
     (dict(hints="act"), r"hints= takes hint names.*not the string 'act': hints=\['act'\]"),
-    (dict(hints={"act": 1}, jac_target="bogus"),
-     "jac_target must be one of label, teacher_top1, random, .*, got 'bogus', which is not "
-     "a Jacobian target"),
-    (dict(hints={"act": 1}, jac_estimator="bogus"),
-     "jac_estimator must be one of backprop, jvp, fd, got 'bogus'"),
-    (dict(hints={"act": 1}, bn_policy="bogus"),
-     r"bn_policy \(HintConfig.jac_bn_policy\) must be one of batch_stats, inference, got "
-     "'bogus'"),
-    (dict(hints={"act": 1, "ce": 1}, loss_scaling="bogus"),
-     "loss_scaling must be one of none, initial, running, got 'bogus'"),
+    (dict(hints=HintConfig.of({"act": 1}, jac_target="bogus")),
+     r"HintConfig.jac_target must be one of label, teacher_top1, random, .*, got 'bogus', which "
+     "is not a Jacobian target"),
+    (dict(hints=HintConfig.of({"act": 1}, jac_estimator="bogus")),
+     r"HintConfig.jac_estimator must be one of backprop, jvp, fd, got 'bogus'"),
+    (dict(hints=HintConfig.of({"act": 1}, jac_bn_policy="bogus")),
+     r"HintConfig.jac_bn_policy must be one of batch_stats, inference, got 'bogus'"),
+    (dict(hints=HintConfig.of({"act": 1, "ce": 1}, loss_scaling="bogus")),
+     r"HintConfig.loss_scaling must be one of none, initial, running, got 'bogus'"),
     (dict(hints=HintConfig(hints=("act", "bogus"))), "hints must be one of .*, got 'bogus'"),
     (dict(hints=HintConfig(hints=("act",), jac_target="bogus")),
-     "jac_target must be one of .*, got 'bogus'"),
-    (dict(hints={"lwf": 1}, params=tfjac.HintParams(lwf_match="bogus")),
-     r"params.lwf_match \(HintConfig.lwf_match\) must be one of act, kd, got 'bogus'"),
+     r"HintConfig.jac_target must be one of .*, got 'bogus'"),
+    (dict(hints=HintConfig.of({"lwf": 1}, lwf_match="bogus")),
+     r"HintConfig.lwf_match must be one of act, kd, got 'bogus'"),
 ])
 def test_a_bad_name_is_refused_by_its_argument_with_the_valid_names(kwargs, message):
   with pytest.raises(ValueError, match=message) as e:
@@ -57,6 +56,19 @@ def test_a_top_k_beyond_the_classes_is_refused_by_its_argument():
   with pytest.raises(SettingError,
                      match=r"^jac_top_k: 4 is more than the matching outputs' 3 classes; "
                      r"use 1..3$") as e:
-    tfjac.Distiller(functional(), teacher, hints={"jac": 1}, jac_target="top_k", jac_top_k=4)
+    tfjac.Distiller(functional(), teacher, hints=HintConfig.of({"jac": 1}, jac_target="top_k",
+                                                               jac_top_k=4))
   assert "--" not in str(e.value)
-  tfjac.Distiller(functional(), teacher, hints={"jac": 1}, jac_target="top_k", jac_top_k=3)
+  tfjac.Distiller(functional(), teacher, hints=HintConfig.of({"jac": 1}, jac_target="top_k",
+                                                             jac_top_k=3))
+
+
+def test_the_short_form_refuses_a_setting_that_is_not_a_field():
+  """HintConfig.of takes every other setting by its field's name: a misspelt one (or the old
+  keyword bn_policy) is refused with the valid names, not dropped."""
+  with pytest.raises(TypeError, match=r"HintConfig.of takes .* jac_bn_policy.*; got bn_policy"):
+    HintConfig.of({"jac": 1}, bn_policy="inference")
+  with pytest.raises(TypeError, match="got hints/weights again"):
+    HintConfig.of({"jac": 1}, weights=(("jac", 2.0),))
+  assert HintConfig.of({"jac": 2, "ce": None}, jac_bn_policy="inference") == HintConfig(
+      hints=("jac", "ce"), weights=(("jac", 2.0),), jac_bn_policy="inference")

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tfjac import checks, runtime
-from tfjac.config import Config
+from tfjac.config import Config, HintConfig
 from tfjac.errors import ConfigError
 from tfjac.training.distiller import Distiller
 from tests import helpers
@@ -26,8 +26,9 @@ def _one_step(strategy, digits_splits, weights, teacher_weights, policy, jac_eve
     student.set_weights(weights)
     teacher.set_weights(teacher_weights)
     # Raw terms: a per-replica mean (the wrong run below) would cancel in scaled weights.
-    d = Distiller(student, teacher, hints=HINTS, bn_policy=policy, jac_every=jac_every,
-                  loss_scaling="none")
+    d = Distiller(
+        student, teacher, hints=HintConfig.of(HINTS, jac_bn_policy=policy, jac_every=jac_every,
+                                              loss_scaling="none"))
     d.compile(optimizer=keras.optimizers.SGD(learning_rate))
   ds = tf.data.Dataset.from_tensor_slices(
       (digits_splits.train.images[:16 * steps], digits_splits.train.labels[:16 * steps])).batch(16)
@@ -99,14 +100,14 @@ def test_replicas_draw_their_own_classes_and_noise():
   # The same examples on both replicas: with the replica id folded into the per-step seed the
   # random classes and the noise differ between replicas (one shared seed would repeat them).
   from tests.helpers import linear_model  # pylint: disable=g-import-not-at-top
-  from tfjac.hints import HintParams  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   with two.scope():
-    d = Distiller(linear_model(rng.normal(size=(4, 5)), name="student"),
-                  linear_model(rng.normal(size=(4, 5)), name="teacher"),
-                  hints=[("jac", 1.0), ("noise", 1.0)], jac_target="random",
-                  params=HintParams(noise_sigma=0.5, noise_samples=2))
+    d = Distiller(
+        linear_model(rng.normal(size=(4, 5)), name="student"),
+        linear_model(rng.normal(size=(4, 5)), name="teacher"),
+        hints=HintConfig.of([("jac", 1.0), ("noise", 1.0)], jac_target="random", noise_sigma=0.5,
+                            noise_samples=2))
   x = tf.constant(rng.random((16, 2, 2, 1)), tf.float32)
   y = tf.zeros([16], tf.int32)
 

@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import linear_model
-from tfjac.hints import HintParams, losses
+from tfjac.config import HintConfig
+from tfjac.hints import losses
 from tfjac.training.distiller import Distiller
 from tests import helpers
 
@@ -20,10 +21,11 @@ Y = np.array([0, 1, 2, 0, 1], np.int32)
 def test_noise_matching_equals_act_plus_sigma2_jac_on_linear_models(sigma):
   t, s = linear_model(W_T, bias=[0.5, 0, -1]), linear_model(W_S)
   samples = 40000
-  noisy = Distiller(s, t, hints=[("noise", 1.0)],
-                    params=HintParams(noise_sigma=sigma, noise_samples=samples))
-  expanded = Distiller(s, t, hints=[("act", 1.0), ("jac", sigma ** 2)], jac_target="all",
-                       params=HintParams(jac_normalize=False))
+  noisy = Distiller(s, t, hints=HintConfig.of([("noise", 1.0)], noise_sigma=sigma,
+                                              noise_samples=samples))
+  expanded = Distiller(
+      s, t, hints=HintConfig.of([("act", 1.0), ("jac", sigma**2)], jac_target="all",
+                                jac_normalize=False))
   lhs = noisy.per_example_terms(tf.constant(X), Y, training=True, step=0)[0]["noise"].numpy()
   _, rhs, _, _ = expanded.per_example_terms(tf.constant(X), Y, training=True, step=0)
   # By hand: the Jacobian of a linear model is its weight matrix.
@@ -46,8 +48,8 @@ def test_jac_ce_gradient_matches_finite_differences():
   keras.backend.set_floatx("float64")
   try:
     teacher, student = _float64_net(1), _float64_net(2)
-    d = Distiller(student, teacher, hints=[("jac_ce", 1.0)], jac_target="all",
-                  params=HintParams(noise_sigma=0.7))
+    d = Distiller(student, teacher, hints=HintConfig.of([("jac_ce", 1.0)], jac_target="all",
+                                                        noise_sigma=0.7))
     x = tf.constant(X.astype(np.float64))
 
     def loss():
@@ -77,8 +79,7 @@ def test_jac_ce_by_hand_on_one_example():
 
 def test_jacnorm_on_a_linear_model_is_sigma2_times_squared_weights():
   s = linear_model(W_S)
-  d = Distiller(s, None, hints=[("jacnorm", 1.0)], jac_target="all",
-                params=HintParams(noise_sigma=0.3))
+  d = Distiller(s, None, hints=HintConfig.of([("jacnorm", 1.0)], jac_target="all", noise_sigma=0.3))
   terms = d.per_example_terms(tf.constant(X), Y, training=True, step=0)[0]
   np.testing.assert_allclose(terms["jacnorm"], [0.09 * (W_S ** 2).sum()] * 5, rtol=1e-5)
 
@@ -94,11 +95,10 @@ def test_regularize_lowers_the_jacobian_norm(digits_splits):
   for hints in ((("ce", 1.0),), (("ce", 1.0), ("jacnorm", 1.0))):
     keras.utils.set_random_seed(0)
     student = helpers.tiny_vgg(info)
-    d = Distiller(student, None, hints=hints, params=HintParams(noise_sigma=0.5))
+    d = Distiller(student, None, hints=HintConfig.of(hints, noise_sigma=0.5))
     loop.fit(d, train, digits_splits.validation, TrainConfig(epochs=15),
              loop.FitDirs("/tmp/tfjac-test-tb", f"/tmp/tfjac-test-ck{len(hints)}"))
-    probe = Distiller(student, None, hints=[("jacnorm", 1.0)],
-                      params=HintParams(noise_sigma=1.0))
+    probe = Distiller(student, None, hints=HintConfig.of([("jacnorm", 1.0)], noise_sigma=1.0))
     _, _, _, inputs = probe.per_example_terms(x, y, training=False, step=0)
     norms[len(hints)] = float(tf.reduce_mean(tf.norm(inputs.student_jacobians["logits"],
                                                      axis=[1, 2])))
@@ -142,8 +142,8 @@ def test_noisy_passes_use_the_clean_batch_statistics():
   # mean/variance as constants; the moving statistics move once, towards the clean batch's.
   student, teacher = _bn_pair()
   clean = helpers_bn.batch_statistics(student, XB)
-  d = Distiller(student, teacher, hints=[("noise", 1.0)],
-                params=HintParams(noise_sigma=0.1, noise_samples=3))
+  d = Distiller(student, teacher, hints=HintConfig.of([("noise", 1.0)], noise_sigma=0.1,
+                                                      noise_samples=3))
   _, _, _, inputs = d.per_example_terms(tf.constant(XB), Y, training=True, step=0)
   after_clean = helpers_bn.moving_statistics(student)
   other = RNG.random((7, 2, 2, 1)).astype(np.float32)  # any inputs, any batch size
@@ -167,8 +167,8 @@ def test_moving_statistics_after_a_step_describe_the_clean_batch(hints, policy):
   student, teacher = _bn_pair()
   clean = helpers_bn.batch_statistics(student, XB)  # with the weights before the step
   needs_teacher = any(n in ("noise", "jac") for n, _ in hints)
-  d = Distiller(student, teacher if needs_teacher else None, hints=hints, bn_policy=policy,
-                params=HintParams(noise_sigma=0.3, noise_samples=4))
+  d = Distiller(student, teacher if needs_teacher else None,
+                hints=HintConfig.of(hints, jac_bn_policy=policy, noise_sigma=0.3, noise_samples=4))
   d.compile(optimizer=keras.optimizers.SGD(0.1))
   d.fit(tf.data.Dataset.from_tensor_slices((XB, Y)).batch(5), epochs=1, verbose=0)
   assert int(d.optimizer.iterations) == 1
@@ -191,8 +191,8 @@ def test_noise_tends_to_act_plus_sigma2_raw_jac_on_a_batchnorm_network():
   errors = {}
   for sigma in (0.5, 0.02):
     state = student.get_weights()
-    d = Distiller(student, teacher, hints=[("noise", 1.0)],
-                  params=HintParams(noise_sigma=sigma, noise_samples=200000))
+    d = Distiller(student, teacher, hints=HintConfig.of([("noise", 1.0)], noise_sigma=sigma,
+                                                        noise_samples=200000))
     noise = d.per_example_terms(tf.constant(XB), Y, training=True, step=0)[0]["noise"].numpy()
     student.set_weights(state)
     errors[sigma] = np.abs((noise - act) / (sigma ** 2 * jac) - 1).max()
@@ -213,8 +213,9 @@ def test_noisy_ce_is_the_cross_entropy_on_noisy_inputs_not_ce_plus_jacnorm():
   # own draws, and the second-order value CE + sigma^2/2 tr(H), H = W (diag p - p p^T) W^T.
   sigma, samples = 0.3, 100000
   bias = np.array([0.3, -0.2, 0.1], np.float32)
-  d = Distiller(linear_model(W_S, bias=bias), None, hints=[("noisy_ce", 1.0)],
-                params=HintParams(noise_sigma=sigma, noise_samples=samples))
+  d = Distiller(
+      linear_model(W_S, bias=bias), None,
+      hints=HintConfig.of([("noisy_ce", 1.0)], noise_sigma=sigma, noise_samples=samples))
   got = d.per_example_terms(tf.constant(X), Y, training=True, step=0)[0]["noisy_ce"].numpy()
   flat = X.reshape(5, -1).astype(np.float64)
   rng = np.random.default_rng(11)
@@ -238,8 +239,9 @@ def test_jac_ce_is_the_noisy_soft_cross_entropy_less_its_curvature_terms():
   # keeps -sigma^2 grad T . grad log S of that expansion and drops the curvature terms.
   sigma = 0.05
   b_t, b_s = np.array([0.5, 0, -1.0]), np.array([0.2, 0.1, 0.0])
-  d = Distiller(linear_model(W_S, bias=b_s), linear_model(W_T, bias=b_t),
-                hints=[("jac_ce", 1.0)], jac_target="all", params=HintParams(noise_sigma=sigma))
+  d = Distiller(
+      linear_model(W_S, bias=b_s), linear_model(W_T, bias=b_t),
+      hints=HintConfig.of([("jac_ce", 1.0)], jac_target="all", noise_sigma=sigma))
   got = d.per_example_terms(tf.constant(X), Y, training=True, step=0)[0]["jac_ce"].numpy()
   flat = X.reshape(5, -1).astype(np.float64)
   t_prob = lambda x: _softmax(x @ W_T + b_t)  # noqa: E731

@@ -233,8 +233,9 @@ def test_each_replica_takes_its_half_with_its_own_probes(digits_splits, estimato
     student, teacher = helpers.tiny_vgg(info, "s", sync_bn=True), helpers.tiny_vgg(info, "t")
     student.set_weights(init.get_weights())
     teacher.set_weights(t_init.get_weights())
-    d = Distiller(student, teacher, hints=[("act", 1.0), ("jac", 1.0)], jac_estimator=estimator,
-                  jac_probes=2)
+    d = Distiller(
+        student, teacher, hints=HintConfig.of([("act", 1.0), ("jac", 1.0)], jac_estimator=estimator,
+                                              jac_probes=2))
   x = tf.constant(digits_splits.train.images[:8])
   y = tf.constant(digits_splits.train.labels[:8])
   step = tf.constant(5, tf.int64)
@@ -248,8 +249,9 @@ def test_each_replica_takes_its_half_with_its_own_probes(digits_splits, estimato
     return two.run(fn)
 
   got = [v.numpy() for v in two.experimental_local_results(per_replica())]
-  single = Distiller(init, t_init, hints=[("act", 1.0), ("jac", 1.0)], jac_estimator=estimator,
-                     jac_probes=2)
+  single = Distiller(
+      init, t_init, hints=HintConfig.of([("act", 1.0), ("jac", 1.0)], jac_estimator=estimator,
+                                        jac_probes=2))
   plain_seed = single._seed  # pylint: disable=protected-access
   for r in range(2):
     single._seed = lambda s, stream, r=r: tf.random.experimental.stateless_fold_in(  # noqa
@@ -277,9 +279,10 @@ def _step_gradients(d, x, y, jit):
 @pytest.mark.parametrize("estimator", ["jvp", "fd"])
 def test_fit_takes_a_compiled_step(digits_splits, estimator):
   info = digits_splits.info
-  d = Distiller(helpers.tiny_vgg(info, "s"), helpers.tiny_vgg(info, "t"),
-                hints=[("act", 1.0), ("jac", 1.0), ("ce", 1.0)], jac_estimator=estimator,
-                jac_probes=2, jac_every=2)
+  d = Distiller(
+      helpers.tiny_vgg(info, "s"), helpers.tiny_vgg(info, "t"),
+      hints=HintConfig.of([("act", 1.0), ("jac", 1.0), ("ce", 1.0)], jac_estimator=estimator,
+                          jac_probes=2, jac_every=2))
   d.compile(optimizer=keras.optimizers.SGD(0.01))
   ds = tf.data.Dataset.from_tensor_slices(
       (digits_splits.train.images[:48], digits_splits.train.labels[:48])).batch(16)
@@ -293,9 +296,10 @@ def test_fd_step_is_the_same_under_xla(digits_splits):
   rounding, which fd's differences amplify by 1/(2 eps): at eps 1e-2 the two agree to 1e-3;
   at the default 1e-3 a few elements differ by 0.5% (XLA fuses, so it rounds otherwise)."""
   info = digits_splits.info
-  d = Distiller(helpers.tiny_vgg(info, "s"), helpers.tiny_vgg(info, "t"),
-                hints=[("act", 1.0), ("jac", 1.0), ("ce", 1.0)], jac_estimator="fd",
-                jac_target="all", jac_fd_eps=1e-2)
+  d = Distiller(
+      helpers.tiny_vgg(info, "s"), helpers.tiny_vgg(info, "t"),
+      hints=HintConfig.of([("act", 1.0), ("jac", 1.0), ("ce", 1.0)], jac_estimator="fd",
+                          jac_target="all", jac_fd_eps=1e-2))
   x = tf.constant(digits_splits.train.images[:16])
   y = tf.constant(digits_splits.train.labels[:16])
   graph, xla = _step_gradients(d, x, y, False), _step_gradients(d, x, y, True)
@@ -355,8 +359,9 @@ def test_validation_runs_the_teacher_beside_the_student_under_an_estimator(digit
   the validation without Jacobians keeps its cache."""
   from tfjac.training import evaluation  # pylint: disable=g-import-not-at-top
   info = digits_splits.info
-  d = Distiller(helpers.tiny_vgg(info, "s"), helpers.tiny_vgg(info, "t"),
-                hints=[("act", 1.0), ("jac", 1.0)], jac_estimator="jvp", jac_target="all")
+  d = Distiller(
+      helpers.tiny_vgg(info, "s"), helpers.tiny_vgg(info, "t"),
+      hints=HintConfig.of([("act", 1.0), ("jac", 1.0)], jac_estimator="jvp", jac_target="all"))
   split = digits_splits.validation
   with_jac = evaluation.validation_pipeline(d, split, 16)
   cheap = evaluation.validation_pipeline(d.with_hints([("act", 1.0)]), split, 16)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfjac.config import HintConfig
 from tfjac.hints import jacobians
 from tfjac.models import holding_batch_statistics
 from tfjac.training.distiller import Distiller
@@ -48,7 +49,8 @@ def test_batch_stats_policy_gives_per_example_jacobians(digits_splits):
   student = _net(digits_splits)
   full = _full_jacobian(student, x, y, hold=True)
   np.testing.assert_allclose(full[~np.eye(B, dtype=bool)], 0.0, atol=1e-7)
-  d = Distiller(student, _net(digits_splits), hints=[("jac", 1.0)], bn_policy="batch_stats")
+  d = Distiller(student, _net(digits_splits), hints=HintConfig.of([("jac", 1.0)],
+                                                                  jac_bn_policy="batch_stats"))
   _, _, jacs = d.student_pass(x, y, None, 0, training=True)
   np.testing.assert_allclose(jacs["logits"][:, 0].numpy(), full[np.arange(B), np.arange(B)],
                              rtol=1e-4, atol=1e-6)
@@ -56,7 +58,8 @@ def test_batch_stats_policy_gives_per_example_jacobians(digits_splits):
 
 def test_inference_policy_jacobian_does_not_depend_on_the_rest_of_the_batch(digits_splits):
   student = _net(digits_splits)
-  d = Distiller(student, _net(digits_splits), hints=[("jac", 1.0)], bn_policy="inference")
+  d = Distiller(student, _net(digits_splits), hints=HintConfig.of([("jac", 1.0)],
+                                                                  jac_bn_policy="inference"))
   for _ in range(3):  # move the BatchNorm statistics away from their initial values
     d.student_pass(*_batch(digits_splits, 50), None, 0, training=True)
   x, y = _batch(digits_splits)
@@ -122,8 +125,9 @@ def test_class_targets():
 def test_student_and_teacher_use_the_same_target(digits_splits, target):
   x, y = _batch(digits_splits)
   teacher = _net(digits_splits)
-  d = Distiller(_net(digits_splits), teacher, hints=[("jac", 1.0)], jac_target=target,
-                jac_top_k=3)
+  d = Distiller(
+      _net(digits_splits), teacher, hints=HintConfig.of([("jac", 1.0)], jac_target=target,
+                                                        jac_top_k=3))
   t_logits, selection, t_jacs = d.teacher_pass(x, y, step=3)[:3]
   # Reference without jacobians_of: every output's input-gradient (batch_jacobian, inference
   # mode: the examples are independent), contracted with the selection in numpy.
@@ -171,13 +175,14 @@ def test_student_and_teacher_use_the_same_target(digits_splits, target):
 def test_multi_target_jacobians_equal_stacked_single_target_jacobians(digits_splits, target, k):
   x, y = _batch(digits_splits)
   teacher, student = _net(digits_splits), _net(digits_splits)
-  d = Distiller(student, teacher, hints=[("jac", 1.0)], jac_target=target, jac_top_k=k)
+  d = Distiller(student, teacher, hints=HintConfig.of([("jac", 1.0)], jac_target=target,
+                                                      jac_top_k=k))
   _, selection, t_jacs = d.teacher_pass(x, y, step=0)[:3]
   _, _, s_jacs = d.student_pass(x, y, selection, 0, training=False)
   assert t_jacs["logits"].shape == (B, k, 64)
   classes = np.argmax(selection.numpy(), -1)  # [B, k]
   for i in range(k):
-    single = Distiller(student, teacher, hints=[("jac", 1.0)], jac_target="label")
+    single = Distiller(student, teacher, hints=HintConfig.of([("jac", 1.0)], jac_target="label"))
     _, sel_i, t_i = single.teacher_pass(x, tf.constant(classes[:, i]), step=0)[:3]
     _, _, s_i = single.student_pass(x, tf.constant(classes[:, i]), sel_i, 0, training=False)
     np.testing.assert_allclose(t_jacs["logits"][:, i], t_i["logits"][:, 0], rtol=1e-5,
@@ -226,8 +231,8 @@ def test_batch_stats_jacobian_against_finite_differences_with_statistics_fixed_b
                        - helpers_bn.forward(student, flat[i:i + 1] - step, stats))[0] / 2e-5
   np.testing.assert_allclose(helpers_bn.jacobian(student, x, stats), numeric, rtol=1e-6,
                              atol=1e-8)  # the numpy chain rule agrees: used in other tests
-  d = Distiller(student, teacher, hints=[("jac", 1.0)], jac_target="all",
-                bn_policy="batch_stats")
+  d = Distiller(student, teacher, hints=HintConfig.of([("jac", 1.0)], jac_target="all",
+                                                      jac_bn_policy="batch_stats"))
   _, _, jacs = d.student_pass(tf.constant(x), tf.zeros([B], tf.int32), None, 0, training=True)
   got = np.transpose(jacs["logits"].numpy(), [0, 2, 1])  # [B, C, D] -> [B, D, C]
   np.testing.assert_allclose(got, numeric, rtol=1e-4, atol=1e-5)

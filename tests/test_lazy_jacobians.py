@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfjac.config import HintConfig
 from tfjac.hints import jacobians
 from tfjac.training.distiller import Distiller
 from tests import helpers
@@ -15,7 +16,7 @@ HINTS = (("act", 1.0), ("jac", 0.5), ("ce", 1.0))
 def _distiller(info, hints=HINTS, **kw):
   keras.utils.set_random_seed(3)
   student, teacher = helpers.tiny_vgg(info, "student"), helpers.tiny_vgg(info, "teacher")
-  distiller = Distiller(student, teacher, hints=hints, **kw)
+  distiller = Distiller(student, teacher, hints=HintConfig.of(hints, **kw))
   distiller.compile(optimizer=keras.optimizers.SGD(0.1))
   return distiller
 
@@ -71,7 +72,6 @@ def _by_hand(W, b, V, c, x, y, jac_weight):
 def test_lazy_training_applies_the_gradients_computed_by_hand():
   """Independent of the Distiller's code paths: two SGD steps of fit() with jac_every=2 on
   linear networks (step 0: act + 2 x 0.5 jac + ce; step 1: act + ce) against numpy."""
-  from tfjac.config import HintConfig
   rng = np.random.default_rng(0)
   shape, classes, lr = (2, 2, 1), 3, 0.1
   W, V = rng.normal(size=(4, classes)), rng.normal(size=(4, classes))
@@ -80,10 +80,11 @@ def test_lazy_training_applies_the_gradients_computed_by_hand():
   y = np.array([0, 1, 2, 0, 1, 2])
   student = helpers.linear_model(W, b, shape, "student")
   teacher = helpers.linear_model(V, c, shape, "teacher")
-  settings = HintConfig(hints=("act", "jac", "ce"), jac_normalize=False,
-                        weights=(("act", 1.0), ("jac", 0.5), ("ce", 1.0)),
-                        loss_scaling="none")  # raw weights: the hand computation's
-  d = Distiller(student, teacher, hints=settings, jac_every=2)
+  settings = HintConfig(
+      hints=("act", "jac", "ce"), jac_normalize=False,
+      weights=(("act", 1.0), ("jac", 0.5), ("ce", 1.0)), loss_scaling="none",
+      jac_every=2)  # raw weights: the hand computation's
+  d = Distiller(student, teacher, hints=settings)
   d.compile(optimizer=keras.optimizers.SGD(lr))
   ds = tf.data.Dataset.from_tensors((x, y)).repeat()
   d.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from tfjac import hints as hints_lib
+from tfjac.config import HintConfig
 from tfjac.training import term_scales
 from tfjac.training.distiller import Distiller
 from tests import helpers
@@ -29,7 +30,7 @@ def _pair(info, seed=3):
 @pytest.mark.parametrize("kind", ["initial", "running"])
 def test_the_first_step_divides_each_term_by_its_own_batch_mean(digits_splits, kind):
   student, teacher = _pair(digits_splits.info)
-  d = Distiller(student, teacher, hints={"act": 2.0, "ce": 0.5}, loss_scaling=kind)
+  d = Distiller(student, teacher, hints=HintConfig.of({"act": 2.0, "ce": 0.5}, loss_scaling=kind))
   x, y = _batch(digits_splits)
   raw = {n: v.numpy() for n, v in d.per_example_terms(x, y, training=True, step=0)[0].items()}
   loss, terms, total, *_ = d.compute_total_loss(x, y, training=True, step=0)
@@ -62,14 +63,14 @@ def test_initial_averages_the_first_steps_then_freezes_and_running_is_a_correcte
 
 def test_a_single_hint_is_never_scaled(digits_splits):
   student, teacher = _pair(digits_splits.info)
-  d = Distiller(student, teacher, hints={"act": 1.0}, loss_scaling="initial")
+  d = Distiller(student, teacher, hints=HintConfig.of({"act": 1.0}, loss_scaling="initial"))
   assert d.term_scales.kind == "none" and not d.term_scales.variables
 
 
 def test_an_unknown_scaling_names_the_argument(digits_splits):
   student, teacher = _pair(digits_splits.info)
   with pytest.raises(ValueError, match="loss_scaling must be one of none, initial, running"):
-    Distiller(student, teacher, hints={"act": 1.0, "ce": 1.0}, loss_scaling="bogus")
+    Distiller(student, teacher, hints=HintConfig.of({"act": 1.0, "ce": 1.0}, loss_scaling="bogus"))
 
 
 def _train(digits_splits, scaling, act_factor, monkeypatch, steps=4, hints=None):
@@ -79,7 +80,8 @@ def _train(digits_splits, scaling, act_factor, monkeypatch, steps=4, hints=None)
   scaled = dataclasses.replace(act, loss=lambda i, p: act_factor * act.loss(i, p))
   monkeypatch.setitem(hints_lib.HINTS, "act", scaled)
   student, teacher = _pair(digits_splits.info)
-  d = Distiller(student, teacher, hints=hints or {"act": 1.0, "ce": 1.0}, loss_scaling=scaling)
+  d = Distiller(student, teacher,
+                hints=HintConfig.of(hints or {"act": 1.0, "ce": 1.0}, loss_scaling=scaling))
   d.compile(optimizer=keras.optimizers.SGD(0.05))
   x, y = digits_splits.train.images[:16 * steps], digits_splits.train.labels[:16 * steps]
   d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=1, verbose=0)
@@ -100,8 +102,8 @@ def test_a_term_in_other_units_trains_the_same_under_scaling(digits_splits, monk
 
 def test_lazy_jacobian_steps_update_the_jacobian_scale_only_when_they_compute_it(digits_splits):
   student, teacher = _pair(digits_splits.info)
-  d = Distiller(student, teacher, hints={"act": 1.0, "jac": 1.0, "ce": 1.0},
-                loss_scaling="initial", jac_every=4)
+  d = Distiller(student, teacher, hints=HintConfig.of(
+      {"act": 1.0, "jac": 1.0, "ce": 1.0}, loss_scaling="initial", jac_every=4))
   d.compile(optimizer=keras.optimizers.SGD(0.01))
   x, y = digits_splits.train.images[:16 * 5], digits_splits.train.labels[:16 * 5]
   history = d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(16), epochs=1,
@@ -120,7 +122,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 import numpy as np
 from tfjac import data
-from tfjac.config import DataConfig
+from tfjac.config import DataConfig, HintConfig
 from tfjac.training.distiller import Distiller
 from tests import helpers
 splits = data.prepare(DataConfig())
@@ -136,12 +138,13 @@ for name, devices in (("one", ["/cpu:0"]), ("two", ["/cpu:0", "/cpu:1"])):
     teacher = helpers.tiny_vgg(info, "teacher", sync_bn=True)
     student.set_weights(init.get_weights())
     teacher.set_weights(t_init.get_weights())
-    d = Distiller(student, teacher, hints={"act": 1.0, "ce": 1.0}, loss_scaling="initial")
+    d = Distiller(student, teacher,
+                  hints=HintConfig.of({"act": 1.0, "ce": 1.0}, loss_scaling="initial"))
     d.compile(optimizer=keras.optimizers.SGD(0.1))
   d.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(32), epochs=1, verbose=0)
   out[name] = {"scales": {n: float(d.term_scales.scale(n)) for n in ("act", "ce")},
                "weights": [w.tolist() for w in student.get_weights()]}
-probe = Distiller(init, t_init, hints={"act": 1.0, "ce": 1.0}, loss_scaling="none")
+probe = Distiller(init, t_init, hints=HintConfig.of({"act": 1.0, "ce": 1.0}, loss_scaling="none"))
 raw = probe.per_example_terms(tf.constant(x), tf.constant(y), training=True, step=0)[0]
 out["hand"] = {n: float(np.mean(raw[n].numpy())) for n in ("act", "ce")}
 print("RESULT " + json.dumps(out))

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import linear_model
+from tfjac.config import HintConfig
 from tfjac.hints import HintParams, losses
 from tfjac.training.distiller import Distiller
 from tests import helpers
@@ -75,8 +76,9 @@ Y = np.array([0, 2], np.int32)
 
 
 def _distiller(hints, normalize=True, target="label"):
-  return Distiller(linear_model(W_S, name="student"), linear_model(W_T, name="teacher"),
-                   hints=hints, params=HintParams(jac_normalize=normalize), jac_target=target)
+  return Distiller(
+      linear_model(W_S, name="student"), linear_model(W_T, name="teacher"),
+      hints=HintConfig.of(hints, jac_normalize=normalize, jac_target=target))
 
 
 def test_linear_jacobians_are_weight_columns():
@@ -179,11 +181,11 @@ def test_attention_transfer_reaches_the_student_weights():
     keras.backend.set_floatx("float32")
 
 
-def test_one_settings_object_reaches_the_distiller_as_the_keyword_form_does():
-  """A run's HintConfig (config.hints) and the Python API's {name: weight} plus keyword
-  overrides give the Distiller the same hints, weights, loss parameters, Jacobian target
-  options and BatchNorm policy; its twins (with_hints) keep every setting but the hints."""
-  from tfjac.config import HintConfig  # pylint: disable=g-import-not-at-top
+def test_one_settings_object_reaches_the_distiller_as_the_short_form_does():
+  """A run's HintConfig (config.hints) and the Python API's short form (HintConfig.of:
+  {name: weight} and the other settings by name) give the Distiller the same hints, weights,
+  loss parameters, Jacobian target options and BatchNorm policy; its twins (with_hints) keep
+  every setting but the hints."""
   from tfjac.hints.jacobians import TargetOptions  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   teacher = linear_model(rng.normal(size=(4, 3)), name="t")
@@ -196,9 +198,9 @@ def test_one_settings_object_reaches_the_distiller_as_the_keyword_form_does():
                             "kd_temperature", "jac_normalize", "lwf_match", "noise_sigma",
                             "noise_samples")})
   by_config = Distiller(student, teacher, hints=settings)
-  by_keywords = Distiller(student, teacher, hints={"ce": 1, "jac": 0.5, "kd": 2}, params=params,
-                          jac_target="top_k", jac_top_k=2, jac_projections=3,
-                          bn_policy="inference")
+  by_keywords = Distiller(student, teacher, hints=HintConfig.of(
+      {"ce": 1, "jac": 0.5, "kd": 2}, **dataclasses.asdict(params), jac_target="top_k",
+      jac_top_k=2, jac_projections=3, jac_bn_policy="inference"))
   for d in (by_config, by_keywords):
     assert d.hint_weights == (("ce", 1.0), ("jac", 0.5), ("kd", 2.0))
     assert d.params == params
@@ -207,8 +209,8 @@ def test_one_settings_object_reaches_the_distiller_as_the_keyword_form_does():
   assert by_config.settings == settings  # ce unlisted in its weights: weight 1
   assert by_keywords.settings == dataclasses.replace(settings,
                                                      weights=(("ce", 1.0),) + settings.weights)
-  # A keyword replaces that one setting of a HintConfig.
-  one = Distiller(student, teacher, hints=settings, jac_top_k=1)
+  # One setting of a HintConfig changed, the rest kept.
+  one = Distiller(student, teacher, hints=dataclasses.replace(settings, jac_top_k=1))
   assert one._target_options == TargetOptions(3, 1, 3)  # pylint: disable=protected-access
   twin = by_config.with_hints([("kd", 4.0)])
   assert twin.hint_weights == (("kd", 4.0),) and twin.params == params
@@ -221,6 +223,8 @@ def test_one_settings_object_reaches_the_distiller_as_the_keyword_form_does():
   terms = lambda d: d.per_example_terms(x, labels, training=False, step=0)[0]  # noqa: E731
   raw = Distiller(student, teacher, hints=HintConfig(hints=("jac",), jac_normalize=False))
   normalised = Distiller(student, teacher, hints=HintConfig(hints=("jac",)))
-  np.testing.assert_allclose(terms(raw)["jac"], terms(Distiller(
-      student, teacher, hints={"jac": 1}, params=HintParams(jac_normalize=False)))["jac"])
+  np.testing.assert_allclose(
+      terms(raw)["jac"],
+      terms(Distiller(student, teacher, hints=HintConfig.of({"jac": 1},
+                                                            jac_normalize=False)))["jac"])
   assert not np.allclose(terms(raw)["jac"], terms(normalised)["jac"])

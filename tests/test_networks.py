@@ -67,7 +67,7 @@ def _student(classes=5, shape=(6, 6, 3), bn=keras.layers.BatchNormalization):
 def _terms(teacher, hints, x, labels, jac_target="teacher_top1", student=None, **kwargs):
   keras.utils.set_random_seed(1)
   student = student or _student(bn=tfjac.JacobianSafeBatchNorm)
-  d = Distiller(student, teacher, hints=hints, jac_target=jac_target, **kwargs)
+  d = Distiller(student, teacher, hints=HintConfig.of(hints, jac_target=jac_target), **kwargs)
   terms, _, _, _ = d.per_example_terms(tf.constant(x), tf.constant(labels), training=False,
                                        step=0)
   return {k: v.numpy() for k, v in terms.items()}
@@ -225,8 +225,9 @@ def test_standard_batchnorm_student_gets_per_example_jacobians():
   def jacobians(model, batch, policy):
     """Row i: d(sum_j S_j[label_j]) / d x_i, as the training step takes it."""
     weights = model.get_weights()  # the training pass moves the moving statistics: undo it
-    d = Distiller(model, None, hints=(("ce", 1.0), ("jacnorm", 1.0)), jac_target="label",
-                  bn_policy="batch_stats")
+    d = Distiller(
+        model, None, hints=HintConfig.of((("ce", 1.0), ("jacnorm", 1.0)), jac_target="label",
+                                         jac_bn_policy="batch_stats"))
     d.bn_policy = policy
     _, _, jacs = d.student_pass(tf.constant(batch), tf.zeros([len(batch)], tf.int32), None, 0,
                                 training=True)
@@ -266,7 +267,7 @@ def test_standard_batchnorm_student_gets_per_example_jacobians():
   np.testing.assert_allclose(jacobians(student, x[:3], "inference")[0], first, atol=1e-5)
   np.testing.assert_allclose(jacobians(student, other, "inference")[0], first, atol=1e-5)
   # The Distiller picks the inference policy itself for such a student (logged).
-  d = Distiller(student, None, hints={"ce": 1.0, "jacnorm": 1.0}, jac_target="label")
+  d = Distiller(student, None, hints=HintConfig.of({"ce": 1.0, "jacnorm": 1.0}, jac_target="label"))
   assert d.bn_policy == "inference"
   assert Distiller(converted, None, hints={"ce": 1, "jacnorm": 1}).bn_policy == "batch_stats"
 

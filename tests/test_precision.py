@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfjac.config import HintConfig
 from tfjac import models, runtime
 from tfjac.training.distiller import Distiller
 
@@ -69,9 +70,9 @@ def _step(policy, estimator, target, splits):
                            std=info.std, width=0.5, model_name="s")
     teacher = models.build("vgg9", info.image_shape, info.num_classes, mean=info.mean,
                            std=info.std, width=0.25, model_name="t")
-    d = Distiller(student, teacher, hints=[("act", 1.0), ("jac", 1.0), ("ce", 1.0)],
-                  jac_estimator=estimator, jac_target=target, jac_probes=2,
-                  loss_scaling="none")  # raw: a scaled first step's loss is the weights' sum
+    d = Distiller(student, teacher, hints=HintConfig.of(
+        [("act", 1.0), ("jac", 1.0), ("ce", 1.0)], jac_estimator=estimator, jac_target=target,
+        jac_probes=2, loss_scaling="none"))  # raw: a scaled first step's loss is the weights' sum
     with tf.GradientTape(persistent=True) as tape:
       loss, terms = d.compute_total_loss(x, y, training=True, step=0)[:2]
       jac = tf.reduce_mean(terms["jac"])

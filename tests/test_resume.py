@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfjac.config import DataConfig, TrainConfig
+from tfjac.config import DataConfig, HintConfig, TrainConfig
 from tfjac import checks
 from tfjac.errors import NonFiniteWeightsError, SettingError
 from tfjac.training import loop
@@ -41,12 +41,14 @@ def fit(tmp_path, digits_splits):
   info = digits_splits.info
   train = digits_splits.sampled_train(4, 0)
 
-  def run(name, *, settings=None, extra=(), resume=True, cfg=CFG, loss_scaling=None):
+  def run(name, *, settings=None, extra=(), resume=True, cfg=CFG,
+          loss_scaling=HintConfig.loss_scaling):
     keras.utils.set_random_seed(7)
     student, teacher = helpers.tiny_vgg(info), helpers.tiny_vgg(info)
     # act and ce only, to keep this quick: the Jacobian term is resumed in test_faults.py.
-    distiller = Distiller(student, teacher, hints=[("act", 1.0), ("ce", 1.0)],
-                          loss_scaling=loss_scaling)
+    distiller = Distiller(
+        student, teacher, hints=HintConfig.of([("act", 1.0), ("ce", 1.0)],
+                                              loss_scaling=loss_scaling))
     result = loop.fit(distiller, train, digits_splits.validation, cfg,
                       loop.FitDirs(str(tmp_path / name / "tb"), str(tmp_path / name),
                                    resume=resume, settings=settings or {"lr": 1e-3},

@@ -13,7 +13,7 @@ from tfjac import checks, export, models, run
 from tfjac.config import (Config, DataConfig, HintConfig, ModelConfig, TeacherConfig,
                           TeacherInput, TrainConfig)
 from tfjac.errors import ConfigError, SettingError
-from tfjac.hints import HintParams, attention
+from tfjac.hints import attention
 from tfjac.models import sources, surgery, views
 from tfjac.modes import conditions
 from tfjac.training.distiller import Distiller
@@ -59,8 +59,8 @@ def test_at_jac_matches_finite_differences():
   keras.utils.set_random_seed(3)
   teacher, student = _net("vgg4", 5), _net("vgg4", 3)
   s_view, t_view = _views(teacher, student, 5)
-  d = Distiller(student, teacher, hints=[("at_jac", 1.0)], student_view=s_view,
-                teacher_view=t_view, jac_target="teacher_top1")
+  d = Distiller(student, teacher, hints=HintConfig.of([("at_jac", 1.0)], jac_target="teacher_top1"),
+                student_view=s_view, teacher_view=t_view)
   x = tf.constant(np.random.default_rng(0).random((2, 8, 8, 1), np.float32))
   t = d.teacher_pass(x, tf.zeros([2], tf.int32), step=0)
   _, _, s_jacs = d.student_pass(x, None, t.selection, 0, training=False, pixels=t.pixels)
@@ -87,9 +87,9 @@ def test_lwf_second_head_has_the_teachers_shape_and_learns_from_it():
   s_view, t_view = _views(teacher, student, 7)
   assert s_view.output["logits"].shape[-1] == 3
   assert s_view.output["matching_logits"].shape[-1] == 7
-  d = Distiller(student, teacher, hints=[("ce", 1.0), ("lwf", 1.0)], student_view=s_view,
-                teacher_view=t_view, jac_target="teacher_top1",
-                params=HintParams(lwf_match="act"))
+  d = Distiller(student, teacher, hints=HintConfig.of([("ce", 1.0), ("lwf", 1.0)],
+                                                      jac_target="teacher_top1", lwf_match="act"),
+                student_view=s_view, teacher_view=t_view)
   head = s_view.get_layer("teacher_head")
   x = tf.constant(np.random.default_rng(0).random((8, 8, 8, 1), np.float32))
   y = tf.constant(np.arange(8) % 3)

@@ -3,8 +3,7 @@
 The Python API (README.md, Python API; docs/networks.md):
 
     import tfjac
-    d = tfjac.Distiller(student=student, teacher=teacher,
-                        hints={"ce": 1, "act": 0.1, "jac": 1}, jac_target="label")
+    d = tfjac.Distiller(student=student, teacher=teacher, hints={"ce": 1, "act": 1, "jac": 1})
     d.compile(optimizer=keras.optimizers.Adam(1e-3))
     d.fit(dataset)      # (images, labels) batches; history: loss and <hint>_loss per term
     d.student.save(...)  # the trained student alone
@@ -14,10 +13,10 @@ softmax is removed (d.teacher_info says how). A teacher whose softmax cannot be 
 outputs look like probabilities is refused until `teacher_outputs='logits'` or
 `'probabilities'` says what it returns.
 
-`jac_estimator="jvp"` or `"fd"` (with `jac_probes`, `jac_fd_eps`) estimates the Jacobian terms
-from directional derivatives instead of double backprop (tfjac/hints/estimators.py); or with
-every hint setting in one object, as the command line's modes pass it:
-`tfjac.Distiller(student, teacher, hints=tfjac.HintConfig(hints=("act", "jac", "ce"), ...))`.
+Every other hint setting travels in `hints=` as one tfjac.HintConfig, the object the command
+line's modes pass: `hints=tfjac.HintConfig.of({"act": 1, "jac": 1, "ce": 1}, jac_target="all",
+jac_estimator="jvp", jac_probes=1)` (the short form plus any field by name), or
+`tfjac.HintConfig(hints=(...), weights=(...), ...)` in full.
 
 Names are loaded on first use, so `import tfjac` alone does not import TensorFlow.
 """

@@ -7,7 +7,7 @@ the modes' names in `modes/__init__.py`, runtime set-up (strategy, TF_CONFIG) in
 """
 import dataclasses
 import math
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 TEACHER_CACHE = ("auto", "on", "off")
@@ -146,6 +146,25 @@ class HintConfig:
 
   def weight(self, hint):
     return dict(self.weights).get(hint, 1.0)
+
+  @classmethod
+  def of(cls, hints, **settings) -> "HintConfig":
+    """The Python API's short form: the hints and their weights from {name: weight}, (name,
+    weight) pairs or names (a weight None or not given: 1), every other field by its own name:
+    HintConfig.of({"act": 1, "jac": 10, "ce": 1}, jac_target="all")."""
+    if isinstance(hints, str):  # iterating it would give one hint per character
+      raise ValueError(f"hints= takes hint names, {{name: weight}} or (name, weight) pairs, not "
+                       f"the string {hints!r}: hints=[{hints!r}]?")
+    items = tuple(hints.items() if isinstance(hints, Mapping) else
+                  ((h, None) if isinstance(h, str) else h for h in hints))
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)} - {"hints",
+                                                                                 "weights"})
+    if unknown or "hints" in settings or "weights" in settings:
+      fields = ", ".join(f.name for f in dataclasses.fields(cls)[2:])
+      raise TypeError(f"HintConfig.of takes the hints and their weights first, then any of "
+                      f"{fields}; got {', '.join(unknown or ['hints/weights again'])}")
+    return cls(hints=tuple(name for name, _ in items),
+               weights=tuple((name, float(w)) for name, w in items if w is not None), **settings)
 
 
 @dataclasses.dataclass(frozen=True)

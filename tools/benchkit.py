@@ -57,13 +57,17 @@ def networks(*, teacher_model, model, image_size, channels, num_classes, width=1
   return teacher, student
 
 
-def distiller(student, teacher, hints, *, jit_compile=False, compile=True, **settings):  # pylint: disable=redefined-builtin
+def distiller(student, teacher, hints, *, jit_compile=False, compile=True,  # pylint: disable=redefined-builtin
+              num_classes=None, **settings):
   """The Distiller of `hints` ('act,jac,ce' or a sequence of names), each at weight 1, with
-  tfjac.Distiller's other `settings`, compiled with the timed SGD unless compile=False."""
+  the other HintConfig `settings` by name (jac_target=, jac_bn_policy=, ...), compiled with the
+  timed SGD unless compile=False."""
   import keras  # pylint: disable=g-import-not-at-top
+  from tfjac.config import HintConfig  # pylint: disable=g-import-not-at-top
   from tfjac.training.distiller import Distiller  # pylint: disable=g-import-not-at-top
   names = hints.split(",") if isinstance(hints, str) else list(hints)
-  d = Distiller(student, teacher, hints=[(h, 1.0) for h in names], **settings)
+  d = Distiller(student, teacher, hints=HintConfig.of([(h, 1.0) for h in names], **settings),
+                num_classes=num_classes)
   if compile:
     d.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
               jit_compile=jit_compile)

@@ -188,7 +188,7 @@ def run_single(cfg):
     # Raw terms, the loss the torch peer computes (the default scaling adds a few scalar ops).
     distiller = benchkit.distiller(
         student, teacher, cfg["hints"], jit_compile=cfg["jit_compile"],
-        bn_policy=cfg["bn_policy"], loss_scaling="none", num_classes=cfg["num_classes"],
+        jac_bn_policy=cfg["bn_policy"], loss_scaling="none", num_classes=cfg["num_classes"],
         jac_target=cfg["jac_target"], jac_top_k=cfg["jac_top_k"],
         jac_projections=cfg["jac_projections"], jac_every=cfg.get("jac_every", 1),
         jac_estimator=cfg.get("jac_estimator", "backprop"),

@@ -109,7 +109,7 @@ def main(argv):
       teacher_model=FLAGS.teacher_model, model=FLAGS.model, image_size=FLAGS.image_size,
       channels=FLAGS.channels, num_classes=FLAGS.num_classes)
   distiller = benchkit.distiller(student, teacher, FLAGS.hints, jit_compile=FLAGS.jit_compile,
-                                 bn_policy=FLAGS.jac_bn_policy, num_classes=FLAGS.num_classes)
+                                 jac_bn_policy=FLAGS.jac_bn_policy, num_classes=FLAGS.num_classes)
   x, y = benchkit.batch(FLAGS.batch_size, FLAGS.image_size, FLAGS.channels, FLAGS.num_classes)
   dataset = benchkit.repeated(benchkit.element(distiller, x, y, FLAGS.teacher_cache))
   distiller.fit(dataset, epochs=1, steps_per_epoch=FLAGS.warmup, verbose=0)

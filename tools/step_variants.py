@@ -61,7 +61,7 @@ def _build(v, cfg):
       teacher_model=cfg["teacher_model"], model=cfg["model"], image_size=cfg["image_size"],
       channels=3, num_classes=cfg["num_classes"], pool=v["pool"])
   return benchkit.distiller(student, teacher, cfg["hints"], jit_compile=v["jit"] == "1",
-                            bn_policy=v["bn"], num_classes=cfg["num_classes"])
+                            jac_bn_policy=v["bn"], num_classes=cfg["num_classes"])
 
 
 def run_single(v, cfg):

@@ -99,14 +99,12 @@ class Distiller(keras.Model):
   """Trains `student` on the weighted sum of the named hints; `teacher` may be None when no
   hint needs one ('ce', 'jacnorm', 'noisy_ce').
 
-  `hints`: the hint settings as one object, a config.HintConfig (the hints, their weights,
-  the loss parameters, the Jacobian target and BatchNorm policy), or {name: weight} / (name,
-  weight) pairs / names, a weight not given (or None) taking the command line's default
-  (HintConfig.weight); `params`, `jac_target`, `jac_top_k`, `jac_projections`, `bn_policy`,
-  `jac_estimator`, `jac_probes`, `jac_fd_eps`, `loss_scaling` and `jac_every` (lazy Jacobian
-  matching, training/lazy.py) replace the settings of those names (hint_settings). `jac_estimator`: backprop (the Jacobian rows, double backprop), jvp or fd
-  (directional derivatives along random probes, hints/estimators.py). The Distiller derives the losses'
-  HintParams and the targets' options from them itself.
+  `hints`: every hint setting as one object, a config.HintConfig (the hints, their weights,
+  the loss parameters, the Jacobian target, estimator and BatchNorm policy, the loss scaling,
+  the lazy period jac_every), or its short form {name: weight} / (name, weight) pairs / names
+  with every other setting at its default (HintConfig.of({"act": 1, "jac": 1}, jac_target=
+  "all") is both at once). The Distiller derives the losses' HintParams and the targets'
+  options from it.
 
   `student_view` / `teacher_view` (models/views.py) add what some hints read: a teacher-shaped
   second head (LwF) and feature maps (attention transfer). They share the networks' layers;
@@ -126,19 +124,10 @@ class Distiller(keras.Model):
                             Sequence[Tuple[str, float]]] = (("ce", 1.0),),
                num_classes: Optional[int] = None, seed: int = 0,
                student_view: Optional[keras.Model] = None,
-               teacher_view: Optional[keras.Model] = None, jac_every: Optional[int] = None,
-               params: Optional[hints_lib.HintParams] = None, jac_target: Optional[str] = None,
-               jac_top_k: Optional[int] = None, jac_projections: Optional[int] = None,
-               bn_policy: Optional[str] = None, teacher_outputs: str = "auto",
-               jac_estimator: Optional[str] = None, jac_probes: Optional[int] = None,
-               jac_fd_eps: Optional[float] = None, loss_scaling: Optional[str] = None,
+               teacher_view: Optional[keras.Model] = None, teacher_outputs: str = "auto",
                term_scales: Optional[TermScales] = None, **kwargs):
     super().__init__(**kwargs)
-    settings = hint_settings(hints, params=params, jac_target=jac_target, jac_top_k=jac_top_k,
-                             jac_projections=jac_projections, bn_policy=bn_policy,
-                             jac_estimator=jac_estimator, jac_probes=jac_probes,
-                             jac_fd_eps=jac_fd_eps, loss_scaling=loss_scaling,
-                             jac_every=jac_every)
+    settings = hint_settings(hints)
     self.teacher_info = None  # what the teacher outputs and how that was settled
     if teacher is not None:
       from tfjac.models import outputs  # pylint: disable=g-import-not-at-top
