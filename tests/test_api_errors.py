@@ -22,24 +22,29 @@ def _student():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(hints={"ce": 1, "bogus": 1}),
-     "hints must be one of ce, act, kd, jac, .*, got 'bogus', which is not a hint"),
-    (dict(hints=["bogus"]), "hints must be one of ce, act, .*, got 'bogus'"),
-    (dict(hints=[("act", 1.0), ("bogus", 1.0)]), "hints must be one of .*, got 'bogus'"),
+     "hints: must be one of ce, act, kd, jac, .*, got 'bogus', which is not a hint"),
+    (dict(hints=["bogus"]), "hints: must be one of ce, act, .*, got 'bogus'"),
+    (dict(hints=[("act", 1.0), ("bogus", 1.0)]), "hints: must be one of .*, got 'bogus'"),
     (dict(hints="act"), r"hints= takes hint names.*not the string 'act': hints=\['act'\]"),
     (dict(hints=HintConfig.of({"act": 1}, jac_target="bogus")),
-     r"HintConfig.jac_target must be one of label, teacher_top1, random, .*, got 'bogus', which "
+     r"hints.jac_target: must be one of label, teacher_top1, random, .*, got 'bogus', which "
      "is not a Jacobian target"),
     (dict(hints=HintConfig.of({"act": 1}, jac_estimator="bogus")),
-     r"HintConfig.jac_estimator must be one of backprop, jvp, fd, got 'bogus'"),
+     r"hints.jac_estimator: must be one of backprop, jvp, fd, got 'bogus'"),
     (dict(hints=HintConfig.of({"act": 1}, jac_bn_policy="bogus")),
-     r"HintConfig.jac_bn_policy must be one of batch_stats, inference, got 'bogus'"),
+     r"hints.jac_bn_policy: must be one of batch_stats, inference, got 'bogus'"),
     (dict(hints=HintConfig.of({"act": 1, "ce": 1}, loss_scaling="bogus")),
-     r"HintConfig.loss_scaling must be one of none, initial, running, got 'bogus'"),
-    (dict(hints=HintConfig(hints=("act", "bogus"))), "hints must be one of .*, got 'bogus'"),
+     r"hints.loss_scaling: must be one of none, initial, running, got 'bogus'"),
+    (dict(hints=HintConfig(hints=("act", "bogus"))), "hints: must be one of .*, got 'bogus'"),
     (dict(hints=HintConfig(hints=("act",), jac_target="bogus")),
-     r"HintConfig.jac_target must be one of .*, got 'bogus'"),
+     r"hints.jac_target: must be one of .*, got 'bogus'"),
     (dict(hints=HintConfig.of({"lwf": 1}, lwf_match="bogus")),
-     r"HintConfig.lwf_match must be one of act, kd, got 'bogus'"),
+     r"hints.lwf_match: must be one of act, kd, got 'bogus'"),
+    (dict(hints=HintConfig.of({"kd": 1}, kd_temperature=float("nan"))),
+     r"^hints.kd_temperature: must be a finite number, got nan$"),
+    (dict(hints=HintConfig.of({"act": 1, "jac": 1}, jac_estimator="jvp")),
+     r"^hints.jac_probes: 1 with hints.jac_target='label' and the normalised jac term.*Use "
+     r"hints.jac_probes >= 2, hints.jac_target='all', or hints.jac_normalize=False$"),
 ])
 def test_a_bad_name_is_refused_by_its_argument_with_the_valid_names(kwargs, message):
   with pytest.raises(ValueError, match=message) as e:

@@ -169,7 +169,7 @@ def test_skipped_steps_run_no_jacobian_pass(digits_splits, monkeypatch):
 
 
 def test_jac_every_needs_a_hint_without_jacobians(digits_splits):
-  with pytest.raises(ValueError, match="jac_every=2 needs a hint without Jacobians"):
+  with pytest.raises(ValueError, match="hints.jac_every: 2 needs a hint without Jacobians"):
     _distiller(digits_splits.info, hints=(("jac", 1.0),), jac_every=2)
   _distiller(digits_splits.info, hints=(("jac", 1.0),), jac_every=1)
   _distiller(digits_splits.info, hints=(("act", 1.0), ("ce", 1.0)), jac_every=2)  # no jac: ok

@@ -206,7 +206,7 @@ def validate(config: Config):
   _positive("jac_projections", h.jac_projections)
   _positive("noise_samples", h.noise_samples)
   chosen = {name: hints.HINTS[name] for name in h.hints}
-  _validate_estimator(config, chosen)
+  _validate_estimator(config)
   noisy = [name for name, hint in chosen.items() if hint.uses_noise]
   if noisy and not h.noise_sigma > 0:
     raise ConfigError("noise_sigma", f"must be > 0 for the hint(s) {','.join(noisy)}, got "
@@ -248,16 +248,8 @@ def validate(config: Config):
   # tangent is the same second-order op (MaxPoolGradGrad) that XLA gets wrong.
   double_backprop = [name for name in config.hints.hints if hints.HINTS[name].student_jacobians
                      and (config.hints.jac_estimator != "fd" or name == "at_jac")]
-  jacobian_hints = [n for n in config.hints.hints if hints.HINTS[n].student_jacobians or
-                    hints.HINTS[n].teacher_jacobians]
-  _positive("jac_every", config.hints.jac_every)
   _positive("val_jac_examples", config.train.val_jac_examples, allow_zero=True)
   _positive("val_jac_every", config.train.val_jac_every)
-  if config.hints.jac_every > 1 and jacobian_hints and len(jacobian_hints) == len(
-      config.hints.hints):
-    raise ConfigError("jac_every", f"{config.hints.jac_every} needs a hint without Jacobians "
-                      f"for the steps in between; --hints={','.join(config.hints.hints)} are "
-                      "all Jacobian hints. Add one (e.g. act or ce) or use --jac_every=1.")
   if config.train.jit_compile and double_backprop:
     raise ConfigError("jit_compile", f"refused with the hint(s) {','.join(double_backprop)}: "
                       "their weight gradients come from double backprop, and XLA's "
@@ -282,30 +274,19 @@ def validate(config: Config):
   _check_writable(config.workdir)
 
 
-def _validate_estimator(config: Config, chosen):
-  """--jac_estimator, --jac_probes, --jac_probe, --jac_fd_eps (hints/estimators.py)."""
-  from tfjac import hints  # pylint: disable=g-import-not-at-top
+def _validate_estimator(config: Config):
+  """The estimator's names, its rules between hint settings (training/settings.check_rules,
+  the Distiller's own), and the one it has with the run's precision."""
+  from tfjac.training import settings  # pylint: disable=g-import-not-at-top
   h = config.hints
   _choice("jac_estimator", h.jac_estimator, JAC_ESTIMATORS)
   _choice("jac_probe", h.jac_probe, JAC_PROBES)
-  _positive("jac_probes", h.jac_probes)
-  _positive("jac_fd_eps", h.jac_fd_eps)
-  if h.jac_estimator == "backprop":
-    return
-  if "at_jac" in chosen:
-    raise ConfigError("jac_estimator", f"{h.jac_estimator}: at_jac takes its Jacobians by "
-                      "backprop only; use --jac_estimator=backprop")
+  with flag_errors():
+    settings.check_rules(h)
   if h.jac_estimator == "fd" and config.mixed_precision not in ("float32", "auto"):
     raise ConfigError("mixed_precision", f"{config.mixed_precision} with --jac_estimator=fd: "
                       "the differences f(x + eps u) - f(x - eps u) are lost in low-precision "
                       "rounding; use float32 (auto picks it with fd) or --jac_estimator=jvp")
-  target = hints.JACOBIAN_TARGETS[h.jac_target]
-  rows = target.count(hints.TargetOptions(2, h.jac_top_k, h.jac_projections))  # all: >= 2
-  if rows * h.jac_probes == 1 and "jac" in chosen and h.jac_normalize:
-    raise ConfigError("jac_probes", f"1 with --jac_target={h.jac_target} and the normalised "
-                      "jac term: one output along one probe is a scalar, and normalised "
-                      "scalars only compare signs (0 or 4, no gradient). Use --jac_probes>=2, "
-                      "--jac_target=all, or --nojac_normalize")
 
 
 def _check_network_name(flag, setting, m: ModelConfig):

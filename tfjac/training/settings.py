@@ -1,9 +1,11 @@
 """The Distiller's one settings object, a config.HintConfig, from the forms the Python API takes
 (a HintConfig, or {name: weight}, (name, weight) pairs or names), checked before any network is
-touched: every name against its registry, every float finite. Errors name the setting
-(HintConfig's field), with the valid choices."""
+touched: every name against its registry, every float finite, and every rule between the
+settings (check_rules, which the command line's checks ask too). Errors name the setting
+(hints.<field>), with what is valid."""
 from tfjac import hints as hints_lib
 from tfjac.config import BN_POLICIES, HintConfig, non_finite
+from tfjac.errors import SettingError, mention
 from tfjac.hints import estimators, jacobians
 from tfjac.training.term_scales import SCALINGS
 
@@ -15,9 +17,11 @@ def hint_settings(hints) -> HintConfig:
   settings = hints if isinstance(hints, HintConfig) else HintConfig.of(hints)
   check_choices(settings)
   for path, value in non_finite(settings):  # a NaN passes every range check: refuse it here
-    where = (f"hints: the weight of {path[1]!r}" if path[0] == "weights" else
-             f"HintConfig.{path[0]}")
-    raise ValueError(f"{where} must be a finite number, got {value}")
+    if path[0] == "weights":
+      raise SettingError("hints", f"the weight of {path[1]!r} must be a finite number, got "
+                         f"{value}")
+    raise SettingError(f"hints.{path[0]}", f"must be a finite number, got {value}")
+  check_rules(settings)
   return settings
 
 
@@ -33,13 +37,49 @@ def _choices():
 
 
 def check_choices(settings: HintConfig):
-  """Refuses a name that is not in its registry, by the setting that carries it (the hints
-  themselves, or HintConfig.<field>) and with the valid names, before any network is touched:
-  the registry lookups further on would raise a bare KeyError."""
+  """Refuses a name that is not in its registry, by the setting that carries it (`hints`
+  itself, or hints.<field>) and with the valid names, before any network is touched: the
+  registry lookups further on would raise a bare KeyError."""
   for field, what, valid in _choices():
     values = getattr(settings, field)
     for value in (values if field == "hints" else (values,)):
       if value not in valid:
-        name = "hints" if field == "hints" else f"HintConfig.{field}"
-        raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}, which is "
-                         f"not {what}")
+        raise SettingError("hints" if field == "hints" else f"hints.{field}",
+                           f"must be one of {', '.join(valid)}, got {value!r}, which is not "
+                           f"{what}")
+
+
+def check_rules(settings: HintConfig, num_classes: int = 2):
+  """Every rule between a HintConfig's values, in one place: hint_settings asks it for the
+  Distiller, checks.validate for the command line (whose errors then name flags), both before
+  any network is touched. The classes are not known yet: 2 stands for 'more than one' (rules
+  on jac_top_k against the classes: hints.check_top_k). SettingErrors name hints.<field>."""
+  h, names = settings, settings.hints
+  jacobian_hints = [n for n in names if hints_lib.HINTS[n].student_jacobians
+                    or hints_lib.HINTS[n].teacher_jacobians]
+  if h.jac_every < 1:
+    raise SettingError("hints.jac_every", f"must be > 0, got {h.jac_every}")
+  if h.jac_every > 1 and jacobian_hints and len(jacobian_hints) == len(names):
+    raise SettingError("hints.jac_every", f"{h.jac_every} needs a hint without Jacobians for "
+                       f"the steps in between; the hints ({','.join(names)}) are all "
+                       "Jacobian hints. Add one (e.g. act or ce) or use "
+                       f"{mention('hints.jac_every', 1)}.")
+  for field in ("jac_probes", "jac_fd_eps"):
+    if getattr(h, field) <= 0:
+      raise SettingError(f"hints.{field}", f"must be > 0, got {getattr(h, field)}")
+  if h.jac_estimator == "backprop":
+    return
+  attention = [n for n in names if "attention" in hints_lib.HINTS[n].student_jacobians]
+  if attention:
+    raise SettingError("hints.jac_estimator", f"{h.jac_estimator}: {','.join(attention)} "
+                       "takes its Jacobians by backprop only; use "
+                       f"{mention('hints.jac_estimator', 'backprop')}")
+  target = jacobians.TARGETS[h.jac_target]
+  rows = target.count(jacobians.TargetOptions(num_classes, h.jac_top_k, h.jac_projections))
+  if rows * h.jac_probes == 1 and "jac" in names and h.jac_normalize:
+    raise SettingError("hints.jac_probes", f"{h.jac_probes} with "
+                       f"{mention('hints.jac_target', h.jac_target)} and the normalised jac "
+                       "term: one output along one probe is a scalar, and normalised scalars "
+                       f"only compare signs (0 or 4, no gradient). Use {mention('hints.jac_probes')}"
+                       f" >= 2, {mention('hints.jac_target', 'all')}, or "
+                       f"{mention('hints.jac_normalize', False)}")
