@@ -150,3 +150,14 @@ def test_learning_rate_nan_from_the_command_line_is_refused(tmp_path):
     config = run.config_from_flags()
   with pytest.raises(ConfigError, match="--learning_rate: must be a finite number, got nan"):
     checks.validate(config)
+
+
+def test_a_training_error_advises_in_the_callers_terms():
+  """NonFiniteLossError's advice names the resume setting: as a Python caller writes it, and as
+  a flag when raised inside a command-line run (checks.flag_errors)."""
+  from tfjac.errors import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  error = NonFiniteLossError("act_loss", 0, 3, float("nan"))
+  assert "run with resume=False" in str(error) and "--" not in str(error)
+  with pytest.raises(NonFiniteLossError, match="run with --noresume"):
+    with checks.flag_errors():
+      raise NonFiniteLossError("act_loss", 0, 3, float("nan"))

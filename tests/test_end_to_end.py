@@ -122,7 +122,8 @@ def test_a_teacher_made_with_other_settings_is_not_reused(tmp_path):
   import dataclasses
   import types
   from tfjac.config import Config, HintConfig, ModelConfig, TeacherConfig
-  from tfjac.errors import ConfigError
+  from tfjac import checks
+  from tfjac.errors import ConfigError, SettingError
   from tfjac.modes import common
   splits = types.SimpleNamespace(info=types.SimpleNamespace(
       name="digits", image_shape=(8, 8, 1), num_classes=10))
@@ -137,7 +138,7 @@ def test_a_teacher_made_with_other_settings_is_not_reused(tmp_path):
     common.check_reusable_teacher(same, meta, "w/teacher")
   for changed, named in [
       (dataclasses.replace(base, teacher=dataclasses.replace(
-          teacher, model=ModelConfig("vgg4", 0.25))), "--teacher_model='vgg4'"),
+          teacher, model=ModelConfig("vgg4", 0.25))), "--teacher_model=vgg4 here"),
       (dataclasses.replace(base, teacher=dataclasses.replace(
           teacher, model=ModelConfig("vgg9", 1.0))),
        "--teacher_width=1.0 here, 0.25 for the teacher"),
@@ -147,12 +148,16 @@ def test_a_teacher_made_with_other_settings_is_not_reused(tmp_path):
       (dataclasses.replace(base, data=DataConfig(samples_per_class=5, seed=1)),
        "--seed=1 here, 0 for the teacher"),
   ]:
-    with pytest.raises(ConfigError, match="--workdir: .* made with other settings") as e:
+    with pytest.raises(ConfigError, match="--workdir: .* made with other settings") as e, \
+         checks.flag_errors():  # a command-line run: flags
       common.check_reusable_teacher(changed, meta, "w/teacher")
     assert named in str(e.value) and "another --workdir" in str(e.value), str(e.value)
     assert "--teacher=w/teacher" in str(e.value)
+    with pytest.raises(SettingError, match="^workdir: .* made with other settings") as e:
+      common.check_reusable_teacher(changed, meta, "w/teacher")  # Python: the settings
+    assert "--" not in str(e.value) and "teacher.path='w/teacher'" in str(e.value)
   old = {k: v for k, v in meta.items() if k != "teacher_settings"}  # an older tfjac's
-  with pytest.raises(ConfigError, match="records no teacher settings"):
+  with pytest.raises(SettingError, match="records no teacher settings"):
     common.check_reusable_teacher(base, old, "w/teacher")
 
 

@@ -16,7 +16,8 @@ from tfjac.config import (AUGMENTATIONS, BN_POLICIES, JAC_ESTIMATORS, JAC_PROBES
                           LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TEACHER_CACHE,
                           WEIGHT_DECAY_KINDS)
 from tfjac import errors
-from tfjac.errors import ConfigError, DataError, SettingError, render
+from tfjac.errors import (ConfigError, DataError, NonFiniteLossError, NonFiniteWeightsError,
+                          SettingError, render)
 
 _MULTI_REPLICA = ("mirrored", "multi_worker")
 
@@ -80,6 +81,9 @@ def flag_errors():
     raise as_flag_error(e) from e
   except DataError as e:
     raise DataError(render(e.template, _written_as_flag)) from e
+  except (NonFiniteLossError, NonFiniteWeightsError) as e:  # the same error, advice in flags
+    e.args = (render(e.template, _written_as_flag),)
+    raise
 
 
 def check_finite(config: Config):
@@ -229,7 +233,8 @@ def validate(config: Config):
   if mode.needs_teacher and not config.teacher.path:
     raise ConfigError("teacher", f"--mode={config.mode} needs --teacher (a .keras file or a "
                       "SavedModel trained on the source data)")
-  mode.check(config)
+  with flag_errors():  # the mode's rules speak the library's words (SettingError)
+    mode.check(config)
 
   _choice("teacher_cache", config.teacher.cache, TEACHER_CACHE)
   if config.teacher.cache == "on":

@@ -20,14 +20,14 @@ BN_POLICIES = ("batch_stats", "inference")
 LOSS_SCALINGS = ("none", "initial", "running")  # training/term_scales.SCALINGS
 JAC_ESTIMATORS = ("backprop", "jvp", "fd")  # hints/estimators.py
 JAC_PROBES = ("rademacher", "gaussian")
-# --mixed_precision's default: "auto" picks mixed_bfloat16 where the CPU has bfloat16 units
+# mixed_precision's default: "auto" picks mixed_bfloat16 where the CPU has bfloat16 units
 # (runtime.cpu_has_bfloat16) and float32 elsewhere, logged. Measured on a Zen 4 CPU with
 # avx512_bf16 (issue 22): act,jac,ce steps 1.58x float32's speed, and test accuracy within
 # the spread of float32's over 3 seeds on the digits and Fashion-MNIST at 10 per class
 # (docs/results/variants_*_verdicts.md).
 DEFAULT_MIXED_PRECISION = "auto"
 
-# --teacher_width when it is not given, by (dataset, teacher model); 1 for every other pair.
+# teacher_width when it is not given, by (dataset, teacher model); 1 for every other pair.
 # A width-1 VGG-9 has 4.7 M parameters, sized for 32x32 images; on the 64 pixels of the
 # embedded digits width 0.25 (0.3 M) trains 1.9x faster on an AVX-512 CPU and 3x with AVX2
 # only (docs/results/run_profile.md) and keeps the poster's ordering
@@ -99,13 +99,13 @@ class TrainConfig:
   # Budget in optimizer steps (0: `epochs` epochs). Epochs are then derived: steps_per_epoch
   # (or one pass, ceil(n_train / batch_size)) each, the last one cut at train_steps.
   train_steps: int = 0
-  lr_decay_steps: Tuple[int, ...] = ()  # --lr_schedule=step boundaries in optimizer steps
+  lr_decay_steps: Tuple[int, ...] = ()  # lr_schedule=step boundaries in optimizer steps
   # Speed of the Jacobian hints in validation (issue 15); the lazy period is HintConfig's.
   val_jac_examples: int = 1000  # validation's Jacobian terms on a fixed subset; 0: whole split
   val_jac_every: int = 1  # validation's Jacobian terms every N epochs (and the last)
 
 
-# The teacher's fit by default: --teacher_epochs and --teacher_learning_rate read it, the other
+# The teacher's fit by default: teacher_epochs and teacher_learning_rate read it, the other
 # optimisation flags are shared with the student's. No flag sets its train_steps or val_jac_*
 # (the teacher takes no Jacobian hints): they stay as command-line runs always had them.
 TEACHER_TRAIN = TrainConfig(epochs=30, val_jac_examples=0)
@@ -196,7 +196,7 @@ class TeacherConfig:
   built and trained here with `train`), how the target images reach it (`input`), whether a
   .keras file may run its own code, and whether its outputs are computed once per example."""
   # A trained teacher: a .keras file, a SavedModel, keras.applications:NAME or kerashub:PRESET
-  # (models/sources.py); None: `model` is built and trained first (--mode=distill).
+  # (models/sources.py); None: `model` is built and trained first (mode=distill).
   path: Optional[str] = None
   model: ModelConfig = ModelConfig(name="vgg9")
   train: TrainConfig = TEACHER_TRAIN
@@ -216,7 +216,7 @@ class Config:
   train: TrainConfig = TrainConfig()
   hints: HintConfig = HintConfig()
   robustness_sigmas: Tuple[float, ...] = ()
-  source: Optional[DataConfig] = None  # --mode=conditions: the teacher's own (source) data
+  source: Optional[DataConfig] = None  # mode=conditions: the teacher's own (source) data
   conditions_examples: int = 500
   resume: bool = True  # continue an interrupted fit from its backup (same settings only)
   deterministic: bool = False  # tf.config.experimental.enable_op_determinism()

@@ -83,8 +83,8 @@ class DataError(TfjacError):
 
 _AFTER_NON_FINITE = (
     "The checkpoints and the resume backup written before this step are intact. Lower the "
-    "learning rate or this term's weight (then pass --noresume: the backup is of the old "
-    "settings), or check the input data.")
+    f"learning rate or this term's weight (then run with {mention('resume', False)}: the "
+    "backup is of the old settings), or check the input data.")
 
 
 class NonFiniteLossError(TfjacError):

@@ -66,11 +66,11 @@ class Hint:
   needs_teacher: bool = False
   student_jacobians: Tuple[str, ...] = ()  # output kinds, see jacobians.OUTPUTS
   teacher_jacobians: Tuple[str, ...] = ()
-  uses_noise: bool = False  # needs --noise_sigma > 0
+  uses_noise: bool = False  # needs noise_sigma > 0
   needs_class_targets: bool = False  # selections must be one-hot classes
   needs_features: bool = False  # paired feature maps (attention transfer)
   # Runs the teacher itself, on inputs drawn at every step (noise): its outputs cannot be
-  # computed once per example (--teacher_cache).
+  # computed once per example (teacher_cache).
   runs_teacher_per_step: bool = False
   # Runs the student on noisy copies of the batch (student_fn / student_target_fn): BatchNorm
   # must be tfjac's, which normalises them with the clean batch's statistics.
@@ -110,16 +110,16 @@ HINTS: Dict[str, Hint] = {
     "kd": Hint(lambda i, p: losses.soft_target_distillation(
         teacher_logits=i.teacher_logits, student_logits=i.student_matching_logits,
         temperature=p.kd_temperature),
-               help="Hinton soft targets: KL at temperature --kd_temperature, times tau^2",
+               help="Hinton soft targets: KL at temperature kd_temperature, times tau^2",
                needs_teacher=True),
     "jac": Hint(_jac,
-                help="Jacobian matching of the --jac_target outputs, L2-normalised per example "
-                "unless --nojac_normalize (--jac_estimator: how it is computed)",
+                help="Jacobian matching of the jac_target outputs, L2-normalised per example "
+                "unless jac_normalize=False (jac_estimator: how it is computed)",
                 needs_teacher=True,
                 student_jacobians=("logits",), teacher_jacobians=("logits",),
                 reads_teacher_logits=True),
     "jac_ce": Hint(_jac_ce, help="the poster's CE form: -T_s log S_s - sigma^2 grad T_s . grad "
-                   "S_s / S_s over the --jac_target classes (--jac_target=all: every class); a "
+                   "S_s / S_s over the jac_target classes (jac_target=all: every class); a "
                    "truncation: the noisy soft-target CE's curvature terms of the same order "
                    "are dropped. Unbounded below: the student lowers it without limit by "
                    "growing its input gradient along the teacher's, so use it beside ce with a "
@@ -130,15 +130,15 @@ HINTS: Dict[str, Hint] = {
     "noise": Hint(lambda i, p: losses.noise_matching(
         teacher_fn=i.teacher_fn, student_fn=i.student_fn, x=i.x, sigma=p.noise_sigma,
         samples=p.noise_samples, seed=i.seed),
-                  help="logit matching on --noise_samples Gaussian-noised copies of each input "
-                  "(std --noise_sigma): the equivalent of act + sigma^2 raw jac over all classes "
+                  help="logit matching on noise_samples Gaussian-noised copies of each input "
+                  "(std noise_sigma): the equivalent of act + sigma^2 raw jac over all classes "
                   "(BatchNorm: the copies use the clean batch's statistics, which alone update "
                   "the moving statistics)",
                   needs_teacher=True, uses_noise=True, runs_teacher_per_step=True,
                   noisy_student_passes=True, reads_teacher_logits=True),
     "jacnorm": Hint(lambda i, p: losses.jacobian_norm(
         student_jacobian=i.student_jacobians["logits"], sigma=p.noise_sigma),
-                    help="sigma^2 ||dS/dx||^2 of the --jac_target outputs (no teacher): the "
+                    help="sigma^2 ||dS/dx||^2 of the jac_target outputs (no teacher): the "
                     "noise term of *squared error* on noisy inputs; beside ce, the squared-error "
                     "analogue of noisy_ce, not its second-order expansion",
                     student_jacobians=("logits",), uses_noise=True),
@@ -151,13 +151,13 @@ HINTS: Dict[str, Hint] = {
                      uses_noise=True, noisy_student_passes=True),
     "lwf": Hint(lambda i, p: _LWF_MATCH[p.lwf_match](i, p),
                 help="Learning without Forgetting: the student's teacher-shaped head matched "
-                "to the teacher on the target images (--lwf_match: act = squared error, kd = "
-                "soft targets); with CE on the labels, always on in --mode=transfer",
+                "to the teacher on the target images (lwf_match: act = squared error, kd = "
+                "soft targets); with CE on the labels, always on in mode=transfer",
                 needs_teacher=True),
     "at": Hint(lambda i, p: attention.attention_transfer(
         teacher_features=i.teacher_features, student_features=i.student_features),
                help="attention transfer: normalised channel-mean squared activations of "
-               "paired layers (--teacher_layers/--student_layers), squared difference averaged "
+               "paired layers (teacher_layers/student_layers), squared difference averaged "
                "over pixels, summed over pairs (reference weight 1e3)",
                needs_teacher=True, needs_features=True),
     "at_jac": Hint(lambda i, p: losses.jacobian_matching(

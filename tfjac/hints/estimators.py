@@ -10,7 +10,7 @@ Gaussian), the *sketch* [B, K, P] of the same K selected rows: S[b, k, p] = (J_k
        smooth (a ReLU network is piecewise linear: exact inside one linear region).
 Since E_u[(a.u)(b.u)] = a.b, every bilinear form of the sketches is an unbiased estimate of the
 same form of the rows: sum_{k,p} (S_T - S_S)^2 estimates sum_k ||J_T,k - J_S,k||^2 (the raw `jac`
-term; with --jac_target=all, ||J_T - J_S||_F^2 over every output), and jac_ce's and jacnorm's
+term; with jac_target=all, ||J_T - J_S||_F^2 over every output), and jac_ce's and jacnorm's
 products likewise. The hint losses take sketches where they take Jacobians, unchanged.
 
 The normalised form (`jac`, jac_normalize) cannot be estimated without bias: a norm is not a

@@ -72,7 +72,7 @@ class Target:
   one_hot: bool
   help: str
   # Draws its outputs from the step's seed: the teacher's Jacobians change from step to step,
-  # so they cannot be computed once per example (--teacher_cache).
+  # so they cannot be computed once per example (teacher_cache).
   seeded_by_step: bool = False
 
 
@@ -83,11 +83,11 @@ TARGETS: Dict[str, Target] = {
     "random": Target(_random, lambda o: 1, False, True, "a random class per example (drawn "
                      "anew at every step)", seeded_by_step=True),
     "top_k": Target(_top_k, lambda o: o.top_k, True, True,
-                    "the teacher's --jac_top_k classes (k backward passes)"),
+                    "the teacher's jac_top_k classes (k backward passes)"),
     "all": Target(_all, lambda o: o.num_classes, False, True,
                   "every class (C backward passes: exact Frobenius norms, costly)"),
     "projection": Target(_projection, lambda o: o.projections, False, False,
-                         "--jac_projections random Gaussian projections v^T J (one backward "
+                         "jac_projections random Gaussian projections v^T J (one backward "
                          "pass each; unbiased for the squared Frobenius norm; drawn anew at "
                          "every step)", seeded_by_step=True),
 }

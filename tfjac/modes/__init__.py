@@ -32,7 +32,7 @@ class Mode:
   teacher_cache: bool = False  # may fit a student against cached teacher outputs
   hints_read_teacher: bool = False  # the hints read the teacher (a probability one is checked)
   top_k_among: str = "dataset"  # "dataset" or "teacher": whose classes top_k picks among
-  check: Callable = _no_rules  # config -> None; the mode's own rules (ConfigError), no data read
+  check: Callable = _no_rules  # config -> None; the mode's own rules (SettingError), no data read
 
 
 def load(name: str) -> Mode:

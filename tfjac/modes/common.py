@@ -11,9 +11,9 @@ from absl import logging
 
 from tfjac import errors, export, models, modes
 from tfjac.models import sources, students, teachers
-from tfjac.config import Config, HintConfig, ModelConfig, TrainConfig
+from tfjac.config import Config, DataConfig, HintConfig, ModelConfig, TrainConfig
 from tfjac.data import Splits
-from tfjac.errors import ConfigError
+from tfjac.errors import SettingError, mention
 from tfjac.training import callbacks, evaluation, loop
 from tfjac.training import resume as resume_lib
 from tfjac.training import teacher_cache
@@ -42,8 +42,9 @@ def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, s
 
 def check_student(config: Config, splits: Splits, strategy):
   """Builds an outside student (keras.applications:NAME, FILE.keras) once and throws it away,
-  so that one that cannot take the dataset's images is a ConfigError naming --model before a
-  teacher is trained. tfjac's own builders take any image size: nothing to check."""
+  so that one that cannot take the dataset's images is refused, naming the student's model
+  setting, before a teacher is trained. tfjac's own builders take any image size: nothing to
+  check."""
   if modes.load(config.mode).builds_student and sources.is_outside(config.student.name):
     build_network(config.student, splits, "student", strategy, seed=config.data.seed)
 
@@ -60,6 +61,21 @@ def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, rol
 # Settings that never change the teacher's numbers: where the data lives, the student's
 # sampling (the teacher trains on the whole training split), the backup frequency.
 _NOT_TEACHER = {"data_dir", "samples_per_class", "backup_every_steps"}
+
+
+def _record_keys():
+  """teacher_settings' flat keys -> the Config settings they record (their mentions)."""
+  keys = {"teacher_model": "teacher.model.name", "teacher_width": "teacher.model.width",
+          "ce_weight": "hints.weights.ce", "mixed_precision": "mixed_precision",
+          "teacher_epochs": "teacher.train.epochs",
+          "teacher_learning_rate": "teacher.train.learning_rate"}
+  keys.update({f.name: f"data.{f.name}" for f in dataclasses.fields(DataConfig)})
+  keys.update({f.name: f"teacher.train.{f.name}" for f in dataclasses.fields(TrainConfig)
+               if f.name not in ("epochs", "learning_rate")})
+  return keys
+
+
+_SETTING_OF_RECORD = _record_keys()
 
 
 def teacher_settings(config: Config):
@@ -134,7 +150,7 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
 
 
 def robustness(config: Config, splits: Splits, network, batch_size):
-  """{sigma: test accuracy on Gaussian-noised test images}, seeded by --seed."""
+  """{sigma: test accuracy on Gaussian-noised test images}, seeded by data.seed."""
   return evaluation.accuracy_under_noise(network, splits.test, config.robustness_sigmas, batch_size,
                                    seed=config.data.seed)
 
@@ -153,9 +169,9 @@ def fit_summary(result: loop.FitResult, test):
 
 def train_student(config: Config, splits: Splits, strategy, teacher: Optional[keras.Model],
                   make_views=None, student=None, architecture=None):
-  """The student on --samples_per_class examples per class with --hints, exported alone.
+  """The student on data.samples_per_class examples per class with hints.hints, exported alone.
   `make_views(student) -> (student_view, teacher_view)`, called in the strategy scope, adds
-  what transfer hints need; `student` replaces the --model network (the oracle)."""
+  what transfer hints need; `student` replaces the student.name network (the oracle)."""
   train_split = splits.sampled_train(config.data.samples_per_class, config.data.seed)
   student_view = teacher_view = None
   with strategy.scope():
@@ -200,26 +216,27 @@ def train_teacher(config: Config, splits: Splits, strategy):
 
 def check_reusable_teacher(config: Config, meta, existing):
   """A teacher found in the run directory is reused only if its metadata records the teacher
-  settings of this run; else a ConfigError naming the settings that differ and the two ways
-  out. Before, only the dataset and class count were compared: another --teacher_model,
-  --teacher_width, --teacher_epochs or --seed distilled from the old teacher in silence."""
-  ways_out = (f"use another --workdir to train a teacher with these settings, or pass "
-              f"--teacher={existing} to distil from this one on purpose")
+  settings of this run; else a SettingError (workdir) naming the settings that differ and the
+  two ways out. Before, only the dataset and class count were compared: another teacher model,
+  width, number of epochs or seed distilled from the old teacher in silence."""
+  ways_out = (f"use another {mention('workdir')} to train a teacher with these settings, or "
+              f"pass {mention('teacher.path', existing)} to distil from this one on purpose")
   recorded = meta.get("teacher_settings")
   if recorded is None:
-    raise ConfigError("workdir", f"{existing} holds a teacher whose metadata (model.json) "
-                      "records no teacher settings (written by an older tfjac), so it cannot "
-                      f"be shown to match this run's; {ways_out}")
+    raise SettingError("workdir", f"{existing} holds a teacher whose metadata (model.json) "
+                       "records no teacher settings (written by an older tfjac), so it cannot "
+                       f"be shown to match this run's; {ways_out}")
   wanted = teacher_settings(config)
-  differing = [f"--{k}={wanted.get(k)!r} here, {recorded.get(k)!r} for the teacher"
+  differing = [f"{mention(_SETTING_OF_RECORD.get(k, k), wanted.get(k))} here, "
+               f"{recorded.get(k)!r} for the teacher"
                for k in sorted(set(wanted) | set(recorded)) if wanted.get(k) != recorded.get(k)]
   if differing:
-    raise ConfigError("workdir", f"{existing} holds a teacher made with other settings: "
-                      f"{'; '.join(differing)}. {ways_out[0].upper()}{ways_out[1:]}")
+    raise SettingError("workdir", f"{existing} holds a teacher made with other settings: "
+                       f"{'; '.join(differing)}. {ways_out[0].upper()}{ways_out[1:]}")
 
 
 def obtain_teacher(config: Config, splits: Splits, strategy):
-  """--teacher if given; else the teacher already in the run directory; else train one."""
+  """teacher if given; else the teacher already in the run directory; else train one."""
   info = splits.info
   path = config.teacher.path
   source = "given"

@@ -1,7 +1,7 @@
 """--mode=finetune: the fine-tuning oracle of the poster's transfer table. The teacher's own
 network, initialised from its weights, with a new head for the target classes, fine-tuned on
 the target data with CE. Needs a Keras teacher (.keras) that ends in a Dense layer."""
-from tfjac.errors import ConfigError
+from tfjac.errors import SettingError, mention
 from tfjac.models import teachers
 from tfjac.models.surgery import initialised_from_teacher, oracle_network
 from tfjac.modes import Mode, common
@@ -11,8 +11,8 @@ DEFAULT_HINTS = ("ce",)
 
 def check(config):
   if config.hints.hints != DEFAULT_HINTS:
-    raise ConfigError("hints", "--mode=finetune (the fine-tuning oracle) trains with CE alone: "
-                      "use --hints=ce")
+    raise SettingError("hints.hints", f"{mention('mode', 'finetune')} (the fine-tuning oracle) "
+                       f"trains with CE alone: use {mention('hints.hints', 'ce')}")
 
 
 def run(config, splits, strategy):

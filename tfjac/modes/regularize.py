@@ -3,18 +3,19 @@
 poster's equivalence of the two is for squared error; for CE the noisy expectation is, to second
 order, CE + sigma^2/2 tr(Hessian_x CE), so the two are related losses, not the same one."""
 from tfjac import hints as hints_lib
-from tfjac.errors import ConfigError
+from tfjac.errors import SettingError, mention
 from tfjac.modes import Mode, common
 
 
 def check(config):
   with_teacher = [name for name in config.hints.hints if hints_lib.HINTS[name].needs_teacher]
   if with_teacher:
-    raise ConfigError("hints", f"--mode=regularize has no teacher, but {with_teacher} need "
-                      "one; valid: " + ", ".join(n for n, hint in hints_lib.HINTS.items()
-                                                  if not hint.needs_teacher))
+    raise SettingError("hints.hints", f"{mention('mode', 'regularize')} has no teacher, but "
+                       f"{with_teacher} need one; valid: " + ", ".join(
+                           n for n, hint in hints_lib.HINTS.items() if not hint.needs_teacher))
   if config.teacher.path:
-    raise ConfigError("teacher", "--mode=regularize trains without a teacher")
+    raise SettingError("teacher.path", f"{mention('mode', 'regularize')} trains without a "
+                       "teacher")
 
 
 def run(config, splits, strategy):

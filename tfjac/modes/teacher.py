@@ -1,5 +1,5 @@
 """--mode=teacher: train a network on the full training split with CE and export it."""
-from tfjac.errors import ConfigError
+from tfjac.errors import SettingError, mention
 from tfjac.modes import Mode, common
 
 DEFAULT_HINTS = ("ce",)
@@ -7,9 +7,11 @@ DEFAULT_HINTS = ("ce",)
 
 def check(config):
   if config.hints.hints != DEFAULT_HINTS:
-    raise ConfigError("hints", "--mode=teacher trains on labels alone: use --hints=ce")
+    raise SettingError("hints.hints", f"{mention('mode', 'teacher')} trains on labels alone: "
+                       f"use {mention('hints.hints', 'ce')}")
   if config.teacher.path:
-    raise ConfigError("teacher", "--mode=teacher trains a teacher; it takes no --teacher")
+    raise SettingError("teacher.path", f"{mention('mode', 'teacher')} trains a teacher; it "
+                       f"takes no {mention('teacher.path')}")
 
 
 def run(config, splits, strategy):

@@ -11,7 +11,7 @@ from absl import logging
 
 from tfjac.models import teachers
 from tfjac import hints as hints_lib
-from tfjac.errors import ConfigError
+from tfjac.errors import SettingError, mention
 from tfjac.models import views
 from tfjac.modes import Mode, common
 
@@ -25,15 +25,16 @@ def check(config):
   h = config.hints
   uses_jac = [n for n in h.hints if hints_lib.uses_jac_target(hints_lib.HINTS[n])]
   if uses_jac and h.jac_target == "label":
-    raise ConfigError("jac_target", "target labels are not in the teacher's label space: "
-                      "use teacher_top1 (the default in --mode=transfer), top_k, all, random "
-                      "or projection")
+    raise SettingError("hints.jac_target", "target labels are not in the teacher's label "
+                       "space: use teacher_top1 (the default in "
+                       f"{mention('mode', 'transfer')}), top_k, all, random or projection")
   # The transfer hints: CE on the labels and LwF, and the hints that read the teacher.
   valid = DEFAULT_HINTS + tuple(n for n, hint in hints_lib.HINTS.items()
                                 if hint.needs_teacher and n not in DEFAULT_HINTS)
   bad = [n for n in h.hints if n not in valid]
   if bad:
-    raise ConfigError("hints", f"{bad} are not transfer hints; valid: {', '.join(valid)}")
+    raise SettingError("hints.hints", f"{bad} are not transfer hints; valid: "
+                       f"{', '.join(valid)}")
 
 
 def run(config, splits, strategy):

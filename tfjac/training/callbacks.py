@@ -1,6 +1,6 @@
 """The Keras callbacks of a fit: per-epoch student checkpoints (last and best on validation
 accuracy), early stopping and best-so-far that survive a restart, a NaN/Inf guard that names
-the term, the --train_steps stop, the cheaper split validation, phase timing and a log line
+the term, the train_steps stop, the cheaper split validation, phase timing and a log line
 per epoch. training/loop.py puts them together."""
 import math
 import os
@@ -126,7 +126,7 @@ class NonFiniteGuard(EpochPosition, keras.callbacks.Callback):
 
 class StepBudget(EpochPosition, keras.callbacks.Callback):
   """Stops the fit once `total_steps` optimizer steps have run (the last epoch of a
-  --train_steps budget is shorter); Keras then still validates and ends that epoch."""
+  train_steps budget is shorter); Keras then still validates and ends that epoch."""
 
   def __init__(self, total_steps, steps_per_epoch):
     super().__init__()
@@ -267,6 +267,6 @@ class EpochLogger(keras.callbacks.Callback):
     if progress_verbosity():
       return
     shown = " ".join(f"{k}={float(v):.4g}" for k, v in sorted((logs or {}).items()))
-    # fit()'s own epoch count: --epochs, or the epochs derived from --train_steps.
+    # fit()'s own epoch count: epochs, or the epochs derived from train_steps.
     total = (self.params or {}).get("epochs") or self.epochs
     logging.info("%s epoch %d/%d: %s", self.role, epoch + 1, total, shown)

@@ -44,22 +44,22 @@ class AdamWithL2(_L2Penalty, keras.optimizers.Adam):
 @dataclasses.dataclass(frozen=True)
 class Budget:
   """How long a fit runs: `epochs` epochs of `steps_per_epoch` steps, the last one cut so that
-  `total_steps` optimizer steps run in all (only a --train_steps budget cuts it)."""
+  `total_steps` optimizer steps run in all (only a train_steps budget cuts it)."""
   steps_per_epoch: int
   epochs: int
   total_steps: int
 
 
-# With --train_steps and no --steps_per_epoch, an epoch (validation, checkpoint, backup) is one
+# With train_steps and no steps_per_epoch, an epoch (validation, checkpoint, backup) is one
 # pass, but never shorter than train_steps / MAX_BUDGET_EPOCHS steps: 3 images per class at
 # batch 32 are one step per pass, and 2,160 one-step epochs would spend the run validating.
 MAX_BUDGET_EPOCHS = 100
 
 
 def budget(cfg: TrainConfig, num_examples: int) -> Budget:
-  """--epochs epochs, or with --train_steps=N exactly N steps in as many epochs as needed.
-  An epoch is --steps_per_epoch steps, or one pass over the `num_examples` (the last batch
-  partial); under --train_steps=N at least ceil(N / MAX_BUDGET_EPOCHS) steps (several passes,
+  """epochs epochs, or with train_steps=N exactly N steps in as many epochs as needed.
+  An epoch is steps_per_epoch steps, or one pass over the `num_examples` (the last batch
+  partial); under train_steps=N at least ceil(N / MAX_BUDGET_EPOCHS) steps (several passes,
   the stream reshuffled at each)."""
   one_pass = max(1, math.ceil(num_examples / cfg.batch_size))
   steps = cfg.steps_per_epoch or one_pass
@@ -73,7 +73,7 @@ def budget(cfg: TrainConfig, num_examples: int) -> Budget:
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int,
                    total_steps: Optional[int] = None) -> keras.optimizers.Optimizer:
   """The schedule is over optimizer steps: cosine decays over `total_steps` (default
-  epochs x steps_per_epoch); step boundaries are --lr_decay_steps, or --lr_decay_epochs
+  epochs x steps_per_epoch); step boundaries are lr_decay_steps, or lr_decay_epochs
   converted with `steps_per_epoch`.
 
   Momentum is Keras's form, v <- m v - lr g; w <- w + v. PyTorch's (v <- m v + g;

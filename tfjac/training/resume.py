@@ -138,7 +138,7 @@ class TrainingBackup(keras.callbacks.Callback):
     super().__init__()
     self.directory, self.stateful = directory, dict(stateful)
     self.epochs, self.steps_per_epoch, self.every_steps = epochs, steps_per_epoch, every_steps
-    # A --train_steps budget ends inside the last epoch: no mid-epoch backup at or after its
+    # A train_steps budget ends inside the last epoch: no mid-epoch backup at or after its
     # end (the epoch-end backup follows at once), so a resumed fit has a step left to run.
     self.total_steps = total_steps or epochs * steps_per_epoch
     self.settings = settings
