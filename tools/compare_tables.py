@@ -13,7 +13,6 @@ ahead of B?) or A~B (is A within noise of B?), each side NAME:ROW; each is check
 column both tables have. --header adds a paragraph (the commands, the CPU) above the table.
 """
 import csv
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, REPO)
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from results_tables import compared, verdict  # noqa: E402  (the one rule)
+from results_tables import compared, read_results, verdict  # noqa: E402  (the one rule)
 from tfjac import atomic  # noqa: E402
 
 flags.DEFINE_multi_string("table", [], "NAME=PATH of a results.csv (or its directory).")
@@ -64,11 +63,10 @@ def read_cells(directory, seeds=0):
   for row in sorted(os.listdir(cells)):
     for column in sorted(os.listdir(os.path.join(cells, row))):
       for seed_dir in sorted(os.listdir(os.path.join(cells, row, column))):
-        path = os.path.join(cells, row, column, seed_dir, "results.json")
-        if not os.path.exists(path) or (seeds and int(seed_dir[4:]) >= seeds):
+        results = read_results(os.path.join(cells, row, column, seed_dir))
+        if results is None or (seeds and int(seed_dir[4:]) >= seeds):
           continue
-        with open(path) as f:
-          acc = json.load(f)["student"]["best_val_accuracy"]
+        acc = results["student"]["best_val_accuracy"]
         values.setdefault((row, column[1:]), []).append(100 * acc)
   return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
           for k, v in values.items()}

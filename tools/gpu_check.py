@@ -134,10 +134,10 @@ def parse_reproduce(output, code, out=None, dry_run=False):
   if code:
     return [["fashion_mnist", "act + jac + CE, 10/class, seed 0", f"FAILED (exit {code})",
              (output.strip().splitlines() or ["no output"])[-1][:200]]]
-  import reproduce  # pylint: disable=g-import-not-at-top  (read_results: the one reader)
+  import results_tables  # pylint: disable=g-import-not-at-top  (read_results: the one reader)
   accuracies = []
   for path in glob.glob(os.path.join(out or "", "cells", "*", "n10", "seed0", "results.json")):
-    accuracies.append(reproduce.read_results(os.path.dirname(path))["student"]["test"]["accuracy"])
+    accuracies.append(results_tables.read_results(os.path.dirname(path))["student"]["test"]["accuracy"])
   value = f"{100 * accuracies[0]:.2f}% test" if accuracies else "no results.json"
   return [["fashion_mnist", "act + jac + CE, 10/class, seed 0", value,
            "tools/reproduce.py's preset (teacher VGG-4 x0.5, 3 epochs; 500 steps)"]]

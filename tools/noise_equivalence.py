@@ -15,8 +15,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/
 
 import numpy as np  # noqa: E402
+import results_tables  # noqa: E402  (read_results: the one reader of run results)
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_string("run_dir", None, "A run directory of `python -m tfjac.run --mode=distill` "
@@ -93,12 +95,10 @@ def trained_pair(run_dir, examples):
   from tfjac import data, export  # pylint: disable=g-import-not-at-top
   from tfjac.models import teachers  # pylint: disable=g-import-not-at-top
   from tfjac.config import Config, DataConfig, TeacherConfig  # pylint: disable=g-import-not-at-top
-  results_path = os.path.join(run_dir, "results.json")
-  if not os.path.exists(results_path):
+  results = results_tables.read_results(run_dir)
+  if results is None:
     raise ToolError(f"--run_dir: {run_dir!r} has no results.json; give the run directory of a "
                     "finished `python -m tfjac.run --mode=distill` run")
-  with open(results_path) as f:
-    results = json.load(f)
   student_path = os.path.join(run_dir, "student", export.KERAS_FILE)
   teacher_path = (results.get("teacher") or {}).get("path")
   if not os.path.exists(student_path):

@@ -27,13 +27,12 @@ Arguments after `--` are passed to every run (teacher included), after the table
 (--mode=regularize) whose columns are test noise levels (--sigmas), one size of
 --samples_per_class (default 50); it writes <out>/results.{md,csv} and, with --docs, the same
 two files there. Every table launches its runs through `launch` and reads them with
-`read_results`.
+`results_tables.read_results`.
 """
 import collections
 import concurrent.futures
 import csv
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -46,7 +45,7 @@ sys.path.insert(0, REPO)
 from absl import app, flags  # noqa: E402
 
 import results_tables  # noqa: E402  (tools/: results.md, .csv, .png)
-from results_tables import setting_name  # noqa: E402
+from results_tables import read_results, setting_name  # noqa: E402
 from tfjac import atomic  # noqa: E402
 
 # The grid: TABLES x PRESETS x columns. tools/flagfiles.py writes the paper's flagfiles
@@ -333,14 +332,6 @@ def candidates(row, override=None, trials=4, learning_rate=0.001, level_table=No
 
 def setting_args(setting):
   return tuple(f"--{k}={v}" for k, v in sorted(setting.items()))
-
-
-def read_results(workdir):
-  path = os.path.join(workdir, "results.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
 
 
 class Progress:

@@ -19,6 +19,16 @@ sys.path.insert(0, REPO)
 from tfjac import atomic  # noqa: E402
 
 
+def read_results(workdir):
+  """A run directory's results.json as a dict, or None if the run has not finished: the one
+  reader of run results for every tool."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def setting_name(setting):
   return "_".join(f"{k}={v}" for k, v in sorted(setting.items())) or "default"
 

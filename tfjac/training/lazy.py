@@ -30,7 +30,8 @@ class LazySteps:
 
   def step_gradients(self, distiller, measure, step, jac_step=None):
     """(gradients, student logits, {tracker: (per-example values, sample weights)}) of one
-    step of `distiller`: `measure(model)` is Distiller.measured_step of the twin `model`.
+    step of `distiller`: `measure(model)` is the measured step of the twin `model` (the
+    closure of Distiller.step_gradients).
     step % K == 0 (Distiller.is_jacobian_step) takes `full`, the other steps `cheap`; under
     tf.cond the branch not taken, and so every Jacobian pass of it, does not run. `jac_step`
     True/False: that twin, no cond (the two functions of several replicas)."""
