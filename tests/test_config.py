@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from typing import Optional
 
 import pytest
 
@@ -104,7 +105,7 @@ def _float_settings(settings, path=()):
         for p, make in cases(value, where):
           yield p, (lambda bad, make=make, name=field.name, obj=obj: dataclasses.replace(
               obj, **{name: make(bad)}))
-      elif field.type in (float, "float"):
+      elif field.type in (float, "float", Optional[float], "Optional[float]"):
         yield where, lambda bad, obj=obj, name=field.name: dataclasses.replace(
             obj, **{name: bad})
       elif field.name == "weights" and isinstance(obj, HintConfig):

@@ -3,6 +3,7 @@ default of that field in `config.Config()`, so a Python API user and a command-l
 same run. No flags are parsed: only the flags' declared defaults are read."""
 import dataclasses
 
+import pytest
 from absl import flags
 
 from tfjac import config, flagdefs, hints
@@ -28,6 +29,8 @@ FIELDS = {
     # networks
     "model": ("student.name",), "width": ("student.width",),
     "student_weights": ("student.weights",), "teacher_model": ("teacher.model.name",),
+    # None: config.resolved fills in the dataset's default (DEFAULT_TEACHER_WIDTHS)
+    "teacher_width": ("teacher.model.width",),
     # optimisation
     "epochs": ("train.epochs",), "learning_rate": ("train.learning_rate",),
     "train_steps": ("train.train_steps",), "jac_every": ("hints.jac_every",),
@@ -50,10 +53,7 @@ FIELDS = {
     "teacher_image_size": ("teacher.input.image_size",),
 }
 # Flags whose default is no field's default: {flag: its default}.
-NOT_PAIRED = {
-    # None: config.default_teacher_width(dataset, teacher model) fills teacher.model.width.
-    "teacher_width": None,
-}
+NOT_PAIRED = {}
 
 
 def _get(obj, path):
@@ -129,3 +129,20 @@ def test_the_python_api_with_hints_by_name_gets_the_command_line_defaults():
   assert all(api.weight(h) == config.HintConfig().weight(h) for h in api.hints)
   mixed = settings.hint_settings({"act": None, "jac": 3, "ce": 1})
   assert mixed.weight("act") == 1.0 and mixed.weight("jac") == 3.0
+
+
+@pytest.mark.parametrize("dataset", ["digits", "fashion_mnist"])
+def test_the_default_command_and_config_make_the_same_run(dataset):
+  """With no flags but the dataset, the command line's Config is the Python API's Config(),
+  once the derived defaults are filled in (config.resolved, which run.run and checks.validate
+  apply): the teacher width the dataset's default (0.25 for digits' VGG-9), not 1."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  from tfjac import run  # pylint: disable=g-import-not-at-top,unused-import  (the flags)
+  with helpers.parsed_flags(f"--dataset={dataset}"):
+    from_flags = run.config_from_flags()
+  api = config.resolved(config.Config(data=config.DataConfig(dataset=dataset)))
+  # The flags list every hint's weight; Config() lists none (each 1): the same weights.
+  assert all(api.hints.weight(h) == from_flags.hints.weight(h) for h in hints.HINTS)
+  unweighted = lambda c: dataclasses.replace(c, hints=dataclasses.replace(c.hints, weights=()))  # noqa: E731
+  assert unweighted(api) == unweighted(from_flags)
+  assert from_flags.teacher.model.width == config.default_teacher_width(dataset, "vgg9")

@@ -170,7 +170,9 @@ class HintConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   name: str = "vgg4"  # a builder's name, keras.applications:NAME or a .keras file
-  width: float = 1.0
+  # None (the teacher's default): the width DEFAULT_TEACHER_WIDTHS gives the run's dataset and
+  # this model (resolved(), for the command line and the Python API alike).
+  width: Optional[float] = 1.0
   weights: str = ""  # outside students: a weights file (model.load_weights); empty: random
 
 
@@ -198,7 +200,7 @@ class TeacherConfig:
   # A trained teacher: a .keras file, a SavedModel, keras.applications:NAME or kerashub:PRESET
   # (models/sources.py); None: `model` is built and trained first (mode=distill).
   path: Optional[str] = None
-  model: ModelConfig = ModelConfig(name="vgg9")
+  model: ModelConfig = ModelConfig(name="vgg9", width=None)
   train: TrainConfig = TEACHER_TRAIN
   input: TeacherInput = TeacherInput()
   unsafe_loading: bool = False  # let a .keras teacher run its Lambda code
@@ -225,3 +227,16 @@ class Config:
 
   def to_dict(self):
     return dataclasses.asdict(self)
+
+
+def resolved(config: "Config") -> "Config":
+  """`config` with its derived defaults filled in: a teacher width of None becomes the width
+  DEFAULT_TEACHER_WIDTHS gives the dataset and teacher model. The command line (run.py) and a
+  Python run (run.run, checks.validate) both go through here, so Config() and the flags'
+  defaults make the same teacher."""
+  model = config.teacher.model
+  if model.width is not None:
+    return config
+  width = default_teacher_width(config.data.dataset, model.name)
+  return dataclasses.replace(config, teacher=dataclasses.replace(
+      config.teacher, model=dataclasses.replace(model, width=width)))

@@ -54,7 +54,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                       weight_decay_kind=f.weight_decay_kind, nesterov=f.nesterov,
                       lr_decay_steps=_int_list("lr_decay_steps", f.lr_decay_steps))
   from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.Config(
+  return config_lib.resolved(config_lib.Config(
       mode=f.mode, workdir=f.workdir, strategy=f.strategy,
       robustness_sigmas=_float_list("robustness_sigmas", f.robustness_sigmas),
       data=config_lib.DataConfig(
@@ -67,8 +67,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           path=f.teacher,
           model=config_lib.ModelConfig(
               name=f.teacher_model,
-              width=(f.teacher_width if f.teacher_width is not None else
-                     config_lib.default_teacher_width(f.dataset, f.teacher_model))),
+              width=f.teacher_width),  # None: resolved below, as for the Python API
           train=dataclasses.replace(config_lib.TEACHER_TRAIN, epochs=f.teacher_epochs,
                                     learning_rate=f.teacher_learning_rate, **train_common),
           input=config_lib.TeacherInput(resize=f.teacher_resize, scale=f.teacher_input_scale,
@@ -98,7 +97,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
           dataset=f.source_dataset, data_dir=f.data_dir, image_size=f.image_size,
           classes=_int_list("source_classes", f.source_classes), seed=f.seed),
       conditions_examples=f.conditions_examples,
-      resume=f.resume, deterministic=f.deterministic, mixed_precision=f.mixed_precision)
+      resume=f.resume, deterministic=f.deterministic, mixed_precision=f.mixed_precision))
 
 
 def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:
@@ -131,6 +130,7 @@ def _run(config, flagfile_text):
   from tfjac.modes import common  # pylint: disable=g-import-not-at-top
 
   start = time.time()
+  config = config_lib.resolved(config)  # derived defaults, as config_from_flags fills them
   checks.validate(config)
   config = runtime.worker_config(config)  # multi-worker: only the chief writes --workdir
   if flagfile_text:
