@@ -643,3 +643,23 @@ def test_the_networks_package_speaks_in_settings_not_flags():
       continue
     assert "ConfigError" not in text, path
     assert not re.findall(r"--[a-z]\w+", text), (path, re.findall(r"--[a-z]\w+", text))
+
+
+def test_students_and_teachers_load_files_through_one_loader(tmp_path):
+  """sources.load_network reads a student's .keras file too: a file with Python code (a
+  Lambda) is refused in safe mode for both, and only the teacher is told of the setting that
+  lifts it (students load in safe mode only); a student is never a SavedModel."""
+  inputs = keras.Input((4, 4, 1))
+  x = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+  out = keras.layers.Dense(3)(keras.layers.Flatten()(x))
+  path = str(tmp_path / "lambda.keras")
+  keras.Model(inputs, out).save(path)
+  with pytest.raises(SettingError, match=r"^student.name: .*Keras safe mode will not run") as e:
+    students.build_student(path, (4, 4, 1), 3, mean=(0,), std=(1,))
+  assert "unsafe" not in str(e.value)
+  with pytest.raises(SettingError, match=r"^teacher.path: .*pass teacher.unsafe_loading=True"):
+    sources.load_network(path, (4, 4, 1))
+  os.makedirs(tmp_path / "sm")
+  (tmp_path / "sm" / "saved_model.pb").write_bytes(b"")
+  with pytest.raises(SettingError, match=r"^student.name: .* is not a .keras file"):
+    students.build_student(str(tmp_path / "sm"), (4, 4, 1), 3, mean=(0,), std=(1,))

@@ -168,15 +168,18 @@ def _refused_by_safe_mode(e) -> bool:
   return "safe_mode" in str(e) or "unsafe_deserialization" in str(e)
 
 
-def load_network(path: str, image_shape, *, safe_mode=True,
-                 setting="teacher.path") -> keras.Model:
-  """A network from a .keras file (safe mode: no Lambda code), a SavedModel directory, or a
-  directory written by tfjac (holding model.keras). A SavedModel becomes a Keras model around
-  its serving function, on its own input signature if it has one, else on `image_shape`.
+def load_network(path: str, image_shape, *, safe_mode=True, setting="teacher.path",
+                 unsafe_setting: Optional[str] = "teacher.unsafe_loading",
+                 saved_model=True) -> keras.Model:
+  """A network from a .keras file (safe mode: no Lambda code), a SavedModel directory (when
+  `saved_model`), or a directory written by tfjac (holding model.keras): the one loader of
+  network files, for teachers and students. A SavedModel becomes a Keras model around its
+  serving function, on its own input signature if it has one, else on `image_shape`. The
+  model comes back frozen (trainable False).
 
   safe_mode: Keras safe mode, which refuses to deserialise Python code (Lambda layers); a
-  refused file is a SettingError that names the file and teacher.unsafe_loading. Errors name
-  `setting` (where `path` was given)."""
+  refused file is a SettingError that names the file and `unsafe_setting` (None: no setting
+  lifts it). Errors name `setting` (where `path` was given)."""
   if not os.path.exists(path):
     # An export cut mid-swap: put the previous one back.
     export.recover_export(path, remove_stale=False)
@@ -184,10 +187,11 @@ def load_network(path: str, image_shape, *, safe_mode=True,
     path = os.path.join(path, export.KERAS_FILE)
   if os.path.isdir(path) and os.path.exists(os.path.join(path, export.SAVED_MODEL)):
     path = os.path.join(path, export.SAVED_MODEL)
+  is_keras_file = path.endswith(".keras") or path.endswith(".h5")
   try:
-    if path.endswith(".keras") or path.endswith(".h5"):
+    if is_keras_file:
       model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
-    elif os.path.exists(os.path.join(path, "saved_model.pb")):
+    elif saved_model and os.path.exists(os.path.join(path, "saved_model.pb")):
       loaded = tf.saved_model.load(path)
       fn = getattr(loaded, "serve", None) or loaded.signatures.get("serving_default")
       if fn is None:
@@ -201,18 +205,22 @@ def load_network(path: str, image_shape, *, safe_mode=True,
       inputs = keras.Input(shape=shape, name="image")
       model = keras.Model(inputs, _SavedModelTeacher(path, loaded, fn, name="saved_model")(inputs),
                           name="teacher")
-    else:
+    elif saved_model:
       raise SettingError(setting, f"{path!r} is neither a .keras file nor a SavedModel "
                          "directory (no saved_model.pb)")
+    else:
+      raise SettingError(setting, f"{path!r} is not a .keras file")
   except SettingError:
     raise
   except Exception as e:  # unreadable, corrupt, unsafe: say which file and why
     if safe_mode and _refused_by_safe_mode(e):
+      lift = (f" If you trust whoever wrote the file, pass {mention(unsafe_setting, True)}"
+              if unsafe_setting else "")
       raise SettingError(setting, f"{path!r} contains Python code (e.g. a Lambda layer) that "
-                         "Keras safe mode will not run: loading it could execute anything. If "
-                         f"you trust whoever wrote the file, pass "
-                         f"{mention('teacher.unsafe_loading', True)}") from e
-    raise SettingError(setting, f"cannot load a model from {path!r}: {e}") from e
+                         "Keras safe mode will not run: loading it could execute anything."
+                         f"{lift}") from e
+    what = ", which is not a Keras model file Keras can read" if is_keras_file else ""
+    raise SettingError(setting, f"cannot load a model from {path!r}{what}: {e}") from e
   model.trainable = False
   return model
 

@@ -10,8 +10,8 @@ from tfjac.errors import SettingError
 from tfjac.models.layers import convert_batchnorm
 from tfjac.models.outputs import without_softmax
 from tfjac.models.preprocessing import own_preprocessing
-from tfjac.models.sources import (APPLICATIONS_PREFIX, check_application, needs_size,
-                                  load_weights)
+from tfjac.models.sources import (APPLICATIONS_PREFIX, check_application, load_network,
+                                  load_weights, needs_size)
 
 
 def build_student(name: str, image_shape, num_classes, *, mean, std, weights="",
@@ -52,10 +52,8 @@ def build_student(name: str, image_shape, num_classes, *, mean, std, weights="",
     if not os.path.exists(name):
       raise SettingError("student.name", f"{name!r} does not exist; valid: a built-in name, "
                          f"{APPLICATIONS_PREFIX}NAME or a .keras file")
-    try:
-      model = keras.saving.load_model(name, compile=False, safe_mode=safe_mode)
-    except Exception as e:
-      raise SettingError("student.name", f"{name!r} is not a Keras model file: {e}") from e
+    model = load_network(name, image_shape, safe_mode=safe_mode, setting="student.name",
+                         unsafe_setting=None, saved_model=False)
     if not isinstance(model, keras.Model) or not getattr(model, "outputs", None):
       raise SettingError("student.name", f"{name!r} is not a Functional Keras model")
     if weights:
