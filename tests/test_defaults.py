@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 from absl import flags
 
-from tfjac import config, flagdefs, hints
+from tfjac import config, flagdefs, hints, modes
+from tfjac.modes import defaults as mode_defaults
 
 # Flag -> the field(s) of config.Config() it fills in run.config_from_flags, as attribute paths.
 # The flags shared by the student's and the teacher's fits fill both TrainConfigs.
@@ -131,16 +132,19 @@ def test_the_python_api_with_hints_by_name_gets_the_command_line_defaults():
   assert mixed.weight("act") == 1.0 and mixed.weight("jac") == 3.0
 
 
-@pytest.mark.parametrize("dataset", ["digits", "fashion_mnist"])
-def test_the_default_command_and_config_make_the_same_run(dataset):
-  """With no flags but the dataset, the command line's Config is the Python API's Config(),
-  once the derived defaults are filled in (config.resolved, which run.run and checks.validate
-  apply): the teacher width the dataset's default (0.25 for digits' VGG-9), not 1."""
+@pytest.mark.parametrize("dataset,mode", [("digits", "distill"), ("fashion_mnist", "distill")] +
+                         [("digits", m) for m in modes.MODES if m != "distill"])
+def test_the_default_command_and_config_make_the_same_run(dataset, mode):
+  """With no flags but the dataset and the mode, the command line's Config is the Python API's
+  Config(data=..., mode=...) once the derived defaults are filled in (modes/defaults.resolved, which
+  run.run and checks.validate apply): the teacher width the dataset's default (0.25 for
+  digits' VGG-9, not 1), the mode's default hints and Jacobian target (transfer: ce,lwf at
+  teacher_top1, not act,jac,ce at label)."""
   from tests import helpers  # pylint: disable=g-import-not-at-top
   from tfjac import run  # pylint: disable=g-import-not-at-top,unused-import  (the flags)
-  with helpers.parsed_flags(f"--dataset={dataset}"):
+  with helpers.parsed_flags(f"--dataset={dataset}", f"--mode={mode}"):
     from_flags = run.config_from_flags()
-  api = config.resolved(config.Config(data=config.DataConfig(dataset=dataset)))
+  api = mode_defaults.resolved(config.Config(data=config.DataConfig(dataset=dataset), mode=mode))
   # The flags list every hint's weight; Config() lists none (each 1): the same weights.
   assert all(api.hints.weight(h) == from_flags.hints.weight(h) for h in hints.HINTS)
   unweighted = lambda c: dataclasses.replace(c, hints=dataclasses.replace(c.hints, weights=()))  # noqa: E731

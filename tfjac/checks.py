@@ -11,7 +11,8 @@ import contextlib
 import os
 
 from tfjac import modes
-from tfjac.config import Config, ModelConfig, TrainConfig, resolved
+from tfjac.modes import defaults as mode_defaults
+from tfjac.config import Config, ModelConfig, TrainConfig
 from tfjac.config import (AUGMENTATIONS, BN_POLICIES, JAC_ESTIMATORS, JAC_PROBES, LOSS_SCALINGS,
                           LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TEACHER_CACHE,
                           WEIGHT_DECAY_KINDS)
@@ -159,7 +160,7 @@ def validate(config: Config):
   from tfjac import data, hints  # pylint: disable=g-import-not-at-top
   from tfjac.training import teacher_cache  # pylint: disable=g-import-not-at-top
 
-  config = resolved(config)  # derived defaults (the teacher width), as a run has them
+  config = mode_defaults.resolved(config)  # derived defaults (teacher width, mode's hints), as a run has
   check_finite(config)
   _choice("mode", config.mode, modes.MODES)
   mode = modes.load(config.mode)

@@ -216,6 +216,8 @@ class Config:
   student: ModelConfig = ModelConfig()
   teacher: TeacherConfig = TeacherConfig()
   train: TrainConfig = TrainConfig()
+  # HintConfig() exactly (nothing chosen): the mode's default hints and Jacobian target
+  # (modes/defaults.resolved; e.g. transfer: ce,lwf at teacher_top1), as --mode without --hints.
   hints: HintConfig = HintConfig()
   robustness_sigmas: Tuple[float, ...] = ()
   source: Optional[DataConfig] = None  # mode=conditions: the teacher's own (source) data

@@ -16,6 +16,7 @@ from absl import app, flags, logging  # noqa: E402
 from tfjac import config as config_lib  # noqa: E402
 from tfjac import flagdefs  # noqa: E402,F401  (defines the flags)
 from tfjac import modes  # noqa: E402
+from tfjac.modes import defaults as mode_defaults  # noqa: E402
 from tfjac.errors import ConfigError, TfjacError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -54,7 +55,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
                       weight_decay_kind=f.weight_decay_kind, nesterov=f.nesterov,
                       lr_decay_steps=_int_list("lr_decay_steps", f.lr_decay_steps))
   from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.resolved(config_lib.Config(
+  return mode_defaults.resolved(config_lib.Config(
       mode=f.mode, workdir=f.workdir, strategy=f.strategy,
       robustness_sigmas=_float_list("robustness_sigmas", f.robustness_sigmas),
       data=config_lib.DataConfig(
@@ -130,7 +131,7 @@ def _run(config, flagfile_text):
   from tfjac.modes import common  # pylint: disable=g-import-not-at-top
 
   start = time.time()
-  config = config_lib.resolved(config)  # derived defaults, as config_from_flags fills them
+  config = mode_defaults.resolved(config)  # derived defaults, as config_from_flags fills them
   checks.validate(config)
   config = runtime.worker_config(config)  # multi-worker: only the chief writes --workdir
   if flagfile_text:
