@@ -69,7 +69,7 @@ def test_a_single_hint_is_never_scaled(digits_splits):
 
 def test_an_unknown_scaling_names_the_argument(digits_splits):
   student, teacher = _pair(digits_splits.info)
-  with pytest.raises(ValueError, match="hints.loss_scaling: must be one of none, initial, running"):
+  with pytest.raises(ValueError, match="hints.loss_scaling: unknown value .bogus.; valid: initial, none, running"):
     Distiller(student, teacher, hints=HintConfig.of({"act": 1.0, "ce": 1.0}, loss_scaling="bogus"))
 
 

@@ -13,9 +13,8 @@ import os
 from tfjac import modes
 from tfjac.modes import defaults as mode_defaults
 from tfjac.config import Config, ModelConfig, TrainConfig
-from tfjac.config import (AUGMENTATIONS, BN_POLICIES, JAC_ESTIMATORS, JAC_PROBES, LOSS_SCALINGS,
-                          LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES, TEACHER_CACHE,
-                          WEIGHT_DECAY_KINDS)
+from tfjac.config import (AUGMENTATIONS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES,
+                          TEACHER_CACHE, WEIGHT_DECAY_KINDS)
 from tfjac import errors
 from tfjac.errors import (ConfigError, DataError, NonFiniteLossError, NonFiniteWeightsError,
                           SettingError, render)
@@ -192,44 +191,23 @@ def validate(config: Config):
   _validate_train("teacher_", config.teacher.train)
 
   h = config.hints
-  if not h.hints:
-    raise ConfigError("hints", f"needs at least one hint; valid: {', '.join(hints.HINTS)}")
-  for name in h.hints:
-    _choice("hints", name, hints.HINTS)
-  if len(set(h.hints)) != len(h.hints):
-    raise ConfigError("hints", f"lists a hint twice: {','.join(h.hints)}")
-  for name, w in h.weights:
+  # The hint settings' names and rules: the Distiller's own checks (training/settings.py).
+  from tfjac.training import settings  # pylint: disable=g-import-not-at-top
+  with flag_errors():
+    settings.check_choices(h)
+    settings.check_rules(h)
+  for name, w in h.weights:  # the command line's own: a weight of 0 is a hint left out
     _positive(f"{name}_weight", w)
-  _positive("kd_temperature", h.kd_temperature)
-  _choice("jac_target", h.jac_target, hints.JACOBIAN_TARGETS)
-  _choice("jac_bn_policy", h.jac_bn_policy, BN_POLICIES)
-  _choice("loss_scaling", h.loss_scaling, LOSS_SCALINGS)
-  if h.loss_scaling == "running" and "jac_ce" in h.hints:
-    raise ConfigError("loss_scaling", "running cannot scale jac_ce: the term is unbounded "
-                      "below, its running mean can cross zero and its scale with it; use "
-                      "--loss_scaling=initial or none")
-  _positive("jac_top_k", h.jac_top_k)
-  _positive("jac_projections", h.jac_projections)
-  _positive("noise_samples", h.noise_samples)
-  chosen = {name: hints.HINTS[name] for name in h.hints}
-  _validate_estimator(config)
-  noisy = [name for name, hint in chosen.items() if hint.uses_noise]
-  if noisy and not h.noise_sigma > 0:
-    raise ConfigError("noise_sigma", f"must be > 0 for the hint(s) {','.join(noisy)}, got "
-                      f"{h.noise_sigma}")
-  if any(hint.needs_class_targets for hint in chosen.values()) and not hints.JACOBIAN_TARGETS[
-      h.jac_target].one_hot:
-    raise ConfigError("jac_target", f"{h.jac_target!r} is not a class; jac_ce needs class "
-                      "targets: " + ", ".join(n for n, t in hints.JACOBIAN_TARGETS.items()
-                                              if t.one_hot))
+  if h.jac_estimator == "fd" and config.mixed_precision not in ("float32", "auto"):
+    raise ConfigError("mixed_precision", f"{config.mixed_precision} with --jac_estimator=fd: "
+                      "the differences f(x + eps u) - f(x - eps u) are lost in low-precision "
+                      "rounding; use float32 (auto picks it with fd) or --jac_estimator=jvp")
   for sigma in config.robustness_sigmas:
     _positive("robustness_sigmas", sigma)
   if len(set(config.data.classes)) != len(config.data.classes) or any(
       c < 0 for c in config.data.classes):
     raise ConfigError("classes", f"must be distinct class indices >= 0, got "
                       f"{list(config.data.classes)}")
-  from tfjac.hints import LWF_MATCHES  # pylint: disable=g-import-not-at-top
-  _choice("lwf_match", h.lwf_match, LWF_MATCHES)
   _positive("teacher_input_scale", config.teacher.input.scale)
   _positive("conditions_examples", config.conditions_examples)
   if mode.needs_teacher and not config.teacher.path:
@@ -279,21 +257,6 @@ def validate(config: Config):
     raise ConfigError("teacher", f"{config.teacher.path!r} does not exist; give a .keras file "
                       "or a SavedModel directory written by --mode=teacher")
   _check_writable(config.workdir)
-
-
-def _validate_estimator(config: Config):
-  """The estimator's names, its rules between hint settings (training/settings.check_rules,
-  the Distiller's own), and the one it has with the run's precision."""
-  from tfjac.training import settings  # pylint: disable=g-import-not-at-top
-  h = config.hints
-  _choice("jac_estimator", h.jac_estimator, JAC_ESTIMATORS)
-  _choice("jac_probe", h.jac_probe, JAC_PROBES)
-  with flag_errors():
-    settings.check_rules(h)
-  if h.jac_estimator == "fd" and config.mixed_precision not in ("float32", "auto"):
-    raise ConfigError("mixed_precision", f"{config.mixed_precision} with --jac_estimator=fd: "
-                      "the differences f(x + eps u) - f(x - eps u) are lost in low-precision "
-                      "rounding; use float32 (auto picks it with fd) or --jac_estimator=jvp")
 
 
 def _check_network_name(flag, setting, m: ModelConfig):

@@ -25,28 +25,24 @@ def hint_settings(hints) -> HintConfig:
   return settings
 
 
-# What check_choices reads: (HintConfig's field, what a value is, the valid names).
+# What check_choices reads: (HintConfig's field, its registry's names).
 def _choices():
-  return (("hints", "a hint", tuple(hints_lib.HINTS)),
-          ("jac_target", "a Jacobian target", tuple(jacobians.TARGETS)),
-          ("jac_estimator", "a Jacobian estimator", estimators.ESTIMATORS),
-          ("jac_bn_policy", "a BatchNorm policy", BN_POLICIES),
-          ("loss_scaling", "a loss scaling", SCALINGS),
-          ("lwf_match", "an LwF match", hints_lib.LWF_MATCHES),
-          ("jac_probe", "a probe kind", estimators.PROBES))
+  return (("hints", tuple(hints_lib.HINTS)), ("jac_target", tuple(jacobians.TARGETS)),
+          ("jac_estimator", estimators.ESTIMATORS), ("jac_bn_policy", BN_POLICIES),
+          ("loss_scaling", SCALINGS), ("lwf_match", hints_lib.LWF_MATCHES),
+          ("jac_probe", estimators.PROBES))
 
 
 def check_choices(settings: HintConfig):
   """Refuses a name that is not in its registry, by the setting that carries it (`hints`
   itself, or hints.<field>) and with the valid names, before any network is touched: the
   registry lookups further on would raise a bare KeyError."""
-  for field, what, valid in _choices():
+  for field, valid in _choices():
     values = getattr(settings, field)
     for value in (values if field == "hints" else (values,)):
       if value not in valid:
         raise SettingError("hints" if field == "hints" else f"hints.{field}",
-                           f"must be one of {', '.join(valid)}, got {value!r}, which is not "
-                           f"{what}")
+                           f"unknown value {value!r}; valid: {', '.join(sorted(valid))}")
 
 
 def check_rules(settings: HintConfig, num_classes: int = 2):
@@ -55,6 +51,27 @@ def check_rules(settings: HintConfig, num_classes: int = 2):
   any network is touched. The classes are not known yet: 2 stands for 'more than one' (rules
   on jac_top_k against the classes: hints.check_top_k). SettingErrors name hints.<field>."""
   h, names = settings, settings.hints
+  if not names:
+    raise SettingError("hints", f"needs at least one hint; valid: {', '.join(hints_lib.HINTS)}")
+  if len(set(names)) != len(names):
+    raise SettingError("hints", f"lists a hint twice: {','.join(names)}")
+  for field in ("kd_temperature", "jac_top_k", "jac_projections", "noise_samples"):
+    if not getattr(h, field) > 0:
+      raise SettingError(f"hints.{field}", f"must be > 0, got {getattr(h, field)}")
+  chosen = {name: hints_lib.HINTS[name] for name in names}
+  if h.loss_scaling == "running" and "jac_ce" in names:
+    raise SettingError("hints.loss_scaling", "running cannot scale jac_ce: the term is "
+                       "unbounded below, its running mean can cross zero and its scale with "
+                       f"it; use {mention('hints.loss_scaling', 'initial')} or none")
+  noisy = [name for name, hint in chosen.items() if hint.uses_noise]
+  if noisy and not h.noise_sigma > 0:
+    raise SettingError("hints.noise_sigma", f"must be > 0 for the hint(s) {','.join(noisy)}, "
+                       f"got {h.noise_sigma}")
+  if any(hint.needs_class_targets for hint in chosen.values()) and not jacobians.TARGETS[
+      h.jac_target].one_hot:
+    raise SettingError("hints.jac_target", f"{h.jac_target!r} is not a class; jac_ce needs "
+                       "class targets: " + ", ".join(n for n, t in jacobians.TARGETS.items()
+                                                     if t.one_hot))
   jacobian_hints = [n for n in names if hints_lib.HINTS[n].student_jacobians
                     or hints_lib.HINTS[n].teacher_jacobians]
   if h.jac_every < 1:

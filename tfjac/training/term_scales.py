@@ -40,11 +40,7 @@ class TermScales:
                warmup: int = 10, decay: float = 0.99):
     if kind not in SCALINGS:
       raise ValueError(f"loss_scaling must be one of {', '.join(SCALINGS)}, got {kind!r}")
-    names = tuple(names)
-    if kind == "running" and "jac_ce" in names:
-      raise ValueError("loss_scaling='running' cannot scale jac_ce: the term is unbounded below, "
-                       "its running mean can cross zero and its scale with it; use 'initial' "
-                       "or 'none'")
+    names = tuple(names)  # loss_scaling='running' with jac_ce: refused by settings.check_rules
     self.kind = kind if len(names) > 1 else "none"
     self.warmup, self.decay = int(warmup), float(decay)
     self._mean: Dict[str, keras.Variable] = {}
