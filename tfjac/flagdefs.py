@@ -4,6 +4,7 @@ the embedded digits dataset; flagfiles under flags/ set the paper's experiments.
 from absl import flags
 
 from tfjac import config, hints, models, modes
+from tfjac.models import outputs, preprocessing
 
 # Every default below is the field's default in config (the one source, issue 23): a Python
 # API user's Config() and the command line's defaults are the same run. --teacher_width and
@@ -320,7 +321,7 @@ flags.DEFINE_integer("val_jac_every", _DEFAULT.train.val_jac_every,
                      "(the first, every N-th, and the last); 1: every epoch.")
 # Your own networks (tfjac/models/: sources, teachers; docs/networks.md).
 flags.DEFINE_enum("teacher_preprocessing", _DEFAULT.teacher.input.preprocessing,
-                  ["auto", "caffe", "torch", "tf", "pixels255", "none"],
+                  list(preprocessing.PREPROCESSING),
                   "How the dataset's [0, 1] pixels are prepared for the teacher, inside the "
                   "differentiable adapter (Jacobians stay w.r.t. the dataset's pixels), as "
                   "keras.applications.<family>.preprocess_input does on 0-255 pixels. caffe: "
@@ -336,7 +337,7 @@ flags.DEFINE_list("teacher_mean", [str(m) for m in _DEFAULT.teacher.input.mean],
 flags.DEFINE_list("teacher_std", [str(m) for m in _DEFAULT.teacher.input.std],
                   "Per-channel std to go with --teacher_mean.")
 flags.DEFINE_enum("teacher_outputs", _DEFAULT.teacher.input.outputs,
-                  ["auto", "logits", "probabilities"],
+                  list(outputs.OUTPUT_KINDS),
                   "What the teacher returns. auto: a final softmax (Dense, Activation or "
                   "Softmax layer) is seen and removed, so the hints get logits; a teacher with "
                   "no visible softmax (a SavedModel) whose outputs look like probabilities is "
