@@ -63,7 +63,7 @@ def test_a_top_k_beyond_the_classes_is_refused_by_its_argument():
     return keras.Model(x, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
   teacher = functional()
   with pytest.raises(SettingError,
-                     match=r"^jac_top_k: 4 is more than the matching outputs' 3 classes; "
+                     match=r"^hints.jac_top_k: 4 is more than the matching outputs' 3 classes; "
                      r"use 1..3$") as e:
     tfjac.Distiller(functional(), teacher, hints=HintConfig.of({"jac": 1}, jac_target="top_k",
                                                                jac_top_k=4))

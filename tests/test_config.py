@@ -162,3 +162,12 @@ def test_a_training_error_advises_in_the_callers_terms():
   with pytest.raises(NonFiniteLossError, match="run with --noresume"):
     with checks.flag_errors():
       raise NonFiniteLossError("act_loss", 0, 3, float("nan"))
+
+
+def test_a_mentioned_list_is_written_as_its_flag_takes_it():
+  from tfjac.errors import mention  # pylint: disable=g-import-not-at-top
+  with checks.flag_errors():
+    said = errors.say(f"{mention('data.augment', ('flip', 'crop'))} and "
+                      f"{mention('data.classes', [0, 1])}")
+  assert said == "--augment=flip,crop and --classes=0,1", said
+  assert checks.flag_of(("hints", "weights")) == "weights"  # no hint named: no IndexError

@@ -40,7 +40,7 @@ _FLAG_OF_PATH = {
 
 def flag_of(path) -> str:
   """The flag that sets the Config field at `path` (a config.non_finite path)."""
-  if path[:2] == ("hints", "weights"):
+  if path[:2] == ("hints", "weights") and len(path) > 2:
     return f"{path[2]}_weight"
   path = tuple(path)
   for n in (3, 2):
@@ -60,6 +60,8 @@ def _written_as_flag(setting, value):
     value = ast.literal_eval(value)
   except (ValueError, SyntaxError):
     pass
+  if isinstance(value, (list, tuple)):  # a list flag: comma-separated
+    value = ",".join(str(v) for v in value)
   return f"--{flag}={value}"
 
 

@@ -8,7 +8,7 @@ import contextvars
 import re
 
 _UNSET = object()
-_MENTION = re.compile(r"\[\[([\w.]+)(?:=(.*?))?\]\]")
+_MENTION = re.compile(r"\[\[([\w.]+)(?:=(.*?))?\]\](?!\])")  # a value may end in "]"
 
 
 class TfjacError(Exception):

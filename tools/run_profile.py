@@ -23,7 +23,8 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reproduce  # noqa: E402  (launch, read_results: the one place that starts a run)
+import reproduce  # noqa: E402  (launch: the one place that starts a run)
+import results_tables  # noqa: E402  (read_results: the one reader of run results)
 
 flags.DEFINE_enum("preset", "default", ["default", "poster_cell"], "Which command.")
 flags.DEFINE_string("workdir", "/tmp/tfjac_run_profile", "Scratch directory (removed first).")
@@ -70,7 +71,7 @@ def main(argv):
   start = time.perf_counter()
   code = reproduce.launch(cmd, run_dir)
   wall = time.perf_counter() - start
-  results = reproduce.read_results(run_dir) if code == 0 else None
+  results = results_tables.read_results(run_dir) if code == 0 else None
   if results is None:
     sys.exit(f"run_profile: python -m tfjac.run {' '.join(cmd)} failed (exit code {code}); "
              f"see {run_dir}/log.txt")

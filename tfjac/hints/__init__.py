@@ -182,7 +182,7 @@ def check_top_k(settings: HintConfig, num_classes: int, whose: str, note: str = 
   dataset's, the teacher's in transfer, where the student's second head has its shape)."""
   uses = any(uses_jac_target(HINTS[n]) for n in settings.hints)
   if uses and settings.jac_target == "top_k" and settings.jac_top_k > num_classes:
-    raise SettingError("jac_top_k", f"{settings.jac_top_k} is more than {whose} {num_classes} "
+    raise SettingError("hints.jac_top_k", f"{settings.jac_top_k} is more than {whose} {num_classes} "
                        f"classes{note}; use 1..{num_classes}")
 
 

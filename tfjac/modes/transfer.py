@@ -26,8 +26,9 @@ def check(config):
   uses_jac = [n for n in h.hints if hints_lib.uses_jac_target(hints_lib.HINTS[n])]
   if uses_jac and h.jac_target == "label":
     raise SettingError("hints.jac_target", "target labels are not in the teacher's label "
-                       "space: use teacher_top1 (the default in "
-                       f"{mention('mode', 'transfer')}), top_k, all, random or projection")
+                       "space: use teacher_top1 (the default of "
+                       f"{mention('mode', 'transfer')} when no hint setting is chosen), top_k, "
+                       "all, random or projection")
   # The transfer hints: CE on the labels and LwF, and the hints that read the teacher.
   valid = DEFAULT_HINTS + tuple(n for n, hint in hints_lib.HINTS.items()
                                 if hint.needs_teacher and n not in DEFAULT_HINTS)
