@@ -150,3 +150,17 @@ def test_the_default_command_and_config_make_the_same_run(dataset, mode):
   unweighted = lambda c: dataclasses.replace(c, hints=dataclasses.replace(c.hints, weights=()))  # noqa: E731
   assert unweighted(api) == unweighted(from_flags)
   assert from_flags.teacher.model.width == config.default_teacher_width(dataset, "vgg9")
+
+
+def test_a_hand_made_model_config_is_what_its_flag_builds():
+  """ModelConfig("vgg9") as the teacher is --teacher_model=vgg9 (the dataset's default width,
+  0.25 on digits), as the student --model=vgg9 (width 1)."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  from tfjac import run  # pylint: disable=g-import-not-at-top,unused-import  (the flags)
+  with helpers.parsed_flags("--teacher_model=vgg9", "--model=vgg9"):
+    from_flags = run.config_from_flags()
+  api = mode_defaults.resolved(config.Config(
+      student=config.ModelConfig("vgg9"),
+      teacher=config.TeacherConfig(model=config.ModelConfig("vgg9"))))
+  assert (api.student, api.teacher.model) == (from_flags.student, from_flags.teacher.model)
+  assert (api.student.width, api.teacher.model.width) == (1.0, 0.25)

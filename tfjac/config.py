@@ -170,9 +170,10 @@ class HintConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   name: str = "vgg4"  # a builder's name, keras.applications:NAME or a .keras file
-  # None (the teacher's default): the width DEFAULT_TEACHER_WIDTHS gives the run's dataset and
-  # this model (resolved(), for the command line and the Python API alike).
-  width: Optional[float] = 1.0
+  # None: a student's 1, a teacher's the width DEFAULT_TEACHER_WIDTHS gives the run's dataset
+  # and this model (resolved(), for the command line and the Python API alike), so that
+  # ModelConfig("vgg9") as a teacher is what --teacher_model=vgg9 builds.
+  width: Optional[float] = None
   weights: str = ""  # outside students: a weights file (model.load_weights); empty: random
 
 
@@ -213,7 +214,7 @@ class Config:
   workdir: str = "runs/default"
   strategy: str = "auto"
   data: DataConfig = DataConfig()
-  student: ModelConfig = ModelConfig()
+  student: ModelConfig = ModelConfig(width=1.0)
   teacher: TeacherConfig = TeacherConfig()
   train: TrainConfig = TrainConfig()
   # HintConfig() exactly (nothing chosen): the mode's default hints and Jacobian target
@@ -232,13 +233,15 @@ class Config:
 
 
 def resolved(config: "Config") -> "Config":
-  """`config` with its derived defaults filled in: a teacher width of None becomes the width
-  DEFAULT_TEACHER_WIDTHS gives the dataset and teacher model. The command line (run.py) and a
-  Python run (run.run, checks.validate) both go through here, so Config() and the flags'
-  defaults make the same teacher."""
-  model = config.teacher.model
-  if model.width is not None:
-    return config
-  width = default_teacher_width(config.data.dataset, model.name)
-  return dataclasses.replace(config, teacher=dataclasses.replace(
-      config.teacher, model=dataclasses.replace(model, width=width)))
+  """`config` with its derived defaults filled in: a width of None becomes 1 for the student
+  and, for the teacher, the width DEFAULT_TEACHER_WIDTHS gives the dataset and teacher model.
+  The command line (run.py) and a Python run (run.run, checks.validate) both go through here
+  (modes/defaults.resolved), so Config() and the flags' defaults make the same networks."""
+  student, teacher = config.student, config.teacher.model
+  if student.width is None:
+    config = dataclasses.replace(config, student=dataclasses.replace(student, width=1.0))
+  if teacher.width is None:
+    width = default_teacher_width(config.data.dataset, teacher.name)
+    config = dataclasses.replace(config, teacher=dataclasses.replace(
+        config.teacher, model=dataclasses.replace(teacher, width=width)))
+  return config
