@@ -150,17 +150,21 @@ def _cacheable(hints, target, estimator="backprop"):
 
 
 def _valid(cfg):
-  from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
-  chosen = [hints_lib.HINTS[h] for h in cfg["hints"].split(",")]
-  if any(h.needs_class_targets for h in chosen) and not hints_lib.JACOBIAN_TARGETS[
-      cfg["jac_target"]].one_hot:
-    return False
+  """Whether tfjac.run would take the configuration: the hint settings' own rules
+  (training/settings.check_rules, the Distiller's and the command line's), then the run's."""
+  from tfjac.config import HintConfig  # pylint: disable=g-import-not-at-top
+  from tfjac.errors import SettingError  # pylint: disable=g-import-not-at-top
+  from tfjac.training import settings  # pylint: disable=g-import-not-at-top
   estimator = cfg.get("jac_estimator", "backprop")
-  if estimator != "backprop" and "jac" in cfg["hints"].split(","):
-    rows = hints_lib.JACOBIAN_TARGETS[cfg["jac_target"]].count(hints_lib.TargetOptions(
-        cfg["num_classes"], cfg["jac_top_k"], cfg["jac_projections"]))
-    if rows * cfg.get("jac_probes", 1) == 1:  # the normalised term of a scalar: refused
-      return False
+  try:
+    settings.check_rules(HintConfig(
+        hints=tuple(cfg["hints"].split(",")), jac_target=cfg["jac_target"],
+        jac_top_k=cfg["jac_top_k"], jac_projections=cfg["jac_projections"],
+        jac_estimator=estimator, jac_probes=cfg.get("jac_probes", 1),
+        jac_fd_eps=cfg.get("jac_fd_eps", 1e-3), jac_every=cfg.get("jac_every", 1),
+        loss_scaling="none"), cfg["num_classes"])
+  except SettingError:
+    return False
   if estimator == "fd" and cfg["mixed_precision"] != "float32":
     return False  # refused by tfjac.run (the differences are lost in low precision)
   return not cfg["teacher_cache"] or _cacheable(cfg["hints"], cfg["jac_target"], estimator)
