@@ -161,7 +161,7 @@ def validate(config: Config):
   from tfjac import data, hints  # pylint: disable=g-import-not-at-top
   from tfjac.training import teacher_cache  # pylint: disable=g-import-not-at-top
 
-  config = mode_defaults.resolved(config)  # derived defaults (teacher width, mode's hints), as a run has
+  config = mode_defaults.resolved(config)  # derived defaults, as a run has them
   check_finite(config)
   _choice("mode", config.mode, modes.MODES)
   mode = modes.load(config.mode)

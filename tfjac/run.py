@@ -40,8 +40,7 @@ def config_from_flags(f=FLAGS) -> config_lib.Config:
   mode = modes.load(f.mode)  # the mode's defaults (modes/__init__.py)
   hints = tuple(f.hints)
   if not f["hints"].present and mode.default_hints is not None:
-    hints = tuple(mode.default_hints)
-  hints = tuple(h for h in mode.always_hints if h not in hints) + hints
+    hints = tuple(mode.default_hints)  # the mode's always_hints: put first by resolved() below
   jac_target = f.jac_target
   if mode.default_jac_target is not None and not f["jac_target"].present:
     jac_target = mode.default_jac_target

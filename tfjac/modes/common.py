@@ -63,15 +63,17 @@ def network_metadata(config: Config, model_cfg: ModelConfig, splits: Splits, rol
 _NOT_TEACHER = {"data_dir", "samples_per_class", "backup_every_steps"}
 
 
+# The teacher's TrainConfig fields whose record key is not the field's own name.
+_TEACHER_TRAIN_KEYS = {"epochs": "teacher_epochs", "learning_rate": "teacher_learning_rate"}
+
+
 def _record_keys():
   """teacher_settings' flat keys -> the Config settings they record (their mentions)."""
   keys = {"teacher_model": "teacher.model.name", "teacher_width": "teacher.model.width",
-          "ce_weight": "hints.weights.ce", "mixed_precision": "mixed_precision",
-          "teacher_epochs": "teacher.train.epochs",
-          "teacher_learning_rate": "teacher.train.learning_rate"}
+          "ce_weight": "hints.weights.ce", "mixed_precision": "mixed_precision"}
   keys.update({f.name: f"data.{f.name}" for f in dataclasses.fields(DataConfig)})
-  keys.update({f.name: f"teacher.train.{f.name}" for f in dataclasses.fields(TrainConfig)
-               if f.name not in ("epochs", "learning_rate")})
+  keys.update({_TEACHER_TRAIN_KEYS.get(f.name, f.name): f"teacher.train.{f.name}"
+               for f in dataclasses.fields(TrainConfig)})
   return keys
 
 
@@ -88,8 +90,7 @@ def teacher_settings(config: Config):
   for key, value in c["data"].items():
     flat[key] = value
   for key, value in c["teacher"]["train"].items():
-    flat[{"epochs": "teacher_epochs", "learning_rate": "teacher_learning_rate"}.get(key, key)] = (
-        value)
+    flat[_TEACHER_TRAIN_KEYS.get(key, key)] = value
   flat = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()
           if k not in _NOT_TEACHER}
   return json.loads(json.dumps(flat))  # as it reads back from model.json
