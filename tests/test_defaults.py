@@ -2,6 +2,7 @@
 default of that field in `config.Config()`, so a Python API user and a command-line user get the
 same run. No flags are parsed: only the flags' declared defaults are read."""
 import dataclasses
+import typing
 
 import pytest
 from absl import flags
@@ -30,6 +31,7 @@ FIELDS = {
     # networks
     "model": ("student.name",), "width": ("student.width",),
     "student_weights": ("student.weights",), "teacher_model": ("teacher.model.name",),
+    "teacher_model_weights": ("teacher.model.weights",),
     # None: config.resolved fills in the dataset's default (DEFAULT_TEACHER_WIDTHS)
     "teacher_width": ("teacher.model.width",),
     # optimisation
@@ -164,3 +166,90 @@ def test_a_hand_made_model_config_is_what_its_flag_builds():
       teacher=config.TeacherConfig(model=config.ModelConfig("vgg9"))))
   assert (api.student, api.teacher.model) == (from_flags.student, from_flags.teacher.model)
   assert (api.student.width, api.teacher.model.width) == (1.0, 0.25)
+
+
+# Config fields no flag fills: the teacher takes no Jacobian hints and no step budget; the
+# source data (--mode=conditions) takes only its dataset, classes and the shared data_dir,
+# image_size and seed.
+NO_FLAG = {"teacher.train.train_steps", "teacher.train.val_jac_examples",
+           "teacher.train.val_jac_every", "source.samples_per_class",
+           "source.validation_fraction", "source.augment", "source.crop_padding",
+           "source.skip_bad_images"}
+
+
+def _leaves(settings, prefix=""):
+  """{path: value} of every field of a (nested) config dataclass; an absent group (None) as
+  its class's defaults; weights as one leaf per hint."""
+  out = {}
+  kinds = typing.get_type_hints(type(settings))
+  for field in dataclasses.fields(settings):
+    value, path = getattr(settings, field.name), prefix + field.name
+    kind = [k for k in typing.get_args(kinds[field.name]) if k is not type(None)]
+    if value is None and kind and dataclasses.is_dataclass(kind[0]):
+      value = kind[0]()
+    if dataclasses.is_dataclass(value):
+      out.update(_leaves(value, path + "."))
+    elif isinstance(settings, config.HintConfig) and field.name == "weights":
+      out.update({f"{path}.{h}": w for h, w in value})
+    else:
+      out[path] = value
+  return out
+
+
+def test_every_config_field_is_filled_by_a_flag():
+  """A field added to a config dataclass gets a flag (a row of flagdefs.TABLE) or is listed in
+  NO_FLAG: the command line cannot silently lack a setting the Python API has."""
+  filled = {path for flag in flagdefs.TABLE for path in flag.paths}
+  leaves = set(_leaves(config.Config())) | {f"hints.weights.{h}" for h in hints.HINTS}
+  assert leaves - filled - NO_FLAG == set(), "fields without a flag"
+  assert filled - leaves == set(), "flags filling no field"
+
+
+def _other_value(flag):
+  """A value of `flag` unlike its default, as a command-line argument."""
+  default = flags.FLAGS[flag.name].default
+  if isinstance(flag.choices, (list, tuple)) and not isinstance(default, list):
+    return next(c for c in flag.choices if c != default)
+  if isinstance(default, bool):
+    return "false" if default else "true"
+  if isinstance(default, int):
+    return str(default + 3)
+  if isinstance(default, float) or flag.name.endswith("width"):
+    return str((default or 0.0) + 0.5)
+  if isinstance(default, list):
+    kind = flagdefs.field_of(flag.paths[0])[0]
+    item = typing.get_args(kind)[0]
+    return {int: "5,6", float: "0.5,0.25", str: "crop,flip"}[item]
+  return "some/value"
+
+
+@pytest.mark.parametrize("name", sorted(set(_flag_names()) - {"mode", "source_classes"}))
+def test_each_flag_fills_exactly_its_fields(name):
+  """Given alone with a value unlike its default, a flag changes exactly the fields the test's
+  own table (FIELDS, written apart from flagdefs) says, to that value. The dataset and the
+  teacher model also move the derived teacher width (config.resolved); a source-data flag
+  needs --source_dataset to have a field to fill."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  from tfjac import run  # pylint: disable=g-import-not-at-top
+  flag = next(f for f in flagdefs.TABLE if f.name == name)
+  base_args = ("--source_dataset=cifar10",)
+  with helpers.parsed_flags(*base_args):
+    before = _leaves(run.config_from_flags())
+  value = _other_value(flag)
+  with helpers.parsed_flags(*base_args, f"--{name}={value}"):
+    after = _leaves(run.config_from_flags())
+  changed = {p for p in after if after[p] != before[p]}
+  if name.endswith("_weight"):
+    expected = {f"hints.weights.{name[:-len('_weight')]}"}
+  elif name == "source_dataset":
+    expected = {"source.dataset"}
+  else:
+    expected = {p.replace("hints.weight(", "") for p in FIELDS[name]}
+    expected |= {"source." + p[5:] for p in expected if p.startswith("data.") and
+                 p[5:] in ("data_dir", "image_size", "seed")}
+  if name in ("dataset", "teacher_model"):
+    expected |= {"teacher.model.width"} & changed
+  assert changed == expected
+  given = flagdefs.value_of(flag, flags.FLAGS[name].parser.parse(value))
+  assert all(after[p] == given for p in expected - {"teacher.model.width"} or expected), (
+      {p: after[p] for p in expected}, given)

@@ -597,6 +597,9 @@ def test_library_errors_name_the_setting_and_the_command_line_names_the_flag(tmp
       (lambda: students.build_student(str(tmp_path / "nothing.keras"), (8, 8, 1), 3, mean=(0,),
                                       std=(1,)), "student.name", "does not exist",
        "--model: .* does not exist"),
+      (lambda: students.build_student(str(tmp_path / "nothing.keras"), (8, 8, 1), 3, mean=(0,),
+                                      std=(1,), model_name="teacher", setting="teacher.model"),
+       "teacher.model.name", "does not exist", "--teacher_model: .* does not exist"),
       (lambda: views.attention_pairs(teacher, teacher, student_layers=["nope"]),
        "hints.student_layers", r"no feature layer\(s\) \['nope'\]",
        r"--student_layers: no feature layer\(s\) \['nope'\]"),
@@ -629,7 +632,10 @@ def test_every_setting_the_library_names_has_a_flag():
   for _, text in _library_sources():
     named.update(re.findall(r"SettingError\(\s*[\"']([\w.]+)[\"']", text))
     named.update(re.findall(r"mention\(\s*[\"']([\w.]+)[\"']", text))
-  assert {"teacher.input.resize", "teacher.path", "student.name"} <= named
+  assert {"teacher.input.resize", "teacher.path", "teacher.input.weights"} <= named
+  # models/students.py names its network's ModelConfig by prefix ('student', 'teacher.model').
+  named |= {f"{prefix}.{field}" for prefix in ("student", "teacher.model")
+            for field in ("name", "weights")}
   unknown = {s: checks.flag_of(tuple(s.split("."))) for s in named
              if checks.flag_of(tuple(s.split("."))) not in flags.FLAGS}
   assert not unknown, f"settings without a flag: {unknown}"

@@ -10,7 +10,7 @@ import ast
 import contextlib
 import os
 
-from tfjac import modes
+from tfjac import flagdefs, modes
 from tfjac.modes import defaults as mode_defaults
 from tfjac.config import Config, ModelConfig, TrainConfig
 from tfjac.config import (AUGMENTATIONS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES,
@@ -22,28 +22,16 @@ from tfjac.errors import (ConfigError, DataError, NonFiniteLossError, NonFiniteW
 _MULTI_REPLICA = ("mirrored", "multi_worker")
 
 
-# The flags of the settings whose flag is not the field's own name (a Config field's path, as
-# config.non_finite gives it or a SettingError names it); a weight's flag is <hint>_weight.
-_FLAG_OF_PATH = {
-    ("teacher", "path"): "teacher", ("teacher", "cache"): "teacher_cache",
-    ("teacher", "unsafe_loading"): "unsafe_teacher_loading",
-    ("student", "name"): "model", ("student", "weights"): "student_weights",
-    ("teacher", "model", "name"): "teacher_model", ("teacher", "model", "width"): "teacher_width",
-    ("teacher", "train", "learning_rate"): "teacher_learning_rate",
-    ("teacher", "train", "epochs"): "teacher_epochs",
-    # The teacher's input: --teacher_<field>, but --teacher_input_scale and _offset.
-    **{("teacher", "input", field): f"teacher_{field}" for field in (
-        "resize", "preprocessing", "outputs", "weights", "image_size", "mean", "std")},
-    **{("teacher", "input", field): f"teacher_input_{field}" for field in ("scale", "offset")},
-}
+# The flag of each setting (a Config field's path, as config.non_finite gives it or a
+# SettingError names it), from the flags' own table; a field no flag fills: its own name.
+_FLAG_OF_PATH = {tuple(path.split(".")): flag.name
+                 for flag in flagdefs.TABLE for path in flag.paths}
 
 
 def flag_of(path) -> str:
   """The flag that sets the Config field at `path` (a config.non_finite path)."""
-  if path[:2] == ("hints", "weights") and len(path) > 2:
-    return f"{path[2]}_weight"
   path = tuple(path)
-  for n in (3, 2):
+  for n in range(len(path), 0, -1):
     if path[:n] in _FLAG_OF_PATH:
       return _FLAG_OF_PATH[path[:n]]
   return path[-1]

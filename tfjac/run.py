@@ -22,82 +22,23 @@ from tfjac.errors import ConfigError, TfjacError  # noqa: E402
 FLAGS = flags.FLAGS
 
 
-def _int_list(flag, values):
-  try:
-    return tuple(int(v) for v in values)
-  except ValueError as e:
-    raise ConfigError(flag, f"expects integers, got {values}") from e
-
-
-def _float_list(flag, values):
-  try:
-    return tuple(float(v) for v in values)
-  except ValueError as e:
-    raise ConfigError(flag, f"expects numbers, got {values}") from e
-
-
 def config_from_flags(f=FLAGS) -> config_lib.Config:
+  """The Config the parsed flags say: every flag of flagdefs.TABLE fills its fields of
+  Config(); the mode's default hints and Jacobian target stand where those flags are not
+  given; source data exists only with --source_dataset."""
+  values = {}
+  for flag in flagdefs.TABLE:
+    if flag.paths[0].startswith("source.") and not f.source_dataset:
+      continue
+    value = flagdefs.value_of(flag, f[flag.name].value)
+    values.update((path, value) for path in flag.paths
+                  if f.source_dataset or not path.startswith("source."))
   mode = modes.load(f.mode)  # the mode's defaults (modes/__init__.py)
-  hints = tuple(f.hints)
   if not f["hints"].present and mode.default_hints is not None:
-    hints = tuple(mode.default_hints)  # the mode's always_hints: put first by resolved() below
-  jac_target = f.jac_target
+    values["hints.hints"] = tuple(mode.default_hints)  # always_hints first: resolved() below
   if mode.default_jac_target is not None and not f["jac_target"].present:
-    jac_target = mode.default_jac_target
-  train_common = dict(batch_size=f.batch_size, steps_per_epoch=f.steps_per_epoch,
-                      optimizer=f.optimizer, momentum=f.momentum, weight_decay=f.weight_decay,
-                      lr_schedule=f.lr_schedule,
-                      lr_decay_epochs=_int_list("lr_decay_epochs", f.lr_decay_epochs),
-                      lr_decay_factor=f.lr_decay_factor,
-                      early_stopping_patience=f.early_stopping_patience,
-                      jit_compile=f.jit_compile, backup_every_steps=f.backup_every_steps,
-                      weight_decay_kind=f.weight_decay_kind, nesterov=f.nesterov,
-                      lr_decay_steps=_int_list("lr_decay_steps", f.lr_decay_steps))
-  from tfjac import hints as hints_lib  # pylint: disable=g-import-not-at-top
-  return mode_defaults.resolved(config_lib.Config(
-      mode=f.mode, workdir=f.workdir, strategy=f.strategy,
-      robustness_sigmas=_float_list("robustness_sigmas", f.robustness_sigmas),
-      data=config_lib.DataConfig(
-          dataset=f.dataset, data_dir=f.data_dir, samples_per_class=f.samples_per_class,
-          validation_fraction=f.validation_fraction, augment=tuple(f.augment),
-          crop_padding=f.crop_padding, seed=f.seed, image_size=f.image_size,
-          skip_bad_images=f.skip_bad_images, classes=_int_list("classes", f.classes)),
-      student=config_lib.ModelConfig(name=f.model, width=f.width, weights=f.student_weights),
-      teacher=config_lib.TeacherConfig(
-          path=f.teacher,
-          model=config_lib.ModelConfig(
-              name=f.teacher_model,
-              width=f.teacher_width),  # None: resolved below, as for the Python API
-          train=dataclasses.replace(config_lib.TEACHER_TRAIN, epochs=f.teacher_epochs,
-                                    learning_rate=f.teacher_learning_rate, **train_common),
-          input=config_lib.TeacherInput(resize=f.teacher_resize, scale=f.teacher_input_scale,
-                                        offset=f.teacher_input_offset,
-                                        preprocessing=f.teacher_preprocessing,
-                                        mean=_float_list("teacher_mean", f.teacher_mean),
-                                        std=_float_list("teacher_std", f.teacher_std),
-                                        outputs=f.teacher_outputs, weights=f.teacher_weights,
-                                        image_size=f.teacher_image_size),
-          unsafe_loading=f.unsafe_teacher_loading, cache=f.teacher_cache),
-      train=config_lib.TrainConfig(epochs=f.epochs, learning_rate=f.learning_rate,
-                                   train_steps=f.train_steps,
-                                   val_jac_examples=f.val_jac_examples,
-                                   val_jac_every=f.val_jac_every, **train_common),
-      hints=config_lib.HintConfig(
-          hints=hints,
-          weights=tuple((h, float(f[f"{h}_weight"].value)) for h in hints_lib.HINTS),
-          kd_temperature=f.kd_temperature, jac_target=jac_target,
-          jac_normalize=f.jac_normalize, jac_bn_policy=f.jac_bn_policy,
-          jac_top_k=f.jac_top_k, jac_projections=f.jac_projections,
-          jac_estimator=f.jac_estimator, jac_probes=f.jac_probes, jac_probe=f.jac_probe,
-          jac_fd_eps=f.jac_fd_eps,
-          noise_sigma=f.noise_sigma, noise_samples=f.noise_samples, lwf_match=f.lwf_match,
-          teacher_layers=tuple(f.teacher_layers), student_layers=tuple(f.student_layers),
-          loss_scaling=f.loss_scaling, jac_every=f.jac_every),
-      source=None if not f.source_dataset else config_lib.DataConfig(
-          dataset=f.source_dataset, data_dir=f.data_dir, image_size=f.image_size,
-          classes=_int_list("source_classes", f.source_classes), seed=f.seed),
-      conditions_examples=f.conditions_examples,
-      resume=f.resume, deterministic=f.deterministic, mixed_precision=f.mixed_precision))
+    values["hints.jac_target"] = mode.default_jac_target
+  return mode_defaults.resolved(flagdefs.with_values(config_lib.Config(), values))
 
 
 def resolved_flagfile(config: config_lib.Config, f=FLAGS) -> str:

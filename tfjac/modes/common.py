@@ -34,7 +34,8 @@ def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, s
   if sources.is_outside(model_cfg.name):  # keras.applications:NAME or a .keras file
     return students.build_student(model_cfg.name, info.image_shape, info.num_classes,
                                   mean=info.mean, std=info.std, weights=model_cfg.weights,
-                                  model_name=name)
+                                  model_name=name,
+                                  setting="student" if name == "student" else "teacher.model")
   return models.build(model_cfg.name, info.image_shape, info.num_classes, mean=info.mean,
                       std=info.std, width=model_cfg.width, model_name=name,
                       sync_bn=strategy.num_replicas_in_sync > 1)
