@@ -1,4 +1,4 @@
-"""The mode registry: --mode's name -> the module whose `MODE` entry is the mode.
+"""The mode registry: a mode's name (Config.mode) -> the module whose `MODE` entry is the mode.
 
 A mode is one module holding one `Mode` entry (below: what the mode is, with defaults) and its
 run function. run.py and checks.py read the entry; nothing else spells a mode's name.
@@ -22,13 +22,13 @@ class Mode:
   """What a mode is. Only `run` and `summary_lines` have no default."""
   run: Callable  # (config, splits, strategy) -> the results dict
   summary_lines: Callable  # results -> the summary lines between the header and the outputs
-  # --hints when the flag is not given (None: the flag's own default).
+  # The hints when none are chosen (HintConfig() as it is; None: HintConfig's own default).
   default_hints: Optional[Tuple[str, ...]] = None
-  always_hints: Tuple[str, ...] = ()  # put first when --hints leaves them out (transfer: ce)
-  # --jac_target when the flag is not given (None: the flag's own default).
+  always_hints: Tuple[str, ...] = ()  # first when the hints chosen leave them out (transfer: ce)
+  # The Jacobian target when the hints are not chosen (None: HintConfig's own default).
   default_jac_target: Optional[str] = None
-  needs_teacher: bool = False  # --teacher is required
-  builds_student: bool = True  # builds the --model network (an outside one is tried early)
+  needs_teacher: bool = False  # teacher.path is required
+  builds_student: bool = True  # builds the `student` network (an outside one is tried early)
   teacher_cache: bool = False  # may fit a student against cached teacher outputs
   hints_read_teacher: bool = False  # the hints read the teacher (a probability one is checked)
   top_k_among: str = "dataset"  # "dataset" or "teacher": whose classes top_k picks among

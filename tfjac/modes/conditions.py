@@ -1,8 +1,8 @@
-"""--mode=conditions: the poster's three conditions for Learning without Forgetting to help,
+"""Mode conditions: the poster's three conditions for Learning without Forgetting to help,
 measured before any training:
 
 1. the teacher's loss on its source data (cross-entropy and accuracy on the source test split,
-   when --source_dataset is given);
+   when the source data, `source`, is given);
 2. the teacher's Lipschitz constant on the target data, estimated by per-example input-gradient
    norms: the spectral norm of the whole logit Jacobian (power iteration; a lower bound of the
    local Lipschitz constant in L2) and the gradient norm of the top-1 logit, max and
@@ -12,7 +12,7 @@ measured before any training:
    the RBF-kernel MMD^2 (median bandwidth), with the same numbers for two halves of the source
    as a reference scale.
 
-The images measured are a seeded (--seed), class-stratified sample of each test split, not its
+The images measured are a seeded (data.seed), class-stratified sample of each test split, not its
 first n: folder and MIT Indoor splits are stored class by class, so the first 500 images would
 cover a third of the classes. The two source halves split every sampled class in two, so both
 halves cover the same classes and the reference compares like with like.
@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfjac import data
+from tfjac import data, errors
 from tfjac.models import teachers
 from tfjac.models import views
 from tfjac.modes import Mode, common
@@ -162,9 +162,9 @@ def run(config, splits, strategy):
 
   features, kind = feature_model(network, teacher, info.image_shape, adapt)
   target_f = _batched(lambda b: features(b, training=False), target_x)
-  result["distance"] = {"feature_space": kind, "source": None,
-                        "note": "give --source_dataset (the teacher's own data) to measure the "
-                                "teacher's source loss and the source/target distance"}
+  give = errors.say(f"give {errors.mention('source.dataset')} (the teacher's own data) to "
+                    "measure the teacher's source loss and the source/target distance")
+  result["distance"] = {"feature_space": kind, "source": None, "note": give}
   if config.source is not None:
     source = data.prepare(config.source)
     if source.info.num_classes != source_classes:

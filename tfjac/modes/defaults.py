@@ -10,9 +10,10 @@ from tfjac import modes
 def resolved(config):
   """`config` with every derived default filled in, as a run has it: config.resolved's (the
   teacher width), and the mode's hints. A HintConfig left at HintConfig() (no hint setting
-  chosen) takes the mode's default hints and Jacobian target, as --mode does without --hints
-  and --jac_target; the mode's always_hints are put first when left out. run.config_from_flags,
-  run.run and checks.validate all go through here, so Config(mode=...) and --mode=... agree."""
+  chosen) takes the mode's default hints and Jacobian target, as the command line does for
+  a mode given without them; the mode's always_hints are put first when left out.
+  run.config_from_flags, run.run and checks.validate all go through here, so Config(mode=...)
+  and the command line's mode agree."""
   config = config_lib.resolved(config)
   if config.mode not in modes.MODES:  # checks.validate names the valid ones
     return config

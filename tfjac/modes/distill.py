@@ -1,5 +1,5 @@
-"""--mode=distill: teacher (given, reused or trained) -> student on N samples per class with
-the hints of --hints; the student is evaluated on the test split and exported alone."""
+"""Mode distill: teacher (given, reused or trained) -> student on N samples per class with
+the hints of hints.hints; the student is evaluated on the test split and exported alone."""
 from tfjac.modes import Mode, common
 
 

@@ -1,4 +1,4 @@
-"""--mode=finetune: the fine-tuning oracle of the poster's transfer table. The teacher's own
+"""Mode finetune: the fine-tuning oracle of the poster's transfer table. The teacher's own
 network, initialised from its weights, with a new head for the target classes, fine-tuned on
 the target data with CE. Needs a Keras teacher (.keras) that ends in a Dense layer."""
 from tfjac.errors import SettingError, mention
@@ -36,6 +36,6 @@ def run(config, splits, strategy):
 MODE = Mode(run=run, summary_lines=common.summary_lines, check=check,
             default_hints=DEFAULT_HINTS, needs_teacher=True,
             builds_student=False,  # the oracle is the teacher's network with a new head
-            # The oracle's fit has no teacher; with --hints=ce the cache is refused by the
-            # hints' rule ("no hint in --hints reads the teacher").
+            # The oracle's fit has no teacher; with hints ('ce',) the cache is refused by
+            # the hints' rule ("no hint reads the teacher").
             teacher_cache=True)

@@ -1,4 +1,4 @@
-"""--mode=teacher: train a network on the full training split with CE and export it."""
+"""Mode teacher: train a network on the full training split with CE and export it."""
 from tfjac.errors import SettingError, mention
 from tfjac.modes import Mode, common
 

@@ -1,9 +1,9 @@
-"""--mode=transfer: Learning without Forgetting from a teacher trained on other (source) data.
+"""Mode transfer: Learning without Forgetting from a teacher trained on other (source) data.
 
-The student (--model) gets a second, teacher-shaped head; the loss is CE on the target labels
+The student (`student`) gets a second, teacher-shaped head; the loss is CE on the target labels
 plus the hints: lwf (second head matched to the teacher on target images), jac (Jacobians of
 the second head and the teacher at the teacher's top-1 class: no source labels exist for target
-images), at / at_jac (attention maps of paired layers). --hints=ce trains the student alone:
+images), at / at_jac (attention maps of paired layers). hints=('ce',) trains the student alone:
 the poster's no-transfer baseline. The exported student is the target network alone.
 """
 import keras
@@ -11,6 +11,7 @@ from absl import logging
 
 from tfjac.models import teachers
 from tfjac import hints as hints_lib
+from tfjac import errors
 from tfjac.errors import SettingError, mention
 from tfjac.models import views
 from tfjac.modes import Mode, common
@@ -41,7 +42,8 @@ def check(config):
 def run(config, splits, strategy):
   info = splits.info
   if config.hints.hints == NO_TEACHER_NEEDED:
-    logging.info("--hints=ce: the no-transfer baseline; the teacher is not used")
+    logging.info("%s: the no-transfer baseline; the teacher is not used",
+                 errors.say(mention("hints.hints", ("ce",))))
     return {"student": common.train_student(config, splits, strategy, teacher=None)}
   uses_features = any(hints_lib.HINTS[h].needs_features for h in config.hints.hints)
   with strategy.scope():
