@@ -147,6 +147,9 @@ def test_a_teacher_made_with_other_settings_is_not_reused(tmp_path):
        "--teacher_epochs=3 here, 2 for the teacher"),
       (dataclasses.replace(base, data=DataConfig(samples_per_class=5, seed=1)),
        "--seed=1 here, 0 for the teacher"),
+      (dataclasses.replace(base, teacher=dataclasses.replace(
+          teacher, model=ModelConfig("vgg9", 0.25, weights="init.weights.h5"))),
+       "--teacher_model_weights=init.weights.h5 here, None for the teacher"),
   ]:
     with pytest.raises(ConfigError, match="--workdir: .* made with other settings") as e, \
          checks.flag_errors():  # a command-line run: flags

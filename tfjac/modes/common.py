@@ -71,6 +71,7 @@ _TEACHER_TRAIN_KEYS = {"epochs": "teacher_epochs", "learning_rate": "teacher_lea
 def _record_keys():
   """teacher_settings' flat keys -> the Config settings they record (their mentions)."""
   keys = {"teacher_model": "teacher.model.name", "teacher_width": "teacher.model.width",
+          "teacher_model_weights": "teacher.model.weights",
           "ce_weight": "hints.weights.ce", "mixed_precision": "mixed_precision"}
   keys.update({f.name: f"data.{f.name}" for f in dataclasses.fields(DataConfig)})
   keys.update({_TEACHER_TRAIN_KEYS.get(f.name, f.name): f"teacher.train.{f.name}"
@@ -88,6 +89,8 @@ def teacher_settings(config: Config):
   flat = {"teacher_model": c["teacher"]["model"]["name"],
           "teacher_width": c["teacher"]["model"]["width"],
           "ce_weight": c["ce_weight"], "mixed_precision": c["mixed_precision"]}
+  if c["teacher"]["model"]["weights"]:  # recorded when given: older records stay reusable
+    flat["teacher_model_weights"] = c["teacher"]["model"]["weights"]
   for key, value in c["data"].items():
     flat[key] = value
   for key, value in c["teacher"]["train"].items():
