@@ -42,6 +42,8 @@ flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
 flags.DEFINE_integer("steps", 5, "Profiled steps.")
 flags.DEFINE_integer("top", 15, "Op types shown.")
 flags.DEFINE_string("logdir", "/tmp/tfjac_profile", "Where the trace is written.")
+flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_bfloat16"],
+                  "Keras dtype policy of the networks (as tfjac.run's --mixed_precision).")
 FLAGS = flags.FLAGS
 
 PHASES = (  # (name, test on the op's full name), first match wins
@@ -105,6 +107,8 @@ def main(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
+  import keras  # pylint: disable=g-import-not-at-top
+  keras.mixed_precision.set_global_policy(FLAGS.mixed_precision)
   teacher, student = benchkit.networks(
       teacher_model=FLAGS.teacher_model, model=FLAGS.model, image_size=FLAGS.image_size,
       channels=FLAGS.channels, num_classes=FLAGS.num_classes)
@@ -122,6 +126,7 @@ def main(argv):
   tf.profiler.experimental.stop()
   text, op_ms = tables(op_events(FLAGS.logdir), FLAGS.steps, FLAGS.top)
   print(f"hints={FLAGS.hints} batch={FLAGS.batch_size} teacher_cache={FLAGS.teacher_cache} "
+        f"precision={FLAGS.mixed_precision} "
         f"jit_compile={FLAGS.jit_compile} {FLAGS.teacher_model}->{FLAGS.model} "
         f"{FLAGS.image_size}x{FLAGS.image_size}x{FLAGS.channels}: {wall:.0f} ms/step wall "
         f"(profiler on), {op_ms:.0f} ms/step of op time\n")
