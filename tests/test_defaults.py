@@ -253,3 +253,14 @@ def test_each_flag_fills_exactly_its_fields(name):
   given = flagdefs.value_of(flag, flags.FLAGS[name].parser.parse(value))
   assert all(after[p] == given for p in expected - {"teacher.model.width"} or expected), (
       {p: after[p] for p in expected}, given)
+
+
+def test_the_settings_page_is_the_flags_table():
+  """docs/settings.md is written from flagdefs.TABLE by the command at its top: a flag added,
+  renamed or given another default without rewriting the page fails here."""
+  import os  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(helpers.REPO, "docs", "settings.md"), encoding="utf-8") as f:
+    page = f.read()
+  assert page == flagdefs.reference(), "rewrite docs/settings.md with the command at its top"
+  assert all(f"| `--{name}` |" in page for name in _flag_names())

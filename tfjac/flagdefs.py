@@ -484,3 +484,36 @@ def with_values(settings, values: Dict[str, object]):
       current = _unwrap(hints_of[name])()
     changes[name] = with_values(current, sub)
   return dataclasses.replace(settings, **changes)
+
+
+def reference() -> str:
+  """docs/settings.md: every flag beside the Config field it fills and its default, from
+  TABLE (tests/test_defaults.py checks the page is this)."""
+  lines = [
+      "# Settings: every flag and its Python field",
+      "",
+      "Written by `python -c \"from tfjac import flagdefs; "
+      "open('docs/settings.md', 'w').write(flagdefs.reference())\"` from the flags' table "
+      "(`tfjac/flagdefs.py`), the one list of settings: each flag of `python -m tfjac.run` "
+      "fills the field(s) of `tfjac.config.Config` named beside it, and its default is that "
+      "field's default, so `Config(...)` in Python and the command line make the same run "
+      "(`--hints` and `--jac_target` left out: the mode's own, as `HintConfig()` left as it "
+      "is; a default of none: derived, see the flag's text). A `<hint>_weight` fills that "
+      "hint's entry of `HintConfig.weights`.",
+      "",
+      "| flag | Python field(s) | default | what it sets |",
+      "|---|---|---|---|"]
+  for flag in TABLE:
+    default = flags.FLAGS[flag.name].default
+    if isinstance(default, list):
+      default = ",".join(default) or "(empty)"
+    elif default is None:
+      default = "none"
+    elif default == "":
+      default = "(empty)"
+    paths = ", ".join(f"`{p}`" for p in flag.paths)
+    text = flag.help.replace("|", "\\|").replace("<", "&lt;")
+    if flag.choices is not None:
+      text += " Choices: " + ", ".join(f"`{c}`" for c in flag.choices) + "."
+    lines.append(f"| `--{flag.name}` | {paths} | `{default}` | {text} |")
+  return "\n".join(lines) + "\n"
