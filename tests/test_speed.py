@@ -160,6 +160,14 @@ def test_jit_compile_under_two_replicas_falls_back_with_a_logged_reason(caplog):
   assert "--jit_compile turned off" in said[1] and "2 replicas" in said[1]
   assert loop.resolve_jit_compile(True, 1) is True
   assert loop.resolve_jit_compile(False, 2) is False
+  caplog.clear()
+  with caplog.at_level("WARNING"):  # the teacher's fit names its own setting
+    loop.resolve_jit_compile(True, 2, "teacher.train")
+    with checks.flag_errors():
+      loop.resolve_jit_compile(True, 2, "teacher.train")
+  said = [r.getMessage() for r in caplog.records]
+  assert "teacher.train.jit_compile turned off" in said[0]
+  assert "--jit_compile turned off" in said[1]  # one flag sets both fits
 
 
 def test_float16_without_a_gpu_logs_why_it_is_slow(tmp_path, caplog):

@@ -147,6 +147,7 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
                       keep_backup=True)
   result = loop.fit(distiller, train_split, splits.validation, train_cfg, dirs,
                     data=config.data, teacher_cache=use_cache,
+                    setting="teacher.train" if role == "teacher" else "train",
                     extra_callbacks=[callbacks.EpochLogger(role, train_cfg.epochs)])
   test = evaluation.evaluate(distiller, splits.test, train_cfg.batch_size)
   if config.robustness_sigmas:

@@ -53,26 +53,30 @@ class FitDirs:
   keep_backup: bool = False
 
 
-def resolve_jit_compile(jit_compile: bool, replicas: int) -> bool:
-  """train.jit_compile as it can be honoured: off, with a logged reason, over several replicas
-  (reached with the auto strategy and several GPUs; explicit strategies are refused)."""
+def resolve_jit_compile(jit_compile: bool, replicas: int, setting: str = "train") -> bool:
+  """<setting>.jit_compile as it can be honoured: off, with a logged reason, over several
+  replicas (reached with the auto strategy and several GPUs; explicit strategies are refused).
+  `setting`: the fit's TrainConfig in Config ('train', or 'teacher.train')."""
   if jit_compile and replicas > 1:
     logging.warning("%s turned off: XLA cannot compile a step over %d replicas "
                     "(their variables live on other devices; Keras disables XLA under "
-                    "tf.distribute too)", errors.say(errors.mention("train.jit_compile")),
+                    "tf.distribute too)", errors.say(errors.mention(f"{setting}.jit_compile")),
                     replicas)
     return False
   return jit_compile
 
 
 def fit(distiller, train_split, validation_split, cfg: TrainConfig, dirs: FitDirs, *,
-        data: DataConfig = DataConfig(), extra_callbacks=(), teacher_cache=False) -> FitResult:
+        data: DataConfig = DataConfig(), extra_callbacks=(), teacher_cache=False,
+        setting: str = "train") -> FitResult:
   """Compiles and fits `distiller`, then loads the best-validation student weights into it.
 
   `cfg`: the optimisation and budget; `dirs`: where the fit writes and whether it continues a
   killed one (FitDirs); `data`: the training stream's seed and augmentation (its seed, augment
-  and crop_padding). teacher_cache: compute the teacher's outputs once per example first and feed them with the
-  data (training/teacher_cache.py; the caller checks that this is valid, config.py).
+  and crop_padding). teacher_cache: compute the teacher's outputs once per example first and
+  feed them with the data (training/teacher_cache.py; the caller checks that this is valid,
+  config.py). `setting`: where `cfg` sits in Config ('train', or 'teacher.train' for the
+  teacher's fit), for the messages that name its fields.
   """
   plan = optimizers.budget(cfg, len(train_split))
   steps = plan.steps_per_epoch
@@ -85,7 +89,8 @@ def fit(distiller, train_split, validation_split, cfg: TrainConfig, dirs: FitDir
     restored = resume_lib.read(backup_dir, dirs.settings)
   else:
     resume_lib.discard(backup_dir)
-  jit = resolve_jit_compile(cfg.jit_compile, distiller.distribute_strategy.num_replicas_in_sync)
+  jit = resolve_jit_compile(cfg.jit_compile, distiller.distribute_strategy.num_replicas_in_sync,
+                            setting)
   with distiller.distribute_strategy.scope():  # the optimizer's variables are per replica
     distiller.compile(optimizer=optimizers.make_optimizer(cfg, steps, plan.total_steps),
                       jit_compile=jit)
