@@ -171,3 +171,22 @@ def test_a_mentioned_list_is_written_as_its_flag_takes_it():
                       f"{mention('data.classes', [0, 1])}")
   assert said == "--augment=flip,crop and --classes=0,1", said
   assert checks.flag_of(("hints", "weights")) == "weights"  # no hint named: no IndexError
+
+
+@pytest.mark.parametrize("role,weights_flag", [("student", "--student_weights"),
+                                               ("teacher", "--teacher_model_weights")])
+def test_a_networks_weights_file_is_refused_by_its_own_flag(tmp_path, role, weights_flag):
+  """Initial weights for a network built here (not an outside one), or a file that is not
+  there, name the weights flag of that network: the student's or the teacher's."""
+  from tfjac.config import ModelConfig, TeacherConfig  # pylint: disable=g-import-not-at-top
+
+  def config(name, weights):
+    model = ModelConfig(name, 1.0, weights=weights)
+    if role == "student":
+      return _config(student=model, workdir=str(tmp_path))
+    return _config(teacher=TeacherConfig(model=model), workdir=str(tmp_path))
+
+  with pytest.raises(ConfigError, match=f"^{weights_flag}: applies to keras.applications"):
+    checks.validate(config("vgg9", "init.weights.h5"))
+  with pytest.raises(ConfigError, match=f"^{weights_flag}: 'missing.h5' is not a file"):
+    checks.validate(config("keras.applications:ResNet50", "missing.h5"))

@@ -1,6 +1,6 @@
 """One source of defaults (issue 23): every flag of tfjac.run that fills a config field has the
 default of that field in `config.Config()`, so a Python API user and a command-line user get the
-same run. No flags are parsed: only the flags' declared defaults are read."""
+same run; and each flag fills exactly the fields this file's own table (FIELDS) says."""
 import dataclasses
 import typing
 
@@ -55,8 +55,6 @@ FIELDS = {
     "teacher_outputs": ("teacher.input.outputs",), "teacher_weights": ("teacher.input.weights",),
     "teacher_image_size": ("teacher.input.image_size",),
 }
-# Flags whose default is no field's default: {flag: its default}.
-NOT_PAIRED = {}
 
 
 def _get(obj, path):
@@ -86,10 +84,10 @@ def _pairs():
   return pairs
 
 
-def test_every_flag_is_paired_or_listed():
-  paired = {name for name, _, _ in _pairs()} | set(NOT_PAIRED)
+def test_every_flag_is_paired():
+  paired = {name for name, _, _ in _pairs()}
   assert set(_flag_names()) == paired, (
-      "flags neither paired with a config field nor listed in NOT_PAIRED: "
+      "flags not paired with a config field in FIELDS: "
       f"{sorted(set(_flag_names()) - paired)}; pairs naming no flag: "
       f"{sorted(paired - set(_flag_names()))}")
 
@@ -99,11 +97,6 @@ def test_flag_defaults_are_the_config_defaults():
                    for name, path, value in _pairs()
                    if _as_field_value(flags.FLAGS[name].default, value) != value]
   assert not disagreements, "\n".join(disagreements)
-
-
-def test_unpaired_flags_keep_their_documented_defaults():
-  for name, default in NOT_PAIRED.items():
-    assert _as_field_value(flags.FLAGS[name].default) == default, name
 
 
 def test_the_two_fits_default_apart_only_where_their_flags_do():
@@ -206,53 +199,62 @@ def test_every_config_field_is_filled_by_a_flag():
 
 
 def _other_value(flag):
-  """A value of `flag` unlike its default, as a command-line argument."""
+  """(a command-line value of `flag` unlike its default, the value its fields then hold),
+  the second written here, not converted by flagdefs."""
   default = flags.FLAGS[flag.name].default
-  if isinstance(flag.choices, (list, tuple)) and not isinstance(default, list):
-    return next(c for c in flag.choices if c != default)
+  if isinstance(flag.choices, (list, tuple)):
+    choice = next(c for c in flag.choices if c != default)
+    return choice, choice
   if isinstance(default, bool):
-    return "false" if default else "true"
+    return ("false", False) if default else ("true", True)
   if isinstance(default, int):
-    return str(default + 3)
+    return str(default + 3), default + 3
   if isinstance(default, float) or flag.name.endswith("width"):
-    return str((default or 0.0) + 0.5)
+    return str((default or 0.0) + 0.5), (default or 0.0) + 0.5
   if isinstance(default, list):
-    kind = flagdefs.field_of(flag.paths[0])[0]
-    item = typing.get_args(kind)[0]
-    return {int: "5,6", float: "0.5,0.25", str: "crop,flip"}[item]
-  return "some/value"
+    item = typing.get_args(flagdefs.field_of(flag.paths[0])[0])[0]
+    return {int: ("5,6", (5, 6)), float: ("0.5,0.25", (0.5, 0.25)),
+            str: ("crop,flip", ("crop", "flip"))}[item]
+  return "some/value", "some/value"
 
 
-@pytest.mark.parametrize("name", sorted(set(_flag_names()) - {"mode", "source_classes"}))
+@pytest.mark.parametrize("name", sorted(set(_flag_names()) - {"mode"}))
 def test_each_flag_fills_exactly_its_fields(name):
   """Given alone with a value unlike its default, a flag changes exactly the fields the test's
   own table (FIELDS, written apart from flagdefs) says, to that value. The dataset and the
-  teacher model also move the derived teacher width (config.resolved); a source-data flag
-  needs --source_dataset to have a field to fill."""
+  teacher model also move the derived teacher width (config.resolved); the source data's
+  flags are given with --source_dataset, which creates the group they fill."""
   from tests import helpers  # pylint: disable=g-import-not-at-top
   from tfjac import run  # pylint: disable=g-import-not-at-top
   flag = next(f for f in flagdefs.TABLE if f.name == name)
   base_args = ("--source_dataset=cifar10",)
   with helpers.parsed_flags(*base_args):
     before = _leaves(run.config_from_flags())
-  value = _other_value(flag)
+  value, held = _other_value(flag)
   with helpers.parsed_flags(*base_args, f"--{name}={value}"):
     after = _leaves(run.config_from_flags())
   changed = {p for p in after if after[p] != before[p]}
   if name.endswith("_weight"):
     expected = {f"hints.weights.{name[:-len('_weight')]}"}
-  elif name == "source_dataset":
-    expected = {"source.dataset"}
+  elif name in ("source_dataset", "source_classes"):
+    expected = {f"source.{name[len('source_'):]}"}
   else:
-    expected = {p.replace("hints.weight(", "") for p in FIELDS[name]}
+    expected = set(FIELDS[name])
     expected |= {"source." + p[5:] for p in expected if p.startswith("data.") and
                  p[5:] in ("data_dir", "image_size", "seed")}
-  if name in ("dataset", "teacher_model"):
-    expected |= {"teacher.model.width"} & changed
-  assert changed == expected
-  given = flagdefs.value_of(flag, flags.FLAGS[name].parser.parse(value))
-  assert all(after[p] == given for p in expected - {"teacher.model.width"} or expected), (
-      {p: after[p] for p in expected}, given)
+  derived = {"teacher.model.width"} & changed if name in ("dataset", "teacher_model") else set()
+  assert changed == expected | derived
+  assert {p: after[p] for p in expected} == {p: held for p in expected}
+
+
+def test_source_flags_without_the_source_dataset_fill_nothing():
+  """--source_classes alone: no source data (Config.source stays None), and its value is not
+  even read (a bad one is no error: the group it would fill does not exist)."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  from tfjac import run  # pylint: disable=g-import-not-at-top
+  with helpers.parsed_flags("--source_classes=not,numbers", "--seed=3"):
+    made = run.config_from_flags()
+  assert made.source is None and made.data.seed == 3
 
 
 def test_the_settings_page_is_the_flags_table():

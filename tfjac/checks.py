@@ -23,14 +23,18 @@ _MULTI_REPLICA = ("mirrored", "multi_worker")
 
 
 # The flag of each setting (a Config field's path, as config.non_finite gives it or a
-# SettingError names it), from the flags' own table; a field no flag fills: its own name.
+# SettingError names it), from the flags' own table.
 _FLAG_OF_PATH = {tuple(path.split(".")): flag.name
                  for flag in flagdefs.TABLE for path in flag.paths}
 
 
 def flag_of(path) -> str:
-  """The flag that sets the Config field at `path` (a config.non_finite path)."""
+  """The flag that sets the Config field at `path` (a config.non_finite path). A field that no
+  flag fills (teacher.train.train_steps, source.augment: set only from Python) gets its own
+  name, which may also be another field's flag: no command line reaches such a field."""
   path = tuple(path)
+  if path[:2] == ("hints", "weights") and len(path) > 2:  # a hint of no flag too
+    return f"{path[2]}_weight"
   for n in range(len(path), 0, -1):
     if path[:n] in _FLAG_OF_PATH:
       return _FLAG_OF_PATH[path[:n]]
@@ -251,7 +255,9 @@ def validate(config: Config):
 
 def _check_network_name(flag, setting, m: ModelConfig):
   """A builder's name, keras.applications:NAME (a known one) or an existing model file.
-  `flag` and `setting`: how the command line and the library name m.name."""
+  `flag` and `setting`: how the command line and the library name m.name; its weights' flag
+  is the one that fills the ModelConfig's `weights` beside it."""
+  weights_flag = flag_of((*setting.split(".")[:-1], "weights"))
   from tfjac import models  # pylint: disable=g-import-not-at-top
   from tfjac.models import sources  # pylint: disable=g-import-not-at-top
   if m.name.startswith(sources.APPLICATIONS_PREFIX):
@@ -269,10 +275,10 @@ def _check_network_name(flag, setting, m: ModelConfig):
   else:
     _choice(flag, m.name, models.MODELS)
     if m.weights:
-      raise ConfigError("student_weights" if flag == "model" else flag, f"applies to "
-                        f"keras.applications: or .keras students; {m.name} is built here")
+      raise ConfigError(weights_flag, f"applies to keras.applications: or .keras networks; "
+                        f"{m.name} is built here")
   if m.weights and not os.path.isfile(m.weights):
-    raise ConfigError("student_weights", f"{m.weights!r} is not a file")
+    raise ConfigError(weights_flag, f"{m.weights!r} is not a file")
 
 
 def _validate_outside_teacher(config: Config):

@@ -174,7 +174,7 @@ class ModelConfig:
   # and this model (resolved(), for the command line and the Python API alike), so that
   # ModelConfig("vgg9") as a teacher is what --teacher_model=vgg9 builds.
   width: Optional[float] = None
-  weights: str = ""  # outside students: a weights file (model.load_weights); empty: random
+  weights: str = ""  # outside networks: a weights file (model.load_weights); empty: random
 
 
 @dataclasses.dataclass(frozen=True)

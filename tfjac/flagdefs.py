@@ -10,6 +10,7 @@ twice). Defaults suit the embedded digits dataset; flagfiles under flags/ set th
 experiments.
 """
 import dataclasses
+import types
 import typing
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -408,9 +409,10 @@ TABLE += tuple(
 
 
 def _unwrap(kind):
-  """Optional[X] -> X."""
+  """Optional[X] (or X | None) -> X."""
   args = [a for a in typing.get_args(kind) if a is not type(None)]
-  return args[0] if typing.get_origin(kind) is typing.Union and len(args) == 1 else kind
+  union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+  return args[0] if union and len(args) == 1 else kind
 
 
 def field_of(path) -> Tuple[type, object]:
@@ -433,6 +435,8 @@ def _define(flag: Flag):
       raise AssertionError(f"--{flag.name} fills {flag.paths}, whose defaults differ")
   default = None if flag.creates else default
   if typing.get_origin(kind) is tuple:
+    if flag.choices is not None:  # a list flag's entries are checked by checks.validate
+      raise AssertionError(f"--{flag.name}: a list flag takes no choices")
     flags.DEFINE_list(flag.name, None if default is None else [str(v) for v in default],
                       flag.help)
   elif flag.choices is not None:
@@ -478,7 +482,9 @@ def with_values(settings, values: Dict[str, object]):
   for name, sub in by_field.items():
     current = getattr(settings, name)
     if isinstance(settings, config.HintConfig) and name == "weights":
-      changes[name] = tuple((h, float(w)) for h, w in sub.items())
+      merged = dict(current)  # the weights already set stay, in their order
+      merged.update((h, float(w)) for h, w in sub.items())
+      changes[name] = tuple(merged.items())
       continue
     if current is None:
       current = _unwrap(hints_of[name])()
@@ -498,8 +504,9 @@ def reference() -> str:
       "fills the field(s) of `tfjac.config.Config` named beside it, and its default is that "
       "field's default, so `Config(...)` in Python and the command line make the same run "
       "(`--hints` and `--jac_target` left out: the mode's own, as `HintConfig()` left as it "
-      "is; a default of none: derived, see the flag's text). A `<hint>_weight` fills that "
-      "hint's entry of `HintConfig.weights`.",
+      "is; a default of none: not given, or for `--teacher_width` derived from the dataset, "
+      "as the flag's text says). A `<hint>_weight` fills that hint's entry of "
+      "`HintConfig.weights`.",
       "",
       "| flag | Python field(s) | default | what it sets |",
       "|---|---|---|---|"]

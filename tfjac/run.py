@@ -25,14 +25,16 @@ FLAGS = flags.FLAGS
 def config_from_flags(f=FLAGS) -> config_lib.Config:
   """The Config the parsed flags say: every flag of flagdefs.TABLE fills its fields of
   Config(); the mode's default hints and Jacobian target stand where those flags are not
-  given; source data exists only with --source_dataset."""
+  given; an optional group (the source data) exists only when the flag that creates it is
+  given (--source_dataset), and its other flags are then read, else ignored."""
+  absent = {flag.paths[0].split(".")[0] for flag in flagdefs.TABLE
+            if flag.creates and f[flag.name].value is None}
   values = {}
   for flag in flagdefs.TABLE:
-    if flag.paths[0].startswith("source.") and not f.source_dataset:
-      continue
-    value = flagdefs.value_of(flag, f[flag.name].value)
-    values.update((path, value) for path in flag.paths
-                  if f.source_dataset or not path.startswith("source."))
+    paths = [p for p in flag.paths if p.split(".")[0] not in absent]
+    if paths:  # a flag of an absent group only is not even converted (its value is moot)
+      value = flagdefs.value_of(flag, f[flag.name].value)
+      values.update((path, value) for path in paths)
   mode = modes.load(f.mode)  # the mode's defaults (modes/__init__.py)
   if not f["hints"].present and mode.default_hints is not None:
     values["hints.hints"] = tuple(mode.default_hints)  # always_hints first: resolved() below
