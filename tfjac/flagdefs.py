@@ -43,7 +43,7 @@ def _both_fits(field):
 
 TABLE = (
     # What to run.
-    Flag('mode', ('mode',),
+    Flag("mode", ("mode",),
          "teacher: train and export a teacher. distill: teacher -> student with --hints. "
          "regularize: a student without teacher, with --hints among ce, jacnorm, "
          "noisy_ce (default ce,jacnorm). transfer: Learning without Forgetting from a "
@@ -52,10 +52,10 @@ TABLE = (
          "oracle (the teacher's network with a new head). conditions: the poster's "
          "three conditions for transfer to help, measured (no training).",
          choices=list(modes.MODES)),
-    Flag('workdir', ('workdir',),
+    Flag("workdir", ("workdir",),
          "Run directory: flags.cfg, results.json, tensorboard/, checkpoints/, teacher/ "
          "and student/ (SavedModel + .keras). A teacher found here is reused."),
-    Flag('strategy', ('strategy',),
+    Flag("strategy", ("strategy",),
          "tf.distribute strategy. auto: MirroredStrategy when several GPUs are "
          "visible, else the default (one device) strategy. mirrored: "
          "MirroredStrategy over this machine's devices. multi_worker: "
@@ -65,7 +65,7 @@ TABLE = (
          "--workdir, the others write under <workdir>/workers/<type>_<index>.",
          choices=config.STRATEGIES),
     # Data.
-    Flag('dataset', ('data.dataset',),
+    Flag("dataset", ("data.dataset",),
          "digits (embedded, 8x8 UCI handwritten digits, no network), cifar10, "
          "cifar100, mit_indoor67 (--data_dir=DIR with DIR/Images/ and the official "
          "TrainImages.txt / TestImages.txt), fashion_mnist (the four IDX files of "
@@ -75,69 +75,69 @@ TABLE = (
          "image dataset, or folder:PATH for image files in "
          "PATH/train/<class>/*.jpg|jpeg|png and PATH/test/<class>/... (classes "
          "sorted by folder name)."),
-    Flag('data_dir', ('data.data_dir', 'source.data_dir'),
+    Flag("data_dir", ("data.data_dir", "source.data_dir"),
          "mit_indoor67: its folder. tfds datasets: the data_dir "
          "holding prepared data "
          "(see tools/prepare_data.py). Nothing is downloaded during a run."),
-    Flag('samples_per_class', ('data.samples_per_class',),
+    Flag("samples_per_class", ("data.samples_per_class",),
          "Student training examples per class (seeded subset); 0: all of them."),
-    Flag('validation_fraction', ('data.validation_fraction',),
+    Flag("validation_fraction", ("data.validation_fraction",),
          "Fraction of each class of the training split "
          "held out for model selection (the test split is never used for it)."),
-    Flag('augment', ('data.augment',),
+    Flag("augment", ("data.augment",),
          "Training augmentations: crop (reflect-pad and random crop), "
          "flip (random horizontal flip). Empty: none."),
-    Flag('crop_padding', ('data.crop_padding',),
+    Flag("crop_padding", ("data.crop_padding",),
          "Padding for --augment=crop; 0: image size // 8."),
-    Flag('classes', ('data.classes',),
+    Flag("classes", ("data.classes",),
          "Use only these classes of --dataset, relabelled 0..n-1 in "
          "this order (e.g. a teacher on digits 0-4, a transfer target on 5-9)."),
-    Flag('image_size', ('data.image_size', 'source.image_size'),
+    Flag("image_size", ("data.image_size", "source.image_size"),
          "folder:PATH datasets: resize every image to "
          "image_size x image_size (aspect ratio not kept); 0: every image must "
          "have the same size."),
-    Flag('skip_bad_images', ('data.skip_bad_images',),
+    Flag("skip_bad_images", ("data.skip_bad_images",),
          "folder:PATH datasets: skip unreadable or "
          "truncated image files (logged, counted in results.json) instead of "
          "stopping with an error that names the file."),
-    Flag('seed', ('data.seed', 'source.seed'),
+    Flag("seed", ("data.seed", "source.seed"),
          "Seed of the validation split, the N-per-class subset, weight "
          "initialisation and shuffling. Same seed: same images for every hint set."),
     # Networks.
-    Flag('model', ('student.name',),
+    Flag("model", ("student.name",),
          "Student architecture: one of " + ", ".join(models.MODELS)
                     + ", keras.applications:NAME (its body and a new Dense head, random init "
          "or --student_weights), or a .keras file (docs/networks.md)."),
-    Flag('width', ('student.width',),
+    Flag("width", ("student.width",),
          "Student channel-width multiplier."),
-    Flag('teacher_model', ('teacher.model.name',),
+    Flag("teacher_model", ("teacher.model.name",),
          "Teacher architecture when the teacher is "
          "trained here: the names of --model."),
-    Flag('teacher_model_weights', ('teacher.model.weights',),
+    Flag("teacher_model_weights", ("teacher.model.weights",),
          "--teacher_model=keras.applications:NAME or FILE.keras: the initial weights of "
          "the teacher trained here (model.load_weights), as --student_weights for the "
          "student; empty: random init (or the file's own)."),
-    Flag('teacher_width', ('teacher.model.width',),
+    Flag("teacher_width", ("teacher.model.width",),
          "Teacher channel-width multiplier. Default: sized for "
          "the data's images (config.DEFAULT_TEACHER_WIDTHS): 0.25 for the default "
          "vgg9 on the embedded 8x8 digits, 1 otherwise."),
-    Flag('teacher', ('teacher.path',),
+    Flag("teacher", ("teacher.path",),
          "Pre-trained teacher: a .keras file, a SavedModel directory, "
          "a directory written by --mode=teacher, keras.applications:NAME (weights "
          "from --teacher_weights) or kerashub:DIR (a KerasHub preset directory; "
          "pip install -e .[hub]). Default: the teacher in --workdir, trained there "
          "first if absent."),
-    Flag('unsafe_teacher_loading', ('teacher.unsafe_loading',),
+    Flag("unsafe_teacher_loading", ("teacher.unsafe_loading",),
          "Let a .keras teacher run the Python "
          "code it carries (Lambda layers). Keras safe mode refuses such files by "
          "default: that code can do anything your account can. Only for files "
          "from people you trust."),
     # Hints (the <hint>_weight flags follow the table).
-    Flag('hints', ('hints.hints',),
+    Flag("hints", ("hints.hints",),
          "Loss terms of the student, summed with their "
          "weights: " + "; ".join(f"{k}: {h.help}" for k, h in hints.HINTS.items()) +
          ". The poster's rows: ce | act,ce | act,jac,ce | act | act,jac."),
-    Flag('loss_scaling', ('hints.loss_scaling',),
+    Flag("loss_scaling", ("hints.loss_scaling",),
          "How the hints' terms are put on one scale before their weights apply. "
          "initial: each term divided by its own mean over the first 10 training steps "
          "(detached), so every term starts at its --<hint>_weight and a weight means "
@@ -147,19 +147,19 @@ TABLE = (
          "w * term, where the right weight depends on the dataset. With one hint "
          "nothing is scaled.",
          choices=config.LOSS_SCALINGS),
-    Flag('kd_temperature', ('hints.kd_temperature',),
+    Flag("kd_temperature", ("hints.kd_temperature",),
          "Softmax temperature of the 'kd' hint and of "
          "--lwf_match=kd; both multiply the KL by tau^2 (Hinton et al.)."),
-    Flag('jac_target', ('hints.jac_target',),
+    Flag("jac_target", ("hints.jac_target",),
          "Which outputs' input-gradients are used: " + "; ".join(
          f"{k}: {t.help}" for k, t in hints.JACOBIAN_TARGETS.items()) + ".",
          choices=list(hints.JACOBIAN_TARGETS)),
-    Flag('jac_top_k', ('hints.jac_top_k',),
+    Flag("jac_top_k", ("hints.jac_top_k",),
          "k of --jac_target=top_k."),
-    Flag('jac_projections', ('hints.jac_projections',),
+    Flag("jac_projections", ("hints.jac_projections",),
          "Number of random projections of "
          "--jac_target=projection."),
-    Flag('jac_estimator', ('hints.jac_estimator',),
+    Flag("jac_estimator", ("hints.jac_estimator",),
          "How the Jacobian hints (jac, jac_ce, jacnorm) are computed. backprop: the "
          "--jac_target rows of the input Jacobian by reverse mode, the student's by "
          "double backprop. jvp: their directional derivatives J u along --jac_probes "
@@ -172,23 +172,23 @@ TABLE = (
          "jac term normalises each example's whole sketch (its rows and probes): "
          "consistent as probes grow, biased for few (docs/hints.md, Jacobian estimators).",
          choices=list(config.JAC_ESTIMATORS)),
-    Flag('jac_probes', ('hints.jac_probes',),
+    Flag("jac_probes", ("hints.jac_probes",),
          "Random probes per example of --jac_estimator=jvp|fd."),
-    Flag('jac_probe', ('hints.jac_probe',),
+    Flag("jac_probe", ("hints.jac_probe",),
          "Distribution of the "
          "probes' entries: rademacher (+-1) or gaussian (N(0, 1)); both E[u u^T] = I.",
          choices=list(config.JAC_PROBES)),
-    Flag('jac_fd_eps', ('hints.jac_fd_eps',),
+    Flag("jac_fd_eps", ("hints.jac_fd_eps",),
          "Step of --jac_estimator=fd in [0, 1] pixel units "
          "(each pixel moves by eps times its probe entry). Smaller: less smoothing "
          "over ReLU and max-pool kinks, more float32 rounding (1/eps); on the digits' "
          "VGGs 1e-3 put the raw term within 1.5% of jvp's, 1e-2 within 9%."),
-    Flag('noise_sigma', ('hints.noise_sigma',),
+    Flag("noise_sigma", ("hints.noise_sigma",),
          "Std of the Gaussian input noise (in [0, 1] pixel units) "
          "of the hints noise, noisy_ce, and the sigma of jac_ce and jacnorm."),
-    Flag('noise_samples', ('hints.noise_samples',),
+    Flag("noise_samples", ("hints.noise_samples",),
          "Noisy copies per example for noise and noisy_ce."),
-    Flag('lwf_match', ('hints.lwf_match',),
+    Flag("lwf_match", ("hints.lwf_match",),
          "How the lwf hint matches the "
          "student's teacher-shaped head to the teacher: kd (soft targets, as in Li & "
          "Hoiem's LwF, but by default at --kd_temperature=4 and times tau^2 = 16, "
@@ -196,65 +196,65 @@ TABLE = (
          "to the teacher's entropy, a constant, is --kd_temperature=2 "
          "--lwf_weight=0.25 --loss_scaling=none) or act (squared error of logits).",
          choices=list(hints.LWF_MATCHES)),
-    Flag('teacher_layers', ('hints.teacher_layers',),
+    Flag("teacher_layers", ("hints.teacher_layers",),
          "Teacher layers whose feature maps feed at/at_jac, by "
          "name; default: the layer that ends each block/stage, one per resolution "
          "(never padding; deepest ones paired; docs/transfer.md)."),
-    Flag('student_layers', ('hints.student_layers',),
+    Flag("student_layers", ("hints.student_layers",),
          "Student layers paired one to one with "
          "--teacher_layers; default: the layer that ends each block/stage."),
-    Flag('teacher_resize', ('teacher.input.resize',),
+    Flag("teacher_resize", ("teacher.input.resize",),
          "Resize target images to the teacher's input "
          "size (bilinear, differentiable) when they differ."),
-    Flag('teacher_input_scale', ('teacher.input.scale',),
+    Flag("teacher_input_scale", ("teacher.input.scale",),
          "The teacher sees x * scale + offset (x in "
          "[0, 1]): e.g. 255 for a teacher trained on [0, 255] pixels."),
-    Flag('teacher_input_offset', ('teacher.input.offset',),
+    Flag("teacher_input_offset", ("teacher.input.offset",),
          "See --teacher_input_scale."),
-    Flag('source_dataset', ('source.dataset',),
+    Flag("source_dataset", ("source.dataset",),
          "--mode=conditions: the teacher's own training "
          "data (same names as --dataset), for its loss and the source/target distance.",
          creates=True),
-    Flag('source_classes', ('source.classes',),
+    Flag("source_classes", ("source.classes",),
          "--mode=conditions: class subset of --source_dataset."),
-    Flag('conditions_examples', ('conditions_examples',),
+    Flag("conditions_examples", ("conditions_examples",),
          "--mode=conditions: target (and source) test "
          "images used for the estimates: a class-stratified sample drawn with --seed "
          "(the source halves split every class in two)."),
-    Flag('robustness_sigmas', ('robustness_sigmas',),
+    Flag("robustness_sigmas", ("robustness_sigmas",),
          "After training, test accuracy of teacher and student "
          "under Gaussian input noise of each of these std (results.json); empty: none."),
-    Flag('jac_normalize', ('hints.jac_normalize',),
+    Flag("jac_normalize", ("hints.jac_normalize",),
          "L2-normalise each example's Jacobians before "
          "matching (the paper's loss); --nojac_normalize matches them raw."),
-    Flag('jac_bn_policy', ('hints.jac_bn_policy',),
+    Flag("jac_bn_policy", ("hints.jac_bn_policy",),
          "BatchNorm in the student's Jacobian pass during training. batch_stats: one "
          "pass, batch statistics held constant for the input gradient. inference: a "
          "second pass with moving statistics. Both give per-example Jacobians; "
          "batch_stats is the cheaper: no second pass (docs/hints.md).",
          choices=config.BN_POLICIES),
     # Optimisation.
-    Flag('epochs', ('train.epochs',),
+    Flag("epochs", ("train.epochs",),
          "Student epochs."),
-    Flag('teacher_epochs', ('teacher.train.epochs',),
+    Flag("teacher_epochs", ("teacher.train.epochs",),
          "Teacher epochs (when trained here)."),
-    Flag('batch_size', _both_fits('batch_size'),
+    Flag("batch_size", _both_fits("batch_size"),
          "Global batch size (split over replicas)."),
-    Flag('steps_per_epoch', _both_fits('steps_per_epoch'),
+    Flag("steps_per_epoch", _both_fits("steps_per_epoch"),
          "Steps per epoch (the data repeats); 0: one pass."),
-    Flag('optimizer', _both_fits('optimizer'),
+    Flag("optimizer", _both_fits("optimizer"),
          "Optimizer.",
          choices=config.OPTIMIZERS),
-    Flag('learning_rate', ('train.learning_rate',),
+    Flag("learning_rate", ("train.learning_rate",),
          "Student peak learning rate."),
-    Flag('teacher_learning_rate', ('teacher.train.learning_rate',),
+    Flag("teacher_learning_rate", ("teacher.train.learning_rate",),
          "Teacher peak learning rate."),
-    Flag('momentum', _both_fits('momentum'),
+    Flag("momentum", _both_fits("momentum"),
          "SGD momentum (Nesterov unless --nonesterov)."),
-    Flag('weight_decay', _both_fits('weight_decay'),
+    Flag("weight_decay", _both_fits("weight_decay"),
          "Weight decay of the optimizer, of the kind "
          "--weight_decay_kind says."),
-    Flag('weight_decay_kind', _both_fits('weight_decay_kind'),
+    Flag("weight_decay_kind", _both_fits("weight_decay_kind"),
          "decoupled: Keras's weight_decay, w <- w - lr * wd * w beside the update, "
          "outside momentum (AdamW's kind). l2: wd * w added to every trained "
          "variable's gradient before momentum / Adam moments, i.e. the penalty wd/2 "
@@ -262,22 +262,22 @@ TABLE = (
          "SGD momentum m the effective decay is about 1/(1-m) times the decoupled "
          "one). Not with --optimizer=adamw.",
          choices=config.WEIGHT_DECAY_KINDS),
-    Flag('nesterov', _both_fits('nesterov'),
+    Flag("nesterov", _both_fits("nesterov"),
          "--optimizer=sgd: Nesterov momentum; --nonesterov: plain "
          "(heavy-ball) momentum, as PyTorch SGD's default and the attention-transfer "
          "reference. Keras's momentum form (v <- m v - lr g; w <- w + v) equals "
          "PyTorch's (v <- m v + g; w <- w - lr v) at a constant learning rate; after "
          "a schedule changes the rate, Keras's velocity still carries the old rate "
          "for about 1/(1-m) steps."),
-    Flag('lr_schedule', _both_fits('lr_schedule'),
+    Flag("lr_schedule", _both_fits("lr_schedule"),
          "Learning-rate schedule.",
          choices=config.LR_SCHEDULES),
-    Flag('lr_decay_epochs', _both_fits('lr_decay_epochs'),
+    Flag("lr_decay_epochs", _both_fits("lr_decay_epochs"),
          "Epochs at which --lr_schedule=step multiplies the "
          "learning rate by --lr_decay_factor."),
-    Flag('lr_decay_factor', _both_fits('lr_decay_factor'),
+    Flag("lr_decay_factor", _both_fits("lr_decay_factor"),
          "Factor of --lr_schedule=step."),
-    Flag('train_steps', ('train.train_steps',),
+    Flag("train_steps", ("train.train_steps",),
          "Student budget in optimizer steps; 0 (default): "
          "--epochs epochs, so that a run on fewer images takes fewer steps (60 "
          "epochs of 100 images at batch 32 are 240 steps). N > 0: exactly N steps "
@@ -288,30 +288,30 @@ TABLE = (
          "epoch end as usual. The cosine schedule decays over the N steps; "
          "--lr_schedule=step takes --lr_decay_steps. tools/reproduce.py gives every "
          "column of a table the same N."),
-    Flag('lr_decay_steps', _both_fits('lr_decay_steps'),
+    Flag("lr_decay_steps", _both_fits("lr_decay_steps"),
          "Optimizer steps at which --lr_schedule=step "
          "multiplies the learning rate by --lr_decay_factor (instead of "
          "--lr_decay_epochs; the only kind taken with --train_steps)."),
-    Flag('early_stopping_patience', _both_fits('early_stopping_patience'),
+    Flag("early_stopping_patience", _both_fits("early_stopping_patience"),
          "Stop after this many epochs without a "
          "better validation accuracy; 0: off. The best epoch is kept either way."),
-    Flag('resume', ('resume',),
+    Flag("resume", ("resume",),
          "Continue an interrupted run: each fit backs up its full "
          "state to <workdir>/checkpoints/<role>/backup at every epoch end (and every "
          "--backup_every_steps steps); rerunning the same command continues from "
          "there and ends with the same weights (bit-identical on CPU with the same "
          "thread count). A backup of other settings is an error; --noresume "
          "discards it and starts over."),
-    Flag('backup_every_steps', _both_fits('backup_every_steps'),
+    Flag("backup_every_steps", _both_fits("backup_every_steps"),
          "Also back up within an epoch, every this many "
          "steps; 0: at epoch ends only."),
-    Flag('deterministic', ('deterministic',),
+    Flag("deterministic", ("deterministic",),
          "tf.config.experimental.enable_op_determinism(): "
          "deterministic kernels, for bit-identical reruns and resumes on GPUs. Not "
          "needed on CPU, where runs with the same thread count are bit-identical "
          "already; there it changes the numbers and costs speed (docs/"
          "reliability.md)."),
-    Flag('jit_compile', _both_fits('jit_compile'),
+    Flag("jit_compile", _both_fits("jit_compile"),
          "XLA-compile the training step. Refused with "
          "hints that take the student's Jacobian (jac, jac_ce, jacnorm, at_jac) by "
          "--jac_estimator=backprop or jvp: XLA's second-order gradient through "
@@ -323,7 +323,7 @@ TABLE = (
          "replicas' variables); under --strategy=auto with several GPUs it is "
          "turned off with a logged reason."),
     # Speed and scale.
-    Flag('teacher_cache', ('teacher.cache',),
+    Flag("teacher_cache", ("teacher.cache",),
          "Teacher outputs (logits, Jacobians of the --jac_target outputs, feature "
          "maps) computed once per training example before the student's fit and fed "
          "with the data, so a step runs only the student. The teacher is frozen, so "
@@ -333,7 +333,7 @@ TABLE = (
          "error when it cannot be honoured); off: run the teacher at every step. "
          "Memory: the Jacobians take K x image size floats per example.",
          choices=config.TEACHER_CACHE),
-    Flag('mixed_precision', ('mixed_precision',),
+    Flag("mixed_precision", ("mixed_precision",),
          "Keras dtype policy of the networks built here. auto: mixed_bfloat16 where "
          "the CPU has bfloat16 units (avx512_bf16 or amx_bf16 in /proc/cpuinfo) and no "
          "GPU is visible, float32 elsewhere, logged. mixed_float16: float16 "
@@ -346,22 +346,22 @@ TABLE = (
          "(docs/speed.md); float16 on CPU is emulated and slow.",
          choices=config.PRECISIONS),
     # Cost of the Jacobian hints (student fit only).
-    Flag('jac_every', ('hints.jac_every',),
+    Flag("jac_every", ("hints.jac_every",),
          "Lazy Jacobian matching: the Jacobian hints (jac, jac_ce, "
          "jacnorm, at_jac) on every K-th optimizer step with their weights times K "
          "(as StyleGAN2's lazy R1); the steps in between take only the other hints "
          "and compute no Jacobian. 1: every step (the paper's loss)."),
-    Flag('val_jac_examples', ('train.val_jac_examples',),
+    Flag("val_jac_examples", ("train.val_jac_examples",),
          "Validation computes accuracy and the hints "
          "without Jacobians on the whole validation split every epoch, and the "
          "Jacobian hints' terms on a fixed subset of this many validation examples "
          "(seeded by --seed, the same every epoch); 0: on the whole split. Model "
          "selection uses validation accuracy, which is always on the whole split."),
-    Flag('val_jac_every', ('train.val_jac_every',),
+    Flag("val_jac_every", ("train.val_jac_every",),
          "Validation's Jacobian terms every this many epochs "
          "(the first, every N-th, and the last); 1: every epoch."),
     # Your own networks (tfjac/models/: sources, teachers; docs/networks.md).
-    Flag('teacher_preprocessing', ('teacher.input.preprocessing',),
+    Flag("teacher_preprocessing", ("teacher.input.preprocessing",),
          "How the dataset's [0, 1] pixels are prepared for the teacher, inside the "
          "differentiable adapter (Jacobians stay w.r.t. the dataset's pixels), as "
          "keras.applications.<family>.preprocess_input does on 0-255 pixels. caffe: "
@@ -372,12 +372,12 @@ TABLE = (
          "--teacher_input_scale plus --teacher_input_offset. auto: the "
          "keras.applications family's, a KerasHub preset's image converter, else none.",
          choices=list(preprocessing.PREPROCESSING)),
-    Flag('teacher_mean', ('teacher.input.mean',),
+    Flag("teacher_mean", ("teacher.input.mean",),
          "Per-channel mean (in [0, 1] pixel units) replacing "
          "torch's ImageNet mean, or subtracted with --teacher_preprocessing=none."),
-    Flag('teacher_std', ('teacher.input.std',),
+    Flag("teacher_std", ("teacher.input.std",),
          "Per-channel std to go with --teacher_mean."),
-    Flag('teacher_outputs', ('teacher.input.outputs',),
+    Flag("teacher_outputs", ("teacher.input.outputs",),
          "What the teacher returns. auto: a final softmax (Dense, Activation or "
          "Softmax layer) is seen and removed, so the hints get logits; a teacher with "
          "no visible softmax (a SavedModel) whose outputs look like probabilities is "
@@ -385,15 +385,15 @@ TABLE = (
          "logits (exact for kd, lwf with kd, jac_ce, at, at_jac; act, jac, noise "
          "are refused).",
          choices=list(outputs.OUTPUT_KINDS)),
-    Flag('teacher_weights', ('teacher.input.weights',),
+    Flag("teacher_weights", ("teacher.input.weights",),
          "--teacher=keras.applications:NAME: its weights "
          "file (.h5 or .weights.h5); none: random weights; empty: the ImageNet "
          "file in Keras' cache directory (~/.keras/models), if a download elsewhere "
          "left it there. tfjac never downloads."),
-    Flag('teacher_image_size', ('teacher.input.image_size',),
+    Flag("teacher_image_size", ("teacher.input.image_size",),
          "--teacher=keras.applications:NAME: build it "
          "for this square input size; 0: its default (224 for most)."),
-    Flag('student_weights', ('student.weights',),
+    Flag("student_weights", ("student.weights",),
          "--model=keras.applications:NAME or FILE.keras: "
          "initial weights from this file (model.load_weights); empty: random "
          "init (or the file's own)."),
