@@ -3,10 +3,12 @@ place, the strategy through tfjac.runtime.make_strategy; benchmark.py times one 
 configuration through it, replicated as well."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tests import helpers
@@ -62,3 +64,31 @@ def test_benchmark_times_one_configuration_replicated_through_the_kit():
   result = json.loads(lines[-1][len("BENCHMARK_RESULT "):])
   assert result["replicas"] == 2 and result["ms_per_step"] > 0
   assert result["student_macs"] > 0 and "skipped" not in result
+
+
+def test_a_row_of_several_rounds_is_the_round_of_median_time():
+  rounds = [{"ms_per_step": 3.0, "k": "a"}, {"ms_per_step": 1.0, "k": "b"},
+            {"ms_per_step": 2.0, "k": "c"}]
+  assert benchkit.median_round(rounds)["k"] == "c"
+  assert benchkit.median_round(rounds)["ms_per_step_rounds"] == [3.0, 1.0, 2.0]
+  assert benchkit.median_round(rounds[:2])["k"] == "b"  # even count: the lower middle
+
+
+@pytest.mark.slow
+def test_benchmark_rounds_alternate_with_the_peer_and_report_the_range(tmp_path):
+  """--rounds=2 --peer=torch: two tfjac runs and two torch runs of the one configuration; the
+  row's ratio is the medians' with the rounds' range beside it."""
+  out = tmp_path / "b.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(helpers.REPO, "tools", "benchmark.py"), "--grid=product",
+       "--hints_sets=ce", "--batch_sizes=8", "--image_size=8", "--num_classes=10",
+       "--width=0.25", "--steps=1", "--warmup=1", "--rounds=2", "--peer=torch",
+       "--jit_compile=false", "--replicas=1", "--mixed_precision=float32",
+       "--teacher_cache=off",
+       "--nomatmul_peak", f"--json={out}"],
+      capture_output=True, text=True, timeout=600, cwd=helpers.REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = json.loads(out.read_text())["results"][0]
+  assert len(row["ms_per_step_rounds"]) == 2 and len(row["peer"]["ms_per_step_rounds"]) == 2
+  low, high = row["peer_ratio_range"]
+  assert low <= high and re.search(r"\| [0-9.]+ \([0-9.]+-[0-9.]+\) \|", proc.stdout)

@@ -99,3 +99,13 @@ def repeated(elem):
   """The element repeated forever, as a tf.data.Dataset (what the timed steps consume)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.data.Dataset.from_tensors(elem).repeat()
+
+
+def median_round(rounds):
+  """Of several timed runs of one configuration (dicts with ms_per_step), the run of median
+  time (the lower middle one of an even count), with every run's ms/step beside it."""
+  if "skipped" in rounds[0]:
+    return rounds[0]
+  ordered = sorted(rounds, key=lambda r: r["ms_per_step"])
+  return dict(ordered[(len(ordered) - 1) // 2],
+              ms_per_step_rounds=[r["ms_per_step"] for r in rounds])

@@ -68,6 +68,11 @@ flags.DEFINE_integer("num_classes", benchkit.POSTER["num_classes"], "Number of c
 flags.DEFINE_list("batch_sizes", ["128"], "Global batch sizes to measure.")
 flags.DEFINE_integer("steps", 10, "Timed steps (the median is reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first one traces the graph).")
+flags.DEFINE_integer("rounds", 1, "Rounds per configuration: each round runs the tfjac step "
+                     "and then its torch peer (--peer=torch), each in a fresh subprocess, so "
+                     "the two sides alternate; a row reports the round of median ms/step of "
+                     "each side, and with several rounds the range of tfjac / torch over the "
+                     "rounds (the machine's drift between runs shows there, not in one ratio).")
 flags.DEFINE_list("jac_bn_policy", ["batch_stats", "inference"], "BatchNorm policies of the "
                   "student's Jacobian (batch_stats, inference); only hint sets with 'jac' use "
                   "it. The first is the base.")
@@ -416,8 +421,10 @@ def table(results, peaks=None):
                 "-" if rate is None or not peak else f"{100 * rate / peak:.0f}%"]
     if peer:
       p = r.get("peer") or {}
+      spread = r.get("peer_ratio_range")
       cells += ([f"{p['images_per_s']:.0f} ({p.get('device', 'cpu')})",
-                 f"{r['images_per_s'] / p['images_per_s']:.2f}"]
+                 f"{r['images_per_s'] / p['images_per_s']:.2f}" + (
+                     f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")]
                 if "images_per_s" in p else [p.get("skipped", "-"), "-"])
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
@@ -450,14 +457,22 @@ def main(argv):
           f"replicas={cfg['replicas']} precision={cfg['mixed_precision']} "
           f"estimator={cfg.get('jac_estimator', 'backprop')} ...",
           file=sys.stderr, flush=True)
-    results.append(run_in_subprocess(cfg))
-    if FLAGS.peer == "torch" and _peer_row(cfg):
-      key = _peer_key(cfg)
-      if key not in peers:  # one torch run per hint set, target and batch size
+    ours, theirs = [], []
+    peer = FLAGS.peer == "torch" and _peer_row(cfg)
+    for _ in range(max(1, FLAGS.rounds)):
+      ours.append(run_in_subprocess(cfg))
+      if peer and (FLAGS.rounds > 1 or _peer_key(cfg) not in peers):
         print(f"    torch peer: hints={cfg['hints']} batch={cfg['batch_size']} ...",
               file=sys.stderr, flush=True)
-        peers[key] = run_in_subprocess(cfg, flag="single_peer")
-      results[-1]["peer"] = peers[key]
+        theirs.append(run_in_subprocess(cfg, flag="single_peer"))
+    results.append(benchkit.median_round(ours))
+    if peer:
+      if theirs:  # with one round, one torch run per hint set, target and batch size
+        peers[_peer_key(cfg)] = benchkit.median_round(theirs)
+      results[-1]["peer"] = peers[_peer_key(cfg)]
+      if len(theirs) > 1:
+        ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(ours, theirs)]
+        results[-1]["peer_ratio_range"] = [min(ratios), max(ratios)]
   for r in results:
     ce = _ce_of(r, results)
     if ce and "skipped" not in r:
@@ -474,7 +489,10 @@ def main(argv):
         f"{first['teacher_model']} teacher -> {first['model']} student (width {first['width']}), "
         f"input {first['image_size']}x{first['image_size']}x{first['channels']}, "
         f"{first['num_classes']} classes; median of {first['steps']} steps after "
-        f"{first['warmup']} warm-up steps\n")
+        f"{first['warmup']} warm-up steps" + (
+            f"; the median of {FLAGS.rounds} rounds, tfjac and torch alternating, "
+            "'tfjac / torch' from the two medians with the range of the rounds' own ratios"
+            if FLAGS.rounds > 1 else "") + "\n")
   print(table(results, peaks))
   if peaks:
     print(f"\nMatmul peak ({FLAGS.matmul_size} x {FLAGS.matmul_size}, tf.matmul): " +
