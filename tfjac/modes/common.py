@@ -26,6 +26,9 @@ CHECKPOINTS_DIR = "checkpoints"
 # seed and its role only, not on what ran before it in the process (a resumed run loads the
 # teacher instead of training it).
 _ROLE_SEED = {"teacher": 1, "student": 2}
+# Where each role's network and fit settings sit in Config, for the messages that name them.
+_ROLE_MODEL = {"teacher": "teacher.model", "student": "student"}
+_ROLE_TRAIN = {"teacher": "teacher.train", "student": "train"}
 
 
 def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, seed=0):
@@ -35,7 +38,7 @@ def build_network(model_cfg: ModelConfig, splits: Splits, name: str, strategy, s
     return students.build_student(model_cfg.name, info.image_shape, info.num_classes,
                                   mean=info.mean, std=info.std, weights=model_cfg.weights,
                                   model_name=name,
-                                  setting="student" if name == "student" else "teacher.model")
+                                  setting=_ROLE_MODEL[name])
   return models.build(model_cfg.name, info.image_shape, info.num_classes, mean=info.mean,
                       std=info.std, width=model_cfg.width, model_name=name,
                       sync_bn=strategy.num_replicas_in_sync > 1)
@@ -147,7 +150,7 @@ def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: ker
                       keep_backup=True)
   result = loop.fit(distiller, train_split, splits.validation, train_cfg, dirs,
                     data=config.data, teacher_cache=use_cache,
-                    setting="teacher.train" if role == "teacher" else "train",
+                    setting=_ROLE_TRAIN[role],
                     extra_callbacks=[callbacks.EpochLogger(role, train_cfg.epochs)])
   test = evaluation.evaluate(distiller, splits.test, train_cfg.batch_size)
   if config.robustness_sigmas:
