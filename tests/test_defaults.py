@@ -22,7 +22,8 @@ FIELDS = {
     "source_dataset": ("source",),  # None: no source data; given, a DataConfig is built
     "robustness_sigmas": ("robustness_sigmas",),
     "conditions_examples": ("conditions_examples",), "resume": ("resume",),
-    "deterministic": ("deterministic",), "unsafe_teacher_loading": ("teacher.unsafe_loading",),
+    "deterministic": ("deterministic",), "choose_on_validation": ("choose_on_validation",),
+    "unsafe_teacher_loading": ("teacher.unsafe_loading",),
     "teacher_cache": ("teacher.cache",), "mixed_precision": ("mixed_precision",),
     # data
     **{name: (f"data.{name}",) for name in (

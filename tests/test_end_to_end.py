@@ -50,13 +50,15 @@ def test_summary_and_results(run_dir):
   assert results["total_seconds"] > 0 and results["student"]["train_seconds"] > 0
 
 
-def test_tensorboard_has_every_term(run_dir):
-  workdir, _ = run_dir
-  train = _scalars(os.path.join(workdir, "tensorboard", "student", "train"))
+@pytest.mark.parametrize("candidate", ["given", "alternative"])
+def test_tensorboard_has_every_term(run_dir, candidate):
+  workdir, _ = run_dir  # the main job chooses on validation: each fit logs apart
+  logs = os.path.join(workdir, "candidates", candidate, "tensorboard", "student")
+  train = _scalars(os.path.join(logs, "train"))
   for tag in ("epoch_loss", "epoch_ce_loss", "epoch_act_loss", "epoch_jac_loss",
               "epoch_accuracy", "epoch_teacher_jac_norm", "epoch_student_jac_norm"):
     assert len(train.get(tag, [])) == 3, (tag, sorted(train))
-  validation = _scalars(os.path.join(workdir, "tensorboard", "student", "validation"))
+  validation = _scalars(os.path.join(logs, "validation"))
   for tag in ("epoch_accuracy", "epoch_jac_loss", "epoch_loss"):
     assert len(validation.get(tag, [])) == 3, (tag, sorted(validation))
 

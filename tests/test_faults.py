@@ -58,10 +58,12 @@ def _tail(log):
     return f.read()[-3000:]
 
 
-def _kill_when(workdir, role, reached, log):
-  """Starts the run, SIGKILLs it once <role>'s backup satisfies reached(state)."""
+def _kill_when(workdir, role, reached, log, candidate=None):
+  """Starts the run, SIGKILLs it once <role>'s backup (of `candidate`'s fit, with
+  choose_on_validation) satisfies reached(state)."""
   proc = _start(workdir, log)
-  path = os.path.join(workdir, "checkpoints", role, resume_lib.BACKUP_DIR,
+  fit_dir = os.path.join(workdir, "candidates", candidate) if candidate else workdir
+  path = os.path.join(fit_dir, "checkpoints", role, resume_lib.BACKUP_DIR,
                       resume_lib.STATE_FILE)
   deadline, state = time.time() + 300, None
   while proc.poll() is None and time.time() < deadline:
@@ -97,18 +99,27 @@ def test_kill_during_training_then_rerun_gives_the_uninterrupted_result(tmp_path
   reference, killed, logs = (str(tmp_path / d) for d in ("reference", "killed", "logs"))
   _, expected = _finish(reference, f"{logs}/reference")
 
-  # Mid-epoch in the teacher's second epoch, then mid-epoch in the student's second or third.
+  # Mid-epoch in the teacher's second epoch, then mid-epoch in the second or third epoch of
+  # the student's second candidate (choose_on_validation's default: the first one finished).
   at = _kill_when(killed, "teacher", lambda s: s["epoch"] == 1 and s["step"] > 0,
                   f"{logs}/kill1")
   assert not os.path.exists(os.path.join(killed, "teacher", export.KERAS_FILE))
   at_student = _kill_when(killed, "student", lambda s: s["epoch"] >= 1 and s["step"] > 0,
-                          f"{logs}/kill2")
+                          f"{logs}/kill2", candidate="alternative")
   assert at["step"] > 0 and at_student["step"] > 0
   stdout, got = _finish(killed, f"{logs}/rerun")
 
-  assert "student: resumed after" in stdout
-  assert got["student"]["resumed_from"]["steps_done"] > 0
+  assert "chosen on validation" in stdout
+  resumed = {c["name"]: c["resumed_from"] for c in got["student"]["choice"]["candidates"]}
+  assert resumed["alternative"]["steps_done"] > 0  # continued mid-epoch
+  assert resumed["given"]["epochs_done"] == 3  # finished before the kill: not trained again
   assert got["teacher"]["source"] == "reused"
+  assert got["student"]["choice"] == dict(expected["student"]["choice"],
+                                          candidates=got["student"]["choice"]["candidates"])
+  for a, b in zip(got["student"]["choice"]["candidates"],
+                  expected["student"]["choice"]["candidates"]):
+    for key in ("best_val_accuracy", "test_accuracy", "best_epoch"):
+      assert a[key] == b[key], (a["name"], key)
   # Bit for bit: same data order and augmentation from (seed, epoch, step), same optimizer
   # state and metric totals from the backup, deterministic CPU kernels.
   for a, b in zip(_student_weights(reference), _student_weights(killed)):
@@ -118,7 +129,8 @@ def test_kill_during_training_then_rerun_gives_the_uninterrupted_result(tmp_path
   for key in ("best_epoch", "epochs_run", "best_val_accuracy", "final_epoch_metrics"):
     assert got["student"][key] == expected["student"][key], key
   # The run is complete: its backups are gone, so the next run starts afresh.
-  assert not os.path.exists(os.path.join(killed, "checkpoints", "student", "backup"))
+  for fit_dir in (os.path.join(killed, "candidates", c) for c in ("given", "alternative")):
+    assert not os.path.exists(os.path.join(fit_dir, "checkpoints", "student", "backup"))
   assert not os.path.exists(os.path.join(killed, "checkpoints", "teacher", "backup"))
 
 

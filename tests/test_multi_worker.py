@@ -2,6 +2,7 @@
 same tiny distillation command and end with the same student weights; only the chief writes
 --workdir, the other worker writes under <workdir>/workers/worker_1."""
 import json
+import pathlib
 import socket
 import subprocess
 
@@ -60,8 +61,14 @@ def test_two_workers_end_with_the_same_weights(tmp_path):
     results = json.loads((where / "results.json").read_text())
     assert results["replicas"] == 2
   assert not (workdir / "workers" / "worker_0").exists()  # worker 0 is the chief
-  chief = _weights(workdir / "checkpoints" / "student" / "last.weights.h5")
-  worker = _weights(other / "checkpoints" / "student" / "last.weights.h5")
-  assert sorted(chief) == sorted(worker) and len(chief) > 4
-  for name in chief:
-    np.testing.assert_array_equal(chief[name], worker[name], err_msg=name)
+  # Both fits of the student (choose_on_validation's default) end alike, so both workers keep
+  # the same candidate.
+  kept = [json.loads((w / "results.json").read_text())["student"]["choice"]["kept"]
+          for w in (workdir, other)]
+  assert kept[0] == kept[1]
+  for candidate in ("given", "alternative"):
+    last = pathlib.Path("candidates", candidate, "checkpoints", "student", "last.weights.h5")
+    chief, worker = _weights(workdir / last), _weights(other / last)
+    assert sorted(chief) == sorted(worker) and len(chief) > 4
+    for name in chief:
+      np.testing.assert_array_equal(chief[name], worker[name], err_msg=f"{candidate}: {name}")

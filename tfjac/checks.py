@@ -13,7 +13,8 @@ import os
 from tfjac import flagdefs, modes
 from tfjac.modes import defaults as mode_defaults
 from tfjac.config import Config, ModelConfig, TrainConfig
-from tfjac.config import (AUGMENTATIONS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, STRATEGIES,
+from tfjac.config import (AUGMENTATIONS, CHOOSE_ON_VALIDATION, LR_SCHEDULES, OPTIMIZERS,
+                          PRECISIONS, STRATEGIES,
                           TEACHER_CACHE, WEIGHT_DECAY_KINDS)
 from tfjac import errors
 from tfjac.errors import (ConfigError, DataError, NonFiniteLossError, NonFiniteWeightsError,
@@ -210,6 +211,7 @@ def validate(config: Config):
   with flag_errors():  # the mode's rules speak the library's words (SettingError)
     mode.check(config)
 
+  _choice("choose_on_validation", config.choose_on_validation, CHOOSE_ON_VALIDATION)
   _choice("teacher_cache", config.teacher.cache, TEACHER_CACHE)
   if config.teacher.cache == "on":
     blocker = teacher_cache.teacher_cache_blocker(config, mode.teacher_cache)

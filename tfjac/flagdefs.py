@@ -147,6 +147,17 @@ TABLE = (
          "w * term, where the right weight depends on the dataset. With one hint "
          "nothing is scaled.",
          choices=config.LOSS_SCALINGS),
+    Flag("choose_on_validation", ("choose_on_validation",),
+         "Fit the student twice from the same initial weights, with the settings given and "
+         f"with the jac weight x{config.ALT_JAC_FACTOR:g} and the learning rate "
+         f"x{config.ALT_LR_FACTOR:g}, and keep the one whose best validation accuracy is "
+         "higher by more than one standard error of the difference (ties: the settings "
+         "given); the test split is never read for it. Costs a second fit. auto: in modes "
+         "distill, transfer and finetune, when no --<hint>_weight "
+         "is set away from 1 and --learning_rate is the default (set them and you get "
+         "exactly them). on: around the settings given. off: one fit. Both candidates are in "
+         "<workdir>/candidates/, results.json records both (docs/distillation.md).",
+         choices=config.CHOOSE_ON_VALIDATION),
     Flag("kd_temperature", ("hints.kd_temperature",),
          "Softmax temperature of the 'kd' hint and of "
          "--lwf_match=kd; both multiply the KL by tau^2 (Hinton et al.)."),

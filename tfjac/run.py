@@ -123,8 +123,9 @@ def summary(results) -> str:
     lines.append(f"  skipped {skipped} unreadable image(s) (--skip_bad_images; listed in "
                  "results.json)")
   lines.append(f"  time: {results['total_seconds']:.1f} s")
-  lines.append(f"  outputs: {wd}/results.json, {wd}/flags.cfg; "
-               f"tensorboard --logdir {wd}/tensorboard")
+  # With choose_on_validation the student's fits log under candidates/<name>/tensorboard.
+  logs = wd if (results.get("student") or {}).get("choice") else f"{wd}/tensorboard"
+  lines.append(f"  outputs: {wd}/results.json, {wd}/flags.cfg; tensorboard --logdir {logs}")
   return "\n".join(lines)
 
 

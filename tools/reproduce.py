@@ -95,6 +95,11 @@ TABLES["variants"] = (
         (*_BASE["act_jac_ce"].args, "--mixed_precision=mixed_bfloat16")),
 )
 
+# Tables whose rows compare one mechanism at fixed settings (how the Jacobian is computed, how
+# often): each cell is one fit (--choose_on_validation=off), as they were made before the
+# choice existed; the distill and transfer tables run the product's default.
+ONE_FIT = ("lazy", "variants")
+
 # Robustness to Gaussian input noise (docs/results-noise.md): students trained without a teacher
 # (--mode=regularize) with CE, CE + Jacobian-norm penalty and CE on noisy inputs; the columns
 # are the test noise levels. RobustnessTable runs it.
@@ -436,7 +441,13 @@ class Harness:
             *self.preset.size_args.get(size, ()), *budget,
             f"--samples_per_class={size_arg(size)}",
             f"--seed={seed}", f"--teacher={self.teacher_path()}", f"--workdir={workdir}",
-            *setting_args(setting), *self.extra_args]
+            *setting_args(setting), *self.one_fit(), *self.extra_args]
+
+  def one_fit(self):
+    """--choose_on_validation=off where a table compares fixed settings: every --tune trial
+    and its seeds (a trial's settings are what is being chosen), and the tables of ONE_FIT.
+    The distill and transfer tables without --tune run tfjac.run's default (auto)."""
+    return (("--choose_on_validation=off",) if self.tune or self.table in ONE_FIT else ())
 
   def execute(self, args, workdir, what, progress):
     """Runs tfjac.run unless `workdir` holds its results already; returns results or None."""

@@ -31,6 +31,9 @@ class Mode:
   builds_student: bool = True  # builds the `student` network (an outside one is tried early)
   teacher_cache: bool = False  # may fit a student against cached teacher outputs
   hints_read_teacher: bool = False  # the hints read the teacher (a probability one is checked)
+  # choose_on_validation=auto fits the student twice and keeps the better on validation
+  # (training/selection.py): the modes that learn from a teacher.
+  chooses_on_validation: bool = False
   top_k_among: str = "dataset"  # "dataset" or "teacher": whose classes top_k picks among
   check: Callable = _no_rules  # config -> None; the mode's own rules (SettingError), no data read
 

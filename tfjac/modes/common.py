@@ -11,16 +11,18 @@ from absl import logging
 
 from tfjac import errors, export, models, modes
 from tfjac.models import sources, students, teachers
-from tfjac.config import Config, DataConfig, HintConfig, ModelConfig, TrainConfig
+from tfjac.config import (ALT_JAC_FACTOR, ALT_LR_FACTOR, Config, DataConfig, HintConfig,
+                          ModelConfig, TrainConfig)
 from tfjac.data import Splits
 from tfjac.errors import SettingError, mention
 from tfjac.training import callbacks, evaluation, loop
 from tfjac.training import resume as resume_lib
-from tfjac.training import teacher_cache
+from tfjac.training import selection, teacher_cache
 from tfjac.training.distiller import Distiller
 
 TEACHER_DIR = "teacher"
 STUDENT_DIR = "student"
+CANDIDATES_DIR = "candidates"  # choose_on_validation: one run directory per candidate
 CHECKPOINTS_DIR = "checkpoints"
 # Initialisation seed offset of each role, so that a network's initial weights depend on the
 # seed and its role only, not on what ran before it in the process (a resumed run loads the
@@ -121,8 +123,11 @@ def resume_settings(config: Config, role: str):
 
 def discard_backups(workdir):
   """Called once the run's outputs are written: a rerun then starts afresh."""
-  for role in _ROLE_SEED:
-    resume_lib.discard(os.path.join(workdir, CHECKPOINTS_DIR, role, resume_lib.BACKUP_DIR))
+  candidates = os.path.join(workdir, CANDIDATES_DIR)
+  for directory in [workdir] + ([os.path.join(candidates, c) for c in os.listdir(candidates)]
+                                if os.path.isdir(candidates) else []):
+    for role in _ROLE_SEED:
+      resume_lib.discard(os.path.join(directory, CHECKPOINTS_DIR, role, resume_lib.BACKUP_DIR))
 
 
 def train_and_evaluate(config: Config, splits: Splits, strategy, *, network: keras.Model,
@@ -177,31 +182,94 @@ def fit_summary(result: loop.FitResult, test):
 
 
 def train_student(config: Config, splits: Splits, strategy, teacher: Optional[keras.Model],
-                  make_views=None, student=None, architecture=None):
+                  make_views=None, student=None, build_student=None, architecture=None):
   """The student on data.samples_per_class examples per class with hints.hints, exported alone.
   `make_views(student) -> (student_view, teacher_view)`, called in the strategy scope, adds
-  what transfer hints need; `student` replaces the student.name network (the oracle)."""
+  what transfer hints need; `student` replaces the student.name network (the oracle), and
+  `build_student()` makes another like it for a second candidate.
+
+  With choose_on_validation (training/selection.py) two candidates are fitted from the same
+  initial weights, each in <workdir>/candidates/<name> (its own TensorBoard logs and resume
+  backup, so a kill during the second resumes there), and the one kept by validation accuracy
+  alone is exported; results record both."""
   train_split = splits.sampled_train(config.data.samples_per_class, config.data.seed)
-  student_view = teacher_view = None
-  with strategy.scope():
-    if student is None:  # seeded by (seed, role): every row of a table starts alike
-      student = build_network(config.student, splits, "student", strategy, config.data.seed)
-    if make_views is not None:
-      student_view, teacher_view = make_views(student)
   logging.info("training student %s on %d images with hints %s", config.student.name,
                len(train_split), ",".join(config.hints.hints))
-  result, test = train_and_evaluate(config, splits, strategy, network=student, teacher=teacher,
-                                    train_split=train_split, train_cfg=config.train,
-                                    hints=config.hints, role="student", student_view=student_view,
-                                    teacher_view=teacher_view)
+  choosing, reason = selection.wanted(config, modes.load(config.mode).chooses_on_validation)
+  n_val = len(splits.validation)
+  if not choosing:
+    if config.choose_on_validation == "auto":
+      logging.info("one student fit: %s", reason)
+    student, summary = _fit_student(config, splits, strategy, teacher, train_split, make_views,
+                                    student)
+    del summary["initial_weights"]
+  else:
+    fits, initial, given = [], None, student
+    for candidate in selection.candidates(config):
+      logging.info("candidate %s", candidate.describe())
+      cfg = dataclasses.replace(config, hints=candidate.hints, train=candidate.train,
+                                workdir=os.path.join(config.workdir, CANDIDATES_DIR,
+                                                     candidate.name))
+      if fits:  # a second candidate: a fresh network with the first one's initial weights
+        if given is not None and build_student is None:
+          raise ValueError("train_student: a given `student` needs `build_student` to make "
+                           "the second candidate's network (choose_on_validation)")
+        with strategy.scope():
+          student = build_student() if build_student is not None else None
+      network, summary = _fit_student(cfg, splits, strategy, teacher, train_split, make_views,
+                                      student, initial)
+      if initial is None:
+        initial = summary["initial_weights"]
+      del summary["initial_weights"]
+      fits.append((candidate, network, summary))
+    kept = selection.choose([s["best_val_accuracy"] for _, _, s in fits], n_val)
+    best_val = [s["best_val_accuracy"] for _, _, s in fits]
+    logging.info("chosen on validation (%d images): %s, best validation accuracy %s; "
+                 "the alternative is kept only if ahead by more than %.4f", n_val,
+                 fits[kept][0].name, " vs ".join(f"{a:.4f}" for a in best_val),
+                 selection.margin(*best_val, n_val))
+    _, student, summary = fits[kept]
+    summary = dict(summary)
+    summary["choice"] = {
+        "reason": reason, "validation_examples": n_val, "kept": fits[kept][0].name,
+        "margin": selection.margin(*best_val, n_val),
+        "candidates": [{"name": c.name, "weights": {n: c.hints.weight(n) for n in c.hints.hints},
+                        "learning_rate": c.train.learning_rate,
+                        "workdir": os.path.join(config.workdir, CANDIDATES_DIR, c.name),
+                        **{k: s[k] for k in ("best_val_accuracy", "test_accuracy",
+                                             "best_epoch", "train_seconds", "resumed_from")}}
+                       for c, _, s in fits]}
+    # What the run cost: both fits.
+    summary["train_seconds"] = round(sum(s["train_seconds"] for _, _, s in fits), 2)
   directory = os.path.join(config.workdir, STUDENT_DIR)
   saved_model = export.export_model(
       student, directory, splits.test.images[:8],
       metadata=network_metadata(config, config.student, splits, "student"))
-  summary = fit_summary(result, test)
   summary.update(model=architecture or config.student.name, train_examples=len(train_split),
-                 path=directory, saved_model=saved_model, test_accuracy=test["accuracy"])
+                 path=directory, saved_model=saved_model)
   return summary
+
+
+def _fit_student(config: Config, splits: Splits, strategy, teacher, train_split, make_views,
+                 student=None, initial_weights=None):
+  """One fit of the student (built here unless given, then set to `initial_weights` when
+  given): (network, fit summary with the network's initial weights under 'initial_weights')."""
+  student_view = teacher_view = None
+  with strategy.scope():
+    if student is None:  # seeded by (seed, role): every row of a table starts alike
+      student = build_network(config.student, splits, "student", strategy, config.data.seed)
+    if initial_weights is not None:
+      student.set_weights(initial_weights)
+    initial = student.get_weights()
+    if make_views is not None:
+      student_view, teacher_view = make_views(student)
+  result, test = train_and_evaluate(config, splits, strategy, network=student, teacher=teacher,
+                                    train_split=train_split, train_cfg=config.train,
+                                    hints=config.hints, role="student", student_view=student_view,
+                                    teacher_view=teacher_view)
+  summary = fit_summary(result, test)
+  summary.update(test_accuracy=test["accuracy"], initial_weights=initial)
+  return student, summary
 
 
 def train_teacher(config: Config, splits: Splits, strategy):
@@ -294,6 +362,14 @@ def summary_lines(results):
                  f"{pct(s['test_accuracy'])} (best validation epoch {s['best_epoch']}/"
                  f"{s['epochs_run']})")
     lines.append(f"  student SavedModel: {s['saved_model']}")
+    choice = s.get("choice")
+    if choice:
+      given, alternative = choice["candidates"]
+      lines.append(f"  chosen on validation ({choice['validation_examples']} images): "
+                   f"{choice['kept']}, best validation {pct(given['best_val_accuracy'])} "
+                   f"(given) vs {pct(alternative['best_val_accuracy'])} (alternative: jac "
+                   f"weight and learning rate x{ALT_JAC_FACTOR:g} and x{ALT_LR_FACTOR:g}), "
+                   f"margin {pct(choice['margin'])}")
   for role in ("teacher", "student"):
     noisy = (results.get(role) or {}).get("test", {}).get("accuracy_under_noise")
     if noisy:

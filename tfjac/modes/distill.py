@@ -11,4 +11,4 @@ def run(config, splits, strategy):
 
 MODE = Mode(run=run, summary_lines=common.summary_lines,
             # a teacher given, reused from the run directory or trained here
-            teacher_cache=True, hints_read_teacher=True)
+            teacher_cache=True, hints_read_teacher=True, chooses_on_validation=True)

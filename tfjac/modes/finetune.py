@@ -20,11 +20,15 @@ def run(config, splits, strategy):
   with strategy.scope():
     loaded = teachers.load_teacher(config, info)
     teacher = loaded.network
-    network = oracle_network(teacher, info.image_shape, info.num_classes, config.teacher.input,
-                             config.teacher.path, adapt=loaded.adapt)
+
+    def build():  # another candidate's network (choose_on_validation): the same initial weights
+      return oracle_network(teacher, info.image_shape, info.num_classes, config.teacher.input,
+                            config.teacher.path, adapt=loaded.adapt)
+
+    network = build()
     checked = initialised_from_teacher(teacher, network)
   student = common.train_student(config, splits, strategy, teacher=None, student=network,
-                                 architecture=f"oracle ({teacher.name})")
+                                 build_student=build, architecture=f"oracle ({teacher.name})")
   return {"teacher": {"source": "given", "path": config.teacher.path,
                       "source_classes": int(teacher.output_shape[-1]),
                       # Checked value by value before training (initialised_from_teacher).
@@ -38,4 +42,5 @@ MODE = Mode(run=run, summary_lines=common.summary_lines, check=check,
             builds_student=False,  # the oracle is the teacher's network with a new head
             # The oracle's fit has no teacher; with hints ('ce',) the cache is refused by
             # the hints' rule ("no hint reads the teacher").
-            teacher_cache=True)
+            teacher_cache=True,
+            chooses_on_validation=True)  # the transfer table's rows get equal budgets

@@ -80,4 +80,5 @@ MODE = Mode(run=run, summary_lines=common.summary_lines, check=check,
             always_hints=("ce",),  # LwF: CE on the target labels is always part of the loss
             default_jac_target="teacher_top1",  # target labels are not the teacher's classes
             needs_teacher=True, teacher_cache=True, hints_read_teacher=True,
-            top_k_among="teacher")  # the student's second head has the teacher's shape
+            top_k_among="teacher",  # the student's second head has the teacher's shape
+            chooses_on_validation=True)
