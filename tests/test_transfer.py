@@ -243,8 +243,10 @@ def test_transfer_every_hint_and_the_oracle_on_a_saved_tiny_teacher(tmp_path):
   cfg = _demo_config(tmp_path / "lwf_at_jac", "transfer", teacher=TeacherConfig(path=teacher),
                      train=one_epoch,
                      hints=HintConfig(hints=DEMO_ROWS["lwf_at_jac"], jac_target="teacher_top1",
-                                      weights=(("at", 1000.0),)))
+                                      weights=(("at", 1000.0),)),
+                     choose_on_validation="on")  # each candidate gets its own views
   results = run.run(cfg)
+  assert [c["weights"]["jac"] for c in results["student"]["choice"]["candidates"]] == [1, 10]
   assert 0 <= results["student"]["test_accuracy"] <= 1
   assert results["dataset"]["num_classes"] == 5
   served = tf.saved_model.load(os.path.join(tmp_path, "lwf_at_jac", "student", "saved_model"))
@@ -256,6 +258,9 @@ def test_transfer_every_hint_and_the_oracle_on_a_saved_tiny_teacher(tmp_path):
                                 teacher=TeacherConfig(path=teacher),
                                 train=one_epoch, hints=HintConfig(hints=("ce",))))
   assert oracle["student"]["model"].startswith("oracle")
+  # The oracle is chosen on validation too (auto): its second network from the same factory.
+  assert [c["learning_rate"] for c in oracle["student"]["choice"]["candidates"]] == [
+      0.001, pytest.approx(0.003)]
 
 
 # slow: a trained ResNet-20 teacher (--mode=teacher) then every mode on it, minutes on 2 cores.
@@ -289,6 +294,9 @@ def test_transfer_demo_end_to_end(tmp_path, rows):
                                 teacher=TeacherConfig(path=teacher),
                                 hints=HintConfig(hints=("ce",))))
   assert oracle["student"]["model"].startswith("oracle")
+  # The oracle is chosen on validation too (auto): its second network from the same factory.
+  assert [c["learning_rate"] for c in oracle["student"]["choice"]["candidates"]] == [
+      0.001, pytest.approx(0.003)]
   cond = run.run(_demo_config(tmp_path / "cond", "conditions",
                               teacher=TeacherConfig(path=teacher),
                               source=DataConfig(classes=(0, 1, 2, 3, 4)),
