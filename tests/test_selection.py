@@ -130,6 +130,7 @@ def test_a_run_exports_the_candidate_validation_keeps_and_records_both(tmp_path,
     assert not os.path.exists(os.path.join(base, "checkpoints", "student", "backup"))
   assert student["train_seconds"] == pytest.approx(
       given["train_seconds"] + alternative["train_seconds"], abs=0.02)
+  assert "chosen on validation" in run.summary(results)
 
 
 def test_set_weights_or_off_fit_exactly_once(tmp_path):
@@ -138,3 +139,26 @@ def test_set_weights_or_off_fit_exactly_once(tmp_path):
   assert "choice" not in results["student"]
   assert not os.path.exists(tmp_path / "set" / "candidates")
   assert os.listdir(tmp_path / "set" / "tensorboard" / "student")
+
+
+def _choice_results(hints, alternative_weights):
+  given = {"name": "given", "weights": {h: 1.0 for h in hints}, "learning_rate": 0.001,
+           "best_val_accuracy": 0.8, "test_accuracy": 0.79}
+  alternative = dict(given, name="alternative", weights=alternative_weights,
+                     learning_rate=0.003, best_val_accuracy=0.83)
+  student = {"model": "vgg4", "train_examples": 100, "test_accuracy": 0.79, "best_epoch": 3,
+             "epochs_run": 5, "saved_model": "w/student/saved_model",
+             "choice": {"kept": "alternative", "validation_examples": 1200, "margin": 0.0161,
+                        "candidates": [given, alternative]}}
+  return {"config": {"hints": {"hints": list(hints)}}, "student": student}
+
+
+def test_the_summary_says_what_was_chosen_and_what_the_alternative_changed():
+  from tfjac.modes import common
+  lines = common.summary_lines(_choice_results(("act", "jac", "ce"),
+                                               {"act": 1.0, "jac": 10.0, "ce": 1.0}))
+  assert lines[-1] == ("  chosen on validation (1200 images): alternative; best validation "
+                       "80.00% given, 83.00% alternative (jac weight x10, learning rate x3); "
+                       "margin 1.61%")
+  lines = common.summary_lines(_choice_results(("act", "ce"), {"act": 1.0, "ce": 1.0}))
+  assert lines[-1].endswith("83.00% alternative (learning rate x3); margin 1.61%")

@@ -257,7 +257,8 @@ TABLE = (
          "Optimizer.",
          choices=config.OPTIMIZERS),
     Flag("learning_rate", ("train.learning_rate",),
-         "Student peak learning rate."),
+         "Student peak learning rate. Set away from its default, the student is fitted once "
+         "with it (--choose_on_validation=auto turns off)."),
     Flag("teacher_learning_rate", ("teacher.train.learning_rate",),
          "Teacher peak learning rate."),
     Flag("momentum", _both_fits("momentum"),
@@ -415,7 +416,8 @@ TABLE += tuple(
          "default --loss_scaling=initial (1: the same share of the loss at the start as every "
          "other hint of weight 1); a raw multiplier under --loss_scaling=none" + (
              " (attention transfer's reference weight in raw units: 1e3)"
-             if name == "at" else "") + ".")
+             if name == "at" else "") + ". Set away from 1, the student is fitted once with "
+         "exactly the weights given (--choose_on_validation=auto turns off).")
     for name in hints.HINTS)
 
 

@@ -365,10 +365,12 @@ def summary_lines(results):
     choice = s.get("choice")
     if choice:
       given, alternative = choice["candidates"]
+      moved = [f"{n} weight x{ALT_JAC_FACTOR:g}" for n in given["weights"]
+               if alternative["weights"][n] != given["weights"][n]] + [
+                   f"learning rate x{ALT_LR_FACTOR:g}"]
       lines.append(f"  chosen on validation ({choice['validation_examples']} images): "
-                   f"{choice['kept']}, best validation {pct(given['best_val_accuracy'])} "
-                   f"(given) vs {pct(alternative['best_val_accuracy'])} (alternative: jac "
-                   f"weight and learning rate x{ALT_JAC_FACTOR:g} and x{ALT_LR_FACTOR:g}), "
+                   f"{choice['kept']}; best validation {pct(given['best_val_accuracy'])} given, "
+                   f"{pct(alternative['best_val_accuracy'])} alternative ({', '.join(moved)}); "
                    f"margin {pct(choice['margin'])}")
   for role in ("teacher", "student"):
     noisy = (results.get(role) or {}).get("test", {}).get("accuracy_under_noise")
