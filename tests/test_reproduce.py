@@ -317,6 +317,32 @@ def test_real_table_through_tfjac_run(tmp_path):
     assert res["config"]["hints"]["hints"] == (["ce"] if row == "ce" else ["act", "jac"])
   assert "| act + jac |" in proc.stdout and "[1/3] teacher" in proc.stderr
   assert "(--train_steps=3 for every cell): 5/class: 3." in proc.stdout
+  # The cells chose on validation (tfjac.run's default): the table says how often each kept
+  # the alternative, and its cost column counts both fits.
+  kept = {row: json.loads((out / "cells" / row / "n5" / "seed0" / "results.json").read_text())[
+      "student"]["choice"]["kept"] for row in ("ce", "act_jac")}
+  for row, label in (("ce", "CE"), ("act_jac", "act + jac")):
+    assert f"| {label} | {int(kept[row] == 'alternative')} of 1 |" in proc.stdout
+  assert "the student's two fits" in proc.stdout
+
+
+def test_tuning_trials_and_fixed_setting_tables_fit_once(tmp_path, fake_python):
+  """--tune's trials (and the seeds of the chosen setting) and the lazy/variants tables are
+  one fit each (--choose_on_validation=off); the untuned distill table runs the default."""
+  python, calls = fake_python
+  row = [r for r in reproduce.TABLES["distill"] if r.key == "act_ce"]
+  reproduce.Harness("distill", "digits", ("3",), 2, row, str(tmp_path / "tuned"),
+                    python=python, tune=True).run()
+  tuned = [c for c in calls() if c.get("mode") == "distill"]
+  assert len(tuned) == 5 and {c.get("choose_on_validation") for c in tuned} == {"off"}
+  reproduce.Harness("variants", "digits", ("10",), 1, list(reproduce.TABLES["variants"]),
+                    str(tmp_path / "variants"), python=python).run()
+  variants = [c for c in calls() if "/variants/cells/" in c["workdir"]]
+  assert len(variants) == 5 and {c.get("choose_on_validation") for c in variants} == {"off"}
+  reproduce.Harness("distill", "digits", ("3",), 1, row, str(tmp_path / "plain"),
+                    python=python).run()
+  plain = [c for c in calls() if "/plain/cells/" in c["workdir"]]
+  assert plain and {c.get("choose_on_validation") for c in plain} == {None}
 
 
 def test_the_tables_render_without_the_scheduler():

@@ -549,12 +549,17 @@ class Harness:
     stats = {}
     for (row, size, seed), res in cells.items():
       entry = stats.setdefault((row, size), {"test": [], "val": [], "seconds": [],
-                                             "steps": [], "train_seconds": []})
+                                             "steps": [], "train_seconds": [], "kept": []})
       if res is not None:
         entry["test"].append(100 * res["student"]["test_accuracy"])
         entry["val"].append(100 * res["student"]["best_val_accuracy"])
         entry["seconds"].append(res["total_seconds"])
         entry["steps"].append(res["student"].get("train_steps"))
+        choice = res["student"].get("choice")
+        if choice:  # chosen on validation: the cost is both fits, whole (results_tables)
+          entry["kept"].append(choice["kept"])
+          entry["train_seconds"].append(res["student"]["train_seconds"])
+          continue
         phases = res["student"].get("fit_phases_seconds") or {}
         if "training" in phases:
           entry["train_seconds"].append(phases["training"])

@@ -133,6 +133,7 @@ def results_markdown(h, stats, poster, tuning, teacher):
   lines += verdict_lines(h.rows, h.sizes, lambda key, size: mean_std(stats[(key, size)]["test"]),
                          h.seeds)
   lines += ["", budget_line(h, stats, tuning)]
+  lines += choice_lines(h, stats)
   lines += cost_lines(h, stats)
   if tuning:
     lines += ["", "Chosen on validation (seed 0):", ""]
@@ -150,13 +151,41 @@ def results_markdown(h, stats, poster, tuning, teacher):
   return "\n".join(lines) + "\n"
 
 
+def chosen_on_validation(h, stats):
+  """Whether the table's runs chose the student on validation (tfjac.run's
+  choose_on_validation): every finished run recorded a choice."""
+  runs = [(len(stats[(r.key, s)].get("kept", ())), len(stats[(r.key, s)]["test"]))
+          for r in h.rows for s in h.sizes]
+  return any(k for k, _ in runs) and all(k == n for k, n in runs)
+
+
+def choice_lines(h, stats):
+  """How often each cell's runs kept the alternative (jac weight x10, learning rate x3) over
+  the settings given, when the runs chose on validation."""
+  if not chosen_on_validation(h, stats):
+    return []
+  lines = ["", "Each run fitted the student twice (tfjac.run's default choose_on_validation: the "
+           "settings given, and the jac weight x10 with the learning rate x3) and kept the "
+           "alternative only when its best validation accuracy was higher by more than one "
+           "standard error. Runs that kept the alternative, of the seeds:", "",
+           "| row | " + " | ".join(column_label(s) for s in h.sizes) + " |",
+           "|---|" + "---|" * len(h.sizes)]
+  for row in h.rows:
+    cells = [f"{stats[(row.key, s)]['kept'].count('alternative')} of "
+             f"{len(stats[(row.key, s)]['kept'])}" for s in h.sizes]
+    lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+  return lines
+
+
 def cost_lines(h, stats):
   """What each cell cost: the student's training steps and the whole run (seconds per run,
   mean over its seeds; results.json's fit_phases_seconds and total_seconds), when every run
   reported them."""
   if not all(stats[(r.key, s)]["train_seconds"] for r in h.rows for s in h.sizes):
     return []
-  lines = ["", "Cost per run, seconds (mean over seeds): the student's training steps / the "
+  student = ("the student's two fits (training steps, validation and checkpoints of both)"
+             if chosen_on_validation(h, stats) else "the student's training steps")
+  lines = ["", f"Cost per run, seconds (mean over seeds): {student} / the "
            "whole run (start-up, teacher cache, validation, test and export included; runs "
            f"{h.jobs} at a time).", "",
            "| row | " + " | ".join(column_label(s) for s in h.sizes) + " |",
@@ -188,6 +217,9 @@ def budget_line(h, stats, tuning):
                  f"{k} {n}" for k, n in sorted(counts.items())))
     text += (", learning rates and weights by the built-in design (tools/reproduce.py)."
              if not h.tune_override else ", the product of --tune_space.")
+  elif chosen_on_validation(h, stats):
+    text += (" No tuning: one run per cell and seed with tfjac.run's defaults, each of two "
+             "student fits of these steps.")
   else:
     text += " No tuning: one run per cell and seed with tfjac.run's defaults."
   return text
