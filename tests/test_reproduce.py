@@ -324,6 +324,7 @@ def test_real_table_through_tfjac_run(tmp_path):
   for row, label in (("ce", "CE"), ("act_jac", "act + jac")):
     assert f"| {label} | {int(kept[row] == 'alternative')} of 1 |" in proc.stdout
   assert "the student's two fits" in proc.stdout
+  assert "Each fit alone, for the record" in proc.stdout
 
 
 def test_tuning_trials_and_fixed_setting_tables_fit_once(tmp_path, fake_python):

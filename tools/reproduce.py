@@ -558,6 +558,9 @@ class Harness:
         choice = res["student"].get("choice")
         if choice:  # chosen on validation: the cost is both fits, whole (results_tables)
           entry["kept"].append(choice["kept"])
+          for candidate in choice["candidates"]:  # each fit alone, for the record
+            entry.setdefault(f"{candidate['name']}_test", []).append(
+                100 * candidate["test_accuracy"])
           entry["train_seconds"].append(res["student"]["train_seconds"])
           continue
         phases = res["student"].get("fit_phases_seconds") or {}

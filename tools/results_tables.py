@@ -174,6 +174,16 @@ def choice_lines(h, stats):
     cells = [f"{stats[(row.key, s)]['kept'].count('alternative')} of "
              f"{len(stats[(row.key, s)]['kept'])}" for s in h.sizes]
     lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+  if all(stats[(r.key, s)].get(f"{c}_test") for r in h.rows for s in h.sizes
+         for c in ("given", "alternative")):
+    lines += ["", "Each fit alone, for the record (test accuracy, %, mean +- std over seeds: the "
+              "settings given / the alternative; the choice above read validation only):", "",
+              "| row | " + " | ".join(column_label(s) for s in h.sizes) + " |",
+              "|---|" + "---|" * len(h.sizes)]
+    for row in h.rows:
+      cells = [" / ".join("{:.2f} +- {:.2f}".format(*mean_std(stats[(row.key, s)][f"{c}_test"]))
+                          for c in ("given", "alternative")) for s in h.sizes]
+      lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
   return lines
 
 
