@@ -13,6 +13,7 @@ from absl import flags
 
 from tfjac import checks, modes, run
 from tfjac.errors import ConfigError
+from tfjac.training import selection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGFILES = sorted(glob.glob(os.path.join(REPO, "flags", "*.cfg")))
@@ -46,6 +47,16 @@ def test_flagfile_parses_and_validates(path, tmp_path, monkeypatch):
   if "_distill_" in name or "_lwf" in name:
     assert config.mode in ("distill", "transfer"), name
   assert config.workdir == str(tmp_path / "run")
+  # What a cell's comment says of choose_on_validation is what the run does.
+  with open(path) as f:
+    text = " ".join(line.lstrip("# ").rstrip() for line in f)
+  chooses = selection.wanted(config, modes.load(config.mode).chooses_on_validation)[0]
+  if "The student is fitted twice" in text:
+    assert chooses, name
+  elif "The student is fitted once" in text:
+    assert not chooses, name
+  else:  # teacher and conditions files, and the base files the cells include
+    assert config.mode in ("teacher", "conditions") or name.endswith("_base.cfg"), name
 
 
 def test_a_broken_flagfile_is_caught(tmp_path, monkeypatch):

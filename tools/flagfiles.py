@@ -25,6 +25,7 @@ from absl import app, flags  # noqa: E402
 
 import reproduce  # noqa: E402  (the grid: TABLES, PRESETS)
 from tfjac import atomic  # noqa: E402
+from tfjac.config import TrainConfig  # noqa: E402
 
 FLAGS_DIR = os.path.join(REPO, "flags")
 
@@ -124,6 +125,15 @@ def cell_file(e, row, size=None):
                 "term is divided by its own mean over the first 10 training steps, so weight 1 "
                 "gives the Jacobian term the same share of the loss at the start as every other "
                 "hint (docs/hints.md, Loss-term scaling).")
+  if preset.learning_rate == TrainConfig.learning_rate:
+    args.insert(0, "#The student is fitted twice, with these settings and with the jac weight x10 "
+                "and the learning rate x3, and the one better on validation is kept "
+                "(--choose_on_validation=auto; docs/distillation.md, The student chosen on "
+                "validation).")
+  else:
+    args.insert(0, "#The student is fitted once: the learning rate is set (the paper's "
+                "schedule), so --choose_on_validation=auto does not choose "
+                "(docs/distillation.md, The student chosen on validation).")
   name = f"{e.prefix}_{cell}.cfg"
   if e.teacher is not None:
     teacher_file, generated = e.teacher
