@@ -162,3 +162,24 @@ def test_the_summary_says_what_was_chosen_and_what_the_alternative_changed():
                        "margin 1.61%")
   lines = common.summary_lines(_choice_results(("act", "ce"), {"act": 1.0, "ce": 1.0}))
   assert lines[-1].endswith("83.00% alternative (learning rate x3); margin 1.61%")
+
+
+def test_both_candidates_start_alike(tmp_path, monkeypatch):
+  """With the alternative's factors set to 1 the two fits are the same fit twice: the same
+  initial weights, images, batches and augmentation, so the same numbers and weights."""
+  monkeypatch.setattr(selection, "ALT_JAC_FACTOR", 1.0)
+  monkeypatch.setattr(selection, "ALT_LR_FACTOR", 1.0)
+  config = _small(tmp_path)
+  results = run.run(dataclasses.replace(
+      config, data=dataclasses.replace(config.data, augment=("flip",)),
+      train=dataclasses.replace(config.train, epochs=2, batch_size=32)))
+  given, alternative = results["student"]["choice"]["candidates"]
+  for key in ("best_val_accuracy", "test_accuracy", "best_epoch"):
+    assert given[key] == alternative[key], key
+  weights = [keras.saving.load_model(os.path.join(str(tmp_path), "student", export.KERAS_FILE))
+             for _ in range(2)]
+  for model, name in zip(weights, ("given", "alternative")):
+    model.load_weights(os.path.join(str(tmp_path), "candidates", name, "checkpoints", "student",
+                                    "last.weights.h5"))
+  for a, b in zip(weights[0].get_weights(), weights[1].get_weights()):
+    np.testing.assert_array_equal(a, b)
